@@ -1,0 +1,74 @@
+"""Command line: ``python -m proxy serve|check-config …``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from . import config as cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML or JSON config file")
+    source.add_argument(
+        "--upstream", help="quick start: send every model to this OpenAI-compatible base URL"
+    )
+    serve.add_argument(
+        "--upstream-key",
+        default=os.environ.get("UPSTREAM_API_KEY"),
+        help="key for --upstream (default: $UPSTREAM_API_KEY)",
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port (default: one per core)"
+    )
+    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    serve.add_argument("--tls-key", help="private key for --tls-cert (PEM)")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    return parser
+
+
+def _server_overrides(args: argparse.Namespace) -> dict[str, object]:
+    fields = ("host", "port", "workers", "tls_cert", "tls_key")
+    return {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+
+
+def load_config(args: argparse.Namespace) -> cfg.Config:
+    if args.config:
+        config = cfg.load(args.config)
+    else:
+        config = cfg.quick_start(args.upstream, args.upstream_key)
+    overrides = _server_overrides(args)
+    if overrides:
+        server = msgspec.structs.replace(config.server, **overrides)
+        config = cfg.resolve(msgspec.structs.replace(config, server=server))
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            config = cfg.load(args.file)
+            deployments = sum(len(m.deployments) for m in config.models)
+            print(f"ok: {len(config.models)} models, {deployments} deployments")
+            return 0
+        config = load_config(args)
+    except cfg.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from .serve import serve  # the server stack is only imported when serving
+
+    return serve(config)

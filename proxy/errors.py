@@ -1,0 +1,125 @@
+"""The proxy's own error hierarchy and the one place that turns an error into a response.
+
+Third-party exceptions (aiohttp, redis, asyncpg) are mapped to these where they enter
+the proxy; handlers only ever raise ``ProxyError`` subclasses. ``error_body`` is the
+single source of the OpenAI error shape, used both for HTTP responses and for the SSE
+error event that ends a broken stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class ProxyError(Exception):
+    """An error with an OpenAI-shaped rendering: status, type, code, param."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: Mapping[str, str] = headers or {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not give a usable answer. ``retryable`` guides routing."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+    retryable = True
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connection refused/reset before any byte of a response arrived."""
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered with something that is not what the protocol promises."""
+
+    retryable = False
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    """The OpenAI error object as JSON bytes."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def render(err: ProxyError) -> bytes:
+    return error_body(err.message, err.type, err.code, err.param)

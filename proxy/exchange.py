@@ -1,0 +1,130 @@
+"""One proxied request's facts, and the two seams the rest of the product plugs into.
+
+The handler fills an ``Exchange`` as the request goes: who asked (``admit``), which
+deployment served it, when the first byte came, how it ended and the token usage. Two
+seams see it:
+
+- ``Gate.admit`` runs before anything goes upstream (authentication, rate limits,
+  budgets). It raises a ``ProxyError`` to refuse, or returns a ``Grant`` whose headers
+  go on the response and whose ``settle`` runs once the exchange is over (reconcile
+  token buckets, release concurrency slots).
+- ``Sink.record`` receives every finished exchange (usage ledger, metrics, access log).
+  It is synchronous and must not block: it runs in ``finally``, even when the client
+  vanished and the handler is being cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from time import perf_counter, time
+from typing import Protocol
+
+from aiohttp import web
+
+from .wire import RequestView, Usage
+
+
+class Exchange:
+    """Mutable record of one request, filled in as it is served."""
+
+    __slots__ = (
+        "deployment",
+        "endpoint",
+        "error",
+        "estimated",
+        "first_byte",
+        "key_id",
+        "model",
+        "request_id",
+        "started",
+        "started_at",
+        "status",
+        "stream",
+        "upstream_time",
+        "usage",
+    )
+
+    def __init__(self, request_id: str, endpoint: str) -> None:
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.started = perf_counter()
+        self.started_at = time()
+        self.model = ""
+        self.deployment = ""
+        self.key_id: str | None = None
+        self.stream = False
+        self.status = 0
+        # perf_counter() when the upstream's response headers arrived.
+        self.first_byte: float | None = None
+        # Seconds spent waiting on the upstream (headers and body), for overhead.
+        self.upstream_time = 0.0
+        self.usage: Usage | None = None
+        # True when usage was not reported by the upstream (cut stream, client gone).
+        self.estimated = False
+        # Short error class name ("UpstreamTimeout", "client_disconnected"), or "".
+        self.error = ""
+
+    @property
+    def duration(self) -> float:
+        return perf_counter() - self.started
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started
+
+
+class Grant:
+    """What ``Gate.admit`` hands back: response headers and a settle-once callback."""
+
+    __slots__ = ("headers", "key_id", "models")
+
+    def __init__(
+        self,
+        headers: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+        models: frozenset[str] | None = None,
+    ) -> None:
+        self.headers: Mapping[str, str] = headers or {}
+        self.key_id = key_id
+        # The model names this caller may use; None means all of them.
+        self.models = models
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def settle(self, exchange: Exchange) -> None:
+        """Called exactly once when the exchange is over, on every path."""
+
+
+OPEN = Grant()
+
+
+class Gate(Protocol):
+    async def admit(self, request: web.Request, view: RequestView | None) -> Grant:
+        """Authenticate and admit; ``view`` is None for requests that name no model
+        (``GET /v1/models``)."""
+        ...
+
+
+class Sink(Protocol):
+    def record(self, exchange: Exchange) -> None: ...
+
+
+class OpenGate:
+    """Lets everyone in: no keys, no limits (the quick-start default)."""
+
+    async def admit(self, request: web.Request, view: RequestView | None) -> Grant:
+        return OPEN
+
+
+class Sinks:
+    """Fans one finished exchange out to every registered sink."""
+
+    __slots__ = ("sinks",)
+
+    def __init__(self) -> None:
+        self.sinks: list[Sink] = []
+
+    def record(self, exchange: Exchange) -> None:
+        for sink in self.sinks:
+            sink.record(exchange)

@@ -1,0 +1,225 @@
+"""The relay: the one loop that reads the upstream and writes the client.
+
+Invariants:
+- A streamed chunk is written to the client as soon as it is read, cut at event
+  boundaries: the complete events it holds go out at once, in one write; only the
+  bytes of an event that is not complete yet wait for its end (a client cannot use
+  half an event anyway). This is what lets the proxy drop the usage chunk it asked
+  for itself (``strip``) and end a broken stream with a clean error event instead of
+  a half-written one.
+- A stream ends either with the upstream's own terminal event or with an SSE error
+  event in OpenAI's shape: never silently, so clients can tell a cut from a short
+  answer.
+- The upstream response is closed on every path (the caller's ``async with``); a
+  client that goes away cancels the handler, which closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from time import perf_counter
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from .errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    error_body,
+    render,
+)
+from .exchange import Exchange
+from .sse import Event, Scanner
+from .upstream import Upstream
+from .wire import find_usage
+
+# Upstream response headers worth passing to the client; everything else (hop-by-hop,
+# the upstream's own rate-limit state, cookies, server banners) stays behind.
+PASS_HEADERS = (
+    "Content-Type",
+    "Retry-After",
+    "Retry-After-Ms",
+    "X-Should-Retry",
+    "OpenAI-Processing-Ms",
+    "OpenAI-Version",
+)
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# Events after which a stream is complete (chat/completions end with [DONE]; the
+# Responses API ends with one of its terminal events).
+_TERMINAL_NAMES = frozenset(
+    (b"response.completed", b"response.failed", b"response.incomplete", b"error")
+)
+_NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+MAX_BODY = 64 * 1024 * 1024
+
+
+def response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
+    headers = {h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None}
+    headers.update(extra)
+    return headers
+
+
+async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
+    """The whole upstream body, each read bounded by the idle timeout."""
+    parts: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + upstream.timeouts.idle)
+                chunk = await up.content.readany()
+                if not chunk:
+                    return b"".join(parts)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise UpstreamProtocolError(f"The upstream response exceeded {MAX_BODY} bytes.")
+                parts.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The upstream went silent for {upstream.timeouts.idle:g}s mid-response."
+        ) from None
+    except aiohttp.ClientError:
+        raise UpstreamError("The upstream connection broke mid-response.") from None
+
+
+async def relay_body(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    upstream: Upstream,
+    exchange: Exchange,
+    headers: Mapping[str, str],
+) -> web.Response:
+    """A non-streamed answer: read it, take its usage, send it on."""
+    start = perf_counter()
+    body = await read_body(up, upstream)
+    exchange.upstream_time += perf_counter() - start
+    exchange.status = up.status
+    if up.status < 400:
+        exchange.usage = find_usage(body)[0]
+    else:
+        body = upstream_error_body(up.status, body)
+    return web.Response(body=body, status=up.status, headers=response_headers(up, headers))
+
+
+def upstream_error_body(status: int, body: bytes) -> bytes:
+    """Pass an OpenAI-shaped upstream error through; wrap anything else."""
+    if body.lstrip().startswith(b"{") and b'"error"' in body:
+        return body
+    return error_body(
+        f"The upstream answered HTTP {status}.",
+        "server_error" if status >= 500 else "invalid_request_error",
+        "upstream_error",
+    )
+
+
+async def relay_stream(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    upstream: Upstream,
+    exchange: Exchange,
+    headers: Mapping[str, str],
+    strip: bool,
+) -> web.StreamResponse:
+    """Relay an SSE stream chunk by chunk; see the module invariants."""
+    out = web.StreamResponse(status=up.status, headers={**STREAM_HEADERS, **headers})
+    exchange.status = up.status
+    await out.prepare(request)
+    scanner = Scanner()
+    watch = _Watch(exchange, strip)
+    loop = asyncio.get_running_loop()
+    idle = upstream.timeouts.idle
+    failure: ProxyError | None = None
+    kept: list[bytes] = []
+    waited = 0.0
+    try:
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + idle)
+                t0 = perf_counter()
+                chunk = await up.content.readany()
+                waited += perf_counter() - t0
+                if not chunk:
+                    break
+                for event in scanner.feed(chunk):
+                    raw = watch.keep(event)
+                    if raw is not None:
+                        kept.append(raw)
+                if kept:
+                    await out.write(b"".join(kept))
+                    kept.clear()
+    except ProxyError as exc:
+        failure = exc
+    except TimeoutError:
+        failure = UpstreamTimeout(f"The upstream stream stalled for more than {idle:g}s.")
+    except aiohttp.ClientError:
+        failure = UpstreamError("The upstream connection broke mid-stream.")
+    finally:
+        exchange.upstream_time += waited
+    if kept:  # complete events that came before a failure in the same chunk
+        await out.write(b"".join(kept))
+    if failure is None and not watch.finished:
+        failure = UpstreamError("The upstream stream ended before it was complete.")
+    if failure is not None:
+        exchange.error = type(failure).__name__
+        await out.write(b"data: " + render(failure) + b"\n\n")
+    await out.write_eof()
+    return out
+
+
+class _Watch:
+    """Reads each complete event for the facts the proxy needs (end of stream, usage)
+    and decides which bytes of it the client gets."""
+
+    __slots__ = ("exchange", "finished", "strip")
+
+    def __init__(self, exchange: Exchange, strip: bool) -> None:
+        self.exchange = exchange
+        self.strip = strip
+        self.finished = False
+
+    def keep(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None:  # comments and keep-alives pass through
+            return event.raw
+        if data == b"[DONE]":
+            self.finished = True
+            return event.raw
+        _check_json(data)
+        if event.name in _TERMINAL_NAMES:
+            self.finished = True
+        elif data.startswith(b'{"error"'):
+            self.finished = True  # the upstream ended the stream with its own error
+            self.exchange.error = "UpstreamStreamError"
+        usage, usage_only = find_usage(data)
+        if usage is not None:
+            self.exchange.usage = usage
+            if self.strip and usage_only:
+                return None
+        return _without_null_usage(event.raw) if self.strip else event.raw
+
+
+_raw_decoder = msgspec.json.Decoder(msgspec.Raw)
+
+
+def _check_json(data: bytes) -> None:
+    """Refuse to relay an event the client could not parse (validation only, ~0.2 µs)."""
+    try:
+        _raw_decoder.decode(data)
+    except msgspec.DecodeError:
+        raise UpstreamProtocolError("The upstream sent a malformed stream event.") from None
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    for pattern in _NULL_USAGE:
+        if pattern in raw:
+            return raw.replace(pattern, b"", 1)
+    return raw

@@ -1,0 +1,148 @@
+"""Process model: N worker processes sharing one port through SO_REUSEPORT.
+
+The parent only supervises: it starts the workers, restarts one that dies while the
+service runs, and on SIGTERM/SIGINT passes the signal on and waits for every worker
+to drain. Each worker runs its own event loop (uvloop) and its own pools.
+
+Worker shutdown order (bounded): fail readiness → stop accepting → wait for in-flight
+requests and streams up to ``grace_period`` → cancel what is left → close resources
+(cleanup_ctx, reverse order) → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import ssl
+import sys
+from multiprocessing.connection import wait
+from types import FrameType
+
+import uvloop
+from aiohttp import web
+
+from .app import STATE, build_app
+from .config import Config
+
+log = logging.getLogger("proxy")
+
+
+def worker_count(config: Config) -> int:
+    return config.server.workers or len(os.sched_getaffinity(0))
+
+
+def serve(config: Config) -> int:
+    """Run the proxy until SIGTERM/SIGINT; returns the process exit code."""
+    workers = worker_count(config)
+    if workers == 1:
+        return run_worker(config, reuse_port=False)
+    return supervise(config, workers)
+
+
+def run_worker(config: Config, reuse_port: bool) -> int:
+    setup_logging(config)
+    uvloop.run(_worker(config, reuse_port))
+    return 0
+
+
+async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
+    """Build the app and start listening; the caller owns ``runner.cleanup()``."""
+    server = config.server
+    runner = web.AppRunner(
+        build_app(config),
+        handler_cancellation=True,  # a client that goes away cancels its upstream call
+        access_log=None,
+        shutdown_timeout=server.grace_period,
+        max_field_size=server.max_header_bytes,
+        max_line_size=server.max_header_bytes,
+    )
+    await runner.setup()
+    ssl_context = None
+    if server.tls_cert and server.tls_key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(server.tls_cert, server.tls_key)
+    site = web.TCPSite(
+        runner,
+        server.host,
+        server.port,
+        ssl_context=ssl_context,
+        backlog=4096,
+        reuse_port=reuse_port,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def drain(runner: web.AppRunner) -> None:
+    """Fail readiness, stop accepting, let in-flight work finish, close resources."""
+    app = runner.app
+    app[STATE].draining = True
+    log.info(
+        "draining: stopped accepting, waiting up to %gs", app[STATE].config.server.grace_period
+    )
+    await runner.cleanup()
+
+
+async def _worker(config: Config, reuse_port: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await start(config, reuse_port)
+    try:
+        host, port = runner.addresses[0][:2]
+        scheme = "https" if config.server.tls_cert else "http"
+        log.info("proxy listening on %s://%s:%s (pid %d)", scheme, host, port, os.getpid())
+        await stop.wait()
+    finally:
+        await drain(runner)
+        log.info("worker %d stopped", os.getpid())
+
+
+def supervise(config: Config, workers: int) -> int:
+    setup_logging(config)
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=run_worker, args=(config, True), daemon=False)
+        proc.start()
+        return proc
+
+    procs = [start() for _ in range(workers)]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    failed = False
+    while procs:
+        wait([p.sentinel for p in procs], timeout=1.0)
+        for proc in [p for p in procs if not p.is_alive()]:
+            procs.remove(proc)
+            if stopping:
+                failed |= proc.exitcode != 0
+                continue
+            log.error("worker %s exited with %s; starting another", proc.pid, proc.exitcode)
+            procs.append(start())
+    return 1 if failed else 0
+
+
+def setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )

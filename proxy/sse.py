@@ -1,0 +1,109 @@
+"""Incremental Server-Sent Events scanner: bytes in, complete events out, no I/O.
+
+``Scanner.feed(chunk)`` returns the events completed by that chunk. Invariants:
+- Every byte fed belongs to exactly one event's ``raw`` once that event completes;
+  concatenating the ``raw`` of all events reproduces the stream up to the last
+  complete event. Bytes of an unfinished event stay buffered.
+- The result does not depend on how the stream was split into chunks: line ends may be
+  ``\\r\\n``, ``\\n`` or ``\\r``, and a ``\\r`` at the end of a chunk is only decided when
+  the next byte arrives (it may be the first half of ``\\r\\n``).
+- Bytes already searched are never searched again (``_pos`` remembers where to go on).
+
+Field parsing follows the WHATWG SSE rules for ``data`` and ``event``; other fields
+and comments are kept in ``raw`` (the relay passes them through) but not parsed.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class Event:
+    """One complete event: its exact bytes, its ``event:`` name and its joined data."""
+
+    __slots__ = ("data", "name", "raw")
+
+    def __init__(self, raw: bytes, name: bytes, data: bytes | None) -> None:
+        self.raw = raw
+        self.name = name
+        # None when the event had no data field (a comment or keep-alive block).
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Event(name={self.name!r}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and (self.raw, self.name, self.data) == (
+            other.raw,
+            other.name,
+            other.data,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Scanner:
+    """Feeds on arbitrary chunks of an SSE stream and yields complete events."""
+
+    __slots__ = ("_buf", "_data", "_line", "_name", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._line = 0  # start of the first line not yet parsed
+        self._pos = 0  # where the search for that line's end goes on
+        self._name = b""
+        self._data: list[bytes] = []
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back because their event is not complete yet."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buf = self._buf
+        buf += chunk
+        events: list[Event] = []
+        start = 0  # start of the current event in buf
+        line = self._line
+        pos = self._pos
+        end = len(buf)
+        while True:
+            m = _LINE_END.search(buf, pos)
+            if m is None:
+                pos = end  # a long line arriving in small chunks must not be rescanned
+                break
+            eol = m.end()
+            if eol == end and buf[eol - 1] == 0x0D:
+                pos = m.start()  # a lone \r at the end may be half of \r\n: wait for more
+                break
+            text = bytes(buf[line : m.start()])
+            line = pos = eol
+            if text:
+                self._field(text)
+                continue
+            # A blank line ends the event (or a run of stray blank lines).
+            data = b"\n".join(self._data) if self._data else None
+            events.append(Event(bytes(buf[start:pos]), self._name, data))
+            start = pos
+            self._name = b""
+            self._data = []
+        if start:
+            del buf[:start]
+            line -= start
+            pos -= start
+        self._line = line
+        self._pos = pos
+        return events
+
+    def _field(self, line: bytes) -> None:
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._name = value
