@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Config
+from .db import open_db
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -62,6 +63,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     state = State(config, gate)
     app[STATE] = state
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(lambda app: open_db(app, config))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", list_models)

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
+
+    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
+    migrate.add_argument("--config", help="config file naming the database (default: SQLite)")
     return parser
 
 
@@ -57,6 +60,18 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
+def _migrate(config: cfg.Config | None) -> int:
+    import asyncio
+
+    from .db import migrate
+
+    database = config.database if config else cfg.Database()
+    applied = asyncio.run(migrate(database))
+    where = "postgresql" if database.is_postgres else database.sqlite_path
+    print(f"{where}: applied {', '.join(applied)}" if applied else f"{where}: up to date")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -65,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             deployments = sum(len(m.deployments) for m in config.models)
             print(f"ok: {len(config.models)} models, {deployments} deployments")
             return 0
+        if args.command == "migrate":
+            return _migrate(cfg.load(args.config) if args.config else None)
         config = load_config(args)
     except cfg.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

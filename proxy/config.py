@@ -95,9 +95,38 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class Database(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where keys and the usage ledger live: PostgreSQL when a DSN is given, else an
+    embedded SQLite file (so ``serve`` works on a bare machine)."""
+
+    # Environment variable holding the PostgreSQL DSN (it may carry a password).
+    url_env: str | None = None
+    # A literal DSN, for setups where it holds no secret (tests, local development).
+    url: str = ""
+    sqlite_path: str = "var/morngpt.db"
+    pool_max: PositiveInt = 10
+    # Seconds any one statement may take before it counts as a failure.
+    timeout: PositiveFloat = 5.0
+
+    @property
+    def is_postgres(self) -> bool:
+        return bool(self.url)
+
+
+class Redis(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Shared rate-limit state; without it limits are kept per process."""
+
+    url_env: str | None = None
+    url: str = ""
+    # Seconds: every Redis call is bounded so a slow Redis can never hang a request.
+    timeout: PositiveFloat = 0.25
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: Annotated[list[Model], msgspec.Meta(min_length=1)]
     server: Server = Server()
+    database: Database = Database()
+    redis: Redis = Redis()
 
 
 def load(path: str | Path) -> Config:
@@ -145,19 +174,34 @@ def resolve(config: Config, source: str = "config") -> Config:
     server = config.server
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key go together")
-    return msgspec.structs.replace(config, models=models)
+    database = config.database
+    if database.url_env:
+        database = msgspec.structs.replace(
+            database, url=Secret(_env(database.url_env, f"{source}: database.url_env"))
+        )
+    if database.url and not database.url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError(f"{source}: database.url: must be a postgresql:// DSN")
+    redis = config.redis
+    if redis.url_env:
+        redis = msgspec.structs.replace(
+            redis, url=Secret(_env(redis.url_env, f"{source}: redis.url_env"))
+        )
+    if redis.url and not redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: redis.url: must be a redis:// or rediss:// URL")
+    return msgspec.structs.replace(config, models=models, database=database, redis=redis)
+
+
+def _env(name: str, where: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+    return value
 
 
 def _resolve_deployment(d: Deployment, where: str, model: str, index: int) -> Deployment:
     if not d.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.base_url: must start with http:// or https://")
-    api_key = d.api_key
-    if d.api_key_env:
-        api_key = os.environ.get(d.api_key_env, "")
-        if not api_key:
-            raise ConfigError(
-                f"{where}.api_key_env: environment variable {d.api_key_env} is not set"
-            )
+    api_key = _env(d.api_key_env, f"{where}.api_key_env") if d.api_key_env else d.api_key
     if d.ca_file is not None and not Path(d.ca_file).is_file():
         raise ConfigError(f"{where}.ca_file: no such file {d.ca_file}")
     return msgspec.structs.replace(

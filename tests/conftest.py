@@ -4,11 +4,13 @@ official OpenAI SDK as the client. Fixtures that start something also stop it.""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import openai
 import pytest
@@ -66,11 +68,17 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-async def make_proxy() -> AsyncIterator[MakeProxy]:
+async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     runners: list[web.AppRunner] = []
 
     async def make(config: cfg.Config) -> Proxy:
-        runner = await start(with_server(config, host="127.0.0.1", port=0, grace_period=5.0))
+        config = with_server(config, host="127.0.0.1", port=0, grace_period=5.0)
+        if not config.database.is_postgres:  # each test gets its own embedded database
+            database = msgspec.structs.replace(
+                config.database, sqlite_path=str(tmp_path / f"proxy{len(runners)}.db")
+            )
+            config = msgspec.structs.replace(config, database=database)
+        runner = await start(config)
         runners.append(runner)
         return Proxy(runner)
 
@@ -88,6 +96,36 @@ async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream) -> Proxy:
 async def client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key=CLIENT_KEY, max_retries=0) as c:
         yield c
+
+
+PG_ADMIN_DSN = os.environ.get("MORNGPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("MORNGPT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database on the shared server, dropped afterwards."""
+    name = f"morngpt_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def migrated_pg(pg_dsn: str) -> str:
+    """A fresh PostgreSQL database with every migration applied."""
+    from proxy.db import migrate
+
+    await migrate(cfg.Database(url=pg_dsn))
+    return pg_dsn
 
 
 def proxy_env() -> dict[str, str]:

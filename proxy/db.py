@@ -1,0 +1,202 @@
+"""Database connections and versioned migrations, for PostgreSQL and embedded SQLite.
+
+Migrations are plain SQL files, ``proxy/migrations/{postgres,sqlite}/NNNN_name.sql``,
+applied in order, each in its own transaction, and recorded in
+``schema_migrations``. On PostgreSQL an advisory lock serialises concurrent
+``migrate`` runs (several replicas starting at once). SQLite is migrated
+automatically when the proxy starts; PostgreSQL only by ``python -m proxy migrate``
+(a deploy step), and ``serve`` refuses to start on a schema that is behind.
+
+One connection holder per worker (``Db``) is shared by the key store and the usage
+ledger: an asyncpg pool, or one aiosqlite connection (SQLite serialises writers
+anyway; WAL mode lets the worker processes read concurrently).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import aiosqlite
+import asyncpg
+from aiohttp import web
+
+from .config import Config, Database
+
+log = logging.getLogger("proxy.db")
+_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
+# Arbitrary constant: the advisory lock id that serialises migrations.
+_LOCK_ID = 0x6D6F726E
+
+
+class SchemaError(Exception):
+    """The database schema is not what this version of the proxy needs."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations(kind: str) -> list[Migration]:
+    """The migrations shipped for ``kind`` ("postgres" or "sqlite"), in order."""
+    folder = resources.files("proxy") / "migrations" / kind
+    found = []
+    for entry in folder.iterdir():
+        match = _FILE.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def migrate(database: Database) -> list[str]:
+    """Apply pending migrations; returns the names applied."""
+    if database.is_postgres:
+        return await _migrate_postgres(database)
+    return _migrate_sqlite(database.sqlite_path)
+
+
+_CREATE_LEDGER = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version integer PRIMARY KEY, name text NOT NULL, "
+    "applied_at timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+)
+
+
+async def _migrate_postgres(database: Database) -> list[str]:
+    conn = await asyncpg.connect(database.url, timeout=database.timeout)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        try:
+            await conn.execute(_CREATE_LEDGER)
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            applied = []
+            for m in migrations("postgres"):
+                if m.version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        m.version,
+                        m.name,
+                    )
+                applied.append(f"{m.version:04d}_{m.name}")
+            return applied
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    finally:
+        await conn.close()
+
+
+def _migrate_sqlite(path: str) -> list[str]:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+        conn.execute(_CREATE_LEDGER)
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        applied = []
+        for m in migrations("sqlite"):
+            if m.version in done:
+                continue
+            for statement in _statements(m.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (m.version, m.name)
+            )
+            applied.append(f"{m.version:04d}_{m.name}")
+        conn.execute("COMMIT")
+        return applied
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+
+
+def _statements(sql: str) -> list[str]:
+    # sqlite3.execute runs one statement; executescript would commit our transaction.
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+class Db:
+    """The worker's database handle: exactly one of ``pool`` / ``sqlite`` is set."""
+
+    def __init__(
+        self, database: Database, pool: asyncpg.Pool | None, sqlite: aiosqlite.Connection | None
+    ) -> None:
+        self.config = database
+        self.pool = pool
+        self.sqlite = sqlite
+
+    @classmethod
+    async def open(cls, database: Database) -> Db:
+        if database.is_postgres:
+            # min_size=0: creating the pool connects to nothing, so a database that is
+            # down at start does not stop the proxy (usage spools, keys are cached).
+            pool = await asyncpg.create_pool(
+                database.url,
+                min_size=0,
+                max_size=database.pool_max,
+                timeout=database.timeout,
+                command_timeout=database.timeout,
+            )
+            try:
+                await _check_schema(pool)
+            except (OSError, TimeoutError, asyncpg.PostgresConnectionError) as exc:
+                log.warning("database unreachable at start (%s); going on without it", exc)
+            except BaseException:
+                await pool.close()
+                raise
+            return cls(database, pool, None)
+        _migrate_sqlite(database.sqlite_path)
+        conn = await aiosqlite.connect(database.sqlite_path, isolation_level=None)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return cls(database, None, conn)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if self.sqlite is not None:
+            await self.sqlite.close()
+            self.sqlite = None
+
+
+async def _check_schema(pool: asyncpg.Pool) -> None:
+    latest = max((m.version for m in migrations("postgres")), default=0)
+    if latest == 0:
+        return
+    try:
+        current = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        current = None
+    if current is None or current < latest:
+        raise SchemaError(
+            f"database schema is at version {current or 0}, this proxy needs {latest}: "
+            "run `python -m proxy migrate --config FILE` first"
+        )
+
+
+DB = web.AppKey("db", Db)
+
+
+async def open_db(app: web.Application, config: Config) -> AsyncIterator[None]:
+    """cleanup_ctx body: one ``Db`` per worker under ``app[DB]``."""
+    db = await Db.open(config.database)
+    app[DB] = db
+    try:
+        yield
+    finally:
+        await db.close()
