@@ -142,8 +142,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         assert state.session is not None
         sent = perf_counter()
         async with await open_request(state.session, upstream, "POST", path, headers, body) as up:
-            exchange.first_byte = perf_counter()
-            exchange.upstream_time = exchange.first_byte - sent
+            exchange.upstream_time = perf_counter() - sent
             extra = {**grant.headers, "X-Request-Id": exchange.request_id}
             if up.status < 400 and up.content_type == "text/event-stream":
                 return await relay_stream(request, up, upstream, exchange, extra, strip)

@@ -54,7 +54,8 @@ class Exchange:
         self.key_id: str | None = None
         self.stream = False
         self.status = 0
-        # perf_counter() when the upstream's response headers arrived.
+        # perf_counter() when the first byte of the answer went to the client: the
+        # first stream event for streams, the response headers otherwise.
         self.first_byte: float | None = None
         # Seconds spent waiting on the upstream (headers and body), for overhead.
         self.upstream_time = 0.0

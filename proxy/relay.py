@@ -103,6 +103,7 @@ async def relay_body(
     body = await read_body(up, upstream)
     exchange.upstream_time += perf_counter() - start
     exchange.status = up.status
+    exchange.first_byte = perf_counter()
     if up.status < 400:
         exchange.usage = find_usage(body)[0]
     else:
@@ -154,6 +155,8 @@ async def relay_stream(
                     if raw is not None:
                         kept.append(raw)
                 if kept:
+                    if exchange.first_byte is None:
+                        exchange.first_byte = perf_counter()
                     await out.write(b"".join(kept))
                     kept.clear()
     except ProxyError as exc:
