@@ -27,6 +27,10 @@ Behaviour is scripted per request with ``x-fake-*`` headers (falling back to
 ``x-fake-echo: 1``
     Non-stream bodies gain ``"echo": {"headers": ..., "body": ...}``.
 
+Azure OpenAI paths (``/openai/deployments/{name}/…``, ``/openai/models``) are served
+as the ``/v1/…`` paths they stand for; :attr:`FakeUpstream.peak` is the most POST
+requests it served at once.
+
 "N SSE events" counts every ``data:`` event written, including the leading role
 chunk of chat streams (i.e. what an SDK yields as chunks). For non-stream requests
 any ``stall`` value hangs before the headers and any ``cut`` value aborts before them.
@@ -376,6 +380,9 @@ class FakeUpstream:
         self._runner: web.AppRunner | None = None
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
+        # POST requests being served now, and the most at any one time.
+        self.active = 0
+        self.peak = 0
 
     @property
     def url(self) -> str:
@@ -471,9 +478,10 @@ class FakeUpstream:
         if self.keep_received:
             self._record(request, body, parsed)
         rid = request.headers.get("x-request-id") or f"{self.name}-req-{next(self._ids)}"
-        if request.method == "GET" and request.path == "/v1/models":
+        path = _openai_path(request.path)
+        if request.method == "GET" and path == "/v1/models":
             return web.Response(body=_MODELS_BODY, headers=_headers(rid, _JSON_CT))
-        endpoint = _ENDPOINTS.get(request.path) if request.method == "POST" else None
+        endpoint = _ENDPOINTS.get(path) if request.method == "POST" else None
         if endpoint is None:
             message = f"Unknown request URL: {request.method} {request.path}"
             error = _error_body(message, "invalid_request_error", "not_found")
@@ -513,6 +521,8 @@ class FakeUpstream:
         self, call: _Call, endpoint: _Endpoint, body: JSONDict
     ) -> web.StreamResponse:
         """Serve ``call``, recording a :class:`Disconnect` if the client goes away."""
+        self.active += 1
+        self.peak = max(self.peak, self.active)
         try:
             return await self._serve(call, endpoint, body)
         except asyncio.CancelledError:
@@ -521,6 +531,8 @@ class FakeUpstream:
         except ConnectionResetError:  # includes aiohttp's ClientConnectionResetError
             self._disconnected(call)
             return call.resp or web.Response()
+        finally:
+            self.active -= 1
 
     def _disconnected(self, call: _Call) -> None:
         if self._runner is None:  # our own shutdown cancelled it; the client did not leave
@@ -588,6 +600,17 @@ class FakeUpstream:
             await _forever()
         await resp.write_eof()
         return resp
+
+
+def _openai_path(path: str) -> str:
+    """Azure OpenAI paths as the ``/v1`` paths they stand for:
+    ``/openai/deployments/{name}/chat/completions`` → ``/v1/chat/completions``,
+    ``/openai/models`` → ``/v1/models``."""
+    if path.startswith("/openai/deployments/"):
+        name_and_rest = path[len("/openai/deployments/") :]
+        _, slash, rest = name_and_rest.partition("/")
+        return "/v1/" + rest if slash else path
+    return "/v1/models" if path == "/openai/models" else path
 
 
 def _headers(rid: str, content_type: str) -> dict[str, str]:

@@ -11,28 +11,36 @@ import asyncio
 import logging
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Mapping
-from time import perf_counter
 
 import aiohttp
 from aiohttp import web
 
+from . import accesslog, metrics, tracing
 from .config import Config
 from .db import open_db
 from .errors import (
     BadRequest,
     BodyTooLarge,
     NotFound,
+    Overloaded,
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
     render,
 )
-from .exchange import OPEN, Exchange, Gate, Grant, OpenGate, Sinks
+from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Sinks
+from .failover import Outbound, dispatch
+from .gate import open_gate
+from .ops import metrics_endpoint, protect
+from .ratelimit.limiter import open_limiter
+from .ratelimit.shared import open_redis
 from .relay import relay_body, relay_stream
 from .routing import Router
 from .upstream import forward_headers, make_session, open_request
-from .wire import RequestView, decode_request, rewrite
+from .usage.writer import open_ledger
+from .wire import RequestView, decode_request
 
 log = logging.getLogger("proxy")
 
@@ -40,6 +48,7 @@ log = logging.getLogger("proxy")
 _USAGE_OPTION = frozenset(("chat/completions", "completions"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
+_RETRY_SOON = {"Retry-After": "1"}
 
 
 class State:
@@ -52,6 +61,9 @@ class State:
         self.sinks = Sinks()
         self.draining = False
         self.session: aiohttp.ClientSession | None = None
+        # Proxied requests being served, and the most allowed at once (server.max_inflight).
+        self.inflight = 0
+        self.max_inflight = config.server.max_inflight or sys.maxsize
 
 
 STATE = web.AppKey("state", State)
@@ -63,11 +75,52 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     state = State(config, gate)
     app[STATE] = state
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(lambda app: open_db(app, config))
+    # After open_db: cleanup runs in reverse, so the ledger drains before the Db closes.
+    app.cleanup_ctx.append(lambda app: open_ledger(app, config, state.sinks))
+    if gate is None and config.auth.enabled:  # API keys and their limits (gate.py)
+        app.cleanup_ctx.append(lambda app: open_redis(app, config.redis))
+        app.cleanup_ctx.append(lambda app: open_limiter(app, config))
+        app.cleanup_ctx.append(lambda app: open_gate(app, config, state))
+    _observe(app, state)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if server.ops_port is None:  # else they are served by build_ops_app's listener
+        add_ops_routes(app)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/{path:[a-z][a-z0-9_./-]*}", proxy)
+    # No segment may start with a dot: upstream URLs are {base}/{path}, and a `..` would
+    # climb out of the deployment's prefix to any path of its host, with its key.
+    app.router.add_post("/v1/{path:[a-z][a-z0-9_.-]*(?:/[a-z0-9_-][a-z0-9_.-]*)*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+def _observe(app: web.Application, state: State) -> None:
+    """Metrics and the access log see every finished exchange."""
+    metrics.declare(state.config)
+    state.sinks.sinks.append(metrics.MetricsSink(state.config))
+    level = state.config.server.access_log
+    if level != "off":
+        app.cleanup_ctx.append(accesslog.listener)
+        state.sinks.sinks.append(accesslog.AccessLog(level))
+
+
+def add_ops_routes(app: web.Application) -> None:
+    """The operator endpoints, behind the ops token when one is configured."""
+    token = app[STATE].config.server.ops_token
+    app.router.add_get("/metrics", protect(metrics_endpoint, token))
+    app.router.add_get("/deployments", protect(deployments, token))
+
+
+def build_ops_app(state: State) -> web.Application:
+    """The app behind ``server.ops_port``: the ops endpoints and the probes, sharing
+    the main app's state (serve.py runs it as a resource of the main app)."""
+    app = web.Application()
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    add_ops_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -79,6 +132,17 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await state.session.close()
+
+
+async def _health_probes(app: web.Application) -> AsyncIterator[None]:
+    """Recovery probes of deployments out of rotation; cancelled before the session closes."""
+    state = app[STATE]
+    assert state.session is not None
+    state.router.health.start(state.session)
+    try:
+        yield
+    finally:
+        await state.router.health.close()
 
 
 def request_id(request: web.Request) -> str:
@@ -102,6 +166,8 @@ async def read_body(request: web.Request, state: State) -> bytes:
             code="request_headers_too_large",
         )
     try:
+        if request.content.is_eof():  # all of it came with the headers: nothing to time
+            return await request.read()
         async with asyncio.timeout(server.body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -120,29 +186,35 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     exchange = Exchange(request_id(request), path)
     grant = OPEN
+    metrics.INFLIGHT.inc()
+    state.inflight += 1
     try:
         if state.draining:
             raise ServiceUnavailable(
                 "The proxy is shutting down; retry shortly.", headers={"Retry-After": "1"}
             )
+        if state.inflight > state.max_inflight:  # shed before reading anything
+            raise Overloaded("The proxy is at capacity; retry shortly.", headers=_RETRY_SOON)
         body = await read_body(request, state)
+        exchange.body_bytes = len(body)
         view = decode_request(body)
         exchange.model = view.model
         exchange.stream = bool(view.stream)
-        route = state.router.route(view.model)
+        # Admit first: a caller without a valid key learns nothing, not even which
+        # models exist.
         grant = await state.gate.admit(request, view)
         exchange.key_id = grant.key_id
-        upstream = route.pick()
-        exchange.deployment = upstream.name
-        rename = upstream.deployment.model or None
+        route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
-        if strip or rename:
-            body = rewrite(body, model=rename, include_usage=strip)
-        headers = forward_headers(request.headers, upstream, exchange.request_id)
+        headers = request.headers
+        if state.config.server.tracing:
+            headers = tracing.ensure_traceparent(headers)
+        outbound = Outbound(path, body, headers, exchange.request_id, view.model, strip)
         assert state.session is not None
-        sent = perf_counter()
-        async with await open_request(state.session, upstream, "POST", path, headers, body) as up:
-            exchange.upstream_time = perf_counter() - sent
+        # Retries and failover happen in dispatch, before any byte goes to the client.
+        lease = await dispatch(state.session, state.router, route, outbound, exchange)
+        upstream = lease.upstream
+        async with lease as up:
             extra = {**grant.headers, "X-Request-Id": exchange.request_id}
             if up.status < 400 and up.content_type == "text/event-stream":
                 return await relay_stream(request, up, upstream, exchange, extra, strip)
@@ -150,7 +222,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     except ProxyError as err:
         exchange.status = err.status
         exchange.error = type(err).__name__
-        return error_response(err, exchange.request_id, grant.headers)
+        extra = {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()}
+        return error_response(err, exchange.request_id, extra)
     except (asyncio.CancelledError, ConnectionResetError):
         exchange.error = "client_disconnected"
         exchange.status = exchange.status or 499
@@ -160,9 +233,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         exchange.status = 500
         exchange.error = type(exc).__name__
         return error_response(
-            ProxyError("The proxy failed to handle this request."), exchange.request_id
+            ProxyError("The proxy failed to handle this request."),
+            exchange.request_id,
+            {OVERHEAD_HEADER: exchange.overhead_ms()},
         )
     finally:
+        metrics.INFLIGHT.dec()
+        state.inflight -= 1
         grant.settle(exchange)
         state.sinks.record(exchange)
 
@@ -176,6 +253,8 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         grant = await state.gate.admit(request, None)
         names = [n for n in state.router.names() if grant.allows(n)]
         wildcard = state.router.wildcard
+        if wildcard is not None and grant.models is not None:
+            names = sorted(grant.models)  # the wildcard serves every name the key may use
         if wildcard is not None and not names:
             upstream = wildcard.pick()
             headers = forward_headers(request.headers, upstream, rid)
@@ -203,9 +282,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def deployments(request: web.Request) -> web.Response:
+    """GET /deployments: every deployment's routing state (in-flight, health, cooldown,
+    latency) as JSON, for operators. Never shows a key."""
+    return web.json_response(request.app[STATE].router.snapshot())
+
+
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[STATE].draining:
+    """Ready = config loaded, upstream pool open, not draining. The database is not
+    asked: while it is down the usage ledger spools, so traffic can still be served."""
+    state = request.app[STATE]
+    if state.draining:
         return web.json_response({"status": "draining"}, status=503)
+    if state.session is None or state.session.closed:
+        return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ready"})
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import msgspec
 
 from . import config as cfg
+from .keys import cli as keys_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +35,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     serve.add_argument("--tls-key", help="private key for --tls-cert (PEM)")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without API keys: anyone who reaches the port may use every model",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
 
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.add_argument("--config", help="config file naming the database (default: SQLite)")
+
+    keys_cli.add_parser(sub)
+
+    from .usage import report
+
+    usage = sub.add_parser("usage", help="print requests, tokens and latency from the ledger")
+    usage.add_argument(
+        "--since", type=report.parse_since, default="1h", help="90s, 15m, 1h, 7d… (default 1h)"
+    )
+    usage.add_argument("--by", choices=tuple(report.GROUPS), default="model")
+    usage.add_argument("--config", help="config file naming the database (default: SQLite)")
     return parser
 
 
@@ -72,6 +89,19 @@ def _migrate(config: cfg.Config | None) -> int:
     return 0
 
 
+def _auth_choice(config: cfg.Config, no_auth: bool) -> cfg.Config:
+    """Auth is on unless the operator says ``--no-auth`` (a config saying
+    ``auth.enabled: false`` is not enough on its own)."""
+    if no_auth:
+        print("warning: --no-auth: serving without API keys", file=sys.stderr)
+        return msgspec.structs.replace(
+            config, auth=msgspec.structs.replace(config.auth, enabled=False)
+        )
+    if not config.auth.enabled:
+        raise cfg.ConfigError("auth.enabled is false: pass --no-auth to serve without API keys")
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -82,7 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "migrate":
             return _migrate(cfg.load(args.config) if args.config else None)
-        config = load_config(args)
+        if args.command == "usage":
+            from .usage import report
+
+            database = cfg.load(args.config).database if args.config else cfg.Database()
+            return report.run(database, args.since, args.by)
+        if args.command == "keys":
+            given = getattr(args, "config", None)  # `keys update` omits absent options
+            return keys_cli.run(args, cfg.load(given).database if given else cfg.Database())
+        config = _auth_choice(load_config(args), args.no_auth)
     except cfg.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -12,10 +12,14 @@ line naming the field and what was wrong.
 from __future__ import annotations
 
 import os
+import re
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from .keys.secret import digest, is_weak
 
 WILDCARD = "*"
 
@@ -63,6 +67,15 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ca_file: str | None = None
     weight: PositiveFloat = 1.0
     max_concurrent: PositiveInt | None = None
+    # "openai": any OpenAI-compatible /v1 server. "azure": Azure OpenAI; base_url is
+    # the resource endpoint, ``model`` the Azure deployment name, api_version required.
+    kind: Literal["openai", "azure"] = "openai"
+    api_version: str | None = None
+    # Outbound requests per minute to this deployment, shared out over the worker
+    # processes, to stay under the provider's own limit (None: no cap).
+    rpm: PositiveInt | None = None
+    # GET target of the recovery probe (never a completion); default {base_url}/models.
+    health_url: str | None = None
     # Filled by ``resolve`` from api_key_env; a literal key here works but belongs in
     # an environment variable (a Kubernetes Secret), not in a config file.
     api_key: str = ""
@@ -73,6 +86,8 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     name: str
     deployments: Annotated[list[Deployment], msgspec.Meta(min_length=1)]
+    # Models to try, in order, when no deployment of this one is available.
+    fallbacks: list[str] = []
 
 
 class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -84,6 +99,13 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_header_bytes: PositiveInt = 32 * 1024
     # A client must finish sending its body within this many seconds (slowloris).
     body_timeout: PositiveFloat = 30.0
+    # A client connection without a complete request head for this long is closed: idle
+    # between requests, or still trickling its headers in (slowloris). Keep it above the
+    # idle timeout of a load balancer that reuses connections to the proxy (ALB: 60).
+    idle_timeout: PositiveFloat = 75.0
+    # Requests one worker serves at once; beyond it a prompt 503 with Retry-After
+    # (shedding load instead of queueing it). None: no bound.
+    max_inflight: PositiveInt | None = None
     # How long in-flight requests and streams may run after SIGTERM.
     grace_period: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     tls_cert: str | None = None
@@ -93,6 +115,18 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pool_per_host: Annotated[int, msgspec.Meta(ge=0)] = 0
     keepalive_timeout: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Level of the one JSON access-log line per request (logger "proxy.access"); shown
+    # when log_level lets it through. "off": no access log at all.
+    access_log: Literal["debug", "info", "warning", "off"] = "info"
+    # Environment variable holding a token that /metrics and /deployments then require
+    # (Authorization: Bearer <token>); /healthz and /readyz stay open for probes.
+    ops_token_env: str | None = None
+    # Serve /metrics, /deployments (and the probes) on this port instead of `port`.
+    ops_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    # Start a W3C trace (traceparent) for requests that arrive without one.
+    tracing: bool = False
+    # Filled by ``resolve`` from ops_token_env.
+    ops_token: str = ""
 
 
 class Database(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -120,6 +154,105 @@ class Redis(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     url: str = ""
     # Seconds: every Redis call is bounded so a slow Redis can never hang a request.
     timeout: PositiveFloat = 0.25
+    # First part of every Redis key the limiter writes: `{key_prefix}:{<key id>}:...`.
+    key_prefix: str = "morngpt"
+    # The URL names one node of a Redis Cluster; the client discovers the others. One
+    # API key's limiter keys share a hash slot, so its script runs on a single node.
+    cluster: bool = False
+
+
+# A per-minute limit; at most 10**9 so bucket arithmetic stays exact (ratelimit/bucket.py).
+Limit = Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000)]
+
+
+class Auth(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """API keys on every /v1/* request. On by default: `serve --no-auth` turns it off."""
+
+    enabled: bool = True
+    # Environment variable holding the master key, which passes with every model and no
+    # limits. A weak one (short, or few distinct characters) is refused at start.
+    master_key_env: str | None = None
+    # Seconds a looked-up key is trusted: a revoked key stops working within this.
+    cache_ttl: PositiveFloat = 10.0
+    # Seconds an unknown key stays unknown (a key created meanwhile waits this long).
+    negative_ttl: PositiveFloat = 2.0
+    # Keys remembered, known and unknown each: bounds memory under a flood of bad keys.
+    cache_size: PositiveInt = 10_000
+    # Filled by ``resolve`` from master_key_env: the master key's SHA-256 (hex).
+    master_key_sha256: str = ""
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How per-key limits are enforced; the limits themselves belong to each key."""
+
+    # Answer tokens reserved when a request names no max_tokens, max_completion_tokens
+    # or max_output_tokens; reconciled with the real usage when the answer is over.
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 1024
+    # Seconds a parallel-request slot outlives a crashed process (live ones are renewed).
+    slot_ttl: PositiveFloat = 60.0
+    # Seconds between flushes of token reconciliations to Redis, and between probes of
+    # an unreachable Redis.
+    flush_interval: PositiveFloat = 1.0
+
+
+class DeclaredKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An API key declared in the config file (small setups). The file holds the key's
+    SHA-256 (``sha256``) or the name of the environment variable that holds the key
+    (``key_env``): never the key itself."""
+
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: str = ""
+    sha256: str = ""
+    key_env: str | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_parallel: PositiveInt | None = None
+    # Model names the key may use; empty: every model.
+    models: list[str] = []
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] = {}
+
+
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Routing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Retries, failover and passive health checks (seconds), for every model."""
+
+    # Upstream requests one client request may cost, first try included.
+    max_attempts: PositiveInt = 3
+    # Wait before retry n: uniform(0, min(backoff_max, backoff_base * 2**(n-1))).
+    backoff_base: NonNegativeFloat = 0.1
+    backoff_max: NonNegativeFloat = 2.0
+    # Longest upstream Retry-After the proxy waits out itself before sending to the
+    # same deployment again; beyond it the client gets the 429/503 and its Retry-After.
+    retry_after_max: NonNegativeFloat = 5.0
+    # Consecutive failures that take a deployment out of rotation, and for how long
+    # (then a probe of its health_url decides whether it comes back).
+    failure_threshold: PositiveInt = 3
+    cooldown: PositiveFloat = 5.0
+    # Longest wait for a deployment's rpm cap when no other deployment can take the
+    # request; beyond it the deployment is skipped, never queued for.
+    rate_wait: NonNegativeFloat = 0.25
+
+
+class Ledger(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The usage ledger's batch writer (docs/usage-ledger.md); sizes in records/bytes,
+    times in seconds."""
+
+    # A batch is written when it holds batch_rows records or batch_bytes bytes, or
+    # flush_interval after the last write, whichever comes first. flush_interval is also
+    # the longest a record waits in memory only: the loss window on SIGKILL.
+    batch_rows: PositiveInt = 1000
+    batch_bytes: PositiveInt = 1024 * 1024
+    flush_interval: PositiveFloat = 0.5
+    # Records waiting in memory beyond this many go to the spool file instead.
+    high_water: PositiveInt = 20_000
+    # Append-only files holding records while the database cannot take them. They are
+    # replayed into this config's database, so never point two ledgers at one directory.
+    spool_dir: str = "var/spool"
+    # After SIGTERM: time to commit what is queued; whatever is left is spooled.
+    shutdown_timeout: PositiveFloat = 10.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -127,6 +260,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: Server = Server()
     database: Database = Database()
     redis: Redis = Redis()
+    auth: Auth = Auth()
+    limits: Limits = Limits()
+    keys: list[DeclaredKey] = []
+    usage: Ledger = Ledger()
+    routing: Routing = Routing()
 
 
 def load(path: str | Path) -> Config:
@@ -171,9 +309,11 @@ def resolve(config: Config, source: str = "config") -> Config:
             for j, d in enumerate(model.deployments)
         ]
         models.append(msgspec.structs.replace(model, deployments=deployments))
+    _check_fallbacks(models, source)
     server = config.server
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key go together")
+    server = _resolve_ops(server, source)
     database = config.database
     if database.url_env:
         database = msgspec.structs.replace(
@@ -188,7 +328,53 @@ def resolve(config: Config, source: str = "config") -> Config:
         )
     if redis.url and not redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{source}: redis.url: must be a redis:// or rediss:// URL")
-    return msgspec.structs.replace(config, models=models, database=database, redis=redis)
+    if redis.cluster and not redis.url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"{source}: redis.cluster: needs a redis:// or rediss:// url")
+    config = _resolve_keys(config, source)
+    return msgspec.structs.replace(
+        config, models=models, server=server, database=database, redis=redis
+    )
+
+
+def _check_fallbacks(models: list[Model], source: str) -> None:
+    names = {m.name for m in models}
+    for i, model in enumerate(models):
+        for j, fallback in enumerate(model.fallbacks):
+            where = f"{source}: models[{i}].fallbacks[{j}]"
+            if fallback == model.name:
+                raise ConfigError(f"{where}: model {model.name!r} cannot fall back to itself")
+            if fallback not in names or fallback == WILDCARD:
+                raise ConfigError(f"{where}: no model named {fallback!r}")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _resolve_keys(config: Config, source: str) -> Config:
+    """Hash the master key and the declared keys (the keys themselves are not kept)."""
+    auth = config.auth
+    if auth.master_key_env:
+        where = f"{source}: auth.master_key_env"
+        master = _env(auth.master_key_env, where)
+        if is_weak(master):
+            raise ConfigError(
+                f"{where}: the master key in {auth.master_key_env} is too weak (need 32+ "
+                "characters, 8+ distinct; e.g. `openssl rand -hex 32`)"
+            )
+        auth = msgspec.structs.replace(auth, master_key_sha256=digest(master))
+    keys: list[DeclaredKey] = []
+    for i, key in enumerate(config.keys):
+        where = f"{source}: keys[{i}]"
+        if any(k.id == key.id for k in keys):
+            raise ConfigError(f"{where}.id: duplicate key id {key.id!r}")
+        sha = digest(_env(key.key_env, f"{where}.key_env")) if key.key_env else key.sha256.lower()
+        # With key_env, sha256 may only be what an earlier resolve derived from it.
+        if not sha or (key.key_env and key.sha256 not in ("", sha)):
+            raise ConfigError(f"{where}: give exactly one of sha256 and key_env")
+        if not _SHA256.fullmatch(sha):
+            raise ConfigError(f"{where}.sha256: must be 64 hex digits (sha256sum of the key)")
+        keys.append(msgspec.structs.replace(key, sha256=sha))
+    return msgspec.structs.replace(config, auth=auth, keys=keys)
 
 
 def _env(name: str, where: str) -> str:
@@ -198,12 +384,27 @@ def _env(name: str, where: str) -> str:
     return value
 
 
+def _resolve_ops(server: Server, source: str) -> Server:
+    if server.ops_port is not None and server.ops_port == server.port != 0:
+        raise ConfigError(f"{source}: server.ops_port: must differ from server.port")
+    if not server.ops_token_env:
+        return server
+    token = _env(server.ops_token_env, f"{source}: server.ops_token_env")
+    return msgspec.structs.replace(server, ops_token=Secret(token))
+
+
 def _resolve_deployment(d: Deployment, where: str, model: str, index: int) -> Deployment:
     if not d.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.base_url: must start with http:// or https://")
     api_key = _env(d.api_key_env, f"{where}.api_key_env") if d.api_key_env else d.api_key
     if d.ca_file is not None and not Path(d.ca_file).is_file():
         raise ConfigError(f"{where}.ca_file: no such file {d.ca_file}")
+    if d.kind == "azure" and not d.api_version:
+        raise ConfigError(f"{where}.api_version: required for kind azure (e.g. 2024-10-21)")
+    if d.kind == "azure" and not d.model:
+        raise ConfigError(f"{where}.model: required for kind azure (the Azure deployment name)")
+    if d.health_url is not None and not d.health_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.health_url: must start with http:// or https://")
     return msgspec.structs.replace(
         d,
         base_url=d.base_url.rstrip("/"),

@@ -112,6 +112,15 @@ class ServiceUnavailable(ProxyError):
     code = "service_unavailable"
 
 
+class Overloaded(ServiceUnavailable):
+    """The worker already serves ``server.max_inflight`` requests: shed, not queued."""
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database refused, failed or did not answer in time (asyncpg/sqlite3 errors
+    are mapped to this where they enter)."""
+
+
 def error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> bytes:

@@ -16,6 +16,7 @@ seams see it:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from os import urandom
 from time import perf_counter, time
 from typing import Protocol
 
@@ -28,10 +29,13 @@ class Exchange:
     """Mutable record of one request, filled in as it is served."""
 
     __slots__ = (
+        "attempts",
+        "body_bytes",
         "deployment",
         "endpoint",
         "error",
         "estimated",
+        "events",
         "first_byte",
         "key_id",
         "model",
@@ -40,30 +44,41 @@ class Exchange:
         "started_at",
         "status",
         "stream",
+        "uid",
         "upstream_time",
         "usage",
     )
 
     def __init__(self, request_id: str, endpoint: str) -> None:
+        # Unique per exchange, unlike request_id (a client may send and reuse its own):
+        # the usage ledger's idempotency key (32 hex digits, a valid uuid).
+        self.uid = urandom(16).hex()
         self.request_id = request_id
         self.endpoint = endpoint
         self.started = perf_counter()
         self.started_at = time()
         self.model = ""
         self.deployment = ""
+        # Upstream requests sent for this exchange (retries and failovers included).
+        self.attempts = 0
         self.key_id: str | None = None
         self.stream = False
         self.status = 0
         # perf_counter() when the first byte of the answer went to the client: the
         # first stream event for streams, the response headers otherwise.
         self.first_byte: float | None = None
-        # Seconds spent waiting on the upstream (headers and body), for overhead.
+        # Seconds spent waiting on the upstream (headers and body, every attempt and the
+        # backoff between them), for overhead.
         self.upstream_time = 0.0
         self.usage: Usage | None = None
         # True when usage was not reported by the upstream (cut stream, client gone).
         self.estimated = False
         # Short error class name ("UpstreamTimeout", "client_disconnected"), or "".
         self.error = ""
+        # Size of the request body and data events relayed to the client: what the
+        # usage ledger estimates tokens from when the upstream never reported usage.
+        self.body_bytes = 0
+        self.events = 0
 
     @property
     def duration(self) -> float:
@@ -72,6 +87,15 @@ class Exchange:
     @property
     def ttft(self) -> float | None:
         return None if self.first_byte is None else self.first_byte - self.started
+
+    def overhead_ms(self) -> str:
+        """The proxy's own time so far (elapsed minus upstream waits), in milliseconds
+        with 3 decimals: the value of the ``OVERHEAD_HEADER`` response header."""
+        return f"{(perf_counter() - self.started - self.upstream_time) * 1000:.3f}"
+
+
+# On every proxied response (and the proxy's own error answers), for load tests.
+OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
 
 
 class Grant:

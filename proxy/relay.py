@@ -32,7 +32,7 @@ from .errors import (
     error_body,
     render,
 )
-from .exchange import Exchange
+from .exchange import OVERHEAD_HEADER, Exchange
 from .sse import Event, Scanner
 from .upstream import Upstream
 from .wire import find_usage
@@ -59,6 +59,11 @@ _TERMINAL_NAMES = frozenset(
 )
 _NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
 MAX_BODY = 64 * 1024 * 1024
+# The most bytes of one stream event held back waiting for its end: an upstream that
+# never ends an event must not grow the proxy without bound. Generous: the Responses
+# API's last event repeats the whole answer.
+MAX_EVENT = 16 * 1024 * 1024
+_JSON = "application/json"
 
 
 def response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
@@ -73,6 +78,10 @@ async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
     size = 0
     loop = asyncio.get_running_loop()
     try:
+        if up.content.is_eof():  # all of it came with the headers: nothing to wait for
+            body = up.content.read_nowait()
+            _check_size(len(body))
+            return body
         async with asyncio.timeout(None) as deadline:
             while True:
                 deadline.reschedule(loop.time() + upstream.timeouts.idle)
@@ -80,8 +89,7 @@ async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
                 if not chunk:
                     return b"".join(parts)
                 size += len(chunk)
-                if size > MAX_BODY:
-                    raise UpstreamProtocolError(f"The upstream response exceeded {MAX_BODY} bytes.")
+                _check_size(size)
                 parts.append(chunk)
     except TimeoutError:
         raise UpstreamTimeout(
@@ -89,6 +97,11 @@ async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
         ) from None
     except aiohttp.ClientError:
         raise UpstreamError("The upstream connection broke mid-response.") from None
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_BODY:
+        raise UpstreamProtocolError(f"The upstream response exceeded {MAX_BODY} bytes.")
 
 
 async def relay_body(
@@ -105,10 +118,13 @@ async def relay_body(
     exchange.status = up.status
     exchange.first_byte = perf_counter()
     if up.status < 400:
+        _check_answer(up.content_type, body, exchange.stream)
         exchange.usage = find_usage(body)[0]
     else:
         body = upstream_error_body(up.status, body)
-    return web.Response(body=body, status=up.status, headers=response_headers(up, headers))
+    out = response_headers(up, headers)
+    out[OVERHEAD_HEADER] = exchange.overhead_ms()
+    return web.Response(body=body, status=up.status, headers=out)
 
 
 def upstream_error_body(status: int, body: bytes) -> bytes:
@@ -131,7 +147,10 @@ async def relay_stream(
     strip: bool,
 ) -> web.StreamResponse:
     """Relay an SSE stream chunk by chunk; see the module invariants."""
-    out = web.StreamResponse(status=up.status, headers={**STREAM_HEADERS, **headers})
+    out = web.StreamResponse(
+        status=up.status,
+        headers={**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()},
+    )
     exchange.status = up.status
     await out.prepare(request)
     scanner = Scanner()
@@ -154,6 +173,8 @@ async def relay_stream(
                     raw = watch.keep(event)
                     if raw is not None:
                         kept.append(raw)
+                if scanner.pending > MAX_EVENT:
+                    raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
                 if kept:
                     if exchange.first_byte is None:
                         exchange.first_byte = perf_counter()
@@ -197,6 +218,7 @@ class _Watch:
             self.finished = True
             return event.raw
         _check_json(data)
+        self.exchange.events += 1  # the usage ledger's estimate when usage never comes
         if event.name in _TERMINAL_NAMES:
             self.finished = True
         elif data.startswith(b'{"error"'):
@@ -213,12 +235,25 @@ class _Watch:
 _raw_decoder = msgspec.json.Decoder(msgspec.Raw)
 
 
-def _check_json(data: bytes) -> None:
-    """Refuse to relay an event the client could not parse (validation only, ~0.2 µs)."""
+def _check_json(data: bytes, what: str = "stream event") -> None:
+    """Refuse to relay JSON the client could not parse (validation only, ~0.2 µs for an
+    event). Nesting deeper than the recursion limit counts: the SDK could not read it."""
     try:
         _raw_decoder.decode(data)
-    except msgspec.DecodeError:
-        raise UpstreamProtocolError("The upstream sent a malformed stream event.") from None
+    except (msgspec.DecodeError, RecursionError):
+        raise UpstreamProtocolError(f"The upstream sent a malformed {what}.") from None
+
+
+def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
+    """Refuse a successful answer the client could not use rather than pass it on as a
+    success: a JSON body that does not parse, or a stream request answered with
+    neither a stream nor JSON (say, an HTML page from something in between)."""
+    if content_type == _JSON:
+        _check_json(body, "response body")
+    elif stream:
+        raise UpstreamProtocolError(
+            f"The upstream answered a stream request with {content_type[:100]!r}."
+        )
 
 
 def _without_null_usage(raw: bytes) -> bytes:

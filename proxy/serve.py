@@ -7,6 +7,10 @@ to drain. Each worker runs its own event loop (uvloop) and its own pools.
 Worker shutdown order (bounded): fail readiness → stop accepting → wait for in-flight
 requests and streams up to ``grace_period`` → cancel what is left → close resources
 (cleanup_ctx, reverse order) → exit 0.
+
+Metrics: with several workers the parent creates the multiprocess metrics directory
+before it spawns any worker (each worker's prometheus_client must see it at import),
+drops a dead worker's live gauges, and removes the directory when it exits.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import wait
 from types import FrameType
 
 import uvloop
 from aiohttp import web
 
-from .app import STATE, build_app
-from .config import Config
+from . import metrics, redact
+from .app import STATE, build_app, build_ops_app
+from .config import Config, Server
 
 log = logging.getLogger("proxy")
 
@@ -39,7 +45,8 @@ def serve(config: Config) -> int:
     workers = worker_count(config)
     if workers == 1:
         return run_worker(config, reuse_port=False)
-    return supervise(config, workers)
+    with metrics.shared_dir() as metrics_dir:
+        return supervise(config, workers, metrics_dir)
 
 
 def run_worker(config: Config, reuse_port: bool) -> int:
@@ -51,10 +58,15 @@ def run_worker(config: Config, reuse_port: bool) -> int:
 async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
     """Build the app and start listening; the caller owns ``runner.cleanup()``."""
     server = config.server
+    redact.install()
+    app = build_app(config)
+    if server.ops_port is not None:
+        app.cleanup_ctx.append(ops_listener(server, reuse_port))
     runner = web.AppRunner(
-        build_app(config),
+        app,
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         access_log=None,
+        keepalive_timeout=server.idle_timeout,  # aiohttp's own default is an hour
         shutdown_timeout=server.grace_period,
         max_field_size=server.max_header_bytes,
         max_line_size=server.max_header_bytes,
@@ -78,6 +90,26 @@ async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
         await runner.cleanup()
         raise
     return runner
+
+
+def ops_listener(
+    server: Server, reuse_port: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """cleanup_ctx: the ops endpoints on ``server.ops_port``. Being a resource of the
+    main app, it stays up while the main listener drains (metrics, /readyz = 503)."""
+
+    async def listen(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(build_ops_app(app[STATE]), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, server.host, server.ops_port, reuse_port=reuse_port)
+            await site.start()
+            log.info("ops endpoints on http://%s:%s", server.host, server.ops_port)
+            yield
+        finally:
+            await runner.cleanup()
+
+    return listen
 
 
 async def drain(runner: web.AppRunner) -> None:
@@ -106,8 +138,9 @@ async def _worker(config: Config, reuse_port: bool) -> None:
         log.info("worker %d stopped", os.getpid())
 
 
-def supervise(config: Config, workers: int) -> int:
+def supervise(config: Config, workers: int, metrics_dir: str) -> int:
     setup_logging(config)
+    log.info("%d workers; metrics aggregated from %s", workers, metrics_dir)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -132,6 +165,8 @@ def supervise(config: Config, workers: int) -> int:
         wait([p.sentinel for p in procs], timeout=1.0)
         for proc in [p for p in procs if not p.is_alive()]:
             procs.remove(proc)
+            assert proc.pid is not None
+            metrics.forget_worker(proc.pid, metrics_dir)
             if stopping:
                 failed |= proc.exitcode != 0
                 continue

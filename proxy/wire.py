@@ -54,6 +54,17 @@ def decode_request(body: bytes) -> RequestView:
         raise BadRequest(f"Invalid request body: {message}", param=_param_of(message)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside strings
+        raise BadRequest(_NOT_UTF8) from None
+    except RecursionError:
+        raise BadRequest(_TOO_DEEP) from None
+
+
+# msgspec's nesting limit is Python's recursion limit, so it depends on the stack depth
+# of the caller: a body ``decode_request`` just took may still be too deep for
+# ``rewrite`` further down the stack. Both say the same 400.
+_TOO_DEEP = "The request body is nested too deeply."
+_NOT_UTF8 = "The request body is not valid UTF-8."
 
 
 def _param_of(message: str) -> str | None:
@@ -70,12 +81,17 @@ def _param_of(message: str) -> str | None:
 def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
     """Replace the top-level ``model`` and/or switch on ``stream_options.include_usage``,
     keeping every other top-level value byte for byte."""
-    fields = _raw_object_decoder.decode(body)
+    try:
+        fields = _raw_object_decoder.decode(body)
+        current = fields.get("stream_options") if include_usage else None
+        options = _raw_options_decoder.decode(current) if current is not None else None
+    except UnicodeDecodeError:  # in a key, which the view skipped without decoding
+        raise BadRequest(_NOT_UTF8) from None
+    except RecursionError:
+        raise BadRequest(_TOO_DEEP) from None
     if model is not None:
         fields["model"] = msgspec.Raw(_encoder.encode(model))
     if include_usage:
-        current = fields.get("stream_options")
-        options = _raw_options_decoder.decode(current) if current is not None else None
         if not options:  # absent, null or {}
             fields["stream_options"] = _INCLUDE_USAGE
         else:
@@ -156,7 +172,7 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
         return None, False
     try:
         carrier = _carrier_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # an upstream's payload: no usage in it
         return None, False
     wire = carrier.usage or (carrier.response.usage if carrier.response else None)
     if wire is None:

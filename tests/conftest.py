@@ -3,12 +3,14 @@ official OpenAI SDK as the client. Fixtures that start something also stop it.""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 import msgspec
@@ -25,6 +27,9 @@ from proxy.serve import start
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 CLIENT_KEY = "sk-client-key-should-never-travel"
+# Every key a test hands out: none may ever appear in a log (see ``_no_key_in_logs``).
+# Tests that issue keys add them here.
+SECRETS: set[str] = {UPSTREAM_KEY, CLIENT_KEY}
 
 
 class Recorder:
@@ -48,7 +53,10 @@ class Proxy:
         self.state.sinks.sinks.append(self.recorder)
 
 
-MakeProxy = Callable[[cfg.Config], Awaitable[Proxy]]
+class MakeProxy(Protocol):
+    """``make_proxy(config, auth=False)``: auth stays off unless a test is about keys."""
+
+    def __call__(self, config: cfg.Config, *, auth: bool = False) -> Awaitable[Proxy]: ...
 
 
 def free_port() -> int:
@@ -71,13 +79,20 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     runners: list[web.AppRunner] = []
 
-    async def make(config: cfg.Config) -> Proxy:
+    async def make(config: cfg.Config, *, auth: bool = False) -> Proxy:
         config = with_server(config, host="127.0.0.1", port=0, grace_period=5.0)
+        if not auth:
+            config = msgspec.structs.replace(
+                config, auth=msgspec.structs.replace(config.auth, enabled=False)
+            )
         if not config.database.is_postgres:  # each test gets its own embedded database
             database = msgspec.structs.replace(
                 config.database, sqlite_path=str(tmp_path / f"proxy{len(runners)}.db")
             )
             config = msgspec.structs.replace(config, database=database)
+        if config.usage.spool_dir == cfg.Ledger().spool_dir:  # and its own usage spool
+            usage = msgspec.structs.replace(config.usage, spool_dir=str(tmp_path / "spool"))
+            config = msgspec.structs.replace(config, usage=usage)
         runner = await start(config)
         runners.append(runner)
         return Proxy(runner)
@@ -100,6 +115,24 @@ async def client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
 
 PG_ADMIN_DSN = os.environ.get("MORNGPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MORNGPT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A Redis key prefix no other test (or test run) uses on the shared Redis; every
+    key under it is deleted afterwards. Ask for it before ``make_proxy``, so the
+    cleanup runs after the proxies closed (a closing limiter still writes)."""
+    import redis.asyncio as aioredis
+
+    prefix = f"test-{os.getpid()}-{secrets.token_hex(4)}"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -126,6 +159,52 @@ async def migrated_pg(pg_dsn: str) -> str:
 
     await migrate(cfg.Database(url=pg_dsn))
     return pg_dsn
+
+
+# --- Key-leak scan over the whole run ----------------------------------------------
+
+# Formatted log records of the whole test run, and the stderr lines of proxy
+# subprocesses (``watch_output``), scanned for SECRETS when the session ends.
+CAPTURED: list[str] = []
+_OUTPUTS: list[list[str]] = []
+# The test's own clients log what they send (the SDK logs request options, headers
+# included, at debug level): holding a key is their job, not a leak by the proxy.
+_CLIENT_LOGGERS = ("openai", "httpx", "httpcore")
+
+
+def watch_output(lines: list[str]) -> list[str]:
+    """Register a subprocess's collected output lines for the end-of-run key scan."""
+    _OUTPUTS.append(lines)
+    return lines
+
+
+class _Capture(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(_CLIENT_LOGGERS):
+            CAPTURED.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_key_in_logs() -> Iterator[None]:
+    """Capture every log record of the run (the proxy's at debug level, so nothing is
+    filtered out before it is made) and fail if any known key appears in one."""
+    capture = _Capture()
+    capture.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    proxy_log = logging.getLogger("proxy")
+    access_log = logging.getLogger("proxy.access")  # does not propagate while it runs
+    level = proxy_log.level
+    proxy_log.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(capture)
+    access_log.addHandler(capture)
+    try:
+        yield
+    finally:
+        access_log.removeHandler(capture)
+        logging.getLogger().removeHandler(capture)
+        proxy_log.setLevel(level)
+    texts = CAPTURED + [line for lines in _OUTPUTS for line in lines]
+    leaks = [text[:300] for text in texts if any(key in text for key in SECRETS)]
+    assert not leaks, f"a key appeared in the logs: {leaks[:5]}"
 
 
 def proxy_env() -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 
-from .conftest import PYTHON, free_port, proxy_env
+from .conftest import PYTHON, free_port, proxy_env, watch_output
 
 STREAM = orjson.dumps(
     {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -26,7 +26,7 @@ class Served:
     def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
         self.proc = proc
         self.url = f"http://127.0.0.1:{port}"
-        self.log: list[str] = []
+        self.log: list[str] = watch_output([])  # scanned for keys at the end of the run
 
     async def wait_log(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
         """Read the process's log until ``text`` appeared ``count`` times."""
@@ -57,6 +57,7 @@ async def serve(upstream: FakeUpstream, *args: str) -> AsyncIterator[Served]:
         upstream.url,
         "--port",
         str(port),
+        "--no-auth",  # these tests are about processes, not keys
         *args,
         env=proxy_env(),
         stderr=asyncio.subprocess.PIPE,
@@ -68,6 +69,12 @@ async def serve(upstream: FakeUpstream, *args: str) -> AsyncIterator[Served]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        # What nobody waited for still goes to the key scan (bounded: orphaned workers
+        # of a killed parent may hold the pipe open).
+        if proc.stderr is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    served.log.extend((await proc.stderr.read()).decode().splitlines())
 
 
 async def test_sigterm_lets_a_stream_finish_then_exits_0(upstream: FakeUpstream) -> None:

@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# mornGPT proxy container image.
+#
+#   docker build -t morngpt-proxy .
+#   docker run --rm -p 8080:8080 -v "$PWD/my-proxy.yaml:/etc/morngpt/proxy.yaml:ro" \
+#       -e OPENAI_API_KEY --stop-timeout 40 morngpt-proxy
+#
+# The entrypoint is `python -m proxy`; the default command serves the config at
+# /etc/morngpt/proxy.yaml on 0.0.0.0:8080. Other commands take the same image:
+#   docker run --rm morngpt-proxy migrate --config /etc/morngpt/proxy.yaml
+#   docker run --rm morngpt-proxy check-config /etc/morngpt/proxy.yaml
+#
+# Stopping: SIGTERM makes the proxy fail /readyz, stop accepting and let in-flight
+# streams run for server.grace_period seconds (30 by default). Docker's own stop
+# timeout is 10 s, so give `docker stop`/`docker run` `--stop-timeout` (compose:
+# stop_grace_period; Kubernetes: terminationGracePeriodSeconds) a little more than
+# grace_period, or long streams are cut by SIGKILL. See docs/deploy.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: install the proxy and its runtime dependencies into /opt/venv --------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+# Only what the package build reads: a change to tests or docs does not rebuild.
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+COPY bench ./bench
+# A plain install: the runtime dependencies only (no `[dev]` extra). Every
+# dependency ships manylinux wheels, so no compiler is needed. pip and setuptools
+# are not needed at run time, so they leave the venv too.
+RUN /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && /opt/venv/bin/python -m compileall -q /opt/venv
+
+# --- runtime: the venv, the example config and an unprivileged user, nothing else -
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN groupadd --system --gid 10001 morngpt \
+    && useradd --system --uid 10001 --gid morngpt --home-dir /var/lib/morngpt \
+        --create-home --shell /usr/sbin/nologin morngpt
+COPY --from=build /opt/venv /opt/venv
+COPY config/proxy.yaml /etc/morngpt/proxy.yaml
+# Relative paths in a config (sqlite_path, the usage spool) land in the user's home.
+WORKDIR /var/lib/morngpt
+USER morngpt:morngpt
+EXPOSE 8080
+# /healthz answers while the event loop runs; python is the only HTTP client here.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+# The proxy drains on SIGTERM (see the header); SIGKILL comes after the stop timeout.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "proxy"]
+CMD ["serve", "--config", "/etc/morngpt/proxy.yaml", "--host", "0.0.0.0", "--port", "8080"]

@@ -1,0 +1,230 @@
+"""``python -m proxy keys create|list|revoke|update``: manage API keys in the database
+the config names (default: the embedded SQLite file).
+
+A key is printed once, by ``create``, alone on stdout (``KEY=$(python -m proxy keys
+create --name app1)``); nothing else ever prints one: only ids and display prefixes.
+A limit of 0 means no limit. The database stack is imported only when a ``keys``
+command runs, so building the parser costs ``python -m proxy`` nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..config import Database
+from .record import Key
+
+if TYPE_CHECKING:
+    from .store import KeyStore
+
+_MAX_LIMIT = 1_000_000_000
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``keys`` and its subcommands to the top-level subparsers ``sub``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file naming the database (default: SQLite)")
+    keys = sub.add_parser("keys", help="create, list, revoke and update API keys")
+    commands = keys.add_subparsers(dest="keys_command", required=True)
+
+    create = commands.add_parser(
+        "create", parents=[common], help="create a key and print it (the only time it shows)"
+    )
+    create.add_argument("--name", required=True)
+    _limit_arguments(create)
+
+    listing = commands.add_parser("list", parents=[common], help="list keys (never the keys)")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+
+    revoke = commands.add_parser("revoke", parents=[common], help="revoke a key")
+    revoke.add_argument("id")
+
+    # Only the options given are changed: absent ones are not even set on ``args``.
+    update = commands.add_parser(
+        "update", parents=[common], help="change a key", argument_default=argparse.SUPPRESS
+    )
+    update.add_argument("id")
+    update.add_argument("--name")
+    _limit_arguments(update)
+
+
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rpm", type=_limit, help="requests per minute (0: no limit)")
+    parser.add_argument("--tpm", type=_limit, help="tokens per minute (0: no limit)")
+    parser.add_argument(
+        "--max-parallel", type=_limit, help="requests in flight at once (0: no limit)"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        metavar="MODEL",
+        help="models the key may use, space or comma separated (none: every model)",
+    )
+    parser.add_argument(
+        "--expires",
+        dest="expires_at",
+        type=_when,
+        help="ISO date or date-time after which the key stops working (UTC unless it "
+        "says otherwise), or 'never'",
+    )
+    parser.add_argument(
+        "--meta", action="append", type=_pair, metavar="KEY=VALUE", help="free-form metadata"
+    )
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= _MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {_MAX_LIMIT}")
+    return value
+
+
+def _when(text: str) -> float | None:
+    if text == "never":
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an ISO date or date-time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE")
+    return name, value
+
+
+def run(args: argparse.Namespace, database: Database) -> int:
+    """Run a ``keys`` subcommand; prints one error line and returns 1 on failure."""
+    import asyncio
+
+    from ..db import SchemaError
+    from .lookup import STORE_FAILURES
+
+    try:
+        return asyncio.run(_run(args, database))
+    except (SchemaError, *STORE_FAILURES) as exc:
+        print(f"error: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+async def _run(args: argparse.Namespace, database: Database) -> int:
+    from ..db import Db
+    from .store import KeyStore
+
+    db = await Db.open(database)
+    try:
+        store = KeyStore(db)
+        command: Callable[[KeyStore, argparse.Namespace], Any] = _COMMANDS[args.keys_command]
+        result: int = await command(store, args)
+        return result
+    finally:
+        await db.close()
+
+
+async def _create(store: KeyStore, args: argparse.Namespace) -> int:
+    key, value = await store.create(
+        args.name,
+        rpm=args.rpm or None,
+        tpm=args.tpm or None,
+        max_parallel=args.max_parallel or None,
+        models=_models(args.models or []),
+        expires_at=args.expires_at,
+        metadata=dict(args.meta or []),
+    )
+    print(value)
+    print(f"created {key.id} ({key.name}): the key above is shown only this once", file=sys.stderr)
+    return 0
+
+
+async def _list(store: KeyStore, args: argparse.Namespace) -> int:
+    keys = await store.all_keys()
+    if args.json:
+        print(msgspec.json.encode(keys).decode())
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("ID", "NAME", "PREFIX", "RPM", "TPM", "PARALLEL", "MODELS", "EXPIRES", "STATUS")
+    ]
+    rows += [_row(key) for key in keys]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _row(key: Key) -> tuple[str, ...]:
+    expires = "never" if key.expires_at is None else _iso(key.expires_at)
+    status = "revoked" if key.revoked else "active" if key.is_usable(_now()) else "expired"
+    return (
+        key.id,
+        key.name,
+        key.prefix + "…",
+        str(key.rpm or "-"),
+        str(key.tpm or "-"),
+        str(key.max_parallel or "-"),
+        ",".join(sorted(key.models)) or "*",
+        expires,
+        status,
+    )
+
+
+async def _revoke(store: KeyStore, args: argparse.Namespace) -> int:
+    if not await store.revoke(args.id):
+        print(f"error: no key {args.id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id} (running proxies stop accepting it within auth.cache_ttl)")
+    return 0
+
+
+async def _update(store: KeyStore, args: argparse.Namespace) -> int:
+    from .store import UPDATABLE
+
+    given = vars(args)
+    changes: dict[str, Any] = {c: given[c] for c in UPDATABLE if c in given}
+    for limit in ("rpm", "tpm", "max_parallel"):
+        if limit in changes:
+            changes[limit] = changes[limit] or None
+    if "models" in changes:
+        changes["models"] = _models(changes["models"])
+    if "meta" in given:
+        current = await store.get(args.id)
+        changes["metadata"] = {**(current.metadata if current else {}), **dict(given["meta"])}
+    if not changes:
+        print("error: nothing to change", file=sys.stderr)
+        return 1
+    key = await store.update(args.id, changes)
+    if key is None:
+        print(f"error: no key {args.id}", file=sys.stderr)
+        return 1
+    print("  ".join(_row(key)))
+    return 0
+
+
+def _models(values: list[str]) -> frozenset[str]:
+    return frozenset(m for value in values for m in value.split(",") if m)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _now() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+_COMMANDS: dict[str, Any] = {
+    "create": _create,
+    "list": _list,
+    "revoke": _revoke,
+    "update": _update,
+}

@@ -1,0 +1,160 @@
+"""Presented key → ``Key``, with the database off the hot path.
+
+Order: the master key and the keys declared in the config (a dict by SHA-256, no
+I/O), then ``KeyCache`` over the store. Known keys are trusted for ``auth.cache_ttl``
+seconds, so a revoked key stops working within that time; unknown ones are
+remembered for ``auth.negative_ttl``. Known and unknown entries are two LRUs of
+``auth.cache_size`` each, kept apart so a flood of random bad keys only ever evicts
+other bad keys. Concurrent misses for one key share one query. When the store fails,
+a known key whose entry is stale keeps working and an unknown key gets a 503 (we
+cannot tell), never a 401.
+
+Invariants: the presented key is hashed at once and only its SHA-256 is kept (as a
+cache key); it is never logged, stored or echoed in an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from time import monotonic, time
+from typing import TypeVar
+
+import asyncpg
+
+from ..config import Auth, DeclaredKey
+from ..errors import ServiceUnavailable, Unauthorized
+from . import secret
+from .record import MASTER, Key, declared
+from .store import KeyStore
+
+log = logging.getLogger("proxy.keys")
+V = TypeVar("V")
+
+# What a failing key store raises (asyncpg, SQLite, the network, our own timeout).
+STORE_FAILURES = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    sqlite3.Error,
+    OSError,
+    TimeoutError,
+)
+
+_MISSING = (
+    "You didn't provide an API key. Send it as `Authorization: Bearer <key>` "
+    "(or as an `api-key` header)."
+)
+_INCORRECT = "Incorrect API key provided."
+_REVOKED = "This API key has been revoked."
+_EXPIRED = "This API key has expired."
+
+
+def presented(headers: Mapping[str, str]) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>``, else ``api-key``."""
+    authorization = headers.get("Authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return headers.get("api-key") or None
+
+
+class KeyCache:
+    """The store's answers by SHA-256, with TTLs; see the module docstring."""
+
+    def __init__(self, store: KeyStore, auth: Auth, timeout: float) -> None:
+        self.store = store
+        self.ttl = auth.cache_ttl
+        self.negative_ttl = auth.negative_ttl
+        self.size = auth.cache_size
+        self.timeout = timeout
+        self.known: OrderedDict[str, tuple[Key, float]] = OrderedDict()
+        self.unknown: OrderedDict[str, float] = OrderedDict()
+        self.loading: dict[str, asyncio.Task[Key | Exception | None]] = {}
+        self.failing = False
+
+    async def find(self, digest: str) -> Key | None:
+        """The key stored under ``digest`` (revoked or expired ones too), or None."""
+        now = monotonic()
+        hit = self.known.get(digest)
+        if hit is not None and hit[1] > now:
+            self.known.move_to_end(digest)
+            return hit[0]
+        missed_until = self.unknown.get(digest)
+        if missed_until is not None and missed_until > now:
+            return None
+        task = self.loading.get(digest)
+        if task is None:
+            task = self.loading[digest] = asyncio.create_task(self._load(digest))
+            task.add_done_callback(lambda _: self.loading.pop(digest, None))
+        # Shielded: a client that goes away must not cancel the query others wait on.
+        result = await asyncio.shield(task)
+        if isinstance(result, Exception):
+            if hit is not None:
+                return hit[0]  # stale, but the store cannot say otherwise right now
+            raise ServiceUnavailable(
+                "The API key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
+            )
+        return result
+
+    async def _load(self, digest: str) -> Key | Exception | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                key = await self.store.find(digest)
+        except STORE_FAILURES as exc:
+            if not self.failing:
+                self.failing = True
+                log.warning(
+                    "key store unreachable (%s); cached keys keep working, unknown keys "
+                    "get 503 until it is back",
+                    type(exc).__name__,
+                )
+            return exc
+        if self.failing:
+            self.failing = False
+            log.info("key store is back")
+        now = monotonic()
+        if key is None:
+            _put(self.unknown, digest, now + self.negative_ttl, self.size)
+        else:
+            self.unknown.pop(digest, None)
+            _put(self.known, digest, (key, now + self.ttl), self.size)
+        return key
+
+
+def _put(lru: OrderedDict[str, V], digest: str, value: V, size: int) -> None:
+    lru[digest] = value
+    lru.move_to_end(digest)
+    if len(lru) > size:
+        lru.popitem(last=False)
+
+
+class KeyLookup:
+    """Authenticates a request's headers to a ``Key`` or raises ``Unauthorized``."""
+
+    def __init__(
+        self, cache: KeyCache | None, auth: Auth, declared_keys: Iterable[DeclaredKey]
+    ) -> None:
+        self.cache = cache
+        self.master = auth.master_key_sha256
+        self.fixed = {k.sha256: declared(k) for k in declared_keys}
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Key:
+        value = presented(headers)
+        if value is None:
+            raise Unauthorized(_MISSING)
+        digest = secret.digest(value)
+        if self.master and hmac.compare_digest(digest, self.master):
+            return MASTER
+        key = self.fixed.get(digest)
+        if key is None and self.cache is not None and secret.looks_issued(value):
+            key = await self.cache.find(digest)
+        if key is None:
+            raise Unauthorized(_INCORRECT)
+        if not key.is_usable(time()):
+            raise Unauthorized(_REVOKED if key.revoked else _EXPIRED)
+        return key

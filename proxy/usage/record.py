@@ -1,0 +1,108 @@
+"""The ledger row: what one finished ``Exchange`` leaves in the usage ledger.
+
+Counts are exact when the upstream reported usage. When it did not although the
+request reached an upstream (stream cut, client gone, upstream error mid-stream), the
+row carries an estimate and ``estimated = True`` (docs/usage-ledger.md, "Estimates"):
+
+- prompt tokens: request body bytes / 4, rounded up (about 4 bytes of English or JSON
+  per token; the JSON syntax around the prompt makes this err high, which is the
+  safe side for a budget);
+- completion tokens: the data events relayed to the client (streamed chat and
+  completions send about one token per event; 0 when nothing was streamed).
+
+A request that never reached an upstream (bad request, unknown model, refused key) or
+that the upstream refused with an HTTP error consumed nothing: zeros, exact.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..exchange import Exchange
+from ..wire import Usage
+
+BYTES_PER_TOKEN = 4
+# Bytes of a record besides its free-text fields (uid, numbers, JSON punctuation):
+# what the batch byte limit counts, close to the size of its spool line.
+_FIXED_BYTES = 200
+_NO_USAGE = Usage()
+# Client-chosen text (the model name, the path) is cut to this many characters: a
+# client must not be able to bloat the ledger with megabyte-long model names.
+MAX_TEXT = 256
+
+
+class Record(msgspec.Struct, array_like=True, frozen=True):
+    """One ledger row, fields in column order (``COLUMNS``). Encoded as a JSON array in
+    spool files and for SQLite, as a tuple for PostgreSQL's COPY."""
+
+    uid: str
+    request_id: str
+    key_id: str | None
+    endpoint: str
+    model: str
+    deployment: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    estimated: bool
+    status: int
+    stream: bool
+    error: str | None
+    started_at: float  # Unix seconds
+    duration_ms: float
+    ttft_ms: float | None
+
+
+COLUMNS: tuple[str, ...] = Record.__struct_fields__
+
+
+def record_of(exchange: Exchange) -> Record:
+    """The ledger row for a finished exchange (cheap: it runs on the request path)."""
+    usage = exchange.usage
+    estimated = False
+    if usage is None:
+        usage, estimated = _NO_USAGE, False
+        if exchange.deployment and not (exchange.status >= 400 and not exchange.error):
+            usage, estimated = estimate(exchange.body_bytes, exchange.events), True
+    ttft = exchange.ttft
+    return Record(
+        exchange.uid,
+        exchange.request_id,
+        exchange.key_id,
+        exchange.endpoint[:MAX_TEXT],
+        exchange.model[:MAX_TEXT],
+        exchange.deployment,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        usage.cached_tokens,
+        usage.reasoning_tokens,
+        estimated,
+        exchange.status,
+        exchange.stream,
+        exchange.error or None,
+        exchange.started_at,
+        exchange.duration * 1000.0,
+        None if ttft is None else ttft * 1000.0,
+    )
+
+
+def estimate(body_bytes: int, events: int) -> Usage:
+    """Token counts guessed from what the proxy saw (see the module docstring)."""
+    prompt = -(-body_bytes // BYTES_PER_TOKEN)
+    return Usage(prompt_tokens=prompt, completion_tokens=events, total_tokens=prompt + events)
+
+
+def size(record: Record) -> int:
+    """About how many bytes the record takes in a batch (for the batch byte limit)."""
+    return (
+        _FIXED_BYTES
+        + len(record.request_id)
+        + len(record.key_id or "")
+        + len(record.endpoint)
+        + len(record.model)
+        + len(record.deployment)
+        + len(record.error or "")
+    )

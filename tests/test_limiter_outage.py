@@ -1,0 +1,160 @@
+"""Redis down or slow under load: requests never hang and never fail, the limiter
+falls back to in-process buckets (logged once, in the backend metric) and returns to
+Redis by itself. Uses a throwaway ``redis-server`` on a free port, never the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from bench.fake_upstream import FakeUpstream
+
+from .conftest import MakeProxy, Proxy, free_port
+from .keyhelp import declare, keyed, limiter
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+BODY = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+class RedisServer:
+    """A redis-server process this test owns: started, killed and restarted at will."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--enable-debug-command", "yes"),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        async with aioredis.Redis.from_url(self.url) as client:
+            while True:
+                with contextlib.suppress(OSError, aioredis.ConnectionError):
+                    if await client.ping():
+                        return
+                assert time.monotonic() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.02)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+class Load:
+    """Clients sending requests back to back; every answer's status is kept, and
+    every request is bounded so a hang fails the test instead of stalling it."""
+
+    def __init__(self, proxy: Proxy, key: str, clients: int = 4) -> None:
+        self.proxy = proxy
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.statuses: list[int] = []
+        self.slowest = 0.0
+        self.tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as http:
+            while True:
+                started = time.monotonic()
+                async with asyncio.timeout(5):
+                    async with http.post(
+                        self.proxy.base + "/chat/completions", data=BODY, headers=self.headers
+                    ) as resp:
+                        await resp.read()
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self.statuses.append(resp.status)
+
+    async def reach(self, count: int, also: Callable[[], bool] = lambda: True) -> None:
+        deadline = time.monotonic() + 15
+        while len(self.statuses) < count or not also():
+            for task in self.tasks:
+                if task.done():
+                    task.result()  # a client failed (timeout): raise it here
+            assert time.monotonic() < deadline, f"load stuck at {len(self.statuses)}"
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def backend_metric(name: str) -> float | None:
+    return REGISTRY.get_sample_value("morngpt_limiter_backend", {"backend": name})
+
+
+async def test_redis_killed_mid_load_then_restarted(
+    own_redis: RedisServer,
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    value, key = declare(rpm=1_000_000, tpm=100_000_000, max_parallel=100)
+    # A killed Redis refuses connections at once; the generous timeout keeps a busy
+    # machine's slow call from adding a failover this test does not expect.
+    config = keyed(upstream.url, key, redis=own_redis.url, redis_timeout=1.0, flush_interval=0.1)
+    proxy = await make_proxy(config, auth=True)
+    limits = limiter(proxy)
+    load = Load(proxy, value)
+    try:
+        await load.reach(30)
+        assert limits.backend == "redis"
+        await own_redis.kill()
+        await load.reach(len(load.statuses) + 60, lambda: limits.backend == "local")
+        assert backend_metric("local") == 1
+        assert backend_metric("redis") == 0
+        await own_redis.start()
+        await load.reach(len(load.statuses) + 60, lambda: limits.backend == "redis")
+        assert backend_metric("redis") == 1
+        await load.reach(len(load.statuses) + 30)
+    finally:
+        await load.stop()
+    assert set(load.statuses) == {200}, "a request failed while Redis was away"
+    messages = [r.getMessage() for r in caplog.records if r.name == "proxy.ratelimit"]
+    assert sum("Redis unreachable" in m for m in messages) == 1  # once per state change
+    assert sum("reachable again" in m for m in messages) == 1
+
+
+async def test_a_slow_redis_costs_a_request_at_most_its_timeout(
+    own_redis: RedisServer, make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    value, key = declare(rpm=1_000_000)
+    config = keyed(upstream.url, key, redis=own_redis.url, flush_interval=0.1)
+    proxy = await make_proxy(config, auth=True)
+    limits = limiter(proxy)
+    load = Load(proxy, value, clients=2)
+    async with aioredis.Redis.from_url(own_redis.url) as admin:
+        try:
+            await load.reach(10)
+            freeze = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "3"))
+            await load.reach(len(load.statuses) + 20, lambda: limits.backend == "local")
+            await freeze
+            await load.reach(len(load.statuses) + 20, lambda: limits.backend == "redis")
+        finally:
+            await load.stop()
+    assert set(load.statuses) == {200}
+    # redis.timeout is 0.25 s; a request waiting out the 3 s freeze would show it.
+    assert load.slowest < 2.0

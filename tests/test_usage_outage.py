@@ -1,0 +1,149 @@
+"""The ledger under adversity: the database stopped and restarted mid-load (a
+throwaway PostgreSQL cluster, never the shared one), and SIGTERM to a real
+``python -m proxy serve`` mid-load, with the database up and with it down."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from bench.fake_upstream import FakeUpstream
+from proxy import config as cfg
+from proxy.db import migrate
+from proxy.usage.writer import LEDGER
+
+from .conftest import MakeProxy, free_port
+from .usage_support import (
+    Cluster,
+    Load,
+    assert_same_requests,
+    cluster,
+    ledger_config,
+    ledger_rows,
+    serve,
+    until,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    with cluster() as server:
+        yield server
+
+
+async def test_database_restart_mid_load_loses_and_doubles_nothing(
+    pg_cluster: Cluster,
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    database = cfg.Database(url=await pg_cluster.create_database(), timeout=1.0)
+    await migrate(database)
+    config = ledger_config(upstream.url, database, tmp_path / "spool", high_water=5)
+    proxy = await make_proxy(config)
+    writer = proxy.runner.app[LEDGER]
+    load = Load(proxy.url)
+
+    async def written() -> bool:  # pooled connections exist when the database goes
+        return writer.written > 0
+
+    async def spooled() -> bool:
+        return writer.spooled > 0
+
+    try:
+        await load.reach(30)
+        await until(written)
+        await asyncio.to_thread(pg_cluster.stop)
+        await load.reach(len(load.completed) + 60)
+        await until(spooled)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proxy.url + "/readyz") as resp:
+                assert resp.status == 200  # a database outage is no reason to stop serving
+        await asyncio.to_thread(pg_cluster.start)
+        await load.reach(len(load.completed) + 30)
+    finally:
+        await load.stop()
+        if not pg_cluster.data.joinpath("postmaster.pid").exists():
+            await asyncio.to_thread(pg_cluster.start)
+
+    async def all_in() -> bool:  # the spool is replayed once the backoff lets it try
+        return len(await ledger_rows(database)) >= len(load.completed)
+
+    await until(all_in, timeout=30)
+    assert load.errors == []
+    await proxy.runner.cleanup()
+    rows = await ledger_rows(database)
+    assert_same_requests(rows, load.completed)
+    assert all(
+        (r["prompt_tokens"], r["completion_tokens"], r["estimated"]) == (3, 8, False) for r in rows
+    )
+    assert "usage ledger: database unavailable" in caplog.text
+    assert "usage ledger: the database is back" in caplog.text
+    assert writer.spooled > 0
+    assert writer.dropped == 0
+
+
+async def test_sigterm_mid_load_leaves_exactly_the_completed_requests(
+    upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "proxy.json"
+    port = write_config(config, upstream.url, migrated_pg, tmp_path / "spool", workers=2)
+    async with serve(config) as served:
+        await served.wait_log("listening", count=2)
+        # Streams of ~0.2 s: some are always in flight when the signal comes.
+        load = Load(f"http://127.0.0.1:{port}", stream_headers=_SLOW_STREAM)
+        await load.reach(40)
+        served.proc.send_signal(signal.SIGTERM)
+        at_signal = len(load.completed)
+        await load.stop()  # the clients stop when the proxy stops listening
+        assert await served.wait_exit() == 0
+    assert len(load.completed) > at_signal  # streams in flight finished during the drain
+    rows = await ledger_rows(cfg.Database(url=migrated_pg))
+    assert_same_requests(rows, load.completed)
+    assert list((tmp_path / "spool").glob("*.jsonl")) == []
+
+
+async def test_sigterm_with_the_database_down_spools_and_the_next_start_replays(
+    upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/ledger"
+    config = tmp_path / "down.json"
+    port = write_config(config, upstream.url, down, spool, workers=1)
+    async with serve(config) as served:
+        await served.wait_log("listening")
+        load = Load(f"http://127.0.0.1:{port}", stream_headers=_SLOW_STREAM)
+        await load.reach(20)
+        served.proc.send_signal(signal.SIGTERM)
+        await load.stop()
+        assert await served.wait_exit() == 0
+    lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    spooled = sorted(orjson.loads(line)[1] for line in lines)  # [uid, request_id, ...]
+    assert spooled == sorted(load.completed)
+
+    config = tmp_path / "up.json"
+    write_config(config, upstream.url, migrated_pg, spool, workers=1)
+    database = cfg.Database(url=migrated_pg)
+    async with serve(config) as served:
+        await served.wait_log("listening")
+
+        async def replayed() -> bool:
+            return len(await ledger_rows(database)) >= len(spooled)
+
+        await until(replayed)
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.wait_exit() == 0
+    rows = await ledger_rows(database)
+    assert sorted(r["request_id"] for r in rows) == spooled
+    assert list(spool.glob("*.jsonl")) == []
+
+
+_SLOW_STREAM = {"x-fake-chunks": "10", "x-fake-gap-ms": "20"}

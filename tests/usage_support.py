@@ -1,0 +1,256 @@
+"""Helpers for the usage ledger tests: reading the ledger back from either backend,
+configs, and a throwaway PostgreSQL cluster that tests may stop and start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import orjson
+
+from proxy import config as cfg
+from proxy.usage.record import COLUMNS
+
+from .conftest import PYTHON, UPSTREAM_KEY, free_port, proxy_env, watch_output
+
+PG_BIN = Path(os.environ.get("MORNGPT_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def ledger_config(
+    upstream_url: str, database: cfg.Database, spool_dir: Path | str, **usage: Any
+) -> cfg.Config:
+    """Quick-start config with this database and a fast-flushing ledger."""
+    settings = cfg.Ledger(spool_dir=str(spool_dir), **{"flush_interval": 0.05, **usage})
+    config = cfg.quick_start(upstream_url, UPSTREAM_KEY)
+    return msgspec.structs.replace(config, database=database, usage=settings)
+
+
+async def ledger_rows(database: cfg.Database) -> list[dict[str, Any]]:
+    """Every ledger row, normalised to Python values that compare across backends."""
+    if database.is_postgres:
+        conn = await asyncpg.connect(database.url)
+        try:
+            found = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM usage_records")
+        finally:
+            await conn.close()
+        rows = [dict(r) for r in found]
+        for row in rows:
+            row["uid"] = row["uid"].hex
+            row["started_at"] = row["started_at"].timestamp()
+        return rows
+    with contextlib.closing(sqlite3.connect(database.sqlite_path)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage_records")]
+    for row in rows:
+        row["estimated"] = bool(row["estimated"])
+        row["stream"] = bool(row["stream"])
+    return rows
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll an async condition until it holds (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+class Cluster:
+    """A private PostgreSQL server in a temporary directory, on a free port; only the
+    test that started it ever stops it."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="morngpt-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.admin_dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        """Start and wait until it accepts connections (pg_ctl -w)."""
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.dir / "log")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(PG_BIN / program), *args]
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def create_database(self) -> str:
+        name = f"ledger_{os.urandom(4).hex()}"
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster]:
+    """A started throwaway cluster, removed afterwards."""
+    if not (PG_BIN / "initdb").exists():
+        import pytest
+
+        pytest.skip(f"no PostgreSQL binaries in {PG_BIN}")
+    server = Cluster()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+STREAM = orjson.dumps(
+    {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "a b c"}]}
+)
+PLAIN = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "a b c"}]})
+
+
+class Load:
+    """``clients`` concurrent clients sending streamed and plain chat requests until
+    stopped, each with its own X-Request-Id and a fresh connection. A request counts as
+    completed once its whole response arrived; a client stops at its first connection
+    error (the proxy stopped listening)."""
+
+    def __init__(
+        self, url: str, clients: int = 4, stream_headers: dict[str, str] | None = None
+    ) -> None:
+        self.url = url + "/v1/chat/completions"
+        self.completed: list[str] = []
+        self.errors: list[str] = []  # why each client stopped early
+        self.stream_headers = stream_headers or {}
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._client(n)) for n in range(clients)]
+
+    async def reach(self, count: int, timeout: float = 20.0) -> None:
+        """Until ``count`` requests have completed."""
+
+        async def enough() -> bool:
+            return len(self.completed) >= count
+
+        await until(enough, timeout)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _client(self, n: int) -> None:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for i in itertools.count():
+                if self._stop.is_set():
+                    return
+                rid = f"load-{n}-{i}"
+                stream = i % 2 == 1
+                headers = {"X-Request-Id": rid, **(self.stream_headers if stream else {})}
+                try:
+                    async with http.post(
+                        self.url, data=STREAM if stream else PLAIN, headers=headers
+                    ) as resp:
+                        await resp.read()
+                except aiohttp.ClientError as exc:
+                    self.errors.append(f"{rid}: {exc!r}")
+                    return
+                self.completed.append(rid)
+
+
+class Served:
+    """A ``python -m proxy serve`` process whose log is read as it comes (a full pipe
+    would block the proxy)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.log = watch_output([])
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.log.append(line.decode(errors="replace"))
+
+    async def wait_log(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        async def seen() -> bool:
+            assert self.proc.returncode is None, f"exited; log: {self.log[-20:]}"
+            return sum(text in line for line in self.log) >= count
+
+        await until(seen, timeout)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._reader
+        return code
+
+
+def write_config(path: Path, upstream_url: str, dsn: str, spool: Path, workers: int) -> int:
+    """A config file for ``serve``; returns the port it listens on."""
+    port = free_port()
+    config = {
+        "models": [{"name": "*", "deployments": [{"base_url": upstream_url, "name": "up"}]}],
+        "server": {"port": port, "workers": workers, "grace_period": 10},
+        "database": {"url": dsn, "timeout": 1.0},
+        "usage": {"spool_dir": str(spool), "flush_interval": 0.1},
+    }
+    path.write_bytes(orjson.dumps(config))
+    return port
+
+
+@contextlib.asynccontextmanager
+async def serve(config: Path) -> AsyncIterator[Served]:
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        "--no-auth",
+        env=proxy_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    served = Served(proc)
+    try:
+        yield served
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await served._reader
+
+
+def assert_same_requests(rows: list[dict[str, Any]], completed: list[str]) -> None:
+    """The ledger holds exactly the completed requests, each once."""
+    ids = [row["request_id"] for row in rows]
+    missing = sorted(set(completed) - set(ids))
+    extra = sorted(set(ids) - set(completed))
+    doubled = len(ids) - len(set(ids))
+    assert (missing, extra, doubled) == ([], [], 0), (len(completed), len(ids))
