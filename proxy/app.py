@@ -1,7 +1,8 @@
 """The aiohttp application: routes, the proxy handler, and resource lifecycles.
 
-Request path (DESIGN.md): read body → decode view → route → admit (Gate seam) →
-forward → relay → settle + record (Sink seam). Each long-lived resource is one
+Request path (DESIGN.md): authenticate (Gate seam, headers only) → read body →
+decode view → admit (Gate seam: model permission, limits) → route → forward → relay
+→ settle + record (Sink seam). Each long-lived resource is one
 ``cleanup_ctx`` generator under a typed ``AppKey``.
 """
 
@@ -30,7 +31,7 @@ from .errors import (
     ServiceUnavailable,
     render,
 )
-from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Sinks
+from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Sinks, may_use
 from .failover import Outbound, dispatch
 from .gate import open_gate
 from .ops import metrics_endpoint, protect
@@ -195,15 +196,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             )
         if state.inflight > state.max_inflight:  # shed before reading anything
             raise Overloaded("The proxy is at capacity; retry shortly.", headers=_RETRY_SOON)
+        # Who is asking, from the headers: a caller without a valid key costs no body
+        # read and learns nothing, not even which models exist.
+        caller = await state.gate.authenticate(request)
+        exchange.key_id = caller.id
         body = await read_body(request, state)
         exchange.body_bytes = len(body)
         view = decode_request(body)
         exchange.model = view.model
         exchange.stream = bool(view.stream)
-        # Admit first: a caller without a valid key learns nothing, not even which
-        # models exist.
-        grant = await state.gate.admit(request, view)
-        exchange.key_id = grant.key_id
+        grant = await state.gate.admit(caller, view, exchange)
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
         headers = request.headers
@@ -250,11 +252,12 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     rid = request_id(request)
     try:
-        grant = await state.gate.admit(request, None)
-        names = [n for n in state.router.names() if grant.allows(n)]
+        caller = await state.gate.authenticate(request)
+        names = [n for n in state.router.names() if may_use(caller, n)]
         wildcard = state.router.wildcard
-        if wildcard is not None and grant.models is not None:
-            names = sorted(grant.models)  # the wildcard serves every name the key may use
+        if wildcard is not None and caller.allowed_models is not None:
+            # The wildcard serves every name the key may use.
+            names = sorted(caller.allowed_models)
         if wildcard is not None and not names:
             upstream = wildcard.pick()
             headers = forward_headers(request.headers, upstream, rid)

@@ -4,8 +4,9 @@ The handler fills an ``Exchange`` as the request goes: who asked (``admit``), wh
 deployment served it, when the first byte came, how it ended and the token usage. Two
 seams see it:
 
-- ``Gate.admit`` runs before anything goes upstream (authentication, rate limits,
-  budgets). It raises a ``ProxyError`` to refuse, or returns a ``Grant`` whose headers
+- ``Gate.authenticate`` runs on the headers before the body is read; ``Gate.admit``
+  runs before anything goes upstream (model permission, rate limits, budgets). Each
+  raises a ``ProxyError`` to refuse; ``admit`` returns a ``Grant`` whose headers
   go on the response and whose ``settle`` runs once the exchange is over (reconcile
   token buckets, release concurrency slots).
 - ``Sink.record`` receives every finished exchange (usage ledger, metrics, access log).
@@ -98,24 +99,40 @@ class Exchange:
 OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
 
 
+class Caller(Protocol):
+    """Who is asking, as ``Gate.authenticate`` found from the headers alone."""
+
+    @property
+    def id(self) -> str | None: ...
+
+    @property
+    def allowed_models(self) -> frozenset[str] | None:
+        """The model names this caller may use; None means all of them."""
+        ...
+
+
+class Anonymous:
+    """The caller when nobody is checked (``OpenGate``)."""
+
+    id = None
+    allowed_models = None
+
+
+ANONYMOUS = Anonymous()
+
+
+def may_use(caller: Caller, model: str) -> bool:
+    models = caller.allowed_models
+    return models is None or model in models
+
+
 class Grant:
     """What ``Gate.admit`` hands back: response headers and a settle-once callback."""
 
-    __slots__ = ("headers", "key_id", "models")
+    __slots__ = ("headers",)
 
-    def __init__(
-        self,
-        headers: Mapping[str, str] | None = None,
-        key_id: str | None = None,
-        models: frozenset[str] | None = None,
-    ) -> None:
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
         self.headers: Mapping[str, str] = headers or {}
-        self.key_id = key_id
-        # The model names this caller may use; None means all of them.
-        self.models = models
-
-    def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
 
     def settle(self, exchange: Exchange) -> None:
         """Called exactly once when the exchange is over, on every path."""
@@ -125,9 +142,14 @@ OPEN = Grant()
 
 
 class Gate(Protocol):
-    async def admit(self, request: web.Request, view: RequestView | None) -> Grant:
-        """Authenticate and admit; ``view`` is None for requests that name no model
-        (``GET /v1/models``)."""
+    async def authenticate(self, request: web.Request) -> Caller:
+        """Who is asking, from the headers only: runs before the body is read, so a
+        caller without a valid key costs no body read. Raises ``Unauthorized``."""
+        ...
+
+    async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
+        """May ``caller`` send this request now (model permission, limits)? Raises a
+        ``ProxyError`` to refuse."""
         ...
 
 
@@ -138,7 +160,10 @@ class Sink(Protocol):
 class OpenGate:
     """Lets everyone in: no keys, no limits (the quick-start default)."""
 
-    async def admit(self, request: web.Request, view: RequestView | None) -> Grant:
+    async def authenticate(self, request: web.Request) -> Caller:
+        return ANONYMOUS
+
+    async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
         return OPEN
 
 

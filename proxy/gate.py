@@ -1,7 +1,8 @@
 """The key gate (the ``Gate`` of exchange.py): who is asking, may they use this model,
 and within which limits.
 
-``admit``: authenticate (keys.lookup) → 403 if the key may not use the model → one
+``authenticate``: the key from the headers (keys.lookup), before the body is read.
+``admit``: 403 if the key may not use the model → one
 limiter call (keys without limits make none) → a ``KeyGrant`` whose headers are
 OpenAI's six x-ratelimit-* headers (for the limits the key has), or a 429 with
 ``Retry-After`` / ``retry-after-ms`` from the bucket's refill time.
@@ -21,14 +22,14 @@ that reached an upstream and did not fail there, else nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
 from .config import Config, Limits
 from .db import DB
 from .errors import Forbidden, RateLimited
-from .exchange import Exchange, Grant
+from .exchange import OPEN, Caller, Exchange, Grant
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
@@ -53,16 +54,18 @@ class KeyGate:
         self.limiter = limiter
         self.default_max_tokens = limits.default_max_tokens
 
-    async def admit(self, request: web.Request, view: RequestView | None) -> Grant:
-        key = await self.lookup.authenticate(request.headers)
-        if view is not None and not key.allows(view.model):
+    async def authenticate(self, request: web.Request) -> Key:
+        return await self.lookup.authenticate(request.headers)
+
+    async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
+        key = cast(Key, caller)  # this gate's authenticate only ever returns keys
+        if not key.allows(view.model):
             raise Forbidden(
                 f"This API key may not use the model `{view.model[:200]}`.", param="model"
             )
-        if view is None or not key.is_limited:
-            return Grant(key_id=key.id, models=key.allowed_models)
-        endpoint = request.match_info.get("path", "")
-        cost = reservation(len(await request.read()), view, endpoint, self.default_max_tokens)
+        if not key.is_limited:
+            return OPEN
+        cost = reservation(exchange.body_bytes, view, exchange.endpoint, self.default_max_tokens)
         ticket = await self.limiter.admit(key, cost)
         headers = ratelimit_headers(key, ticket.verdict)
         if not ticket.verdict.allowed:
@@ -78,7 +81,7 @@ class KeyGrant(Grant):
     def __init__(
         self, headers: dict[str, str], key: Key, limiter: Limiter, ticket: Ticket, cost: int
     ) -> None:
-        super().__init__(headers, key.id, key.allowed_models)
+        super().__init__(headers)
         self.key = key
         self.limiter: Limiter | None = limiter
         self.ticket = ticket

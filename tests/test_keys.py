@@ -217,6 +217,21 @@ async def test_missing_or_wrong_keys_are_openai_401s(
     assert upstream.received == []
 
 
+async def test_a_bad_key_is_refused_before_its_body_is_read(keyed_proxy: Proxy) -> None:
+    # The body never comes: a 401 at once (not after server.body_timeout) shows the key
+    # was checked on the headers alone.
+    host, port = keyed_proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer sk-not-a-key\r\nContent-Length: 1000000\r\n\r\n{"
+    )
+    async with asyncio.timeout(5):
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 401")
+
+
 async def test_a_key_works_as_bearer_and_as_azure_api_key(
     keyed_proxy: Proxy, upstream: FakeUpstream
 ) -> None:
@@ -246,6 +261,7 @@ async def test_model_permissions_403_and_filtered_model_list(
     with pytest.raises(openai.PermissionDeniedError) as caught:
         await chat(proxy, value, model="b")
     assert caught.value.status_code == 403
+    assert proxy.recorder.exchanges[-1].key_id == key.id  # refusals are attributed too
     assert caught.value.body["param"] == "model"  # type: ignore[index]
     async with sdk(proxy, value) as client:
         listed = await client.models.list()
