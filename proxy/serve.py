@@ -16,12 +16,15 @@ drops a dead worker's live gauges, and removes the directory when it exits.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import wait
 from types import FrameType
@@ -49,8 +52,11 @@ def serve(config: Config) -> int:
         return supervise(config, workers, metrics_dir)
 
 
-def run_worker(config: Config, reuse_port: bool) -> int:
+def run_worker(config: Config, reuse_port: bool, parent: int | None = None) -> int:
+    """One worker until SIGTERM/SIGINT (or, when supervised, until ``parent`` is gone)."""
     setup_logging(config)
+    if parent is not None:
+        _die_with(parent)
     uvloop.run(_worker(config, reuse_port))
     return 0
 
@@ -67,7 +73,8 @@ async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         access_log=None,
         keepalive_timeout=server.idle_timeout,  # aiohttp's own default is an hour
-        shutdown_timeout=server.grace_period,
+        # aiohttp reads a timeout of 0 as "no limit": 0 must mean "do not wait".
+        shutdown_timeout=max(server.grace_period, 0.001),
         max_field_size=server.max_header_bytes,
         max_line_size=server.max_header_bytes,
     )
@@ -138,40 +145,74 @@ async def _worker(config: Config, reuse_port: bool) -> None:
         log.info("worker %d stopped", os.getpid())
 
 
+def _die_with(parent: int) -> None:
+    """A supervisor killed with SIGKILL cannot pass SIGTERM on: ask the kernel to send
+    it to this worker when the parent goes (Linux prctl PR_SET_PDEATHSIG), so orphans
+    drain by themselves instead of holding the port forever."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM must do
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+# A worker that dies sooner than this after its start failed to start (port taken,
+# bad TLS file, ...): restarting it at once would only spin.
+_START_GRACE = 10.0
+_MAX_QUICK_DEATHS = 4
+
+
 def supervise(config: Config, workers: int, metrics_dir: str) -> int:
     setup_logging(config)
     log.info("%d workers; metrics aggregated from %s", workers, metrics_dir)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    started: dict[multiprocessing.process.BaseProcess, float] = {}
 
-    def start() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=run_worker, args=(config, True), daemon=False)
+    def spawn() -> None:
+        proc = ctx.Process(target=run_worker, args=(config, True, os.getpid()), daemon=False)
         proc.start()
-        return proc
+        started[proc] = time.monotonic()
 
-    procs = [start() for _ in range(workers)]
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def stop_all(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         nonlocal stopping
         stopping = True
-        for proc in procs:
+        for proc in started:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(workers):
+        spawn()
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
     failed = False
-    while procs:
-        wait([p.sentinel for p in procs], timeout=1.0)
-        for proc in [p for p in procs if not p.is_alive()]:
-            procs.remove(proc)
+    quick_deaths = 0
+    while started:
+        wait([p.sentinel for p in started], timeout=1.0)
+        for proc in [p for p in started if not p.is_alive()]:
+            lived = time.monotonic() - started.pop(proc)
             assert proc.pid is not None
             metrics.forget_worker(proc.pid, metrics_dir)
             if stopping:
                 failed |= proc.exitcode != 0
                 continue
-            log.error("worker %s exited with %s; starting another", proc.pid, proc.exitcode)
-            procs.append(start())
+            quick_deaths = quick_deaths + 1 if lived < _START_GRACE else 0
+            if quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error("workers keep dying at start (last exit %s); giving up", proc.exitcode)
+                failed = True
+                stop_all()
+                continue
+            delay = 0.0 if quick_deaths == 0 else min(0.5 * 2.0 ** (quick_deaths - 1), 30.0)
+            log.error(
+                "worker %s exited with %s; starting another in %gs", proc.pid, proc.exitcode, delay
+            )
+            time.sleep(delay)  # the supervisor has nothing else to do meanwhile
+            spawn()
     return 1 if failed else 0
 
 

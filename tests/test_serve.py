@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -46,8 +47,8 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(upstream: FakeUpstream, *args: str) -> AsyncIterator[Served]:
-    port = free_port()
+async def serve(upstream: FakeUpstream, *args: str, port: int = 0) -> AsyncIterator[Served]:
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
         PYTHON,
         "-m",
@@ -128,3 +129,36 @@ async def test_killed_worker_is_replaced(upstream: FakeUpstream) -> None:
         await served.wait_log("listening", count=3)
         served.proc.send_signal(signal.SIGTERM)
         assert await served.wait_exit() == 0
+
+
+async def test_workers_that_cannot_start_make_the_supervisor_give_up(
+    upstream: FakeUpstream,
+) -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: nobody else may bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with serve(upstream, "--workers", "2", port=port) as served:
+            assert await served.wait_exit(timeout=40) == 1
+    assert any("giving up" in line for line in served.log)
+
+
+async def test_workers_drain_when_the_supervisor_is_killed(upstream: FakeUpstream) -> None:
+    async with serve(upstream, "--workers", "2") as served:
+        await served.wait_log("listening", count=2)
+        pids = [
+            int(line.split("pid ")[1].rstrip(")\n")) for line in served.log if "listening" in line
+        ]
+        served.proc.kill()
+        await served.proc.wait()
+        async with asyncio.timeout(15):
+            while any(_alive(pid) for pid in pids):  # noqa: ASYNC110 - other processes
+                await asyncio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
