@@ -36,8 +36,7 @@ from .keys.store import KeyStore
 from .metrics import RATELIMIT_KINDS, RATELIMITED
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import LIMITER, Limiter, Ticket
-from .usage.record import BYTES_PER_TOKEN
-from .usage.record import estimate as estimate_usage
+from .usage.record import BYTES_PER_TOKEN, consumed
 from .wire import RequestView
 
 if TYPE_CHECKING:
@@ -104,11 +103,7 @@ def reservation(body_bytes: int, view: RequestView, endpoint: str, default: int)
 
 def charged(exchange: Exchange) -> int:
     """Tokens the exchange consumed, as the usage ledger counts them."""
-    if exchange.usage is not None:
-        return exchange.usage.total_tokens
-    if exchange.deployment and not (exchange.status >= 400 and not exchange.error):
-        return estimate_usage(exchange.body_bytes, exchange.events).total_tokens
-    return 0
+    return consumed(exchange)[0].total_tokens
 
 
 def ratelimit_headers(key: Key, verdict: Verdict) -> dict[str, str]:

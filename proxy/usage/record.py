@@ -58,14 +58,22 @@ class Record(msgspec.Struct, array_like=True, frozen=True):
 COLUMNS: tuple[str, ...] = Record.__struct_fields__
 
 
+def consumed(exchange: Exchange) -> tuple[Usage, bool]:
+    """The tokens a finished exchange consumed, and whether they are an estimate: the
+    upstream's own count when it sent one; an estimate when an upstream worked on the
+    request but its count never arrived (cut stream, client gone); else nothing (the
+    request never reached an upstream, or the upstream refused it with an HTTP error).
+    The one rule the ledger, the token buckets and budgets all charge by."""
+    if exchange.usage is not None:
+        return exchange.usage, False
+    if exchange.deployment and not (exchange.status >= 400 and not exchange.error):
+        return estimate(exchange.body_bytes, exchange.events), True
+    return _NO_USAGE, False
+
+
 def record_of(exchange: Exchange) -> Record:
     """The ledger row for a finished exchange (cheap: it runs on the request path)."""
-    usage = exchange.usage
-    estimated = False
-    if usage is None:
-        usage, estimated = _NO_USAGE, False
-        if exchange.deployment and not (exchange.status >= 400 and not exchange.error):
-            usage, estimated = estimate(exchange.body_bytes, exchange.events), True
+    usage, estimated = consumed(exchange)
     ttft = exchange.ttft
     return Record(
         exchange.uid,
