@@ -237,7 +237,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return error_response(
             ProxyError("The proxy failed to handle this request."),
             exchange.request_id,
-            {OVERHEAD_HEADER: exchange.overhead_ms()},
+            {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()},
         )
     finally:
         metrics.INFLIGHT.dec()
