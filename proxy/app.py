@@ -35,6 +35,7 @@ from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Si
 from .failover import Outbound, dispatch
 from .gate import open_gate
 from .ops import metrics_endpoint, protect
+from .pricing import Prices
 from .ratelimit.limiter import open_limiter
 from .ratelimit.shared import open_redis
 from .relay import relay_body, relay_stream
@@ -58,6 +59,7 @@ class State:
     def __init__(self, config: Config, gate: Gate | None = None) -> None:
         self.config = config
         self.router = Router(config)
+        self.prices = Prices(config)
         self.gate: Gate = gate or OpenGate()
         self.sinks = Sinks()
         self.draining = False
@@ -242,6 +244,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.INFLIGHT.dec()
         state.inflight -= 1
+        exchange.cost = state.prices.cost(exchange)  # before settling: budgets charge it
         grant.settle(exchange)
         state.sinks.record(exchange)
 

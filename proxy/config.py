@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from .keys.secret import digest, is_weak
+from .periods import PERIODS, zone
 
 WILDCARD = "*"
 
@@ -52,6 +54,24 @@ class Timeouts(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     idle: PositiveFloat = 120.0
 
 
+class Price(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a million tokens cost, in one currency-neutral decimal unit (write them as
+    strings, "2.50"; plain YAML numbers work too). Cost is computed exactly
+    (pricing.py), rounded up to 10**-9 of the unit per request."""
+
+    prompt: Decimal
+    completion: Decimal
+    # Prompt tokens the upstream served from its cache; default: the prompt price.
+    cached_prompt: Decimal | None = None
+
+
+# Budgets are counted in Redis in integer nano-units (10**-9) with Lua's doubles, which
+# are exact below 2**53: a budget of at most a million units leaves ample headroom.
+MAX_BUDGET = Decimal(1_000_000)
+BUDGET_DECIMALS = 9
+BudgetPeriod = Literal["daily", "weekly", "monthly", "total"]
+
+
 class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One upstream that can serve a model."""
 
@@ -76,6 +96,8 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rpm: PositiveInt | None = None
     # GET target of the recovery probe (never a completion); default {base_url}/models.
     health_url: str | None = None
+    # Overrides the model's price for requests this deployment serves.
+    price: Price | None = None
     # Filled by ``resolve`` from api_key_env; a literal key here works but belongs in
     # an environment variable (a Kubernetes Secret), not in a config file.
     api_key: str = ""
@@ -88,6 +110,8 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     deployments: Annotated[list[Deployment], msgspec.Meta(min_length=1)]
     # Models to try, in order, when no deployment of this one is available.
     fallbacks: list[str] = []
+    # Without a price (here or on the deployment) a model's requests cost nothing.
+    price: Price | None = None
 
 
 class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -193,6 +217,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Seconds between flushes of token reconciliations to Redis, and between probes of
     # an unreachable Redis.
     flush_interval: PositiveFloat = 1.0
+    # A key whose spend (settled plus reserved) passes this share of its budget is
+    # logged once per period and worker (logger proxy.budget), for alerting.
+    budget_alert_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
 
 
 class DeclaredKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -211,6 +238,11 @@ class DeclaredKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: list[str] = []
     expires_at: datetime | None = None
     metadata: dict[str, Any] = {}
+    # Spending limit per period, in the unit of the prices (None: no budget).
+    budget: Decimal | None = None
+    budget_period: BudgetPeriod = "monthly"
+    # IANA time zone in which the period starts (local midnight).
+    budget_tz: str = "UTC"
 
 
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -310,6 +342,7 @@ def resolve(config: Config, source: str = "config") -> Config:
         ]
         models.append(msgspec.structs.replace(model, deployments=deployments))
     _check_fallbacks(models, source)
+    _check_prices(models, source)
     server = config.server
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key go together")
@@ -347,6 +380,40 @@ def _check_fallbacks(models: list[Model], source: str) -> None:
                 raise ConfigError(f"{where}: no model named {fallback!r}")
 
 
+def _check_prices(models: list[Model], source: str) -> None:
+    """Prices are finite and not negative; deployments that share a name share a price
+    (the ledger prices a request by the name of the deployment that served it)."""
+    priced: dict[str, Price | None] = {}
+    for i, model in enumerate(models):
+        for j, d in enumerate(model.deployments):
+            where = f"{source}: models[{i}].deployments[{j}]"
+            price = d.price or model.price
+            for field in ("prompt", "completion", "cached_prompt"):
+                value = getattr(price, field, None)
+                if value is not None and not (value.is_finite() and value >= 0):
+                    raise ConfigError(f"{where}: price.{field}: must be a number >= 0")
+            if priced.setdefault(d.name, price) != price:
+                raise ConfigError(
+                    f"{where}.name: deployments named {d.name!r} have different prices; "
+                    "give them different names"
+                )
+
+
+def check_budget(amount: Decimal, period: str, tz: str) -> str | None:
+    """Why a key's budget cannot be used, or None when it can."""
+    if not amount.is_finite() or not 0 < amount <= MAX_BUDGET:
+        return f"budget must be above 0 and at most {MAX_BUDGET}"
+    if amount != amount.quantize(Decimal(1).scaleb(-BUDGET_DECIMALS)):
+        return f"budget has more than {BUDGET_DECIMALS} decimals"
+    if period not in PERIODS:
+        return f"unknown budget period {period!r}"
+    try:
+        zone(tz)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -373,6 +440,10 @@ def _resolve_keys(config: Config, source: str) -> Config:
             raise ConfigError(f"{where}: give exactly one of sha256 and key_env")
         if not _SHA256.fullmatch(sha):
             raise ConfigError(f"{where}.sha256: must be 64 hex digits (sha256sum of the key)")
+        if key.budget is not None:
+            wrong = check_budget(key.budget, key.budget_period, key.budget_tz)
+            if wrong:
+                raise ConfigError(f"{where}.budget: {wrong}")
         keys.append(msgspec.structs.replace(key, sha256=sha))
     return msgspec.structs.replace(config, auth=auth, keys=keys)
 

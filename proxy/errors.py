@@ -82,6 +82,14 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(RateLimited):
+    """The key's budget cannot take this request's worst case (what OpenAI sends when
+    an account's quota is spent; the SDK raises ``RateLimitError``)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamError(ProxyError):
     """The upstream could not give a usable answer. ``retryable`` guides routing."""
 

@@ -32,6 +32,7 @@ class Exchange:
     __slots__ = (
         "attempts",
         "body_bytes",
+        "cost",
         "deployment",
         "endpoint",
         "error",
@@ -80,6 +81,9 @@ class Exchange:
         # usage ledger estimates tokens from when the upstream never reported usage.
         self.body_bytes = 0
         self.events = 0
+        # What the exchange cost, in nano-units of the price unit (pricing.py), set when
+        # it is over, before the grant settles and the sinks record it.
+        self.cost = 0
 
     @property
     def duration(self) -> float:

@@ -11,6 +11,14 @@ OpenAI's six x-ratelimit-* headers (for the limits the key has), or a 429 with
 over, on every path (error, disconnect, cancel), and acts once: it charges the real
 token count against the reservation and gives the parallel slot back.
 
+Keys with a budget (budgets.py) reserve the request's worst-case cost in the same
+limiter call; a missing budget state is rebuilt from the usage ledger and the call
+retried once. A refusal by the budget is a 429 ``insufficient_quota``; admitted
+requests get ``x-budget-remaining`` (what the budget has left after reserving this
+request's worst case, in the price unit) and ``x-budget-reset`` (time to the next
+period; none for a total budget). Settling adds ``Exchange.cost`` to the spend and
+gives the rest of the reservation back.
+
 Token reservation: the request body's bytes / 4, rounded up (the usage ledger's
 estimate of prompt tokens; JSON syntax makes it err high) plus the answer's cap —
 max_tokens, max_completion_tokens or max_output_tokens, else
@@ -26,14 +34,16 @@ from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
+from .budgets import Budgets
 from .config import Config, Limits
 from .db import DB
-from .errors import Forbidden, RateLimited
+from .errors import Forbidden, RateLimited, ServiceUnavailable
 from .exchange import OPEN, Caller, Exchange, Grant
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
 from .metrics import RATELIMIT_KINDS, RATELIMITED
+from .pricing import show, units
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import LIMITER, Limiter, Ticket
 from .usage.record import BYTES_PER_TOKEN, consumed
@@ -48,9 +58,12 @@ _REFUSED = {kind: RATELIMITED.labels(kind) for kind in RATELIMIT_KINDS}
 class KeyGate:
     """Authentication, model permissions and per-key limits; see the module docstring."""
 
-    def __init__(self, lookup: KeyLookup, limiter: Limiter, limits: Limits) -> None:
+    def __init__(
+        self, lookup: KeyLookup, limiter: Limiter, limits: Limits, budgets: Budgets
+    ) -> None:
         self.lookup = lookup
         self.limiter = limiter
+        self.budgets = budgets
         self.default_max_tokens = limits.default_max_tokens
 
     async def authenticate(self, request: web.Request) -> Key:
@@ -64,12 +77,50 @@ class KeyGate:
             )
         if not key.is_limited:
             return OPEN
-        cost = reservation(exchange.body_bytes, view, exchange.endpoint, self.default_max_tokens)
-        ticket = await self.limiter.admit(key, cost)
-        headers = ratelimit_headers(key, ticket.verdict)
-        if not ticket.verdict.allowed:
-            raise refusal(key, ticket.verdict, cost, headers)
-        return KeyGrant(headers, key, self.limiter, ticket, cost)
+        prompt, answer = reserved(
+            exchange.body_bytes, view, exchange.endpoint, self.default_max_tokens
+        )
+        cost = prompt + answer
+        if key.budget is None:
+            ticket = await self.limiter.admit(key, cost)
+            headers = ratelimit_headers(key, ticket.verdict)
+            if not ticket.verdict.allowed:
+                raise refusal(key, ticket.verdict, cost, headers)
+            return KeyGrant(headers, key, self.limiter, ticket, cost)
+        return await self._admit_budget(key, view.model, prompt, answer, exchange)
+
+    async def _admit_budget(
+        self, key: Key, model: str, prompt: int, answer: int, exchange: Exchange
+    ) -> KeyGrant:
+        """``admit`` for a key with a budget: the worst case reserved with the limits."""
+        when = exchange.started_at
+        ask = self.budgets.ask(key, model, prompt, answer, when)
+        ticket = await self.limiter.admit(key, prompt + answer, ask)
+        if ticket.verdict.kind == "rebuild":
+            ask = await self.budgets.rebuild(key, ask, when)
+            ticket = await self.limiter.admit(key, prompt + answer, ask)
+        verdict = ticket.verdict
+        headers = ratelimit_headers(key, verdict)
+        if verdict.kind == "rebuild":  # lost again at once: Redis is not keeping it
+            raise ServiceUnavailable(
+                "The budget of this API key cannot be checked right now; retry shortly.",
+                headers={**headers, "Retry-After": "1"},
+            )
+        headers.update(self.budget_headers(key, verdict, when))
+        if verdict.kind == "budget":
+            raise self.budgets.refusal(key, ask, verdict, headers)
+        if not verdict.allowed:
+            raise refusal(key, verdict, prompt + answer, headers)
+        self.budgets.watch(key, ask, verdict)
+        return KeyGrant(headers, key, self.limiter, ticket, prompt + answer)
+
+    def budget_headers(self, key: Key, verdict: Verdict, when: float) -> dict[str, str]:
+        """``x-budget-remaining`` (in the price unit) and ``x-budget-reset``."""
+        headers = {"x-budget-remaining": show(units(max(verdict.budget_left, 0)))}
+        end = self.budgets.period(key, when).end
+        if end is not None:
+            headers["x-budget-reset"] = go_duration(max(int((end - when) * 1000), 0))
+        return headers
 
 
 class KeyGrant(Grant):
@@ -89,16 +140,17 @@ class KeyGrant(Grant):
     def settle(self, exchange: Exchange) -> None:
         limiter, self.limiter = self.limiter, None
         if limiter is not None:
-            limiter.settle(self.key, self.ticket, charged(exchange) - self.cost)
+            limiter.settle(self.key, self.ticket, charged(exchange) - self.cost, exchange.cost)
 
 
-def reservation(body_bytes: int, view: RequestView, endpoint: str, default: int) -> int:
-    """Tokens to reserve before forwarding (see the module docstring)."""
+def reserved(body_bytes: int, view: RequestView, endpoint: str, default: int) -> tuple[int, int]:
+    """Tokens to reserve before forwarding (see the module docstring), in two parts:
+    (prompt tokens, answer tokens)."""
     answer = view.max_tokens or view.max_completion_tokens or view.max_output_tokens
     if answer is None:
         answer = 0 if endpoint == "embeddings" else default
     prompt = -(-body_bytes // BYTES_PER_TOKEN)
-    return prompt + max(answer, 0) * max(view.n or 1, 1)
+    return prompt, max(answer, 0) * max(view.n or 1, 1)
 
 
 def charged(exchange: Exchange) -> int:
@@ -166,5 +218,8 @@ async def open_gate(app: web.Application, config: Config, state: State) -> Async
     """cleanup_ctx body: put a ``KeyGate`` on ``state`` (it needs ``app[DB]`` and
     ``app[LIMITER]``, so it runs after their contexts)."""
     cache = KeyCache(KeyStore(app[DB]), config.auth, config.database.timeout)
-    state.gate = KeyGate(KeyLookup(cache, config.auth, config.keys), app[LIMITER], config.limits)
+    lookup = KeyLookup(cache, config.auth, config.keys)
+    share = config.limits.budget_alert_share
+    budgets = Budgets(state.prices, app[DB], config.database.timeout, share)
+    state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets)
     yield

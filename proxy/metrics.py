@@ -149,6 +149,25 @@ LIMITER_BACKEND = Gauge(
     multiprocess_mode="livemax",
 )
 
+# --- Cost and budgets (#10) -----------------------------------------------------------
+
+COST = Counter(
+    "morngpt_cost_total",
+    "What requests cost, in the unit of the configured prices (the ledger holds the "
+    "exact amounts; this counter is a float).",
+    ("model",),
+)
+BUDGET_REJECTIONS = Counter(
+    "morngpt_budget_rejections_total",
+    "Requests refused with 429 insufficient_quota: the key's budget could not take "
+    "their worst-case cost.",
+)
+BUDGET_ALERTS = Counter(
+    "morngpt_budget_alerts_total",
+    "Keys that passed limits.budget_alert_share of their budget (once per key, period "
+    "and worker; the key id is in the proxy.budget log line).",
+)
+
 # --- Usage ledger (#5) ----------------------------------------------------------------
 
 USAGE_QUEUE_DEPTH = Gauge(
@@ -217,6 +236,7 @@ def declare(config: Config) -> None:
         for deployment in model.deployments:
             DEPLOYMENT_HEALTHY.labels(model.name, deployment.name).set(1)
             DEPLOYMENT_INFLIGHT.labels(model.name, deployment.name)
+        COST.labels(model.name)
     for kind in RATELIMIT_KINDS:
         RATELIMITED.labels(kind)
     for backend in LIMITER_BACKENDS:
@@ -226,7 +246,9 @@ def declare(config: Config) -> None:
 class _Series:
     """The label children one (model, deployment, status class, stream) updates."""
 
-    __slots__ = ("completion", "duration", "overhead", "prompt", "requests", "ttft", "upstream")
+    __slots__ = (
+        "completion", "cost", "duration", "overhead", "prompt", "requests", "ttft", "upstream",
+    )  # fmt: skip
 
     def __init__(self, model: str, deployment: str, status_class: str, stream: str) -> None:
         self.requests = REQUESTS.labels(model, deployment, status_class, stream)
@@ -236,6 +258,7 @@ class _Series:
         self.upstream = UPSTREAM_DURATION.labels(deployment)
         self.prompt = TOKENS.labels(model, deployment, "prompt")
         self.completion = TOKENS.labels(model, deployment, "completion")
+        self.cost = COST.labels(model)
 
 
 class MetricsSink:
@@ -268,6 +291,8 @@ class MetricsSink:
         if usage is not None:
             series.prompt.inc(usage.prompt_tokens)
             series.completion.inc(usage.completion_tokens)
+        if exchange.cost:
+            series.cost.inc(exchange.cost / 1e9)  # nano-units (pricing.py)
         if exchange.deployment and (exchange.error or status >= 429):
             count_upstream_error(exchange.deployment, exchange.error, status)
         WORKER_REQUESTS.inc()

@@ -175,9 +175,13 @@ def supervise(config: Config, workers: int, metrics_dir: str) -> int:
     started: dict[multiprocessing.process.BaseProcess, float] = {}
 
     def spawn() -> None:
+        if stopping:  # SIGTERM came while a replacement waited for its turn
+            return
         proc = ctx.Process(target=run_worker, args=(config, True, os.getpid()), daemon=False)
         proc.start()
         started[proc] = time.monotonic()
+        if stopping and proc.pid is not None:  # ... or while it was being started
+            os.kill(proc.pid, signal.SIGTERM)
 
     def stop_all(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         nonlocal stopping
@@ -199,7 +203,8 @@ def supervise(config: Config, workers: int, metrics_dir: str) -> int:
             assert proc.pid is not None
             metrics.forget_worker(proc.pid, metrics_dir)
             if stopping:
-                failed |= proc.exitcode != 0
+                # -SIGTERM: stopped before it installed its handlers, with nothing to drain.
+                failed |= proc.exitcode not in (0, -signal.SIGTERM)
                 continue
             quick_deaths = quick_deaths + 1 if lived < _START_GRACE else 0
             if quick_deaths >= _MAX_QUICK_DEATHS:

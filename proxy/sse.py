@@ -62,6 +62,10 @@ class Scanner:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if not self._buf:  # nothing pending, so no field or held-back \r either
+            simple = _simple_events(chunk)
+            if simple is not None:
+                return simple
         buf = self._buf
         buf += chunk
         events: list[Event] = []
@@ -107,3 +111,20 @@ class Scanner:
             self._data.append(value)
         elif name == b"event":
             self._name = value
+
+
+def _simple_events(chunk: bytes) -> list[Event] | None:
+    """The events of a chunk made only of whole single-line ``data:`` events, or None
+    when it holds anything else. This is what streaming upstreams send (one event per
+    token), and splitting it is several times cheaper than the general scan, with the
+    same result. When it fails, ``feed`` scans the chunk again: one extra pass over new
+    bytes, never over buffered ones."""
+    if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+        return None
+    events = []
+    for part in chunk[:-2].split(b"\n\n"):
+        if not part.startswith(b"data:") or b"\n" in part:
+            return None
+        value = part[5:]
+        events.append(Event(part + b"\n\n", b"", value[1:] if value[:1] == b" " else value))
+    return events

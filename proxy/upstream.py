@@ -3,6 +3,10 @@ opening a request with aiohttp exceptions translated into the proxy's own errors
 
 Everything per deployment (URL prefix, auth header, TLS context, timeouts) is built
 once in ``Upstream.__init__``; per request only the client's headers are filtered.
+A request that went out on a pooled connection the upstream had just closed (the
+keep-alive race: its idle timer fired as the request arrived) is sent again at once
+on another connection, unseen and blamed on no one (~0.6 µs per request to know).
+
 Two kinds share one request path: OpenAI-compatible (``{base}/{path}``, Bearer key)
 and Azure OpenAI (``{base}/openai/deployments/{name}/{path}?api-version=…``,
 ``api-key`` header).
@@ -170,12 +174,16 @@ class _Connector(aiohttp.TCPConnector):
         self._served: weakref.WeakSet[object] = weakref.WeakSet()
 
     async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> Connection:
         connection = await super().connect(req, traces, timeout)
         protocol = connection.protocol
         _REUSED.set(protocol in self._served)
-        self._served.add(protocol)
+        if protocol is not None:
+            self._served.add(protocol)
         return connection
 
 

@@ -48,7 +48,7 @@ def decode_request(body: bytes) -> RequestView:
     if not body:
         raise BadRequest("The request body is empty; expected a JSON object.")
     try:
-        return _view_decoder.decode(body)
+        view = _view_decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         raise BadRequest(f"Invalid request body: {message}", param=_param_of(message)) from None
@@ -58,6 +58,9 @@ def decode_request(body: bytes) -> RequestView:
         raise BadRequest(_NOT_UTF8) from None
     except RecursionError:
         raise BadRequest(_TOO_DEEP) from None
+    if "\x00" in view.model:  # no upstream has such a model; PostgreSQL text cannot hold it
+        raise BadRequest("The model name contains a NUL character.", param="model")
+    return view
 
 
 # msgspec's nesting limit is Python's recursion limit, so it depends on the stack depth
@@ -132,17 +135,27 @@ class _WireUsage(msgspec.Struct):
         completion = (
             self.completion_tokens if self.completion_tokens is not None else self.output_tokens
         )
-        prompt = prompt or 0
-        completion = completion or 0
+        prompt = _count(prompt)
+        completion = _count(completion)
         cached = self.prompt_tokens_details or self.input_tokens_details
         reasoning = self.completion_tokens_details or self.output_tokens_details
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
-            total_tokens=self.total_tokens or prompt + completion,
-            cached_tokens=(cached.cached_tokens or 0) if cached else 0,
-            reasoning_tokens=(reasoning.reasoning_tokens or 0) if reasoning else 0,
+            total_tokens=_count(self.total_tokens or prompt + completion),
+            cached_tokens=_count(cached.cached_tokens) if cached else 0,
+            reasoning_tokens=_count(reasoning.reasoning_tokens) if reasoning else 0,
         )
+
+
+# The most tokens one count may say. An upstream's numbers are not trusted: they go
+# into the ledger's integer columns and into bucket arithmetic that is exact only below
+# 2**53, so a negative or absurd count must not wedge the ledger or a key's limits.
+MAX_COUNT = 2**31 - 1
+
+
+def _count(value: int | None) -> int:
+    return min(max(value or 0, 0), MAX_COUNT)
 
 
 class _Nested(msgspec.Struct):

@@ -7,11 +7,12 @@ import fnmatch
 import random
 import tomllib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.ratelimit.bucket import UNIT, Call, KeyState, Level, Verdict, check, take
+from proxy.ratelimit.bucket import UNIT, Call, KeyState, Level, Settlement, Verdict, check, take
 from proxy.ratelimit.shared import RedisBuckets
 
 from .conftest import REDIS_URL, ROOT
@@ -29,18 +30,49 @@ def call(
     slot: str = "",
     release: str = "",
     ttl: int = 60_000,
+    **budget: Any,
 ) -> Call:
-    return Call(now, rpm, tpm, parallel, cost, debt, take, slot, release, ttl)
+    if "budget" in budget:
+        budget.setdefault("hold_ttl", ttl)
+    return Call(now, rpm, tpm, parallel, cost, debt, take, slot, release, ttl, **budget)
 
 
-def ok(r_left: int = 0, r_reset: int = 0, t_left: int = 0, t_reset: int = 0) -> Verdict:
-    return Verdict(True, "", r_left, r_reset, t_left, t_reset, 0)
+def spend(now: int, budget: int, **fields: Any) -> Call:
+    """A budget-only call: settling unless it says ``take=True``."""
+    return call(now, take=fields.pop("take", False), budget=budget, **fields)
+
+
+def ok(
+    r_left: int = 0, r_reset: int = 0, t_left: int = 0, t_reset: int = 0, **budget: Any
+) -> Verdict:
+    return Verdict(True, "", r_left, r_reset, t_left, t_reset, 0, **budget)
 
 
 def no(
-    kind: str, retry: int, r_left: int = 0, r_reset: int = 0, t_left: int = 0, t_reset: int = 0
+    kind: str,
+    retry: int,
+    r_left: int = 0,
+    r_reset: int = 0,
+    t_left: int = 0,
+    t_reset: int = 0,
+    **budget: Any,
 ) -> Verdict:
-    return Verdict(False, kind, r_left, r_reset, t_left, t_reset, retry)
+    return Verdict(False, kind, r_left, r_reset, t_left, t_reset, retry, **budget)
+
+
+def left(left: int, held: int = 0, epoch: str = "e1") -> dict[str, Any]:
+    """The budget part of a verdict."""
+    return {"budget_left": left, "budget_held": held, "epoch": epoch}
+
+
+def settled(hold: str, spend: int, epoch: str = "e1", finished: int = 0) -> dict[str, Any]:
+    """One finished request's settlement, as a ``Call`` field."""
+    return {"settlements": (Settlement(hold, spend, epoch, finished),)}
+
+
+# A key with a budget of 1000 nano-units, period 7, rebuilt from a ledger spend of 100.
+B = {"budget": 1000, "period": 7}
+REBUILT = {**B, "base": 100, "epoch": "e1"}
 
 
 Step = tuple[Call, Verdict]
@@ -116,6 +148,84 @@ CASES: dict[str, list[Step]] = {
         (call(0, rpm=1, take=False), ok(1, 0)),
         (call(0, rpm=1), ok(0, 60_000)),
     ],
+    "a missing budget is rebuilt before anything is taken": [
+        (call(0, rpm=5, hold="a", charge=10, **B), no("rebuild", 0, 5, 0)),
+        (call(0, rpm=5, hold="a", charge=10, **REBUILT), ok(4, 12_000, **left(890, 10))),
+        # Once it exists, base is ignored: another worker's rebuild changes nothing.
+        (
+            call(0, rpm=5, hold="b", charge=10, **{**REBUILT, "base": 0}),
+            ok(3, 24_000, **left(880, 20)),
+        ),
+    ],
+    "reservations hold the budget until settled; the worst case must fit": [
+        (spend(0, **REBUILT, hold="a", charge=500, take=True), ok(**left(400, 500))),
+        (spend(0, **B, hold="b", charge=401, take=True), no("budget", 0, **left(400, 500))),
+        (spend(0, **B, hold="b", charge=400, take=True), ok(**left(0, 900))),
+        (spend(0, **B, hold="c", charge=1, take=True), no("budget", 0, **left(0, 900))),
+        # "a" cost 120 of its 500: the rest comes back, only the spend stays.
+        (spend(1, **B, **settled("a:500", 120)), ok(**left(380, 400))),
+        (spend(1, **B, hold="c", charge=381, take=True), no("budget", 0, **left(380, 400))),
+        (spend(1, **B, hold="c", charge=380, take=True), ok(**left(0, 780))),
+        # Releasing twice gives back once.
+        (spend(2, **B, **settled("a:500", 0)), ok(**left(0, 780))),
+    ],
+    "a reservation nobody settles expires (dead process)": [
+        (spend(0, **REBUILT, hold="a", charge=900, ttl=1000, take=True), ok(**left(0, 900))),
+        (spend(999, **B, hold="b", charge=1, take=True), no("budget", 0, **left(0, 900))),
+        (spend(1000, **B, hold="b", charge=1, take=True), ok(**left(899, 1))),
+        # A settlement that comes after its hold expired is dropped: the hold is back
+        # already (the limiter renews the holds it still owes a settlement for).
+        (spend(1001, **B, **settled("a:900", 50)), ok(**left(899, 1))),
+    ],
+    "overspending leaves the key refused, free requests too": [
+        (spend(0, **REBUILT, hold="a", charge=900, take=True), ok(**left(0, 900))),
+        (spend(0, **B, **settled("a:900", 1000)), ok(**left(-100, 0))),
+        (spend(0, **B, hold="b", charge=0, take=True), no("budget", 0, **left(-100, 0))),
+    ],
+    "settling never creates a lost state": [
+        (spend(0, **B, **settled("a:5", 300)), ok()),
+        (spend(0, **B, hold="a", charge=1, take=True), no("rebuild", 0)),
+    ],
+    "a settlement counts once: on its own state, or one made before it finished": [
+        (spend(10, **REBUILT, hold="a", charge=10, take=True), ok(**left(890, 10))),
+        # Reserved against a lost state, finished before this one was rebuilt: its row
+        # is in the ledger sum the state was rebuilt from.
+        (spend(20, **B, **settled("", 5, "e0", 9)), ok(**left(890, 10))),
+        # ...finished after: its row cannot be in that sum.
+        (spend(20, **B, **settled("", 5, "e0", 10)), ok(**left(885, 10))),
+        # Reserved against this state: counted when its hold comes back...
+        (spend(20, **B, **settled("a:10", 5, "e1", 0)), ok(**left(890, 0))),
+        # ...and only then: the same settlement again (a call that timed out but ran).
+        (spend(21, **B, **settled("a:10", 5, "e1", 0)), ok(**left(890, 0))),
+        # Admitted in process while Redis was away (no hold): counted if it finished
+        # after the state was made.
+        (spend(22, **B, **settled("", 7, "", 11)), ok(**left(883, 0))),
+    ],
+    "each period has its own budget": [
+        (spend(0, **REBUILT, hold="a", charge=600, take=True), ok(**left(300, 600))),
+        (spend(0, **{**B, "period": 8}, hold="b", charge=600, take=True), no("rebuild", 0)),
+        (
+            spend(
+                0,
+                **{**REBUILT, "period": 8, "base": 0, "epoch": "e2"},
+                hold="b",
+                charge=600,
+                take=True,
+            ),
+            ok(**left(400, 600, "e2")),
+        ),
+        (spend(0, **B, **settled("a:600", 600)), ok(**left(300, 0))),
+    ],
+    "a refusal by the budget takes no request and no tokens": [
+        (
+            call(0, rpm=5, tpm=100, cost=10, hold="a", charge=950, **REBUILT),
+            no("budget", 0, 5, 0, 100, 0, **left(900)),
+        ),
+        (
+            call(0, rpm=5, tpm=100, cost=10, hold="a", charge=900, **B),
+            ok(4, 12_000, 90, 6_000, **left(0, 900)),
+        ),
+    ],
 }
 
 
@@ -159,6 +269,47 @@ async def test_python_and_lua_agree_on_random_traffic(lua: RedisBuckets, seed: i
             ttl=rng.choice((500, 60_000)),
         )
         assert check(state, step) == await lua.check(key_id, step), f"step {i}: {step}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_python_and_lua_agree_on_random_budget_traffic(lua: RedisBuckets, seed: int) -> None:
+    """Random budget calls over two periods: takes, settlements of earlier holds (some
+    twice, some after they expired), delayed ones with an epoch, rebuilds, token debts."""
+    rng = random.Random(100 + seed)
+    state, now, holds = KeyState(), 1_000_000, [f"h{i}" for i in range(8)]
+    taken: list[str] = []
+    key_id = f"fuzz-budget-{seed}-{random.randrange(1 << 30)}"
+    for i in range(200):
+        now = max(0, now + rng.choice((0, 0, 1, 300, 999, 5_000, -200)))
+        charge = rng.choice((0, 1, 40, 300, 2_000))
+        step = call(
+            now,
+            tpm=rng.choice((0, 0, 1000)),
+            cost=rng.choice((0, 5)),
+            debt=rng.choice((0, 0, -3, 7)),
+            take=rng.random() < 0.6,
+            ttl=rng.choice((500, 60_000)),
+            budget=rng.choice((1_000, 5_000)),
+            period=rng.choice((1, 1, 1, 2)),
+            hold=(hold := rng.choice(holds)),
+            charge=charge,
+            settlements=tuple(
+                Settlement(
+                    rng.choice(["", *taken[-4:]]),
+                    rng.choice((0, 17, 250)),
+                    rng.choice(("", "x", "y")),
+                    now + rng.choice((-2_000, -1, 0, 1)),
+                )
+                for _ in range(rng.choice((0, 0, 1, 3)))
+            ),
+            base=rng.choice((-1, -1, -1, 0, 400)),
+            epoch=rng.choice(("x", "y")),
+            period_ttl=rng.choice((0, 3_600_000)),
+        )
+        expected = check(state, step)
+        assert await lua.check(key_id, step) == expected, f"step {i}: {step}"
+        if step.take and expected.allowed:
+            taken.append(f"{hold}:{charge}")
 
 
 def test_take_is_a_pure_function_of_its_arguments() -> None:

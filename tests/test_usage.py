@@ -260,13 +260,14 @@ async def test_usage_report_is_the_same_on_both_backends(
         "requests",
         "prompt_tokens",
         "completion_tokens",
+        "cost",
         "errors",
         "p50_ms",
         "p95_ms",
     ]
     # a: n = 1, 3, 5, 7, 9 (10…90 ms); b: n = 2, 4, 6, 8, 10 (20…100 ms); n = 5, 10 failed.
-    assert lines[1] == ["a", "5", "50", "25", "1", "50.0", "86.0"]
-    assert lines[2] == ["b", "5", "50", "30", "1", "60.0", "96.0"]
+    assert lines[1] == ["a", "5", "50", "25", "0.00", "1", "50.0", "86.0"]
+    assert lines[2] == ["b", "5", "50", "30", "0.00", "1", "60.0", "96.0"]
     assert lines[3][:2] == ["key", "requests"]
     assert [line[:2] for line in lines[4:6]] == [["-", "5"], ["k1", "5"]]
     assert lines[7][:3] == ["d1", "10", "100"]

@@ -1,10 +1,15 @@
-"""``python -m proxy keys create|list|revoke|update``: manage API keys in the database
-the config names (default: the embedded SQLite file).
+"""``python -m proxy keys create|list|show|revoke|update``: manage API keys in the
+database the config names (default: the embedded SQLite file).
 
 A key is printed once, by ``create``, alone on stdout (``KEY=$(python -m proxy keys
 create --name app1)``); nothing else ever prints one: only ids and display prefixes.
 A limit of 0 means no limit. The database stack is imported only when a ``keys``
 command runs, so building the parser costs ``python -m proxy`` nothing.
+
+Budgets (``--budget 10.00 --budget-period daily --budget-tz Europe/Berlin``): ``show``
+and ``list`` print what the key spent in its current period and what is left, from
+the usage ledger's committed rows (requests of the last ``usage.flush_interval`` may
+not be there yet; reservations of requests in flight are not counted).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..config import Database
+from ..config import Database, check_budget
+from ..periods import PERIODS
 from .record import Key
 
 if TYPE_CHECKING:
@@ -41,6 +48,12 @@ def add_parser(sub: Any) -> None:
 
     listing = commands.add_parser("list", parents=[common], help="list keys (never the keys)")
     listing.add_argument("--json", action="store_true", help="one JSON array")
+
+    show = commands.add_parser(
+        "show", parents=[common], help="one key, with its spend and budget left this period"
+    )
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="one JSON object")
 
     revoke = commands.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("id")
@@ -76,6 +89,17 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--meta", action="append", type=_pair, metavar="KEY=VALUE", help="free-form metadata"
     )
+    parser.add_argument(
+        "--budget",
+        type=_budget,
+        help="spending limit per period, in the unit of the configured prices (0: none)",
+    )
+    parser.add_argument(
+        "--budget-period", choices=PERIODS, help="daily, weekly, monthly (default) or total"
+    )
+    parser.add_argument(
+        "--budget-tz", help="IANA time zone whose midnight starts a period (default UTC)"
+    )
 
 
 def _limit(text: str) -> int:
@@ -93,6 +117,24 @@ def _when(text: str) -> float | None:
     except ValueError:
         raise argparse.ArgumentTypeError("not an ISO date or date-time") from None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _budget(text: str) -> Decimal | None:
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError("not a decimal number") from None
+    if amount == 0:
+        return None
+    wrong = check_budget(amount, "total", "UTC")
+    if wrong:
+        raise argparse.ArgumentTypeError(wrong)
+    return amount
+
+
+def _budget_errors(budget: Decimal | None, period: str, tz: str) -> str | None:
+    """Why a key's budget settings cannot be used (the time zone), or None."""
+    return check_budget(budget or Decimal(1), period, tz)
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -131,6 +173,11 @@ async def _run(args: argparse.Namespace, database: Database) -> int:
 
 
 async def _create(store: KeyStore, args: argparse.Namespace) -> int:
+    period, tz = args.budget_period or "monthly", args.budget_tz or "UTC"
+    wrong = _budget_errors(args.budget, period, tz)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        return 1
     key, value = await store.create(
         args.name,
         rpm=args.rpm or None,
@@ -139,6 +186,9 @@ async def _create(store: KeyStore, args: argparse.Namespace) -> int:
         models=_models(args.models or []),
         expires_at=args.expires_at,
         metadata=dict(args.meta or []),
+        budget=args.budget,
+        budget_period=period,
+        budget_tz=tz,
     )
     print(value)
     print(f"created {key.id} ({key.name}): the key above is shown only this once", file=sys.stderr)
@@ -147,13 +197,14 @@ async def _create(store: KeyStore, args: argparse.Namespace) -> int:
 
 async def _list(store: KeyStore, args: argparse.Namespace) -> int:
     keys = await store.all_keys()
+    spends = [await _spend(store, key) for key in keys]
     if args.json:
-        print(msgspec.json.encode(keys).decode())
+        described = [_described(key, s) for key, s in zip(keys, spends, strict=True)]
+        print(msgspec.json.encode(described).decode())
         return 0
-    rows: list[tuple[str, ...]] = [
-        ("ID", "NAME", "PREFIX", "RPM", "TPM", "PARALLEL", "MODELS", "EXPIRES", "STATUS")
-    ]
-    rows += [_row(key) for key in keys]
+    header = ("ID", "NAME", "PREFIX", "RPM", "TPM", "PARALLEL", "MODELS", "EXPIRES", "STATUS")
+    rows: list[tuple[str, ...]] = [(*header, "BUDGET", "SPENT", "LEFT")]
+    rows += [_row(key) + _budget_cells(key, s) for key, s in zip(keys, spends, strict=True)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -178,6 +229,86 @@ def _row(key: Key) -> tuple[str, ...]:
     )
 
 
+class Spend(msgspec.Struct):
+    """A budgeted key's current period and what it spent in it (from the ledger)."""
+
+    period_start: str
+    period_end: str | None
+    spent: Decimal
+    left: Decimal
+
+
+async def _spend(store: KeyStore, key: Key) -> Spend | None:
+    if key.budget is None:
+        return None
+    from ..periods import period_of, zone
+    from ..usage.spend import spent
+
+    tz = zone(key.budget_tz)
+    period = period_of(key.budget_period, tz, _now())
+    total = await spent(store.db, key.id, period.start, period.end)
+    return Spend(
+        datetime.fromtimestamp(period.start, tz).isoformat(),
+        None if period.end is None else datetime.fromtimestamp(period.end, tz).isoformat(),
+        total,
+        key.budget - total,
+    )
+
+
+def _budget_cells(key: Key, spend: Spend | None) -> tuple[str, ...]:
+    from ..pricing import show
+
+    if key.budget is None or spend is None:
+        return ("-", "-", "-")
+    return (f"{show(key.budget)}/{key.budget_period}", show(spend.spent), show(spend.left))
+
+
+def _described(key: Key, spend: Spend | None) -> dict[str, Any]:
+    """A key as ``--json`` prints it: its record, and its spend when it has a budget."""
+    described: dict[str, Any] = msgspec.to_builtins(key)
+    if spend is not None:
+        described.update(msgspec.to_builtins(spend))
+    return described
+
+
+async def _show(store: KeyStore, args: argparse.Namespace) -> int:
+    key = await store.get(args.id)
+    if key is None:
+        print(f"error: no key {args.id}", file=sys.stderr)
+        return 1
+    spend = await _spend(store, key)
+    if args.json:
+        print(msgspec.json.encode(_described(key, spend)).decode())
+        return 0
+    cells = _row(key)
+    fields = [
+        ("id", key.id),
+        ("name", key.name),
+        ("prefix", cells[2]),
+        ("rpm", cells[3]),
+        ("tpm", cells[4]),
+        ("parallel", cells[5]),
+        ("models", cells[6]),
+        ("expires", cells[7]),
+        ("status", cells[8]),
+    ]
+    if key.budget is not None and spend is not None:
+        from ..pricing import show
+
+        end = spend.period_end or "never (total budget)"
+        fields += [
+            ("budget", f"{show(key.budget)} {key.budget_period} ({key.budget_tz})"),
+            ("period", f"{spend.period_start} to {end}"),
+            ("spent", show(spend.spent)),
+            ("left", show(spend.left)),
+        ]
+    else:
+        fields.append(("budget", "-"))
+    for name, value in fields:
+        print(f"{name:<10}{value}")
+    return 0
+
+
 async def _revoke(store: KeyStore, args: argparse.Namespace) -> int:
     if not await store.revoke(args.id):
         print(f"error: no key {args.id}", file=sys.stderr)
@@ -196,6 +327,14 @@ async def _update(store: KeyStore, args: argparse.Namespace) -> int:
             changes[limit] = changes[limit] or None
     if "models" in changes:
         changes["models"] = _models(changes["models"])
+    if {"budget", "budget_period", "budget_tz"} & set(changes):
+        current = await store.get(args.id)
+        period = changes.get("budget_period") or (current.budget_period if current else "")
+        tz = changes.get("budget_tz") or (current.budget_tz if current else "UTC")
+        wrong = _budget_errors(None, period or "monthly", tz)
+        if wrong:
+            print(f"error: {wrong}", file=sys.stderr)
+            return 1
     if "meta" in given:
         current = await store.get(args.id)
         changes["metadata"] = {**(current.metadata if current else {}), **dict(given["meta"])}
@@ -225,6 +364,7 @@ def _now() -> float:
 _COMMANDS: dict[str, Any] = {
     "create": _create,
     "list": _list,
+    "show": _show,
     "revoke": _revoke,
     "update": _update,
 }

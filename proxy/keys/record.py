@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -26,10 +27,14 @@ class Key(msgspec.Struct, frozen=True):
     revoked: bool = False
     metadata: dict[str, Any] = {}
     created_at: float = 0.0
+    # Spending limit per period in the prices' unit (None: none); see proxy/budgets.py.
+    budget: Decimal | None = None
+    budget_period: str = "monthly"  # daily, weekly, monthly or total
+    budget_tz: str = "UTC"  # IANA zone whose midnight starts a period
 
     @property
     def is_limited(self) -> bool:
-        return bool(self.rpm or self.tpm or self.max_parallel)
+        return bool(self.rpm or self.tpm or self.max_parallel or self.budget)
 
     @property
     def allowed_models(self) -> frozenset[str] | None:
@@ -58,6 +63,9 @@ def declared(key: DeclaredKey) -> Key:
         models=frozenset(key.models),
         expires_at=_timestamp(key.expires_at),
         metadata=key.metadata,
+        budget=key.budget,
+        budget_period=key.budget_period,
+        budget_tz=key.budget_tz,
     )
 
 

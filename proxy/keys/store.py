@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from time import time
 from typing import Any
 
@@ -24,10 +25,14 @@ from . import secret
 from .record import Key
 
 _COLUMNS = (
-    "id, name, prefix, rpm, tpm, max_parallel, models, expires_at, revoked, metadata, created_at"
+    "id, name, prefix, rpm, tpm, max_parallel, models, expires_at, revoked, metadata, created_at, "
+    "budget, budget_period, budget_tz"
 )
 # Columns ``update`` may change, in a fixed order (never built from user input).
-UPDATABLE = ("name", "rpm", "tpm", "max_parallel", "models", "expires_at", "metadata")
+UPDATABLE = (
+    "name", "rpm", "tpm", "max_parallel", "models", "expires_at", "metadata",
+    "budget", "budget_period", "budget_tz",
+)  # fmt: skip
 
 
 class _Sql:
@@ -43,8 +48,8 @@ _GET = _Sql(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1")
 _LIST = _Sql(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id")
 _INSERT = _Sql(
     "INSERT INTO api_keys (id, name, prefix, key_hash, rpm, tpm, max_parallel, models, "
-    "expires_at, revoked, metadata, created_at, updated_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
+    "expires_at, revoked, metadata, created_at, updated_at, budget, budget_period, budget_tz) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)"
 )
 _REVOKE = _Sql("UPDATE api_keys SET revoked = $2, updated_at = $3 WHERE id = $1")
 
@@ -81,6 +86,9 @@ class KeyStore:
         models: Iterable[str] = (),
         expires_at: float | None = None,
         metadata: dict[str, Any] | None = None,
+        budget: Decimal | None = None,
+        budget_period: str = "monthly",
+        budget_tz: str = "UTC",
     ) -> tuple[Key, str]:
         """Store a new key; returns its record and the key itself (shown once)."""
         value = secret.generate()
@@ -96,6 +104,9 @@ class KeyStore:
             expires_at=expires_at,
             metadata=metadata or {},
             created_at=now,
+            budget=budget,
+            budget_period=budget_period,
+            budget_tz=budget_tz,
         )
         await self._execute(
             _INSERT,
@@ -111,6 +122,9 @@ class KeyStore:
             False,
             _json(key.metadata),
             self._param_ts(now),
+            self._param("budget", budget),
+            budget_period,
+            budget_tz,
         )
         return key, value
 
@@ -138,6 +152,8 @@ class KeyStore:
             return _json(value)
         if column == "expires_at":
             return self._param_ts(value)
+        if column == "budget" and value is not None and not self._pg:
+            return str(value)  # SQLite keeps the exact decimal as text
         return value
 
     def _param_ts(self, value: float | None) -> Any:
@@ -146,7 +162,8 @@ class KeyStore:
         return datetime.fromtimestamp(value, UTC)
 
     def _key(self, row: Sequence[Any]) -> Key:
-        key_id, name, prefix, rpm, tpm, parallel, models, expires, revoked, meta, created = row
+        key_id, name, prefix, rpm, tpm, parallel, models, expires, revoked, meta, created = row[:11]
+        budget, period, tz = row[11:]
         return Key(
             id=key_id,
             name=name,
@@ -159,6 +176,9 @@ class KeyStore:
             revoked=bool(revoked),
             metadata=msgspec.json.decode(meta, type=dict[str, Any]),
             created_at=_epoch(created) or 0.0,
+            budget=None if budget is None else Decimal(budget),
+            budget_period=period,
+            budget_tz=tz,
         )
 
     async def _fetch(self, sql: _Sql, *args: Any) -> list[Sequence[Any]]:

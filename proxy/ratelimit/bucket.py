@@ -1,8 +1,8 @@
 """Token buckets: the pure algorithm, and ``check``, the Python twin of ``bucket.lua``.
 
 ``take`` is one bucket; ``check`` is everything one key's limiter call does (the
-request bucket, the token bucket and the parallel slots, all or nothing), exactly as
-``bucket.lua`` does it inside Redis. The in-process limiter runs ``check``; one table
+request bucket, the token bucket, the budget and the parallel slots, all or nothing),
+exactly as ``bucket.lua`` does it inside Redis. The in-process limiter runs ``check``; one table
 of cases (tests/test_bucket.py) runs against both, so they cannot drift apart.
 
 Invariants (shared with bucket.lua):
@@ -15,8 +15,30 @@ Invariants (shared with bucket.lua):
 - A take needs at most a full bucket (the check caps the cost at ``burst``) but is
   charged in full: what a large request takes beyond the level is debt, and later
   takes wait until refill has repaid it. Reconciliation (``debt``) works the same way.
-- ``check`` takes from every bucket or from none; only the carried-over ``debt`` and
-  a ``release`` are applied when it refuses.
+- ``check`` takes from every bucket or from none; only the carried-over ``debt``, a
+  ``release`` and the ``settlements`` are applied when it refuses.
+
+Budgets (only when ``Call.budget`` > 0; keys without one never get here), per key
+and period, in integer nano-units (pricing.py):
+- The state is ``spent`` (settled), ``held`` (the sum of live reservations), an
+  ``epoch`` naming it and ``created`` (``now`` when it was made). A take needs
+  ``charge <= budget - spent - held``; it adds a hold ``"<hold>:<charge>"`` that
+  expires ``hold_ttl`` after ``now`` unless renewed (a dead process's reservation
+  comes back by itself) or given back by a settlement.
+- A missing state is never read as "nothing spent": a take refuses with kind
+  ``rebuild`` (nothing taken) until the caller passes ``base`` (the period's spend
+  from the usage ledger), which creates the state (spent = base) if still missing.
+  Settlements never create it: what a lost state missed is in the ledger.
+- ``settlements`` (finished requests, carried like token debts: on the key's next
+  call or a flush) are applied before the take, each at most once. One adds its
+  ``spend`` if its hold was still held here (and gives it back), or, when it was
+  reserved against another state (another ``epoch``: the one Redis lost) or in no
+  state at all (admitted in process, no hold), if it finished at or after this state
+  was created: its ledger row cannot be in the sum the state was rebuilt from. Any
+  other settlement is a repeat (a call that timed out but ran), or its row was
+  already in that sum (or in the writer's queue when it was read: the documented
+  window), or its hold expired before it came (the owner could not renew it): it is
+  dropped.
 """
 
 from __future__ import annotations
@@ -83,8 +105,20 @@ def _ceil_div(a: int, b: int) -> int:
 # --- check: the twin of bucket.lua -----------------------------------------------------
 
 
+class Settlement(NamedTuple):
+    """A finished request's budget: the hold to give back ("" when none), the cost to
+    add, the epoch of the state it was reserved against ("" when none) and when it
+    finished (ms, on the clock of ``Call.now``)."""
+
+    hold: str
+    spend: int
+    epoch: str
+    finished: int
+
+
 class Call(NamedTuple):
-    """One limiter call for one key; the fields are bucket.lua's ARGV, in order."""
+    """One limiter call for one key; the fields are bucket.lua's ARGV, in order
+    (except ``period``, which names the budget's Redis keys)."""
 
     now: int  # ms
     rpm: int  # requests per minute; 0: no request bucket
@@ -96,11 +130,22 @@ class Call(NamedTuple):
     slot: str  # id of the slot to take (when ``parallel``)
     release: str  # id of a slot to give back, or ""
     slot_ttl: int  # ms a slot lives unless refreshed (crashed processes leak none)
+    # The budget (module docstring); all nano-units. 0: the key has none.
+    budget: int = 0
+    period: int = 0  # which period's state (its start, Unix seconds)
+    hold: str = ""  # id of the reservation to take (when ``take``)
+    charge: int = 0  # nano-units to reserve: the request's worst case
+    base: int = -1  # >= 0: create a missing state with this spend (rebuilt)
+    epoch: str = ""  # the epoch of a state created from ``base``
+    period_ttl: int = 0  # ms the period's state lives on (0: for ever)
+    hold_ttl: int = 0  # ms a hold lives unless renewed
+    settlements: tuple[Settlement, ...] = ()  # ARGV's tail, four values each
 
 
 class Verdict(NamedTuple):
     """What ``check`` (or bucket.lua) answered. ``kind`` names the limit that refused
-    ("requests", "tokens", "parallel"), "" when admitted."""
+    ("requests", "tokens", "budget", "parallel"; "rebuild": the budget's state is
+    missing), "" when admitted."""
 
     allowed: bool
     kind: str
@@ -109,15 +154,33 @@ class Verdict(NamedTuple):
     tokens_remaining: int
     tokens_reset_ms: int
     retry_ms: int
+    # With a budget: what is left after this call (budget - spent - held; negative
+    # when overspent), the live reservations, and the state's epoch ("": no state).
+    budget_left: int = 0
+    budget_held: int = 0
+    epoch: str = ""
+
+
+@dataclass(slots=True)
+class Budget:
+    """One key's budget in one period: bucket.lua's budget hash and holds set."""
+
+    spent: int
+    epoch: str
+    created: int
+    held: int = 0
+    holds: dict[str, int] = field(default_factory=dict)  # "<id>:<charge>" → expiry ms
+    expires: int | None = None  # ``now`` at which Redis would have dropped it
 
 
 @dataclass(slots=True)
 class KeyState:
-    """One key's limiter state: what bucket.lua keeps in its three Redis keys."""
+    """One key's limiter state: what bucket.lua keeps in its Redis keys."""
 
     requests: Level | None = None
     tokens: Level | None = None
     slots: dict[str, int] = field(default_factory=dict)  # slot id → expiry ms
+    budgets: dict[int, Budget] = field(default_factory=dict)  # period → its budget
 
 
 def check(state: KeyState, call: Call) -> Verdict:
@@ -130,11 +193,14 @@ def check(state: KeyState, call: Call) -> Verdict:
         tokens = Level(min(tpm * UNIT, tokens.units - call.debt * UNIT), tokens.stamp)
     if call.release:
         state.slots.pop(call.release, None)
+    budget = _settle_budget(state, call) if call.budget else None
     kind, retry = "", 0
     if call.take:
-        kind, retry, requests, tokens = _take_all(state, call, requests, tokens)
+        kind, retry, requests, tokens = _take_all(state, call, requests, tokens, budget)
     state.requests = requests if rpm else state.requests
     state.tokens = tokens if tpm else state.tokens
+    if budget is not None and call.period_ttl:
+        budget.expires = now + call.period_ttl
     return Verdict(
         kind == "",
         kind,
@@ -143,26 +209,71 @@ def check(state: KeyState, call: Call) -> Verdict:
         remaining(tokens) if tokens else 0,
         reset_ms(tokens, tpm, tpm) if tokens else 0,
         retry,
+        call.budget - budget.spent - budget.held if budget else 0,
+        budget.held if budget else 0,
+        budget.epoch if budget else "",
     )
 
 
-def _take_all(
-    state: KeyState, call: Call, requests: Level | None, tokens: Level | None
-) -> tuple[str, int, Level | None, Level | None]:
-    """Take one request, ``cost`` tokens and a slot, or nothing: (kind, retry_ms, the
-    request level, the token level) afterwards."""
+def _settle_budget(state: KeyState, call: Call) -> Budget | None:
+    """The period's budget after creating it from ``base``, dropping expired holds and
+    applying the settlements (None: there is no state)."""
     now = call.now
+    budget = state.budgets.get(call.period)
+    if budget is not None and budget.expires is not None and now >= budget.expires:
+        budget = None
+    if budget is None:
+        if call.base < 0:
+            return None
+        state.budgets = {
+            p: b for p, b in state.budgets.items() if b.expires is None or now < b.expires
+        }
+        budget = state.budgets[call.period] = Budget(call.base, call.epoch, now)
+    for hold in [h for h, expiry in budget.holds.items() if expiry <= now]:
+        del budget.holds[hold]
+        budget.held -= held_charge(hold)
+    for settled in call.settlements:
+        held = bool(settled.hold) and budget.holds.pop(settled.hold, None) is not None
+        if held:
+            budget.held -= held_charge(settled.hold)
+        if held or (settled.epoch != budget.epoch and settled.finished >= budget.created):
+            budget.spent += settled.spend
+    return budget
+
+
+def held_charge(hold: str) -> int:
+    """The nano-units a reservation ``"<id>:<charge>"`` holds."""
+    return int(hold.rpartition(":")[2])
+
+
+def _take_all(
+    state: KeyState,
+    call: Call,
+    requests: Level | None,
+    tokens: Level | None,
+    budget: Budget | None,
+) -> tuple[str, int, Level | None, Level | None]:
+    """Take one request, ``cost`` tokens, the budget's ``charge`` and a slot, or
+    nothing: (kind, retry_ms, the request level, the token level) afterwards."""
+    now = call.now
+    if call.budget and budget is None:
+        return "rebuild", 0, requests, tokens
     by_request = take(requests, now, call.rpm, call.rpm, 1) if requests else None
     if by_request and not by_request.allowed:
         return "requests", by_request.retry_ms, requests, tokens
     by_tokens = take(tokens, now, call.tpm, call.tpm, call.cost) if tokens else None
     if by_tokens and not by_tokens.allowed:
         return "tokens", by_tokens.retry_ms, requests, tokens
+    if budget is not None and call.charge > call.budget - budget.spent - budget.held:
+        return "budget", 0, requests, tokens
     if call.parallel:
         state.slots = {slot: expiry for slot, expiry in state.slots.items() if expiry > now}
         if len(state.slots) >= call.parallel:
             return "parallel", PARALLEL_RETRY_MS, requests, tokens
         state.slots[call.slot] = now + call.slot_ttl
+    if budget is not None:
+        budget.holds[f"{call.hold}:{call.charge}"] = now + call.hold_ttl
+        budget.held += call.charge
     return (
         "",
         0,

@@ -18,6 +18,20 @@ Invariants:
   ``tasks`` (awaited at close). A slot whose release never reached Redis (crash,
   outage) expires after ``limits.slot_ttl``; live slots are renewed by the background
   task (expiry by this host's clock), so a long stream keeps its slot.
+- Budgets (``Ask``) ride on the same calls: the admission reserves the worst case (a
+  hold, renewed and expiring like a slot). Settlements (hold back, real cost added)
+  are owed like token debts: carried into the key's next admission for that period
+  or flushed within ``limits.flush_interval`` (at once, with the slot, for keys with
+  a parallel limit). So a finished request's hold may linger that long; bucket.py's
+  rule (its own state, or one created before it finished) makes a late settlement
+  count exactly once. Spending admitted in process while Redis was away is owed to
+  Redis the same way, so a Redis that kept its state does not forgive it.
+- Owed settlements per key and period are bounded (``MAX_OWED``): beyond it (a long
+  outage), they are folded into one without holds (those expire in Redis).
+- A hold stays in ``holds`` (renewed with the slots) until its settlement reached
+  Redis, so a settlement delayed by an outage still finds its hold, unless the
+  outage outlasted ``limits.slot_ttl`` (then the spend is dropped and only a rebuild
+  from the ledger would count it: docs/budgets.md).
 """
 
 from __future__ import annotations
@@ -36,20 +50,45 @@ from ..config import Config, Limits
 from ..config import Redis as RedisConfig
 from ..keys.record import Key
 from ..metrics import set_limiter_backend
-from .bucket import Call, Verdict
+from .bucket import Call, Settlement, Verdict
 from .local import LocalBuckets, now_ms
 from .shared import FAILURES, REDIS, SERVER_TIME, Client, RedisBuckets
 
 log = logging.getLogger("proxy.ratelimit")
+MAX_OWED = 1000
+# In-process holds never expire: no other process can die holding them.
+_LOCAL_HOLD_TTL = 2**62
+
+
+class Ask(NamedTuple):
+    """A budget to reserve against in one admission, in nano-units (pricing.py)."""
+
+    budget: int  # the key's limit for the period
+    period: int  # ``Period.id``
+    charge: int  # the request's worst case
+    period_ttl: int  # ms the period's state must live on (0: for ever)
+    base: int = -1  # >= 0: the period's spend rebuilt from the ledger
+    epoch: str = ""  # names a state created from ``base``
 
 
 class Ticket(NamedTuple):
     """An admission: the verdict, the slot taken ("" when none) and where it was
-    decided (Redis or this process), which is where it must be settled."""
+    decided (Redis or this process), which is where it must be settled; with a
+    budget, what was asked and the hold taken (``"<id>:<charge>"``, "" when none)."""
 
     verdict: Verdict
     slot: str
     shared: bool
+    hold: str = ""
+    ask: Ask | None = None
+
+
+class Owed(NamedTuple):
+    """Settlements owed to Redis for one key and budget period."""
+
+    budget: int
+    period_ttl: int
+    settlements: list[Settlement]
 
 
 class Limiter:
@@ -66,6 +105,10 @@ class Limiter:
         self.debts: dict[str, tuple[int, int]] = {}
         # Slots taken in Redis and not released yet: slot id → key id.
         self.held: dict[str, str] = {}
+        # Budget holds taken in Redis and not released yet: hold → its set's Redis key.
+        self.holds: dict[str, str] = {}
+        # Budget settlements owed to Redis, per (key id, period).
+        self.owed: dict[tuple[str, int], Owed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._slot_ids = itertools.count()
         self._instance = secrets.token_hex(4)  # slot ids are unique across processes
@@ -89,51 +132,97 @@ class Limiter:
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
-        if self.using_redis and self.debts:
-            await self._flush()
+        if self.using_redis and (self.debts or self.owed):
+            await self.flush()
         if self.tasks:
             _, late = await asyncio.wait(self.tasks, timeout=self.timeout + 1)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
-    async def admit(self, key: Key, cost: int) -> Ticket:
-        """Take one request, ``cost`` tokens and a parallel slot for ``key``, or none."""
+    async def admit(self, key: Key, cost: int, ask: Ask | None = None) -> Ticket:
+        """Take one request, ``cost`` tokens, a parallel slot and (with ``ask``) the
+        worst case of the budget for ``key``, or none of them. A verdict of kind
+        ``rebuild`` asks the caller to come back with ``ask.base``."""
         slot = f"{self._instance}-{next(self._slot_ids)}" if key.max_parallel else ""
-        debt = 0
+        hold = f"{self._instance}-{next(self._slot_ids)}" if ask else ""
+        debt, ttl = 0, self.slot_ttl
         if self.shared is not None and self.using_redis:
             debt = self._take_debt(key.id)
-            call = _call(key, SERVER_TIME, cost, debt, True, slot, "", self.slot_ttl)
+            call = _call(key, SERVER_TIME, cost, debt, True, slot, "", ttl, ask, hold, ttl)
+            if ask is not None and self.owed:
+                call = call._replace(settlements=self._take_owed(key.id, ask.period))
             try:
                 async with asyncio.timeout(self.timeout):
                     verdict = await self.shared.check(key.id, call)
             except FAILURES as exc:
                 self._fall_back(exc)
+                self._owe_again(key.id, call)
             else:
-                if verdict.allowed and slot:
-                    self.held[slot] = key.id
-                return Ticket(verdict, slot, True)
-        call = _call(key, now_ms(), cost, debt, True, slot, "", self.slot_ttl)
-        return Ticket(self.local.check(key.id, call), slot, False)
+                self._delivered(call)
+                return self._admitted(key.id, Ticket(verdict, slot, True, hold, ask))
+        call = _call(key, now_ms(), cost, debt, True, slot, "", ttl, ask, hold, _LOCAL_HOLD_TTL)
+        verdict = self.local.check(key.id, call)
+        held = f"{hold}:{ask.charge}" if ask and verdict.allowed else ""
+        return Ticket(verdict, slot, False, held, ask)
 
-    def settle(self, key: Key, ticket: Ticket, debt: int) -> None:
-        """Give back an admitted request's slot and charge ``debt`` tokens (the real
-        usage minus the reservation; negative: a refund). Never blocks."""
+    def _admitted(self, key_id: str, ticket: Ticket) -> Ticket:
+        """Note what a Redis admission holds, for renewal."""
+        verdict, ask = ticket.verdict, ticket.ask
+        if ask is not None:
+            if verdict.allowed:
+                assert self.shared is not None
+                ticket = ticket._replace(hold=f"{ticket.hold}:{ask.charge}")
+                self.holds[ticket.hold] = self.shared.budget_names(key_id, ask.period)[1]
+            else:
+                ticket = ticket._replace(hold="")
+        if verdict.allowed and ticket.slot:
+            self.held[ticket.slot] = key_id
+        return ticket
+
+    def settle(self, key: Key, ticket: Ticket, debt: int, spend: int = 0) -> None:
+        """Give back an admitted request's slot and budget hold, charge ``debt`` tokens
+        (the real usage minus the reservation; negative: a refund) and add ``spend``
+        nano-units to the budget. Never blocks."""
         debt = debt if key.tpm else 0
+        ask = ticket.ask
         if not ticket.shared:
-            if debt or ticket.slot:
-                call = _call(key, now_ms(), 0, debt, False, "", ticket.slot, self.slot_ttl)
-                self.local.check(key.id, call)
+            self._settle_local(key, ticket, debt, spend)
             return
+        # The hold stays in ``holds`` (renewed) until its settlement reached Redis.
+        settled = None
+        if ask is not None:
+            settled = Settlement(ticket.hold, spend, ticket.verdict.epoch, wall_ms())
         if ticket.slot:
             self.held.pop(ticket.slot, None)
             if self.using_redis:
                 debt += self._take_debt(key.id)
-                self._spawn(self._settle_shared(key.id, key.tpm or 0, ticket.slot, debt))
+                call = _call(key, SERVER_TIME, 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
+                if ask is not None and settled is not None:
+                    owed = self._take_owed(key.id, ask.period) if self.owed else ()
+                    call = call._replace(settlements=(*owed, settled))
+                self._spawn(self._settle_shared(key.id, call))
                 return
             # Redis is down: the slot there expires by itself.
         if debt:
             self._owe(key.id, key.tpm or 0, debt)
+        if ask is not None and settled is not None:
+            self._owe_settlement(key.id, ask.budget, ask.period, ask.period_ttl, settled)
+
+    def _settle_local(self, key: Key, ticket: Ticket, debt: int, spend: int) -> None:
+        """Settle a ticket the in-process buckets admitted. Its spend is owed to Redis
+        too (when there is one): if Redis kept its state meanwhile, it must count."""
+        ask = ticket.ask
+        if not (debt or ticket.slot or ask):
+            return
+        call = _call(key, now_ms(), 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
+        if ask is not None:
+            local = Settlement(ticket.hold, spend, ticket.verdict.epoch, now_ms())
+            call = call._replace(settlements=(local,))
+            if spend and self.shared is not None:
+                remote = Settlement("", spend, "", wall_ms())
+                self._owe_settlement(key.id, ask.budget, ask.period, ask.period_ttl, remote)
+        self.local.check(key.id, call)
 
     def _take_debt(self, key_id: str) -> int:
         return self.debts.pop(key_id, (0, 0))[1] if self.debts else 0
@@ -142,21 +231,50 @@ class Limiter:
         owed = self.debts.get(key_id, (tpm, 0))[1] + tokens
         self.debts[key_id] = (tpm, owed)
 
+    def _owe_settlement(
+        self, key_id: str, budget: int, period: int, ttl: int, settled: Settlement
+    ) -> None:
+        owed = self.owed.get((key_id, period))
+        if owed is None:
+            owed = self.owed[key_id, period] = Owed(budget, ttl, [])
+        owed.settlements.append(settled)
+        if len(owed.settlements) > MAX_OWED:
+            for folded in owed.settlements:
+                self.holds.pop(folded.hold, None)  # let them expire: they are not settled
+            owed.settlements[:] = [_folded(owed.settlements)]
+
+    def _take_owed(self, key_id: str, period: int) -> tuple[Settlement, ...]:
+        owed = self.owed.pop((key_id, period), None)
+        return tuple(owed.settlements) if owed else ()
+
+    def _delivered(self, call: Call) -> None:
+        """A call reached Redis: the holds it settled need no more renewing."""
+        for settled in call.settlements:
+            self.holds.pop(settled.hold, None)
+
+    def _owe_again(self, key_id: str, call: Call) -> None:
+        """What a failed call carried to Redis, owed again."""
+        if call.debt and not call.take:  # an admission's debt went to the local buckets
+            self._owe(key_id, call.tpm, call.debt)
+        for settled in call.settlements:
+            self._owe_settlement(key_id, call.budget, call.period, call.period_ttl, settled)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)  # held so it is not garbage-collected mid-flight
         task.add_done_callback(self.tasks.discard)
 
-    async def _settle_shared(self, key_id: str, tpm: int, slot: str, debt: int) -> None:
-        call = Call(SERVER_TIME, 0, tpm, 0, 0, debt, False, "", slot, self.slot_ttl)
+    async def _settle_shared(self, key_id: str, call: Call) -> None:
+        """One settling call; what it carried is owed again when Redis cannot take it."""
         assert self.shared is not None
         try:
             async with asyncio.timeout(self.timeout):
                 await self.shared.check(key_id, call)
         except FAILURES as exc:
             self._fall_back(exc)
-            if debt:
-                self._owe(key_id, tpm, debt)
+            self._owe_again(key_id, call)
+        else:
+            self._delivered(call)
 
     def _fall_back(self, exc: BaseException) -> None:
         if self.using_redis:
@@ -174,7 +292,7 @@ class Limiter:
             await asyncio.sleep(self.interval)
             try:
                 if self.using_redis:
-                    await self._flush()
+                    await self.flush()
                     if monotonic() - self._renewed >= self.slot_ttl / 3000:
                         await self._renew()
                 else:
@@ -182,21 +300,31 @@ class Limiter:
             except Exception:  # never let the loop die: limits would stop syncing
                 log.exception("rate limiter maintenance failed")
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        """Send what is owed (token debts, budget settlements) to Redis now."""
         debts, self.debts = self.debts, {}
-        await asyncio.gather(
-            *(self._settle_shared(key_id, tpm, "", owed) for key_id, (tpm, owed) in debts.items())
-        )
+        owed, self.owed = self.owed, {}
+        calls = [
+            (key_id, Call(SERVER_TIME, 0, tpm, 0, 0, owed, False, "", "", self.slot_ttl))
+            for key_id, (tpm, owed) in debts.items()
+        ]
+        settling = Call(SERVER_TIME, 0, 0, 0, 0, 0, False, "", "", self.slot_ttl)
+        calls += [
+            (key_id, settling._replace(budget=o.budget, period=period, period_ttl=o.period_ttl,
+                                       settlements=tuple(o.settlements)))
+            for (key_id, period), o in owed.items()
+        ]  # fmt: skip
+        await asyncio.gather(*(self._settle_shared(key_id, call) for key_id, call in calls))
 
     async def _renew(self) -> None:
         assert self.shared is not None
         self._renewed = monotonic()
-        if not self.held:
+        if not self.held and not self.holds:
             return
         expiry = time_ns() // 1_000_000 + self.slot_ttl
         try:
             async with asyncio.timeout(self.timeout):
-                await self.shared.renew(dict(self.held), expiry, self.slot_ttl)
+                await self.shared.renew(dict(self.held), expiry, self.slot_ttl, dict(self.holds))
         except FAILURES as exc:
             self._fall_back(exc)
 
@@ -208,17 +336,57 @@ class Limiter:
         except FAILURES:
             return
         self.using_redis = True
+        # Budgets kept in process meanwhile are stale from now on: a later outage
+        # rebuilds them from the ledger again.
+        for state in self.local.states.values():
+            state.budgets.clear()
         log.info("rate limiter: Redis is reachable again; limits are shared again")
         set_limiter_backend(self.backend)
 
 
 def _call(
-    key: Key, now: int, cost: int, debt: int, take: bool, slot: str, release: str, ttl: int
+    key: Key,
+    now: int,
+    cost: int,
+    debt: int,
+    take: bool,
+    slot: str,
+    release: str,
+    ttl: int,
+    ask: Ask | None = None,
+    hold: str = "",
+    hold_ttl: int = 0,
 ) -> Call:
-    return Call(
+    call = Call(
         now, key.rpm or 0, key.tpm or 0, key.max_parallel or 0, cost, debt, take, slot,
         release, ttl,
     )  # fmt: skip
+    if ask is None:
+        return call
+    return call._replace(
+        budget=ask.budget,
+        period=ask.period,
+        hold=hold,
+        charge=ask.charge,
+        base=ask.base,
+        epoch=ask.epoch,
+        period_ttl=ask.period_ttl,
+        hold_ttl=hold_ttl,
+    )
+
+
+def _folded(settlements: list[Settlement]) -> Settlement:
+    """Many settlements as one without a hold (their holds expire in Redis): the spends
+    summed, judged by when the last of them finished (bucket.py), so they are counted
+    rather than forgiven when a rebuild came in between."""
+    spend = sum(s.spend for s in settlements)
+    return Settlement("", spend, "", max(s.finished for s in settlements))
+
+
+def wall_ms() -> int:
+    """Milliseconds of this host's wall clock: when a request finished, as bucket.lua
+    compares it with the Redis clock that stamped a budget state."""
+    return time_ns() // 1_000_000
 
 
 LIMITER = web.AppKey("limiter", Limiter)

@@ -2,8 +2,9 @@
 registered once (EVALSHA; redis-py reloads it if Redis forgot it), one call per
 admission or settlement.
 
-Key names carry the API key id as a hash tag, ``{prefix}:{<key id>}:rq|tk|par``, so
-the three keys one call touches sit on one Redis Cluster slot.
+Key names carry the API key id as a hash tag, ``{prefix}:{<key id>}:rq|tk|par``, and
+for a key with a budget ``…:bg:<period>|bh:<period>`` (the period's start, Unix
+seconds), so the keys one call touches sit on one Redis Cluster slot.
 
 Redis exceptions are not mapped here: the limiter catches ``FAILURES`` and falls back.
 """
@@ -30,7 +31,14 @@ SCRIPT = (resources.files(__package__) / "bucket.lua").read_text()
 SERVER_TIME = -1
 # What a slow, down or broken Redis raises (TimeoutError: our own per-call bound).
 FAILURES = (RedisError, OSError, TimeoutError)
-_KINDS = {b"": "", b"requests": "requests", b"tokens": "tokens", b"parallel": "parallel"}
+_KINDS = {
+    b"": "",
+    b"requests": "requests",
+    b"tokens": "tokens",
+    b"parallel": "parallel",
+    b"budget": "budget",
+    b"rebuild": "rebuild",
+}
 
 # One Redis, or a Redis Cluster (``redis.cluster``): the limiter uses either the same way.
 Client = aioredis.Redis | RedisCluster
@@ -82,19 +90,39 @@ class RedisBuckets:
             names = self._names[key_id] = (f"{tag}:rq", f"{tag}:tk", f"{tag}:par")
         return names
 
-    async def check(self, key_id: str, call: Call) -> Verdict:
-        reply = await self.script(keys=self.names(key_id), args=_argv(call))
-        allowed, kind, r_left, r_reset, t_left, t_reset, retry = reply
-        return Verdict(bool(allowed), _KINDS[kind], r_left, r_reset, t_left, t_reset, retry)
+    def budget_names(self, key_id: str, period: int) -> tuple[str, str]:
+        """The budget hash and reservation set of one API key in one period."""
+        tag = f"{self.prefix}:{{{key_id}}}"
+        return f"{tag}:bg:{period}", f"{tag}:bh:{period}"
 
-    async def renew(self, slots: Mapping[str, str], expiry_ms: int, ttl_ms: int) -> None:
-        """Push back the expiry of live slots (slot id → key id) so long streams keep
-        theirs; one round trip. A slot already gone stays gone (``XX``)."""
+    async def check(self, key_id: str, call: Call) -> Verdict:
+        keys: tuple[str, ...] = self.names(key_id)
+        if call.budget:
+            keys += self.budget_names(key_id, call.period)
+        reply = await self.script(keys=keys, args=_argv(call))
+        allowed, kind, r_left, r_reset, t_left, t_reset, retry, left, held, epoch = reply
+        return Verdict(
+            bool(allowed), _KINDS[kind], r_left, r_reset, t_left, t_reset, retry,
+            left, held, epoch.decode(),
+        )  # fmt: skip
+
+    async def renew(
+        self,
+        slots: Mapping[str, str],
+        expiry_ms: int,
+        ttl_ms: int,
+        holds: Mapping[str, str] | None = None,
+    ) -> None:
+        """Push back the expiry of live slots (slot id → key id) and budget
+        reservations (hold → its set's Redis key) so long streams keep theirs; one
+        round trip. A slot or hold already gone stays gone (``XX``)."""
         pipe = self.client.pipeline(transaction=False)
         for slot, key_id in slots.items():
             pipe.zadd(self.names(key_id)[2], {slot: expiry_ms}, xx=True)
         for key_id in set(slots.values()):
             pipe.pexpire(self.names(key_id)[2], ttl_ms)
+        for hold, name in (holds or {}).items():
+            pipe.zadd(name, {hold: expiry_ms}, xx=True)
         await pipe.execute()
 
     async def ping(self) -> None:
@@ -104,5 +132,9 @@ class RedisBuckets:
 def _argv(call: Call) -> tuple[str | int, ...]:
     now: str | int = "" if call.now == SERVER_TIME else call.now
     take = "1" if call.take else "0"
-    return (now, call.rpm, call.tpm, call.parallel, call.cost, call.debt, take, call.slot,
-            call.release, call.slot_ttl)  # fmt: skip
+    head = (now, call.rpm, call.tpm, call.parallel, call.cost, call.debt, take, call.slot,
+            call.release, call.slot_ttl, call.budget, call.hold, call.charge, call.base,
+            call.epoch, call.period_ttl, call.hold_ttl)  # fmt: skip
+    if not call.settlements:
+        return head
+    return head + tuple(value for settled in call.settlements for value in settled)

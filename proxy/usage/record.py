@@ -12,9 +12,15 @@ row carries an estimate and ``estimated = True`` (docs/usage-ledger.md, "Estimat
 
 A request that never reached an upstream (bad request, unknown model, refused key) or
 that the upstream refused with an HTTP error consumed nothing: zeros, exact.
+
+``cost`` is the exchange's price (``Exchange.cost``, nano-units, set by pricing.py
+from the same counts) as an exact decimal: PostgreSQL ``numeric``; SQLite ``TEXT``
+holding the decimal's string (Python's notation: ``0.00105``, ``1.50E-7``).
 """
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 import msgspec
 
@@ -26,6 +32,7 @@ BYTES_PER_TOKEN = 4
 # what the batch byte limit counts, close to the size of its spool line.
 _FIXED_BYTES = 200
 _NO_USAGE = Usage()
+_FREE = Decimal(0)
 # Client-chosen text (the model name, the path) is cut to this many characters: a
 # client must not be able to bloat the ledger with megabyte-long model names.
 MAX_TEXT = 256
@@ -53,6 +60,8 @@ class Record(msgspec.Struct, array_like=True, frozen=True):
     started_at: float  # Unix seconds
     duration_ms: float
     ttft_ms: float | None
+    # Last, with a default: spool lines written before the column existed still decode.
+    cost: Decimal = Decimal(0)
 
 
 COLUMNS: tuple[str, ...] = Record.__struct_fields__
@@ -94,6 +103,7 @@ def record_of(exchange: Exchange) -> Record:
         exchange.started_at,
         exchange.duration * 1000.0,
         None if ttft is None else ttft * 1000.0,
+        Decimal(exchange.cost).scaleb(-9) if exchange.cost else _FREE,
     )
 
 

@@ -1,10 +1,11 @@
 """``python -m proxy usage --since 1h --by key|model|deployment``: a table of requests,
-tokens, errors and latency percentiles from the ledger.
+tokens, cost, errors and latency percentiles from the ledger.
 
 PostgreSQL computes the percentiles (``percentile_cont``); on SQLite the same
 interpolation runs in Python over the selected durations, so both backends print the
 same table for the same records. "errors" counts requests that ended with an error
-class or an HTTP status of 400 or more.
+class or an HTTP status of 400 or more. "cost" is exact on both: PostgreSQL sums its
+``numeric`` column, and SQLite's decimal text is summed here with ``Decimal``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
@@ -25,6 +27,7 @@ import asyncpg
 
 from ..config import Database
 from ..errors import DatabaseUnavailable
+from ..pricing import show
 from .store import TABLE
 
 # --by → column; a fixed map, so the column name in the SQL is never user text.
@@ -32,6 +35,7 @@ GROUPS = {"key": "key_id", "model": "model", "deployment": "deployment"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _ERROR = "(error IS NOT NULL OR status >= 400)"
+_ZERO = Decimal(0)
 
 
 class Row(NamedTuple):
@@ -39,6 +43,7 @@ class Row(NamedTuple):
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost: Decimal
     errors: int
     p50_ms: float
     p95_ms: float
@@ -64,7 +69,7 @@ def fetch(database: Database, since: float, by: str) -> list[Row]:
 async def _fetch_postgres(database: Database, since: float, column: str) -> list[Row]:
     query = (
         f"SELECT coalesce({column}, '-'), count(*), sum(prompt_tokens), "
-        f"sum(completion_tokens), count(*) FILTER (WHERE {_ERROR}), "
+        f"sum(completion_tokens), sum(cost), count(*) FILTER (WHERE {_ERROR}), "
         "percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms), "
         "percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) "
         f"FROM {TABLE} WHERE started_at >= $1 GROUP BY 1"
@@ -91,15 +96,17 @@ def _fetch_sqlite(path: str, since: float, column: str) -> list[Row]:
         f"FROM {TABLE} WHERE started_at >= ? GROUP BY 1"
     )
     durations = (
-        f"SELECT coalesce({column}, '-'), duration_ms FROM {TABLE} "
+        f"SELECT coalesce({column}, '-'), duration_ms, cost FROM {TABLE} "
         "WHERE started_at >= ? ORDER BY 1, 2"
     )
     try:
         with sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True) as conn:
             groups = conn.execute(totals, (since,)).fetchall()
             spread: dict[str, list[float]] = {}
-            for name, ms in conn.execute(durations, (since,)):
+            costs: dict[str, Decimal] = {}
+            for name, ms, cost in conn.execute(durations, (since,)):
                 spread.setdefault(name, []).append(ms)
+                costs[name] = costs.get(name, _ZERO) + Decimal(cost)
     except sqlite3.Error as exc:
         raise DatabaseUnavailable(f"{path}: {exc}") from exc
     rows = []
@@ -111,6 +118,7 @@ def _fetch_sqlite(path: str, since: float, column: str) -> list[Row]:
                 requests,
                 prompt,
                 completion,
+                costs[name],
                 errors,
                 percentile(ms, 0.5),
                 percentile(ms, 0.95),
@@ -133,13 +141,16 @@ def _ordered(rows: list[Row]) -> list[Row]:
 
 def render(rows: Sequence[Row], by: str) -> str:
     """The rows as an aligned text table."""
-    header = (by, "requests", "prompt_tokens", "completion_tokens", "errors", "p50_ms", "p95_ms")
+    header = (
+        by, "requests", "prompt_tokens", "completion_tokens", "cost", "errors", "p50_ms", "p95_ms"
+    )  # fmt: skip
     cells = [header] + [
         (
             row.name,
             str(row.requests),
             str(row.prompt_tokens),
             str(row.completion_tokens),
+            show(row.cost),
             str(row.errors),
             f"{row.p50_ms:.1f}",
             f"{row.p95_ms:.1f}",
