@@ -22,7 +22,8 @@ gives the rest of the reservation back.
 Token reservation: the request body's bytes / 4, rounded up (the usage ledger's
 estimate of prompt tokens; JSON syntax makes it err high) plus the answer's cap —
 max_tokens, max_completion_tokens or max_output_tokens, else
-``limits.default_max_tokens``, nothing for embeddings — times ``n``. Settling charges
+``limits.default_max_tokens``, nothing for embeddings — times ``n`` (at most
+``wire.MAX_COUNT``). Settling charges
 ``usage.total_tokens``; with no usage reported, the ledger's estimate for a request
 that reached an upstream and did not fail there, else nothing.
 """
@@ -47,7 +48,7 @@ from .pricing import show, units
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import LIMITER, Limiter, Ticket
 from .usage.record import BYTES_PER_TOKEN, consumed
-from .wire import RequestView
+from .wire import MAX_COUNT, RequestView
 
 if TYPE_CHECKING:
     from .app import State
@@ -150,7 +151,9 @@ def reserved(body_bytes: int, view: RequestView, endpoint: str, default: int) ->
     if answer is None:
         answer = 0 if endpoint == "embeddings" else default
     prompt = -(-body_bytes // BYTES_PER_TOKEN)
-    return prompt, max(answer, 0) * max(view.n or 1, 1)
+    # Capped like the counts an upstream reports: the client's numbers are not trusted
+    # either, and bucket.lua counts exactly only below 2**53 units.
+    return prompt, min(max(answer, 0) * max(view.n or 1, 1), MAX_COUNT)
 
 
 def charged(exchange: Exchange) -> int:
