@@ -178,8 +178,11 @@ async def relay_stream(
                 if kept:
                     if exchange.first_byte is None:
                         exchange.first_byte = perf_counter()
-                    await out.write(b"".join(kept))
+                    await _send(out, b"".join(kept))
                     kept.clear()
+    except _ClientGone:  # before ClientError: aiohttp's write error is one of those too
+        exchange.error = "client_disconnected"
+        return out
     except ProxyError as exc:
         failure = exc
     except TimeoutError:
@@ -188,15 +191,29 @@ async def relay_stream(
         failure = UpstreamError("The upstream connection broke mid-stream.")
     finally:
         exchange.upstream_time += waited
-    if kept:  # complete events that came before a failure in the same chunk
-        await out.write(b"".join(kept))
     if failure is None and not watch.finished:
         failure = UpstreamError("The upstream stream ended before it was complete.")
-    if failure is not None:
-        exchange.error = type(failure).__name__
-        await out.write(b"data: " + render(failure) + b"\n\n")
-    await out.write_eof()
+    try:
+        if kept:  # complete events that came before a failure in the same chunk
+            await _send(out, b"".join(kept))
+        if failure is not None:
+            exchange.error = type(failure).__name__
+            await _send(out, b"data: " + render(failure) + b"\n\n")
+        await out.write_eof()
+    except (_ClientGone, ConnectionResetError):
+        exchange.error = exchange.error or "client_disconnected"
     return out
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it went away (not an upstream failure)."""
+
+
+async def _send(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+        raise _ClientGone from None
 
 
 class _Watch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
 import time
 
@@ -474,3 +475,18 @@ async def test_upstream_connections_are_reused(
         pass
     assert len(upstream.received) == 31
     assert len(upstream.peers()) <= 2
+
+
+async def test_client_leaving_mid_stream_is_no_error(
+    proxy: Proxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = orjson.dumps({"model": "m1", "messages": MESSAGES, "stream": True})
+    behaviour = {"x-fake-chunks": "400", "x-fake-gap-ms": "2"}
+    for _ in range(5):
+        async with aiohttp.ClientSession() as http:
+            url = proxy.base + "/chat/completions"
+            async with http.post(url, data=body, headers=behaviour) as resp:
+                await resp.content.readuntil(b"\n\n")
+    await _until(lambda: len(proxy.recorder.exchanges) == 5)
+    assert {ex.error for ex in proxy.recorder.exchanges} == {"client_disconnected"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
