@@ -1,0 +1,238 @@
+"""CPU per request measured inside one process: steady on a busy machine.
+
+``python -m bench.inproc [--stream] [--subject proxy|passthrough] [--profile]``
+
+One uvloop runs a canned upstream (a bare asyncio ``Protocol`` that answers every
+request with the same bytes), the subject (the bare proxy app, or the plain
+passthrough of ``bench/passthrough.py``) and keep-alive clients of the same bare
+kind. The process's own CPU time over N requests, minus what the clients and the
+canned upstream cost alone (measured first, straight against each other), is the
+subject's CPU per request. CPU time, not wall time, and one process, not three: other
+load on the machine moves these figures far less than the wrk runs of
+``bench.run``, so this is the tool to compare two versions of the hot path. It is
+not an end-to-end figure (no real sockets between processes' schedulers, no fake
+upstream logic): ``bench.run`` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import resource
+import tempfile
+from pathlib import Path
+from typing import cast
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+from proxy import config as cfg
+from proxy.serve import start
+
+from . import passthrough
+from .run import BODY
+
+_STREAM_BODY = BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
+_REPLY = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3",'
+    b'"refusal":null},"logprobs":null,"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}'
+)
+_EVENTS = [
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"m","choices":[{"index":0,"delta":{"content":"tok%d "},"logprobs":null,'
+    b'"finish_reason":null}],"usage":null}\n\n' % i
+    for i in range(8)
+] + [
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":8,'
+    b'"total_tokens":20}}\n\n',
+    b"data: [DONE]\n\n",
+]
+ANSWERS = {
+    False: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_REPLY), _REPLY),
+    True: b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in _EVENTS)
+    + b"0\r\n\r\n",
+}
+
+
+class Canned(asyncio.Protocol):
+    """An upstream that answers each complete request (Content-Length bodies) at once."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            at = head.find(b"content-length:")
+            size = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buf) < end + 4 + size:
+                return
+            self.buf = self.buf[end + 4 + size :]
+            self.transport.write(self.answer)
+
+
+class Client(asyncio.Protocol):
+    """Sends the same request again each time the previous answer is complete, while
+    ``budget`` lasts; ``done`` once every client is idle."""
+
+    def __init__(self, request: bytes, budget: _Budget) -> None:
+        self.request = request
+        self.budget = budget
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._next()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.buf.endswith((b"0\r\n\r\n", b"}}")):  # a complete answer ends so
+            return
+        if not self.buf.startswith(b"HTTP/1.1 200"):
+            self.budget.fail(self.buf[:300].decode(errors="replace"))
+            return
+        self.buf = b""
+        self._next()
+
+    def _next(self) -> None:
+        if self.budget.take():
+            self.transport.write(self.request)
+
+
+class _Budget:
+    def __init__(self, requests: int, clients: int) -> None:
+        self.left = requests
+        self.busy = clients
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def take(self) -> bool:
+        if self.left > 0:
+            self.left -= 1
+            return True
+        self.busy -= 1
+        if self.busy == 0 and not self.done.done():
+            self.done.set_result(None)
+        return False
+
+    def fail(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(RuntimeError(reason))
+
+
+async def drive(port: int, body: bytes, requests: int, conns: int) -> None:
+    """``requests`` requests over ``conns`` keep-alive connections."""
+    loop = asyncio.get_running_loop()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer sk-bench\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    budget = _Budget(requests, conns)
+    transports = []
+    try:
+        for _ in range(conns):
+            transport, _ = await loop.create_connection(
+                lambda: Client(head + body, budget), "127.0.0.1", port
+            )
+            transports.append(transport)
+        await budget.done
+    finally:
+        for transport in transports:
+            transport.close()
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread: the ledger's too
+    return usage.ru_utime + usage.ru_stime
+
+
+async def subject(name: str, upstream: str, workdir: Path) -> web.AppRunner:
+    """The subject's runner, listening on a free port."""
+    if name == "passthrough":
+        app = web.Application()
+        app[passthrough.UPSTREAM] = upstream
+        app.cleanup_ctx.append(passthrough.session)
+        app.router.add_post("/v1/{path:.*}", passthrough.forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+    config = cfg.quick_start(upstream, "sk-upstream")
+    replace = msgspec.structs.replace
+    return await start(
+        replace(
+            config,
+            server=replace(config.server, host="127.0.0.1", port=0, access_log="off"),
+            auth=replace(config.auth, enabled=False),
+            database=replace(config.database, sqlite_path=str(workdir / "ledger.db")),
+            usage=replace(config.usage, spool_dir=str(workdir / "spool")),
+        )
+    )
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Canned(ANSWERS[args.stream]), "127.0.0.1", 0)
+    upstream_port = server.sockets[0].getsockname()[1]
+    body = _STREAM_BODY if args.stream else BODY
+    n, conns = args.requests, args.conns
+    await drive(upstream_port, body, n // 10, conns)
+    before = cpu()
+    await drive(upstream_port, body, n, conns)
+    harness = (cpu() - before) / n * 1e6
+    runner = await subject(args.subject, f"http://127.0.0.1:{upstream_port}/v1", workdir)
+    port = runner.addresses[0][1]
+    profile = cProfile.Profile() if args.profile else None
+    try:
+        await drive(port, body, n // 10, conns)  # warm up pools and caches
+        costs = []
+        for _ in range(args.repeat):
+            if profile:
+                profile.enable()
+            before = cpu()
+            await drive(port, body, n, conns)
+            costs.append((cpu() - before) / n * 1e6 - harness)
+            if profile:
+                profile.disable()
+    finally:
+        await runner.cleanup()
+        server.close()
+    kind = "chat stream" if args.stream else "chat"
+    runs = ", ".join(f"{c:.0f}" for c in costs)
+    print(
+        f"{args.subject}, {kind}, {conns} connections: {min(costs):.0f} µs CPU per request "
+        f"(best of {runs}; clients + canned upstream alone: {harness:.0f} µs, subtracted)"
+    )
+    if profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
+    parser.add_argument("--subject", choices=("proxy", "passthrough"), default="proxy")
+    parser.add_argument("--stream", action="store_true", help="streamed chat (8 events)")
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--conns", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
+    parser.add_argument("--profile", action="store_true", help="cProfile the measured runs")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="morngpt-inproc-") as tmp:
+        uvloop.run(measure(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The benchmark: ``python -m bench.run [--quick] [--mode bare|governed|both]``.
+
+Starts the fast fake upstream, then, one at a time, each subject in front of it — the
+upstream called directly, the plain aiohttp passthrough (``bench/passthrough.py``),
+the proxy bare and (when the tree has it) governed — and measures every subject the
+same way:
+
+(a) latency at concurrency 1 (wrk), as added to the direct call;
+(b) throughput at concurrency 16/64/256, non-streamed and streamed (wrk), with the
+    subject's CPU seconds per request (/proc, all its processes) and its RSS;
+(c) streaming fidelity on paced streams: added time to first event, added gap between
+    events, and the most concurrent paced streams served with no stall;
+(d) for the proxy, throughput with two workers against one.
+
+Figures are printed as a Markdown report (``--out FILE`` writes it too): absolutes
+plus ratios to the direct run of the same invocation, and the machine they came from.
+All traffic stays on 127.0.0.1. Linux only (taskset, /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import signal
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from . import governed as modes
+from . import report, streams, wrk
+from .procs import Layout, Service, cpu_seconds, free_port, peak_rss_mb, pinned, python, rss_mb
+
+MESSAGES = (
+    b'[{"role":"system","content":"You are a helpful assistant."},'
+    b'{"role":"user","content":"Write one short sentence about load testing proxies."}]'
+)
+BODY = b'{"model":"bench-model","messages":' + MESSAGES + b',"max_tokens":64}'
+STREAM_BODY = BODY[:-1] + b',"stream":true}'
+# The stream probes ask for usage themselves: without it the proxy asks the upstream for
+# the usage chunk and drops it, and the (paced) upstream's pause before that chunk
+# would show as one doubled gap that a direct call does not have.
+PROBE_BODY = STREAM_BODY[:-1] + b',"stream_options":{"include_usage":true}}'
+# A chat stream of N tokens: role chunk + N + finish chunk + usage chunk + [DONE].
+PROBE_EVENTS_EXTRA = 4
+KINDS = {"chat": BODY, "chat stream": STREAM_BODY}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: float  # per wrk run
+    repeat: int  # wrk runs per figure; the median is reported
+    ttft_streams: int  # sequential short streams for time to first event
+    capacity: tuple[int, ...]  # concurrent paced streams tried, in order
+    concurrency: tuple[int, ...] = (16, 64, 256)
+    paced_streams: int = 8
+    paced_chunks: int = 64
+    paced_gap_ms: float = 20.0
+
+
+QUICK = Settings(seconds=2, repeat=1, ttft_streams=50, capacity=(100, 250, 500, 1000))
+FULL = Settings(seconds=5, repeat=3, ttft_streams=200, capacity=(100, 250, 500, 1000, 1500, 2000))
+
+
+# Builds a proxy config for (port, workers).
+MakeConfig = Callable[[int, int], dict[str, object]]
+
+
+@dataclass
+class Subject:
+    """Something requests can be sent to, and the processes whose cost is counted."""
+
+    name: str
+    base: str  # base URL ending in /v1
+    pids: Callable[[], list[int]]
+    workers: int = 1
+
+
+@dataclass
+class Measured:
+    """Everything measured for one subject (wrk latencies in µs, stream figures in ms)."""
+
+    name: str
+    latency: wrk.Result
+    cpu_c1_us: float
+    throughput: dict[tuple[str, int], report.Point]
+    rss_mb: float
+    ttft: streams.Fidelity
+    paced: streams.Fidelity
+    capacity: list[tuple[int, streams.Fidelity]]
+    peak_rss_mb: float
+
+
+class Bench:
+    """One invocation: the upstream, the wrk scripts, and how subjects are measured."""
+
+    def __init__(self, settings: Settings, layout: Layout, workdir: Path) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.workdir = workdir
+        self.scripts = {
+            kind: wrk.script(workdir, kind.replace(" ", "-"), body, _HEADERS)
+            for kind, body in KINDS.items()
+        }
+        self.upstream = self._start_upstream()
+
+    def _start_upstream(self) -> tuple[Service, str]:
+        port = free_port()
+        argv = [python(), "-m", "bench.fake_upstream", "--port", str(port), "--chunks", "8"]
+        service = Service(
+            "upstream", pinned(argv, self.layout.upstream), self.workdir, self._log("upstream")
+        )
+        service.wait_for("listening on")
+        return service, f"http://127.0.0.1:{port}/v1"
+
+    def _log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def direct(self) -> Subject:
+        service, url = self.upstream
+        return Subject("direct", url, service.pids)
+
+    def passthrough(self) -> contextlib.AbstractContextManager[Subject]:
+        port = free_port()
+        argv = [python(), "-m", "bench.passthrough", "--upstream", self.upstream[1]]
+        argv += ["--port", str(port)]
+        return self._serving("passthrough", argv, port, self.layout.proxy, 1, "Running on")
+
+    def proxy(
+        self, name: str, config: MakeConfig, workers: int, cpus: frozenset[int] | None
+    ) -> contextlib.AbstractContextManager[Subject]:
+        port = free_port()
+        path = self.workdir / f"{name}.json"
+        checked = modes.write(config(port, workers), path)
+        argv = [python(), "-m", "proxy", "serve", "--config", str(path)]
+        if not checked.auth.enabled:
+            argv.append("--no-auth")
+        return self._serving(name, argv, port, cpus, workers, "listening on")
+
+    @contextlib.contextmanager
+    def _serving(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        cpus: frozenset[int] | None,
+        workers: int,
+        ready: str,
+    ) -> Iterator[Subject]:
+        """Run a server for the duration of the block; ready once its log showed
+        ``ready`` once per worker."""
+        service = Service(name, pinned(argv, cpus), self.workdir, self._log(name))
+        try:
+            service.wait_for(ready, count=workers)
+            yield Subject(name, f"http://127.0.0.1:{port}/v1", service.pids, workers)
+        finally:
+            service.stop()
+
+    # ------------------------------------------------------------------ measuring
+
+    def load(self, subject: Subject, kind: str, connections: int) -> tuple[wrk.Result, float]:
+        """Median wrk result over the repeats, and the subject's median CPU µs/request."""
+        results, costs = [], []
+        url = f"{subject.base}/chat/completions"
+        for _ in range(self.settings.repeat):
+            before = cpu_seconds(subject.pids())
+            result = wrk.run(
+                url, self.scripts[kind], connections, self.settings.seconds, self.layout.load
+            )
+            spent = cpu_seconds(subject.pids()) - before
+            results.append(result)
+            costs.append(spent / result.requests * 1e6 if result.requests else float("nan"))
+        return median_result(results), statistics.median(costs)
+
+    def measure(self, subject: Subject) -> Measured:
+        print(f"  {subject.name}: warm-up, latency", flush=True)
+        url = f"{subject.base}/chat/completions"
+        wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)  # warm pools and caches
+        latency, cpu_c1 = self.load(subject, "chat", 1)
+        print(f"  {subject.name}: throughput", flush=True)
+        throughput = {}
+        for kind in KINDS:
+            for conns in self.settings.concurrency:
+                result, cost = self.load(subject, kind, conns)
+                throughput[kind, conns] = report.Point(result.rps, cost, result.failed)
+        rss = max(rss_mb(subject.pids()), default=float("nan"))
+        print(f"  {subject.name}: streams", flush=True)
+        ttft, paced, capacity = self.stream_fidelity(subject)
+        peak = max(peak_rss_mb(subject.pids()), default=float("nan"))
+        return Measured(subject.name, latency, cpu_c1, throughput, rss, ttft, paced, capacity, peak)
+
+    def stream_fidelity(
+        self, subject: Subject
+    ) -> tuple[streams.Fidelity, streams.Fidelity, list[tuple[int, streams.Fidelity]]]:
+        """Time to first event, gaps on a few paced streams, then capacity: ever more
+        concurrent paced streams until a level is not clean."""
+        s = self.settings
+        target = streams.Target.of(subject.base, _KEY)
+        short = target.request(PROBE_BODY, 8, 0)
+        traces = uvloop.run(streams.sequential(target, short, s.ttft_streams))
+        ttft = streams.Fidelity.of(traces, 8 + PROBE_EVENTS_EXTRA, 0)
+        paced = target.request(PROBE_BODY, s.paced_chunks, s.paced_gap_ms)
+        expected = s.paced_chunks + PROBE_EVENTS_EXTRA
+        traces = uvloop.run(streams.concurrent(target, paced, s.paced_streams, ramp=0.1))
+        gaps = streams.Fidelity.of(traces, expected, s.paced_gap_ms)
+        capacity = []
+        for level in s.capacity:
+            traces = uvloop.run(streams.concurrent(target, paced, level, ramp=1.0))
+            fidelity = streams.Fidelity.of(traces, expected, s.paced_gap_ms)
+            capacity.append((level, fidelity))
+            if not fidelity.clean:
+                break
+        return ttft, gaps, capacity
+
+    def mode(self, name: str, config: MakeConfig) -> tuple[Measured, report.Scaling]:
+        """Measure the proxy in one mode: one pinned worker, then the worker scaling."""
+        print(f"measuring {name}", flush=True)
+        with self.proxy(name, config, 1, self.layout.proxy) as subject:
+            measured = self.measure(subject)
+        return measured, self.scaling(name, config)
+
+    def scaling(self, name: str, config: MakeConfig) -> report.Scaling:
+        """Throughput with one worker and with two, both free to use every CPU."""
+        points: dict[int, dict[int, report.Point]] = {}
+        for workers in (1, 2):
+            cpus = self.layout.every
+            with self.proxy(f"{name}-{workers}w", config, workers, cpus) as subject:
+                url = f"{subject.base}/chat/completions"
+                wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
+                points[workers] = {}
+                for conns in (64, 256):
+                    result, cost = self.load(subject, "chat", conns)
+                    points[workers][conns] = report.Point(result.rps, cost, result.failed)
+        return report.Scaling(name, points)
+
+    def close(self) -> None:
+        self.upstream[0].stop()
+
+
+_KEY = modes.BENCH_KEY
+_HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {_KEY}"}
+
+
+def median_result(results: Sequence[wrk.Result]) -> wrk.Result:
+    if len(results) == 1:
+        return results[0]
+    med = statistics.median
+    return wrk.Result(
+        requests=int(med(r.requests for r in results)),
+        seconds=med(r.seconds for r in results),
+        errors=sum(r.errors for r in results),
+        non2xx=sum(r.non2xx for r in results),
+        p50=med(r.p50 for r in results),
+        p90=med(r.p90 for r in results),
+        p99=med(r.p99 for r in results),
+        max=max(r.max for r in results),
+        mean=med(r.mean for r in results),
+    )
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs (about 2 minutes)")
+    parser.add_argument("--mode", choices=("bare", "governed", "both"), default="both")
+    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    wrk.ensure_installed()
+    layout = Layout.for_machine()
+    if layout.load is not None:
+        os.sched_setaffinity(0, layout.load)  # the stream probes are load too
+    command = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    lacking = modes.missing() if args.mode != "bare" else []
+    results: list[Measured] = []
+    scaling: list[report.Scaling] = []
+    with tempfile.TemporaryDirectory(prefix="morngpt-bench-") as tmp:
+        bench = Bench(settings, layout, Path(tmp))
+        try:
+            up = bench.upstream[1]
+            print("measuring direct", flush=True)
+            results.append(bench.measure(bench.direct()))
+            print("measuring passthrough", flush=True)
+            with bench.passthrough() as subject:
+                results.append(bench.measure(subject))
+            runs = []
+            if args.mode in ("bare", "both"):
+                runs.append(bench.mode("bare", functools.partial(modes.bare, up)))
+            if args.mode in ("governed", "both") and not lacking:
+                with modes.backends(bench.workdir, up) as (redis, dsn):
+
+                    def config(port: int, workers: int) -> dict[str, object]:
+                        return modes.governed(up, port, workers, redis, dsn)
+
+                    runs.append(bench.mode("governed", config))
+            results += [measured for measured, _ in runs]
+            scaling += [scaled for _, scaled in runs]
+        finally:
+            bench.close()
+    text = report.render(command, settings, layout, results, scaling, lacking)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The benchmark's own parts that can be checked quickly: the stream probe against the
+fake upstream and through the proxy, /proc accounting, and the configs of both modes
+(the benchmark itself runs for minutes: `python -m bench.run --quick`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import governed as modes
+from bench import streams
+from bench.fake_upstream import FakeUpstream
+from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
+from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
+from proxy import config as cfg
+
+from .conftest import MakeProxy
+
+
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
+async def test_probe_sees_every_paced_event_and_no_stall(
+    upstream: FakeUpstream, make_proxy: MakeProxy, through_proxy: bool
+) -> None:
+    base = upstream.url
+    if through_proxy:
+        base = (await make_proxy(cfg.quick_start(upstream.url, None))).base
+    target = streams.Target.of(base, "sk-unused")
+    request = target.request(PROBE_BODY, chunks=6, gap_ms=20)
+    traces = await streams.concurrent(target, request, count=3, ramp=0.05)
+    fidelity = streams.Fidelity.of(traces, 6 + PROBE_EVENTS_EXTRA, gap_ms=20)
+    assert (fidelity.streams, fidelity.broken) == (3, 0)
+    # The gaps are the upstream's 20 ms, give or take scheduling on a busy machine.
+    assert 10 < fidelity.gap_p50 < 40
+
+
+async def test_probe_counts_a_cut_stream_as_broken(upstream: FakeUpstream) -> None:
+    upstream.default["x-fake-cut"] = "3"
+    target = streams.Target.of(upstream.url, "sk-unused")
+    traces = await streams.sequential(target, target.request(PROBE_BODY, 6, 0), 2)
+    fidelity = streams.Fidelity.of(traces, 6 + PROBE_EVENTS_EXTRA, gap_ms=0)
+    assert fidelity.broken == 2
+    assert not fidelity.clean
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert streams.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert streams.percentile([1.0, 2.0], 99) == 2.0
+    assert streams.percentile([], 50) != streams.percentile([], 50)  # NaN
+
+
+def test_proc_accounting_reads_this_process() -> None:
+    pids = [os.getpid()]
+    assert cpu_seconds(pids) > 0
+    assert rss_mb(pids)[0] > 1
+    assert peak_rss_mb(pids)[0] >= rss_mb(pids)[0] * 0.9
+    assert cpu_seconds([2**22 + 7]) == 0  # a process that is not there counts nothing
+
+
+def test_both_modes_write_configs_serve_accepts(tmp_path: Path) -> None:
+    upstream = "http://127.0.0.1:9/v1"
+    bare = modes.write(modes.bare(upstream, 8080, 1), tmp_path / "bare.json")
+    assert not bare.auth.enabled
+    assert bare.server.access_log == "off"
+    governed = modes.write(
+        modes.governed(upstream, 8080, 2, "redis://127.0.0.1:1/0", "postgresql://x@h/db"),
+        tmp_path / "governed.json",
+    )
+    assert governed.auth.enabled
+    assert [k.id for k in governed.keys] == ["bench"]
+    assert governed.database.is_postgres
+    assert modes.missing() == []
