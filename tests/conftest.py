@@ -3,11 +3,16 @@ official OpenAI SDK as the client. Fixtures that start something also stop it.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import secrets
+import shutil
+import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +21,7 @@ import asyncpg
 import msgspec
 import openai
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
@@ -216,3 +222,48 @@ def proxy_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+class RedisServer:
+    """A redis-server process this test owns: started, killed and restarted at will."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--enable-debug-command", "yes"),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        async with aioredis.Redis.from_url(self.url) as client:
+            while True:
+                with contextlib.suppress(OSError, aioredis.ConnectionError):
+                    if await client.ping():
+                        return
+                assert time.monotonic() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.02)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    """A redis-server of this test's own on a free port, to kill, pause and restart
+    (never the shared one)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    server = RedisServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.returncode is None:
+            server.proc.send_signal(signal.SIGCONT)  # a test may have paused it
+        await server.kill()

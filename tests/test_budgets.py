@@ -12,11 +12,9 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,9 +42,17 @@ from proxy.usage.record import Record
 from proxy.usage.store import store_for
 from proxy.wire import RequestView
 
-from .conftest import PYTHON, REDIS_URL, SECRETS, MakeProxy, Proxy, free_port, proxy_env
+from .conftest import (
+    PYTHON,
+    REDIS_URL,
+    SECRETS,
+    MakeProxy,
+    Proxy,
+    RedisServer,
+    free_port,
+    proxy_env,
+)
 from .keyhelp import declare, keyed, limiter
-from .test_limiter_outage import RedisServer
 from .usage_support import Served, ledger_rows, until
 
 D = Decimal
@@ -402,21 +408,6 @@ async def test_a_lost_state_is_rebuilt_from_the_ledger_neither_forgiven_nor_doub
     assert streamed.cost == 9_000_000  # 1 prompt token, 4 answer tokens
     assert total == 5 * COST + D("0.009")
     assert found == {"spent": int(total * 10**9), "held": 0}  # equal: nothing lost or doubled
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[RedisServer]:
-    """A redis-server of this test's own, to stop and start (never the shared one)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server")
-    server = RedisServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None and server.proc.returncode is None:
-            server.proc.send_signal(signal.SIGCONT)  # a paused one must be able to die
-        await server.kill()
 
 
 @pytest.mark.parametrize("outage", ["restarted empty", "paused, state kept"])

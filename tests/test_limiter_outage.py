@@ -6,10 +6,9 @@ Redis by itself. Uses a throwaway ``redis-server`` on a free port, never the sha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -18,50 +17,11 @@ from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
 
-from .conftest import MakeProxy, Proxy, free_port
+from .conftest import MakeProxy, Proxy, RedisServer
 from .keyhelp import declare, keyed, limiter
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 BODY = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-class RedisServer:
-    """A redis-server process this test owns: started, killed and restarted at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--enable-debug-command", "yes"),
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        async with aioredis.Redis.from_url(self.url) as client:
-            while True:
-                with contextlib.suppress(OSError, aioredis.ConnectionError):
-                    if await client.ping():
-                        return
-                assert time.monotonic() < deadline, "redis-server did not start"
-                await asyncio.sleep(0.02)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 class Load:

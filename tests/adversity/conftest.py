@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from ..test_limiter_outage import RedisServer
 from ..usage_support import Cluster, cluster
 from .faultproxy import FaultProxy
 
@@ -59,19 +57,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         figures = {name: FIGURES[name] for name in NAMES.values()}
         with open(target, "w") as out:
             json.dump({**figures, "measured": MEASURED}, out, indent=2)
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[RedisServer]:
-    """A redis-server of this test's own on a free port, to kill, pause and restart."""
-    server = RedisServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None and server.proc.returncode is None:
-            server.proc.send_signal(signal.SIGCONT)  # a test may have paused it
-        await server.kill()
 
 
 @pytest.fixture(scope="module")

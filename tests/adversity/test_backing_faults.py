@@ -25,10 +25,9 @@ from proxy import config as cfg
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
 
-from ..conftest import MakeProxy, Proxy
+from ..conftest import MakeProxy, Proxy, RedisServer
 from ..keyhelp import declare, keyed, limiter
 from ..test_limiter_outage import Load as LimiterLoad
-from ..test_limiter_outage import RedisServer
 from ..usage_support import Cluster, Load, assert_same_requests, ledger_config, ledger_rows, until
 from .conftest import Relays, count
 from .rawhttp import RawServer, read_request, response
