@@ -194,7 +194,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     try:
         if state.draining:
             raise ServiceUnavailable(
-                "The proxy is shutting down; retry shortly.", headers={"Retry-After": "1"}
+                "The proxy is shutting down; retry shortly.", headers=_RETRY_SOON
             )
         if state.inflight > state.max_inflight:  # shed before reading anything
             raise Overloaded("The proxy is at capacity; retry shortly.", headers=_RETRY_SOON)
