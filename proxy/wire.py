@@ -8,6 +8,8 @@ Responses are scanned for their ``usage`` object the same way.
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
 from .errors import BadRequest
@@ -60,7 +62,33 @@ def decode_request(body: bytes) -> RequestView:
         raise BadRequest(_TOO_DEEP) from None
     if "\x00" in view.model:  # no upstream has such a model; PostgreSQL text cannot hold it
         raise BadRequest("The model name contains a NUL character.", param="model")
+    if _may_repeat_model(body) and _repeats_model(body):
+        raise BadRequest("The request body names `model` more than once.", param="model")
     return view
+
+
+def _may_repeat_model(body: bytes) -> bool:
+    """Cheap test (two C-speed scans) for bodies that could hold a second top-level
+    ``model``: the literal key twice, or a ``\\u00`` escape, the only way to spell a
+    letter of "model" differently. JSON parsers disagree on which duplicate wins; the
+    proxy checks permissions and prices on the last one (as msgspec reads it), so an
+    upstream that took the first could serve a model nobody checked."""
+    return body.count(b'"model"') > 1 or b"\\u00" in body
+
+
+def _repeats_model(body: bytes) -> bool:
+    """The exact check, for the few bodies ``_may_repeat_model`` lets through."""
+    objects: list[list[tuple[str, object]]] = []
+
+    def keep(pairs: list[tuple[str, object]]) -> object:
+        objects.append(pairs)
+        return pairs
+
+    try:
+        json.loads(body, object_pairs_hook=keep)
+    except (ValueError, RecursionError):
+        return False  # msgspec accepted it; nothing more to learn here
+    return sum(key == "model" for key, _ in objects[-1]) > 1
 
 
 # msgspec's nesting limit is Python's recursion limit, so it depends on the stack depth

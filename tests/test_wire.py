@@ -481,3 +481,30 @@ def test_find_usage_reads_the_counts(
     text = json.dumps(payload, indent=1 if spaced else None).encode()
     expected = Usage(prompt, completion, total, cached, reasoning)
     assert find_usage(text) == (expected, not responses)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "allowed", "model": "other"}',
+        b'{"model": "allowed", "m\\u006fdel": "other"}',
+        b'{"mod\\u0065l": "other", "messages": [], "model": "allowed"}',
+    ],
+)
+def test_a_second_top_level_model_is_refused(body: bytes) -> None:
+    # Parsers disagree on which duplicate wins: the proxy must not check one model
+    # and forward a body an upstream could read as another.
+    with pytest.raises(BadRequest) as caught:
+        decode_request(body)
+    assert caught.value.param == "model"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "tools": [{"parameters": {"model": 1}}, {"model": 2}]}',
+        b'{"model": "a", "messages": [{"content": "caf\\u00e9 \\u00fc"}]}',
+    ],
+)
+def test_nested_models_and_escapes_are_fine(body: bytes) -> None:
+    assert decode_request(body).model == "a"
