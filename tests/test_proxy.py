@@ -8,16 +8,20 @@ import itertools
 import logging
 import re
 import time
+from pathlib import Path
 
 import aiohttp
+import msgspec
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
+from proxy.app import STATE, build_app
 
-from .conftest import CLIENT_KEY, UPSTREAM_KEY, MakeProxy, Proxy, free_port
+from .conftest import CLIENT_KEY, UPSTREAM_KEY, MakeProxy, Proxy, Recorder, free_port
 
 MESSAGES = [{"role": "user", "content": "say three words"}]
 
@@ -489,4 +493,37 @@ async def test_client_leaving_mid_stream_is_no_error(
                 await resp.content.readuntil(b"\n\n")
     await _until(lambda: len(proxy.recorder.exchanges) == 5)
     assert {ex.error for ex in proxy.recorder.exchanges} == {"client_disconnected"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_write_to_a_gone_client_is_a_disconnect_not_an_upstream_failure(
+    upstream: FakeUpstream, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Without handler cancellation the relay only learns of the client's departure
+    # from a failing write: that must read as the client leaving, quietly.
+    config = msgspec.structs.replace(
+        cfg.quick_start(upstream.url, None),
+        auth=cfg.Auth(enabled=False),
+        database=cfg.Database(sqlite_path=str(tmp_path / "proxy.db")),
+        usage=cfg.Ledger(spool_dir=str(tmp_path / "spool")),
+    )
+    app = build_app(config)
+    recorder = Recorder()
+    app[STATE].sinks.sinks.append(recorder)
+    runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        body = orjson.dumps({"model": "m1", "messages": MESSAGES, "stream": True})
+        headers = {"x-fake-chunks": "200", "x-fake-gap-ms": "5"}
+        async with aiohttp.ClientSession() as http:
+            url = f"http://{host}:{port}/v1/chat/completions"
+            async with http.post(url, data=body, headers=headers) as resp:
+                await resp.content.readuntil(b"\n\n")
+        await _until(lambda: len(recorder.exchanges) == 1, timeout=5.0)
+    finally:
+        await runner.cleanup()
+    assert recorder.exchanges[0].error == "client_disconnected"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
