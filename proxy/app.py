@@ -15,7 +15,6 @@ import re
 import sys
 from collections.abc import AsyncIterator, Mapping
 
-import aiohttp
 from aiohttp import web
 
 from . import accesslog, metrics, tracing
@@ -34,13 +33,14 @@ from .errors import (
 from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Sinks, may_use
 from .failover import Outbound, dispatch
 from .gate import open_gate
+from .h1 import Client
 from .ops import metrics_endpoint, protect
 from .pricing import Prices
 from .ratelimit.limiter import open_limiter
 from .ratelimit.shared import open_redis
 from .relay import relay_body, relay_stream
 from .routing import Router
-from .upstream import forward_headers, make_session, open_request
+from .upstream import forward_headers, make_client, open_request
 from .usage.writer import open_ledger
 from .wire import RequestView, decode_request
 
@@ -63,7 +63,7 @@ class State:
         self.gate: Gate = gate or OpenGate()
         self.sinks = Sinks()
         self.draining = False
-        self.session: aiohttp.ClientSession | None = None
+        self.session: Client | None = None
         # Proxied requests being served, and the most allowed at once (server.max_inflight).
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
@@ -130,7 +130,7 @@ def build_ops_app(state: State) -> web.Application:
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.session = make_session(state.config.server)
+    state.session = make_client(state.config.server)
     try:
         yield
     finally:
@@ -266,7 +266,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             headers = forward_headers(request.headers, upstream, rid)
             assert state.session is not None
             async with await open_request(
-                state.session, upstream, "GET", "models", headers, None
+                state.session, upstream, "GET", upstream.target("models"), headers, None
             ) as up:
                 return await relay_body(
                     request, up, upstream, Exchange(rid, "models"), {"X-Request-Id": rid}

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from time import perf_counter, time
 from types import TracebackType
 
-import aiohttp
 from multidict import CIMultiDictProxy
 
+from . import h1
 from .config import Routing
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .exchange import Exchange
@@ -92,7 +92,7 @@ class Lease:
     def __init__(
         self,
         upstream: Upstream,
-        response: aiohttp.ClientResponse,
+        response: h1.Response,
         health: Health,
         exchange: Exchange,
         *,
@@ -106,7 +106,7 @@ class Lease:
         self.slot = slot  # whether this lease still holds the in-flight slot
         self.judge = judge  # whether the outcome still has to be counted
 
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def __aenter__(self) -> h1.Response:
         return self.response
 
     async def __aexit__(
@@ -166,7 +166,7 @@ class _Tries:
 
 
 async def dispatch(
-    session: aiohttp.ClientSession,
+    session: h1.Client,
     router: Router,
     route: Route,
     outbound: Outbound,
@@ -211,14 +211,15 @@ async def dispatch(
 
 
 async def _send(
-    session: aiohttp.ClientSession, upstream: Upstream, outbound: Outbound, exchange: Exchange
-) -> aiohttp.ClientResponse:
+    session: h1.Client, upstream: Upstream, outbound: Outbound, exchange: Exchange
+) -> h1.Response:
     """One attempt: the request out, the response headers in."""
     body = outbound.body_for(upstream)
     headers = forward_headers(outbound.client_headers, upstream, outbound.request_id)
     sent = perf_counter()
     try:
-        response = await open_request(session, upstream, "POST", outbound.path, headers, body)
+        target = upstream.target(outbound.path)
+        response = await open_request(session, upstream, "POST", target, headers, body)
     finally:
         exchange.upstream_time += perf_counter() - sent
     if response.status not in RETRYABLE:
@@ -227,7 +228,7 @@ async def _send(
 
 
 async def _instead(
-    response: aiohttp.ClientResponse,
+    response: h1.Response,
     upstream: Upstream,
     tries: _Tries,
     exchange: Exchange,
@@ -273,15 +274,15 @@ async def _pause(seconds: float, claimed: Upstream, exchange: Exchange) -> None:
         exchange.upstream_time += perf_counter() - start
 
 
-async def _discard(response: aiohttp.ClientResponse) -> None:
+async def _discard(response: h1.Response) -> None:
     """Read and drop an error body (keeps the connection reusable), then close."""
     try:
         async with asyncio.timeout(_DISCARD_TIMEOUT):
             await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        response.close()
+    except (OSError, TimeoutError):
+        pass
     finally:
-        response.release()
+        response.close()
 
 
 def backoff(attempt: int, policy: Routing) -> float:

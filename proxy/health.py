@@ -18,8 +18,7 @@ import asyncio
 import logging
 from time import monotonic
 
-import aiohttp
-
+from . import h1
 from .config import Routing
 from .upstream import Upstream
 
@@ -37,10 +36,10 @@ class Health:
     def __init__(self, routing: Routing) -> None:
         self.threshold = routing.failure_threshold
         self.cooldown = routing.cooldown
-        self.session: aiohttp.ClientSession | None = None
+        self.session: h1.Client | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, session: aiohttp.ClientSession) -> None:
+    def start(self, session: h1.Client) -> None:
         """Probes use the worker's pooled session from now on."""
         self.session = session
 
@@ -89,14 +88,15 @@ class Health:
         assert self.session is not None, "Health.start was not called"
         try:
             async with asyncio.timeout(min(PROBE_TIMEOUT, upstream.timeouts.first_byte)):
-                async with self.session.get(
-                    upstream.health_url,
-                    headers=upstream.auth,
-                    ssl=upstream.ssl,
-                    timeout=upstream.timeout,
-                    allow_redirects=False,
+                async with await self.session.request(
+                    upstream.health_origin,
+                    "GET",
+                    upstream.health_target,
+                    list(upstream.auth),
+                    None,
+                    connect_timeout=upstream.timeouts.connect,
                 ) as response:
                     await response.read()
                     return 200 <= response.status < 300
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (OSError, TimeoutError):
             return False

@@ -20,10 +20,10 @@ import asyncio
 from collections.abc import Mapping
 from time import perf_counter
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
+from . import h1
 from .errors import (
     ProxyError,
     UpstreamError,
@@ -66,26 +66,26 @@ MAX_EVENT = 16 * 1024 * 1024
 _JSON = "application/json"
 
 
-def response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
+def response_headers(upstream: h1.Response, extra: Mapping[str, str]) -> dict[str, str]:
     headers = {h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None}
     headers.update(extra)
     return headers
 
 
-async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
+async def read_body(up: h1.Response, upstream: Upstream) -> bytes:
     """The whole upstream body, each read bounded by the idle timeout."""
     parts: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()
     try:
-        if up.content.is_eof():  # all of it came with the headers: nothing to wait for
-            body = up.content.read_nowait()
+        body = up.body_if_complete()
+        if body is not None:  # all of it came with the headers: nothing to wait for
             _check_size(len(body))
             return body
         async with asyncio.timeout(None) as deadline:
             while True:
                 deadline.reschedule(loop.time() + upstream.timeouts.idle)
-                chunk = await up.content.readany()
+                chunk = await up.read_chunk()
                 if not chunk:
                     return b"".join(parts)
                 size += len(chunk)
@@ -95,7 +95,7 @@ async def read_body(up: aiohttp.ClientResponse, upstream: Upstream) -> bytes:
         raise UpstreamTimeout(
             f"The upstream went silent for {upstream.timeouts.idle:g}s mid-response."
         ) from None
-    except aiohttp.ClientError:
+    except h1.Disconnected:
         raise UpstreamError("The upstream connection broke mid-response.") from None
 
 
@@ -106,7 +106,7 @@ def _check_size(size: int) -> None:
 
 async def relay_body(
     request: web.Request,
-    up: aiohttp.ClientResponse,
+    up: h1.Response,
     upstream: Upstream,
     exchange: Exchange,
     headers: Mapping[str, str],
@@ -140,7 +140,7 @@ def upstream_error_body(status: int, body: bytes) -> bytes:
 
 async def relay_stream(
     request: web.Request,
-    up: aiohttp.ClientResponse,
+    up: h1.Response,
     upstream: Upstream,
     exchange: Exchange,
     headers: Mapping[str, str],
@@ -165,7 +165,7 @@ async def relay_stream(
             while True:
                 deadline.reschedule(loop.time() + idle)
                 t0 = perf_counter()
-                chunk = await up.content.readany()
+                chunk = await up.read_chunk()
                 waited += perf_counter() - t0
                 if not chunk:
                     break
@@ -180,14 +180,14 @@ async def relay_stream(
                         exchange.first_byte = perf_counter()
                     await _send(out, b"".join(kept))
                     kept.clear()
-    except _ClientGone:  # before ClientError: aiohttp's write error is one of those too
+    except _ClientGone:
         exchange.error = "client_disconnected"
         return out
     except ProxyError as exc:
         failure = exc
     except TimeoutError:
         failure = UpstreamTimeout(f"The upstream stream stalled for more than {idle:g}s.")
-    except aiohttp.ClientError:
+    except h1.Disconnected:
         failure = UpstreamError("The upstream connection broke mid-stream.")
     finally:
         exchange.upstream_time += waited

@@ -1,11 +1,10 @@
-"""Talking to upstream deployments: the pooled client session, header hygiene, and
-opening a request with aiohttp exceptions translated into the proxy's own errors.
+"""Talking to upstream deployments: header hygiene, and opening a request on the
+worker's pooled client (``h1.py``) with its exceptions translated into the proxy's
+own errors.
 
-Everything per deployment (URL prefix, auth header, TLS context, timeouts) is built
-once in ``Upstream.__init__``; per request only the client's headers are filtered.
-A request that went out on a pooled connection the upstream had just closed (the
-keep-alive race: its idle timer fired as the request arrived) is sent again at once
-on another connection, unseen and blamed on no one (~0.6 µs per request to know).
+Everything per deployment (origin and TLS context, path prefix, auth header,
+timeouts) is built once in ``Upstream.__init__``; per request only the client's
+headers are filtered.
 
 Two kinds share one request path: OpenAI-compatible (``{base}/{path}``, Bearer key)
 and Azure OpenAI (``{base}/openai/deployments/{name}/{path}?api-version=…``,
@@ -20,25 +19,18 @@ response headers, seconds).
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import ssl
 import sys
-import weakref
-from collections.abc import Iterable
-from urllib.parse import quote
+from collections.abc import Mapping
+from urllib.parse import quote, urlsplit
 
-import aiohttp
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from aiolimiter import AsyncLimiter
-from multidict import CIMultiDict, CIMultiDictProxy
 
+from . import h1
 from .config import Deployment, Server
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
 # Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), the client's credentials
-# (the deployment's key replaces them), and what aiohttp or we set ourselves.
+# (the deployment's key replaces them), and what the client (h1.py) or we set.
 _DROP = frozenset(
     h.lower()
     for h in (
@@ -77,6 +69,8 @@ class Upstream:
         "cooldown_until",
         "deployment",
         "failures",
+        "health_origin",
+        "health_target",
         "health_url",
         "healthy",
         "inflight",
@@ -84,10 +78,10 @@ class Upstream:
         "limiter",
         "model",
         "name",
+        "origin",
         "prefix",
         "query",
-        "ssl",
-        "timeout",
+        "target_prefix",
         "timeouts",
         "weight",
     )
@@ -113,6 +107,16 @@ class Upstream:
             self.auth = (("Authorization", f"Bearer {key}"),) if key else ()
             default_health = f"{self.base}/models"
         self.health_url = deployment.health_url or default_health
+        self.origin = h1.Origin(self.base, deployment.ca_file)
+        self.target_prefix = urlsplit(self.prefix).path
+        if urlsplit(self.health_url)[:2] == urlsplit(self.base)[:2]:
+            self.health_origin = self.origin
+        else:
+            self.health_origin = h1.Origin(self.health_url, deployment.ca_file)
+        health = urlsplit(self.health_url)
+        self.health_target = health.path or "/"
+        if health.query:
+            self.health_target += f"?{health.query}"
         self.weight = deployment.weight
         self.cap = deployment.max_concurrent or sys.maxsize
         self.limiter: AsyncLimiter | None = None
@@ -124,18 +128,16 @@ class Upstream:
         self.latency = 0.0
         # time.monotonic() at which a cooldown ends (meaningful while not healthy).
         self.cooldown_until = 0.0
+        # Connect and first byte are timed here, idle gaps by the relay.
         self.timeouts = deployment.timeouts
-        # total/sock_read stay unset: first byte and idle gaps are timed by the relay.
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=deployment.timeouts.connect
-        )
-        self.ssl: ssl.SSLContext | bool = True
-        if deployment.ca_file:
-            self.ssl = ssl.create_default_context(cafile=deployment.ca_file)
 
     def url(self, path: str) -> str:
         """Upstream URL for a client path below ``/v1/`` (``chat/completions``)."""
         return f"{self.prefix}{path}{self.query}"
+
+    def target(self, path: str) -> str:
+        """The request target (path and query) of ``url(path)``."""
+        return f"{self.target_prefix}{path}{self.query}"
 
     def is_available(self) -> bool:
         """In rotation and under its concurrency cap."""
@@ -158,122 +160,66 @@ class Upstream:
             self.latency = seconds
 
 
-# Whether the connection the current request went out on had served a request before
-# (set by ``_Connector.connect``, in the task that sends the request).
-_REUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("reused", default=False)
-# Times a request is sent again at once because a pooled connection was found closed.
-STALE_RETRIES = 2
-
-
-class _Connector(aiohttp.TCPConnector):
-    """The pool, noting in ``_REUSED`` whether the connection it hands out is a reused
-    one: only then is a connection closed without an answer the keep-alive race."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._served: weakref.WeakSet[object] = weakref.WeakSet()
-
-    async def connect(
-        self,
-        req: ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        _REUSED.set(protocol in self._served)
-        if protocol is not None:
-            self._served.add(protocol)
-        return connection
-
-
-def make_session(server: Server) -> aiohttp.ClientSession:
-    """The worker's one pooled keep-alive client session."""
-    connector = _Connector(
+def make_client(server: Server) -> h1.Client:
+    """The worker's one pooled keep-alive upstream client."""
+    return h1.Client(
         limit=server.pool_size,
         limit_per_host=server.pool_per_host,
-        keepalive_timeout=server.keepalive_timeout,
-        ttl_dns_cache=300,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-        cookie_jar=aiohttp.DummyCookieJar(),
+        keepalive=server.keepalive_timeout,
     )
 
 
 def forward_headers(
-    client: CIMultiDictProxy[str], upstream: Upstream, request_id: str
-) -> CIMultiDict[str]:
+    client: Mapping[str, str], upstream: Upstream, request_id: str
+) -> list[tuple[str, str]]:
     """Client headers minus hop-by-hop and credentials, plus the deployment's key."""
-    drop: Iterable[str] = _DROP
+    drop = _DROP
     connection = client.get("Connection")
     if connection:  # headers the client named in Connection are hop-by-hop too
         drop = _DROP | {h.strip().lower() for h in connection.split(",")}
-    headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in client.items() if k.lower() not in drop
-    )
+    headers = [(k, v) for k, v in client.items() if k.lower() not in drop]
     headers.extend(upstream.auth)
-    headers["Content-Type"] = _JSON
-    headers["Accept-Encoding"] = "identity"
-    headers["X-Request-Id"] = request_id
+    headers.append(("Content-Type", _JSON))
+    headers.append(("Accept-Encoding", "identity"))
+    headers.append(("X-Request-Id", request_id))
     return headers
 
 
 async def open_request(
-    session: aiohttp.ClientSession,
+    client: h1.Client,
     upstream: Upstream,
     method: str,
-    path: str,
-    headers: CIMultiDict[str],
+    target: str,
+    headers: list[tuple[str, str]],
     body: bytes | None,
-) -> aiohttp.ClientResponse:
-    """Send the request and wait for the response headers (bounded by first_byte)."""
+    origin: h1.Origin | None = None,
+) -> h1.Response:
+    """Send the request and wait for the response headers (bounded by first_byte).
+    ``target`` is the path and query on ``origin`` (default: the deployment's)."""
+    timeouts = upstream.timeouts
     try:
-        async with asyncio.timeout(upstream.timeouts.first_byte):
-            for _ in range(STALE_RETRIES):
-                try:
-                    return await _send(session, upstream, method, path, headers, body)
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                    # The keep-alive race: the upstream closed an idle pooled connection
-                    # as the request went out on it. No answer came, and the request
-                    # can go again on another connection at once; it is nobody's failure.
-                    if isinstance(exc, aiohttp.ClientConnectorError) or not _REUSED.get():
-                        raise
-            return await _send(session, upstream, method, path, headers, body)
-    except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
+        async with asyncio.timeout(timeouts.first_byte):
+            return await client.request(
+                origin or upstream.origin,
+                method,
+                target,
+                headers,
+                body,
+                connect_timeout=timeouts.connect,
+            )
+    except h1.ConnectTimeout:
         raise UpstreamTimeout(
-            f"Could not connect to the upstream within {upstream.timeouts.connect:g}s."
+            f"Could not connect to the upstream within {timeouts.connect:g}s."
         ) from None
     except TimeoutError:
         raise UpstreamTimeout(
-            f"The upstream did not answer within {upstream.timeouts.first_byte:g}s."
+            f"The upstream did not answer within {timeouts.first_byte:g}s."
         ) from None
-    except aiohttp.ClientSSLError:
+    except h1.TLSFailed:
         raise UpstreamUnavailable(
             "TLS handshake with the upstream failed (certificate not trusted?)."
         ) from None
-    except aiohttp.ClientConnectorError:
+    except h1.ConnectFailed:
         raise UpstreamUnavailable("Could not connect to the upstream.") from None
-    except (aiohttp.ClientError, OSError):
+    except OSError:  # h1.Disconnected included
         raise UpstreamUnavailable("The upstream closed the connection before answering.") from None
-
-
-async def _send(
-    session: aiohttp.ClientSession,
-    upstream: Upstream,
-    method: str,
-    path: str,
-    headers: CIMultiDict[str],
-    body: bytes | None,
-) -> aiohttp.ClientResponse:
-    return await session.request(
-        method,
-        upstream.url(path),
-        data=body,
-        headers=headers,
-        ssl=upstream.ssl,
-        timeout=upstream.timeout,
-        allow_redirects=False,
-    )

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ import msgspec
 import openai
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
@@ -57,6 +58,14 @@ class Proxy:
         self.state: State = runner.app[STATE]
         self.recorder = Recorder()
         self.state.sinks.sinks.append(self.recorder)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on uvloop, as every serve worker does: the proxy's protocols and
+    transports must work on the loop they run on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 class MakeProxy(Protocol):

@@ -6,8 +6,8 @@ It serves exactly as one ``serve`` worker does (uvloop, ``proxy.serve.start``),
 prints ``{"port": N}`` once listening, then answers each ``stats`` line on stdin
 with one JSON line on stdout; ``quit`` drains it and exits.
 
-The counts (after a full garbage collection): live ``aiohttp.ClientResponse``
-objects (an upstream response nobody closed), asyncio tasks, open file descriptors,
+The counts (after a full garbage collection): upstream responses still holding
+their connection (``h1.Response`` objects nobody closed), asyncio tasks, open file descriptors,
 client connections, requests in flight, idle pooled upstream connections, and
 resident memory now and at its peak."""
 
@@ -20,7 +20,6 @@ import os
 import sys
 from typing import Any
 
-import aiohttp
 import uvloop
 from aiohttp import web
 
@@ -44,17 +43,15 @@ def stats(runner: web.AppRunner) -> dict[str, Any]:
     state = runner.app[STATE]
     assert runner.server is not None
     assert state.session is not None
-    connector = state.session.connector
-    pooled = getattr(connector, "_conns", {})  # idle keep-alive connections (private)
     memory = _memory()
     return {
-        "client_responses": sum(isinstance(o, aiohttp.ClientResponse) for o in gc.get_objects()),
+        "client_responses": len(state.session.busy),
         "tasks": len(asyncio.all_tasks()) - 1,  # not counting this one
         "fds": len(os.listdir("/proc/self/fd")),
         "connections": len(runner.server.connections),
         "inflight": state.inflight,
         "upstream_inflight": sum(u.inflight for r in state.router.all() for u in r.upstreams),
-        "pooled": sum(len(conns) for conns in pooled.values()),
+        "pooled": state.session.idle(),
         "rss": memory["VmRSS"],
         "peak_rss": memory["VmHWM"],
     }

@@ -176,7 +176,7 @@ async def soak(tmp_path: Path, rate: float, seconds: float, samples: int) -> Non
         f"{served} requests; RSS after warm-up {base['rss'] / MB:.1f} MB, at each quarter "
         f"{' '.join(f'{rss[len(rss) * q // 4] / MB:.1f}' for q in (1, 2, 3))} MB, peak "
         f"{max(rss) / MB:.1f} MB, end {end['rss'] / MB:.1f} MB; tasks {base['tasks']} → "
-        f"{end['tasks']}, fds {base['fds']} → {end['fds']}, live ClientResponse "
+        f"{end['tasks']}, fds {base['fds']} → {end['fds']}, open upstream responses "
         f"{end['client_responses']}",
     )
     count(served=served, faults=sum(n for k, n in outcomes.items() if not k.endswith(" 200")))

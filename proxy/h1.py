@@ -1,0 +1,452 @@
+"""The upstream HTTP/1.1 client: keep-alive connection pools on bare asyncio protocols,
+responses parsed by llhttp (``httptools``).
+
+Why not aiohttp's client: per proxied request it cost about as much CPU as the whole
+rest of the proxy (request/response objects, header merging, a writer task, tracing
+hooks; ``docs/performance.md`` has the measurements). A proxy needs a small part of
+it: send one request with a body we already hold, read the status and headers, then
+hand body bytes on as they arrive, on pooled connections. That part is here; the
+parsing (status line, headers, Content-Length and chunked framing) is llhttp's, the
+same parser aiohttp uses.
+
+Contracts:
+- A response's body arrives through ``read_chunk`` (everything buffered so far, or
+  ``b""`` at its end). The bytes that came before a failure are delivered before the
+  failure is raised, so a relay can pass on complete events, then report the cut.
+- Reading is paused while more than ``_HIGH_WATER`` bytes wait unread (a slow client
+  slows its upstream instead of growing the proxy).
+- ``Response.close`` is the one way out: a response read to its end on a connection
+  that may be kept alive returns the connection to its pool; anything else (a
+  cancelled relay, a client gone) closes the connection, which stops the upstream's
+  work on it.
+- A request that went out on a pooled connection which the upstream closed without
+  answering (the keep-alive race: its idle timer fired as the request arrived) is
+  sent again at once on another connection: no byte came back, so nothing was seen.
+- The pool holds at most ``limit`` connections (and ``limit_per_host`` to one origin,
+  0 = no such cap); a request beyond that waits for one. Idle connections are closed
+  after ``keepalive`` seconds (checked when a connection is taken from the pool, and
+  by the upstream's own timer; a connection closed by its upstream leaves the pool
+  at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+# Unread body bytes above which reading from the upstream pauses.
+_HIGH_WATER = 256 * 1024
+# Times a request is sent again when a reused connection turned out to be closed.
+STALE_RETRIES = 2
+_DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class ConnectFailed(OSError):
+    """No connection to the upstream could be made."""
+
+
+class TLSFailed(ConnectFailed):
+    """The TLS handshake with the upstream failed."""
+
+
+class ConnectTimeout(ConnectFailed):
+    """Connecting to the upstream took longer than allowed."""
+
+
+class Disconnected(ConnectionError):
+    """The upstream connection ended before the response did (or sent something that
+    is not HTTP). ``answered``: some of the response had arrived."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+class Origin:
+    """Where requests to one upstream origin go: host, port, TLS, and its idle pool."""
+
+    __slots__ = ("host", "host_header", "idle", "in_use", "port", "ssl")
+
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        tls = parts.scheme == "https"
+        self.port = parts.port or (443 if tls else 80)
+        self.ssl: ssl.SSLContext | None = None
+        if tls:
+            self.ssl = ssl.create_default_context(cafile=ca_file)
+        default = 443 if tls else 80
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = name if self.port == default else f"{name}:{self.port}"
+        self.idle: deque[_Conn] = deque()
+        self.in_use = 0  # connections to this origin leased to a request
+
+
+class Client:
+    """The worker's one upstream client: a pool of keep-alive connections per origin."""
+
+    def __init__(self, *, limit: int, limit_per_host: int = 0, keepalive: float = 30.0) -> None:
+        self.limit = limit
+        self.limit_per_host = limit_per_host
+        self.keepalive = keepalive
+        self.in_use = 0  # connections leased to a request (connecting ones included)
+        self.closed = False
+        self._origins: set[Origin] = set()
+        self.busy: set[_Conn] = set()  # connections serving a request
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        *,
+        connect_timeout: float | None = None,
+    ) -> Response:
+        """Send a request and wait for its response headers. Raises ``ConnectFailed``
+        (and its kinds) or ``Disconnected``; no timeout but the connect one."""
+        head = _head(method, target, origin.host_header, headers, body)
+        for attempt in range(STALE_RETRIES + 1):
+            conn = await self._connection(origin, connect_timeout)
+            reused = conn.served > 0
+            response = conn.send(head, body)
+            try:
+                await response.started
+            except Disconnected as exc:
+                response.close()
+                if reused and not exc.answered and attempt < STALE_RETRIES:
+                    continue  # the keep-alive race: nobody's failure, nothing seen
+                raise
+            except BaseException:
+                response.close()
+                raise
+            return response
+        raise AssertionError("unreachable")
+
+    async def _connection(self, origin: Origin, connect_timeout: float | None) -> _Conn:
+        """A connection to ``origin``, leased: pooled if one is fresh, else new."""
+        if self.closed:
+            raise ConnectFailed("the upstream client is closed")
+        loop = asyncio.get_running_loop()
+        while self.in_use >= self.limit or (
+            self.limit_per_host and origin.in_use >= self.limit_per_host
+        ):
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.in_use += 1
+        origin.in_use += 1
+        idle = origin.idle
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be stale
+            if not conn.closing and loop.time() - conn.idle_since < self.keepalive:
+                conn.leased = True
+                return conn
+            conn.close()
+        self._origins.add(origin)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=origin.ssl,
+                    server_hostname=origin.host if origin.ssl else None,
+                )
+        except BaseException as exc:
+            self._release(origin)
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout(f"no connection within {connect_timeout}s") from None
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                raise TLSFailed(str(exc)) from None
+            if isinstance(exc, OSError):
+                raise ConnectFailed(str(exc)) from None
+            raise
+        conn.leased = True
+        return conn
+
+    def _release(self, origin: Origin) -> None:
+        """A lease on a connection of ``origin`` ended: its room goes to whoever waits."""
+        self.in_use -= 1
+        origin.in_use -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        # Every waiter looks again: each may want another origin (per-host caps).
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _idle(self, conn: _Conn, origin: Origin) -> None:
+        conn.idle_since = asyncio.get_running_loop().time()
+        origin.idle.append(conn)
+
+    def idle(self) -> int:
+        """Idle connections in the pools."""
+        return sum(len(origin.idle) for origin in self._origins)
+
+    async def close(self) -> None:
+        """Close every connection, idle or busy; later requests fail."""
+        self.closed = True
+        for origin in self._origins:
+            while origin.idle:
+                origin.idle.pop().close()
+        for conn in list(self.busy):
+            conn.close()
+        self._wake()
+        await asyncio.sleep(0)  # let the transports report themselves lost
+
+
+def _head(
+    method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes | None
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in headers:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"a line break in header {name!r}")
+        lines.append(f"{name}: {value}\r\n")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class Response:
+    """One upstream response: status and headers, then its body as it arrives."""
+
+    __slots__ = (
+        "_chunks",
+        "_complete",
+        "_conn",
+        "_error",
+        "_size",
+        "_waiter",
+        "content_type",
+        "headers",
+        "started",
+        "status",
+    )
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn: _Conn | None = conn
+        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_type = _DEFAULT_CONTENT_TYPE
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._complete = False
+        self._error: Disconnected | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when all of it has arrived already (no wait), else None."""
+        if self._complete and self._error is None:
+            return self._take()
+        return None
+
+    async def read_chunk(self) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some), or
+        ``b""`` at the end of the body. Raises ``Disconnected`` when it was cut, once
+        the bytes before the cut have been read."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._take()
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._size > _HIGH_WATER and self._conn is not None:
+            self._conn.transport.resume_reading()
+        self._size = 0
+        return data
+
+    def close(self) -> None:
+        """Done with it: the connection goes back to its pool when the response was
+        read to its end and may be kept, and is closed otherwise. Idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.finish(self)
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # Called by the connection.
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _HIGH_WATER and self._conn is not None:
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def _end(self, error: Disconnected | None = None) -> None:
+        if self._complete or self._error is not None:
+            return
+        if error is None:
+            self._complete = True
+        else:
+            self._error = error
+        if not self.started.done():
+            if error is None:
+                self.started.set_result(None)
+            else:
+                self.started.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to an upstream: at most one request on it at a time."""
+
+    def __init__(self, client: Client, origin: Origin) -> None:
+        self.client = client
+        self.origin = origin
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport
+        self.response: Response | None = None
+        self.served = 0  # requests sent on it before the current one
+        self.idle_since = 0.0
+        self.closing = False
+        self.received = False  # a byte of the current response arrived
+        self.framed = False  # the response has Content-Length or chunked framing
+        self.done = False  # the current response's message is complete
+        self.keep = False
+        self.leased = False  # counted in the pool's in_use
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, head: bytes, body: bytes | None) -> Response:
+        self.response = response = Response(self)
+        self.received = self.framed = self.done = False
+        self.client.busy.add(self)
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        return response
+
+    def finish(self, response: Response) -> None:
+        """The response's reader is done with it."""
+        self.client.busy.discard(self)
+        reusable = self.done and self.keep and not self.closing and not self.client.closed
+        self.response = None
+        if reusable:
+            self.served += 1
+            self.client._idle(self, self.origin)
+        else:
+            self.close()
+        self._unlease()
+
+    def _unlease(self) -> None:
+        if self.leased:
+            self.leased = False
+            self.client._release(self.origin)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None or self.done:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.keep = False
+            self.close()
+            if not self.done and self.response is not None:
+                self.response._end(
+                    Disconnected("The upstream sent a malformed HTTP response.", answered=True)
+                )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.client.busy.discard(self)
+        with contextlib.suppress(ValueError):
+            self.origin.idle.remove(self)
+        response = self.response
+        if response is not None and not self.done:
+            if response.started.done() and not self.framed:
+                response._end()  # a body delimited by the end of the connection
+            else:
+                response._end(
+                    Disconnected("The upstream closed the connection.", answered=self.received)
+                )
+        self._unlease()
+
+    # llhttp's callbacks, while a response is current (data_received checks).
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        key = name.decode("latin-1")
+        if key.lower() in ("content-length", "transfer-encoding"):
+            self.framed = True
+        self.response.headers.add(key, value.decode("utf-8", "surrogateescape"))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        status = self.parser.get_status_code()
+        if status < 200:  # 1xx: informational, the real response follows
+            response.headers = CIMultiDict()
+            return
+        response.status = status
+        self.keep = self.parser.should_keep_alive()
+        kind = response.headers.get("Content-Type")
+        if kind:
+            response.content_type = kind.partition(";")[0].strip().lower()
+        response.started.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.response is not None
+        self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        assert self.response is not None
+        if not self.response.started.done():
+            return  # the end of a 1xx: the real response follows
+        self.done = True
+        self.response._end()
