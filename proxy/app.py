@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -30,7 +29,17 @@ from .errors import (
     ServiceUnavailable,
     render,
 )
-from .exchange import OPEN, OVERHEAD_HEADER, Exchange, Gate, Grant, OpenGate, Sinks, may_use
+from .exchange import (
+    OPEN,
+    OVERHEAD_HEADER,
+    Exchange,
+    Gate,
+    Grant,
+    OpenGate,
+    Sinks,
+    may_use,
+    unique_hex,
+)
 from .failover import Outbound, dispatch
 from .gate import open_gate
 from .h1 import Client
@@ -152,7 +161,7 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID.fullmatch(given):
         return given
-    return "req_" + os.urandom(12).hex()
+    return "req_" + unique_hex()
 
 
 def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = {}) -> web.Response:

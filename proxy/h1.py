@@ -21,7 +21,8 @@ Contracts:
   work on it.
 - A request that went out on a pooled connection which the upstream closed without
   answering (the keep-alive race: its idle timer fired as the request arrived) is
-  sent again at once on another connection: no byte came back, so nothing was seen.
+  sent again at once on a new connection: no byte came back, so nothing was seen.
+  Once: a new connection closed without an answer is the upstream's failure.
 - The pool holds at most ``limit`` connections (and ``limit_per_host`` to one origin,
   0 = no such cap); a request beyond that waits for one. Idle connections are closed
   after ``keepalive`` seconds (checked when a connection is taken from the pool, and
@@ -43,8 +44,6 @@ from multidict import CIMultiDict
 
 # Unread body bytes above which reading from the upstream pauses.
 _HIGH_WATER = 256 * 1024
-# Times a request is sent again when a reused connection turned out to be closed.
-STALE_RETRIES = 2
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -113,35 +112,75 @@ class Client:
         body: bytes | None,
         *,
         connect_timeout: float | None = None,
+        first_byte: float | None = None,
+        idle: float | None = None,
     ) -> Response:
         """Send a request and wait for its response headers. Raises ``ConnectFailed``
-        (and its kinds) or ``Disconnected``; no timeout but the connect one."""
+        (``ConnectTimeout`` after ``connect_timeout``), ``Disconnected``, or
+        ``TimeoutError`` when no response headers came within ``first_byte`` seconds
+        (waiting for a connection included). ``idle``: see ``Response.read_chunk``."""
         head = _head(method, target, origin.host_header, headers, body)
-        for attempt in range(STALE_RETRIES + 1):
-            conn = await self._connection(origin, connect_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if first_byte is None else loop.time() + first_byte
+        fresh = False  # after the keep-alive race, only a new connection is trusted
+        while True:
+            conn = None if fresh else self._pooled(origin)
+            if conn is None:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connection(origin, connect_timeout, fresh)
             reused = conn.served > 0
-            response = conn.send(head, body)
+            response = conn.send(head, body, idle)
+            # One timer handle rather than an asyncio.timeout: ~1 µs, not ~6.
+            timer = None if deadline is None else loop.call_at(deadline, response._expire)
             try:
                 await response.started
             except Disconnected as exc:
                 response.close()
-                if reused and not exc.answered and attempt < STALE_RETRIES:
-                    continue  # the keep-alive race: nobody's failure, nothing seen
+                if reused and not exc.answered:
+                    # The keep-alive race: nobody's failure, nothing seen. The other
+                    # idle connections are as old, so the request goes on a new one.
+                    fresh = True
+                    continue
                 raise
             except BaseException:
                 response.close()
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             return response
-        raise AssertionError("unreachable")
 
-    async def _connection(self, origin: Origin, connect_timeout: float | None) -> _Conn:
-        """A connection to ``origin``, leased: pooled if one is fresh, else new."""
+    def _has_room(self, origin: Origin) -> bool:
+        return self.in_use < self.limit and (
+            not self.limit_per_host or origin.in_use < self.limit_per_host
+        )
+
+    def _pooled(self, origin: Origin) -> _Conn | None:
+        """A fresh idle connection to ``origin``, leased, when there is room and one
+        (no wait); None otherwise."""
         if self.closed:
             raise ConnectFailed("the upstream client is closed")
+        if not self._has_room(origin):
+            return None
+        idle = origin.idle
+        now = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be stale
+            if not conn.closing and now - conn.idle_since < self.keepalive:
+                self.in_use += 1
+                origin.in_use += 1
+                conn.leased = True
+                return conn
+            conn.close()
+        return None
+
+    async def _connection(
+        self, origin: Origin, connect_timeout: float | None, fresh: bool = False
+    ) -> _Conn:
+        """A leased connection to ``origin``: waits for room, then takes a pooled one
+        (unless ``fresh``) or connects."""
         loop = asyncio.get_running_loop()
-        while self.in_use >= self.limit or (
-            self.limit_per_host and origin.in_use >= self.limit_per_host
-        ):
+        while not self._has_room(origin):
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -149,15 +188,11 @@ class Client:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+        conn = None if fresh else self._pooled(origin)
+        if conn is not None:
+            return conn
         self.in_use += 1
         origin.in_use += 1
-        idle = origin.idle
-        while idle:
-            conn = idle.pop()  # the most recently used: the least likely to be stale
-            if not conn.closing and loop.time() - conn.idle_since < self.keepalive:
-                conn.leased = True
-                return conn
-            conn.close()
         self._origins.add(origin)
         try:
             async with asyncio.timeout(connect_timeout):
@@ -235,7 +270,10 @@ class Response:
         "_complete",
         "_conn",
         "_error",
+        "_idle",
+        "_since",
         "_size",
+        "_timer",
         "_waiter",
         "content_type",
         "headers",
@@ -243,8 +281,11 @@ class Response:
         "status",
     )
 
-    def __init__(self, conn: _Conn) -> None:
+    def __init__(self, conn: _Conn, idle: float | None) -> None:
         self._conn: _Conn | None = conn
+        self._idle = idle
+        self._since = 0.0  # loop time at which the current read began to wait
+        self._timer: asyncio.TimerHandle | None = None
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
@@ -264,13 +305,20 @@ class Response:
     async def read_chunk(self) -> bytes:
         """The body bytes that arrived since the last call (waiting for some), or
         ``b""`` at the end of the body. Raises ``Disconnected`` when it was cut, once
-        the bytes before the cut have been read."""
+        the bytes before the cut have been read, and ``TimeoutError`` when it waited
+        ``idle`` seconds for the next bytes."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._complete:
                 return b""
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            if self._idle is not None:
+                # One lazily re-armed timer per response, not one per read (~2.5 µs).
+                self._since = loop.time()
+                if self._timer is None:
+                    self._timer = loop.call_at(self._since + self._idle, self._check_idle)
             try:
                 await waiter
             finally:
@@ -296,6 +344,9 @@ class Response:
     def close(self) -> None:
         """Done with it: the connection goes back to its pool when the response was
         read to its end and may be kept, and is closed otherwise. Idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.finish(self)
@@ -305,6 +356,23 @@ class Response:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._idle is None:
+            return  # nobody waits: the next wait arms the timer again
+        loop = asyncio.get_running_loop()
+        due = self._since + self._idle
+        if loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(due, self._check_idle)
+
+    def _expire(self) -> None:
+        """The first-byte deadline passed."""
+        if not self.started.done():
+            self.started.set_exception(TimeoutError())
 
     # Called by the connection.
 
@@ -355,8 +423,8 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def send(self, head: bytes, body: bytes | None) -> Response:
-        self.response = response = Response(self)
+    def send(self, head: bytes, body: bytes | None, idle: float | None) -> Response:
+        self.response = response = Response(self, idle)
         self.received = self.framed = self.done = False
         self.client.busy.add(self)
         if body:

@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from time import perf_counter
 
@@ -73,24 +72,19 @@ def response_headers(upstream: h1.Response, extra: Mapping[str, str]) -> dict[st
 
 
 async def read_body(up: h1.Response, upstream: Upstream) -> bytes:
-    """The whole upstream body, each read bounded by the idle timeout."""
+    """The whole upstream body, each read bounded by the idle timeout (the response's)."""
     parts: list[bytes] = []
     size = 0
-    loop = asyncio.get_running_loop()
     try:
         body = up.body_if_complete()
         if body is not None:  # all of it came with the headers: nothing to wait for
             _check_size(len(body))
             return body
-        async with asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + upstream.timeouts.idle)
-                chunk = await up.read_chunk()
-                if not chunk:
-                    return b"".join(parts)
-                size += len(chunk)
-                _check_size(size)
-                parts.append(chunk)
+        while chunk := await up.read_chunk():
+            size += len(chunk)
+            _check_size(size)
+            parts.append(chunk)
+        return b"".join(parts)
     except TimeoutError:
         raise UpstreamTimeout(
             f"The upstream went silent for {upstream.timeouts.idle:g}s mid-response."
@@ -155,31 +149,28 @@ async def relay_stream(
     await out.prepare(request)
     scanner = Scanner()
     watch = _Watch(exchange, strip)
-    loop = asyncio.get_running_loop()
     idle = upstream.timeouts.idle
     failure: ProxyError | None = None
     kept: list[bytes] = []
     waited = 0.0
     try:
-        async with asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + idle)
-                t0 = perf_counter()
-                chunk = await up.read_chunk()
-                waited += perf_counter() - t0
-                if not chunk:
-                    break
-                for event in scanner.feed(chunk):
-                    raw = watch.keep(event)
-                    if raw is not None:
-                        kept.append(raw)
-                if scanner.pending > MAX_EVENT:
-                    raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
-                if kept:
-                    if exchange.first_byte is None:
-                        exchange.first_byte = perf_counter()
-                    await _send(out, b"".join(kept))
-                    kept.clear()
+        while True:
+            t0 = perf_counter()
+            chunk = await up.read_chunk()  # bounded by the idle timeout (the response's)
+            waited += perf_counter() - t0
+            if not chunk:
+                break
+            for event in scanner.feed(chunk):
+                raw = watch.keep(event)
+                if raw is not None:
+                    kept.append(raw)
+            if scanner.pending > MAX_EVENT:
+                raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
+            if kept:
+                if exchange.first_byte is None:
+                    exchange.first_byte = perf_counter()
+                await _send(out, b"".join(kept))
+                kept.clear()
     except _ClientGone:
         exchange.error = "client_disconnected"
         return out

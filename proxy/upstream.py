@@ -18,7 +18,6 @@ response headers, seconds).
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
@@ -194,19 +193,21 @@ async def open_request(
     body: bytes | None,
     origin: h1.Origin | None = None,
 ) -> h1.Response:
-    """Send the request and wait for the response headers (bounded by first_byte).
-    ``target`` is the path and query on ``origin`` (default: the deployment's)."""
+    """Send the request and wait for the response headers (bounded by first_byte;
+    each later body read by idle). ``target`` is the path and query on ``origin``
+    (default: the deployment's)."""
     timeouts = upstream.timeouts
     try:
-        async with asyncio.timeout(timeouts.first_byte):
-            return await client.request(
-                origin or upstream.origin,
-                method,
-                target,
-                headers,
-                body,
-                connect_timeout=timeouts.connect,
-            )
+        return await client.request(
+            origin or upstream.origin,
+            method,
+            target,
+            headers,
+            body,
+            connect_timeout=timeouts.connect,
+            first_byte=timeouts.first_byte,
+            idle=timeouts.idle,
+        )
     except h1.ConnectTimeout:
         raise UpstreamTimeout(
             f"Could not connect to the upstream within {timeouts.connect:g}s."

@@ -280,3 +280,33 @@ async def test_a_refused_connection_is_a_connect_failure() -> None:
         await client.request(h1.Origin(f"http://127.0.0.1:{free_port()}"), "GET", "/", [], None)
     assert client.in_use == 0
     await client.close()
+
+
+async def test_first_byte_and_idle_deadlines() -> None:
+    """No headers within first_byte: TimeoutError, and the connection is dropped. A
+    body read waiting longer than idle: TimeoutError; a slow but steady body is fine."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 0:
+            await reader.read()  # never answers
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(4):  # a chunk every 0.05 s: never idle for 0.15 s
+            await asyncio.sleep(0.05)
+            writer.write(b"1\r\na\r\n")
+        await reader.read()  # then silence
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        with pytest.raises(TimeoutError):
+            await client.request(origin(server), "POST", "/", [], b"", first_byte=0.1)
+        assert client.in_use == 0
+        answer = await client.request(origin(server), "POST", "/", [], b"", idle=0.15)
+        got = b""
+        with pytest.raises(TimeoutError):
+            while True:
+                got += await answer.read_chunk()
+        assert got == b"aaaa"
+        answer.close()
+        await client.close()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from aiohttp import web
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.app import STATE, build_app
+from proxy.exchange import unique_hex
 
 from .conftest import CLIENT_KEY, UPSTREAM_KEY, MakeProxy, Proxy, Recorder, free_port
 
@@ -464,6 +466,24 @@ async def test_request_id_is_kept_or_generated(proxy: Proxy, upstream: FakeUpstr
             generated = resp.headers["X-Request-Id"]
     assert generated.startswith("req_")
     assert upstream.received[-1].headers["X-Request-Id"] == generated
+
+
+def test_unique_ids_are_unique_across_calls_and_forks() -> None:
+    """Request ids and ledger uids come from a per-process random half and a counter:
+    a forked child must not continue its parent's sequence."""
+    ids = {unique_hex() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, unique_hex().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert theirs[:16] != unique_hex()[:16]
 
 
 # 11. Connection pooling ------------------------------------------------------------
