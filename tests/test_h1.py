@@ -208,22 +208,31 @@ async def test_the_pool_limit_makes_requests_wait_for_a_connection() -> None:
         await client.close()
 
 
-async def test_an_unfinished_response_closes_its_connection() -> None:
-    """A relay that stops reading (the client left) must stop the upstream's work."""
-    gone = asyncio.Event()
+class StreamUntilClosed:
+    """An upstream that starts a chunked answer (one byte of it), then waits for the
+    proxy to close the connection; ``gone`` is set when it did."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+
+    async def __call__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
         if await closed_by_peer(reader, 5):
-            gone.set()
+            self.gone.set()
 
-    async with RawServer(handler) as server:
+
+async def test_an_unfinished_response_closes_its_connection() -> None:
+    """A relay that stops reading (the client left) must stop the upstream's work."""
+    upstream = StreamUntilClosed()
+    async with RawServer(upstream) as server:
         client = h1.Client(limit=8)
         answer = await client.request(origin(server), "POST", "/", [], b"")
         assert await answer.read_chunk() == b"a"
         answer.close()
-        await asyncio.wait_for(gone.wait(), 5)
+        await asyncio.wait_for(upstream.gone.wait(), 5)
         assert client.idle() == 0
         await client.close()
 
@@ -243,19 +252,13 @@ async def test_idle_connections_expire() -> None:
 
 
 async def test_closing_the_client_closes_busy_connections() -> None:
-    gone = asyncio.Event()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        if await closed_by_peer(reader, 5):
-            gone.set()
-
-    async with RawServer(handler) as server:
+    upstream = StreamUntilClosed()
+    async with RawServer(upstream) as server:
         client = h1.Client(limit=8)
         answer = await client.request(origin(server), "POST", "/", [], b"")
         await client.close()
-        await asyncio.wait_for(gone.wait(), 5)
+        await asyncio.wait_for(upstream.gone.wait(), 5)
+        assert await answer.read_chunk() == b"a"  # what came before the close
         with pytest.raises(h1.Disconnected):
             await answer.read_chunk()
         with pytest.raises(h1.ConnectFailed):
