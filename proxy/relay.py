@@ -105,7 +105,7 @@ async def relay_body(
     exchange: Exchange,
     headers: Mapping[str, str],
 ) -> web.Response:
-    """A non-streamed answer: read it, take its usage, send it on."""
+    """A non-streamed answer: read it, take its usage, send it on (sent on return)."""
     start = perf_counter()
     body = await read_body(up, upstream)
     exchange.upstream_time += perf_counter() - start
@@ -118,7 +118,16 @@ async def relay_body(
         body = upstream_error_body(up.status, body)
     out = response_headers(up, headers)
     out[OVERHEAD_HEADER] = exchange.overhead_ms()
-    return web.Response(body=body, status=up.status, headers=out)
+    response = web.Response(body=body, status=up.status, headers=out)
+    # Sent here rather than by aiohttp once the handler returns: the handler's
+    # accounting (ledger, metrics, settlement) then runs after the client has its
+    # answer, off the latency it sees, as it does for streams.
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        exchange.error = "client_disconnected"
+    return response
 
 
 def upstream_error_body(status: int, body: bytes) -> bytes:
