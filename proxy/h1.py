@@ -44,6 +44,9 @@ from multidict import CIMultiDict
 
 # Unread body bytes above which reading from the upstream pauses.
 _HIGH_WATER = 256 * 1024
+# The most bytes a response may take before its headers are complete (llhttp itself
+# sets no bound, and an upstream that never ends its headers must not grow us).
+MAX_HEAD = 64 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -415,6 +418,7 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.closing = False
         self.received = False  # a byte of the current response arrived
+        self.head = 0
         self.framed = False  # the response has Content-Length or chunked framing
         self.done = False  # the current response's message is complete
         self.keep = False
@@ -426,6 +430,7 @@ class _Conn(asyncio.Protocol):
     def send(self, head: bytes, body: bytes | None, idle: float | None) -> Response:
         self.response = response = Response(self, idle)
         self.received = self.framed = self.done = False
+        self.head = 0  # bytes of the response before its headers were complete
         self.client.busy.add(self)
         if body:
             self.transport.writelines((head, body))
@@ -463,12 +468,19 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self.keep = False
-            self.close()
-            if not self.done and self.response is not None:
-                self.response._end(
-                    Disconnected("The upstream sent a malformed HTTP response.", answered=True)
-                )
+            self._fail("The upstream sent a malformed HTTP response.")
+            return
+        response = self.response
+        if response is not None and not response.started.done():
+            self.head += len(data)  # all of it is still head
+            if self.head > MAX_HEAD:
+                self._fail(f"The upstream's response headers exceeded {MAX_HEAD} bytes.")
+
+    def _fail(self, reason: str) -> None:
+        self.keep = False
+        self.close()
+        if not self.done and self.response is not None:
+            self.response._end(Disconnected(reason, answered=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

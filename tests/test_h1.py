@@ -5,6 +5,7 @@ proxy makes of it end to end is in test_proxy.py and adversity/test_upstream_fau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 
 import pytest
@@ -312,4 +313,20 @@ async def test_first_byte_and_idle_deadlines() -> None:
                 got += await answer.read_chunk()
         assert got == b"aaaa"
         answer.close()
+        await client.close()
+
+
+async def test_endless_headers_are_cut_off() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # 1.6 MB of one header value, never ended
+                writer.write(b"a" * 16384)
+                await writer.drain()
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        with pytest.raises(h1.Disconnected, match="exceeded"):
+            await get(client, server)
         await client.close()
