@@ -3,11 +3,15 @@ session-wide log scan fails if one ever leaks)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from typing import Any
 
+import aiohttp
 import msgspec
 
+from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import DB
 from proxy.keys import secret
@@ -59,3 +63,26 @@ async def issue(proxy: Proxy, name: str = "app", **fields: Any) -> tuple[str, st
 
 def limiter(proxy: Proxy) -> Limiter:
     return proxy.runner.app[LIMITER]
+
+
+async def client_leaves(
+    upstream: FakeUpstream, proxy: Proxy, body: bytes, headers: dict[str, str], when: str
+) -> None:
+    """A streamed chat request whose client goes away: after the first event
+    (``when="client-gone-mid-stream"``) or, cancelled, while the upstream holds the
+    request before its first byte (``"cancelled-before-first-byte"``). What it held
+    must come back either way."""
+    url = proxy.base + "/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        if when == "client-gone-mid-stream":
+            async with http.post(url, data=body, headers={**headers, "x-fake-stall": "2"}) as resp:
+                await resp.content.readuntil(b"\n\n")
+            return
+        assert when == "cancelled-before-first-byte", when
+        task = asyncio.create_task(
+            http.post(url, data=body, headers={**headers, "x-fake-stall": "before"})
+        )
+        await upstream.wait_received()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -9,7 +9,6 @@ a small budget overshoot."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import signal
@@ -52,7 +51,7 @@ from .conftest import (
     free_port,
     proxy_env,
 )
-from .keyhelp import declare, keyed, limiter
+from .keyhelp import client_leaves, declare, keyed, limiter
 from .usage_support import Served, ledger_rows, until
 
 D = Decimal
@@ -279,31 +278,16 @@ async def test_a_reservation_comes_back_on_every_path(
     proxy, key, key_id = await budget_proxy(make_proxy, upstream, redis_prefix, "0.05")
     auth = {"Authorization": f"Bearer {key}"}
     body = orjson.dumps({"model": "m1", "messages": MESSAGES, "max_tokens": 10, "stream": True})
-    async with aiohttp.ClientSession() as http:
-        if ending == "upstream-error":
+    if ending == "upstream-error":
+        async with aiohttp.ClientSession() as http:
             async with http.post(
                 proxy.base + "/chat/completions",
                 data=body,
                 headers={**auth, "x-fake-status": "400"},
             ) as resp:
                 assert resp.status == 400
-        elif ending == "client-gone-mid-stream":
-            async with http.post(
-                proxy.base + "/chat/completions", data=body, headers={**auth, "x-fake-stall": "2"}
-            ) as resp:
-                await resp.content.readuntil(b"\n\n")
-        else:
-            task = asyncio.create_task(
-                http.post(
-                    proxy.base + "/chat/completions",
-                    data=body,
-                    headers={**auth, "x-fake-stall": "before"},
-                )
-            )
-            await upstream.wait_received()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    else:
+        await client_leaves(upstream, proxy, body, auth, ending)
 
     async def released() -> bool:
         await settled(proxy)
@@ -661,7 +645,7 @@ async def test_two_processes_never_overshoot_a_small_budget(
                 PYTHON, "-m", "proxy", "serve", "--config", str(path), "--workers", "1",
                 "--port", str(port), env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            servers.append(Served(proc))
+            servers.append(Served(proc, port))
         for served in servers:
             await served.wait_log("listening")
         outcomes = await _spend_concurrently(ports, key, clients=16)

@@ -6,7 +6,6 @@ one Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,7 @@ from prometheus_client import REGISTRY
 from bench.fake_upstream import FakeUpstream
 
 from .conftest import REDIS_URL, MakeProxy, Proxy, free_port
-from .keyhelp import declare, keyed, limiter
+from .keyhelp import client_leaves, declare, keyed, limiter
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 GO_DURATION = re.compile(r"\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s")
@@ -258,28 +257,10 @@ async def test_the_slot_comes_back_on_every_path(
     proxy, key = await limited(make_proxy, upstream, redis_prefix, max_parallel=1)
     auth = {"Authorization": f"Bearer {key}"}
     stream = orjson.dumps({"model": "m1", "messages": MESSAGES, "stream": True})
-    async with aiohttp.ClientSession() as http:
-        if ending == "upstream-error":  # 400: not retried, so routing keeps the deployment
-            assert (await post(proxy, key, headers={"x-fake-status": "400"}))[0] == 400
-        elif ending == "client-gone-mid-stream":
-            async with http.post(
-                proxy.base + "/chat/completions",
-                data=stream,
-                headers={**auth, "x-fake-stall": "2"},
-            ) as resp:
-                await resp.content.readuntil(b"\n\n")
-        else:
-            task = asyncio.create_task(
-                http.post(
-                    proxy.base + "/chat/completions",
-                    data=stream,
-                    headers={**auth, "x-fake-stall": "before"},
-                )
-            )
-            await upstream.wait_received()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    if ending == "upstream-error":  # 400: not retried, so routing keeps the deployment
+        assert (await post(proxy, key, headers={"x-fake-status": "400"}))[0] == 400
+    else:
+        await client_leaves(upstream, proxy, stream, auth, ending)
 
     async def released() -> bool:
         return await _slots_in_redis(proxy) == 0

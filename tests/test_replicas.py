@@ -85,8 +85,8 @@ class Fleet:
             "--workers", "1", "--port", str(port),
             env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        served = Served(proc)
-        base = f"http://127.0.0.1:{port}/v1"
+        served = Served(proc, port)
+        base = served.url + "/v1"
         client = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=30)
         self.replicas.append(Replica(served, client))
         await served.wait_log("listening")

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -16,66 +15,19 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 
-from .conftest import PYTHON, free_port, proxy_env, watch_output
+from . import usage_support
+from .usage_support import Served
 
 STREAM = orjson.dumps(
     {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 )
 
 
-class Served:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.log: list[str] = watch_output([])  # scanned for keys at the end of the run
-
-    async def wait_log(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
-        """Read the process's log until ``text`` appeared ``count`` times."""
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            while sum(text in line for line in self.log) < count:
-                line = await self.proc.stderr.readline()
-                assert line, f"process exited; log so far: {self.log}"
-                self.log.append(line.decode())
-
-    async def wait_exit(self, timeout: float = 20.0) -> int:
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            rest = await self.proc.stderr.read()
-            self.log.extend(rest.decode().splitlines())
-            return await self.proc.wait()
-
-
-@contextlib.asynccontextmanager
-async def serve(upstream: FakeUpstream, *args: str, port: int = 0) -> AsyncIterator[Served]:
-    port = port or free_port()
-    proc = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "proxy",
-        "serve",
-        "--upstream",
-        upstream.url,
-        "--port",
-        str(port),
-        "--no-auth",  # these tests are about processes, not keys
-        *args,
-        env=proxy_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    served = Served(proc, port)
-    try:
-        yield served
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        # What nobody waited for still goes to the key scan (bounded: orphaned workers
-        # of a killed parent may hold the pipe open).
-        if proc.stderr is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    served.log.extend((await proc.stderr.read()).decode().splitlines())
+def serve(
+    upstream: FakeUpstream, *args: str, port: int = 0
+) -> contextlib.AbstractAsyncContextManager[Served]:
+    """``serve`` in front of ``upstream`` (the quick start)."""
+    return usage_support.serve("--upstream", upstream.url, *args, port=port)
 
 
 async def test_sigterm_lets_a_stream_finish_then_exits_0(upstream: FakeUpstream) -> None:
@@ -104,15 +56,10 @@ async def test_sigterm_lets_a_stream_finish_then_exits_0(upstream: FakeUpstream)
 async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream: FakeUpstream) -> None:
     async with serve(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
-        pids = {line.split("pid ")[1].rstrip(")\n") for line in served.log if "listening" in line}
+        pids = set(served.worker_pids())
         assert len(pids) == 2
         assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
-        for _ in range(20):  # a new connection each time: the kernel spreads them
-            async with aiohttp.ClientSession() as http:
-                async with http.post(
-                    served.url + "/v1/chat/completions", data=b'{"model": "m1"}'
-                ) as resp:
-                    assert resp.status == 200
+        await served.chat_on_new_connections(20)
         started = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         assert await served.wait_exit() == 0
@@ -123,8 +70,7 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream: FakeUps
 async def test_killed_worker_is_replaced(upstream: FakeUpstream) -> None:
     async with serve(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
-        victim = next(line for line in served.log if "listening" in line)
-        os.kill(int(victim.split("pid ")[1].rstrip(")\n")), signal.SIGKILL)
+        os.kill(served.worker_pids()[0], signal.SIGKILL)
         await served.wait_log("starting another")
         await served.wait_log("listening", count=3)
         served.proc.send_signal(signal.SIGTERM)
@@ -146,9 +92,7 @@ async def test_workers_that_cannot_start_make_the_supervisor_give_up(
 async def test_workers_drain_when_the_supervisor_is_killed(upstream: FakeUpstream) -> None:
     async with serve(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
-        pids = [
-            int(line.split("pid ")[1].rstrip(")\n")) for line in served.log if "listening" in line
-        ]
+        pids = served.worker_pids()
         served.proc.kill()
         await served.proc.wait()
         async with asyncio.timeout(15):

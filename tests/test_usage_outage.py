@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
@@ -18,7 +17,7 @@ from proxy import config as cfg
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
 
-from .conftest import MakeProxy, free_port
+from .conftest import MakeProxy
 from .usage_support import (
     Cluster,
     Load,
@@ -26,7 +25,10 @@ from .usage_support import (
     cluster,
     ledger_config,
     ledger_rows,
+    replay_spool,
     serve,
+    serve_without_database,
+    spooled_request_ids,
     until,
     write_config,
 )
@@ -78,7 +80,7 @@ async def test_database_restart_mid_load_loses_and_doubles_nothing(
         return len(await ledger_rows(database)) >= len(load.completed)
 
     await until(all_in, timeout=30)
-    assert load.errors == []
+    assert load.failed == {}
     await proxy.runner.cleanup()
     rows = await ledger_rows(database)
     assert_same_requests(rows, load.completed)
@@ -95,11 +97,11 @@ async def test_sigterm_mid_load_leaves_exactly_the_completed_requests(
     upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "proxy.json"
-    port = write_config(config, upstream.url, migrated_pg, tmp_path / "spool", workers=2)
-    async with serve(config) as served:
+    write_config(config, upstream.url, migrated_pg, tmp_path / "spool", workers=2)
+    async with serve("--config", str(config)) as served:
         await served.wait_log("listening", count=2)
         # Streams of ~0.2 s: some are always in flight when the signal comes.
-        load = Load(f"http://127.0.0.1:{port}", stream_headers=_SLOW_STREAM)
+        load = Load(served.url, stream_headers=_SLOW_STREAM)
         await load.reach(40)
         served.proc.send_signal(signal.SIGTERM)
         at_signal = len(load.completed)
@@ -115,35 +117,17 @@ async def test_sigterm_with_the_database_down_spools_and_the_next_start_replays(
     upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool"
-    down = f"postgresql://postgres@127.0.0.1:{free_port()}/ledger"
-    config = tmp_path / "down.json"
-    port = write_config(config, upstream.url, down, spool, workers=1)
-    async with serve(config) as served:
-        await served.wait_log("listening")
-        load = Load(f"http://127.0.0.1:{port}", stream_headers=_SLOW_STREAM)
+    async with serve_without_database(upstream.url, spool) as served:
+        load = Load(served.url, stream_headers=_SLOW_STREAM)
         await load.reach(20)
         served.proc.send_signal(signal.SIGTERM)
         await load.stop()
         assert await served.wait_exit() == 0
-    lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
-    spooled = sorted(orjson.loads(line)[1] for line in lines)  # [uid, request_id, ...]
+    spooled = spooled_request_ids(spool)
     assert spooled == sorted(load.completed)
 
-    config = tmp_path / "up.json"
-    write_config(config, upstream.url, migrated_pg, spool, workers=1)
-    database = cfg.Database(url=migrated_pg)
-    async with serve(config) as served:
-        await served.wait_log("listening")
-
-        async def replayed() -> bool:
-            return len(await ledger_rows(database)) >= len(spooled)
-
-        await until(replayed)
-        served.proc.send_signal(signal.SIGTERM)
-        assert await served.wait_exit() == 0
-    rows = await ledger_rows(database)
+    rows = await replay_spool(upstream.url, migrated_pg, spool)
     assert sorted(r["request_id"] for r in rows) == spooled
-    assert list(spool.glob("*.jsonl")) == []
 
 
 _SLOW_STREAM = {"x-fake-chunks": "10", "x-fake-gap-ms": "20"}

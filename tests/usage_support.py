@@ -1,5 +1,6 @@
 """Helpers for the usage ledger tests: reading the ledger back from either backend,
-configs, and a throwaway PostgreSQL cluster that tests may stop and start."""
+configs, a throwaway PostgreSQL cluster that tests may stop and start, client load, and
+``python -m proxy serve`` processes (also used by the serve and replica tests)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,21 +140,29 @@ PLAIN = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "a
 
 class Load:
     """``clients`` concurrent clients sending streamed and plain chat requests until
-    stopped, each with its own X-Request-Id and a fresh connection. A request counts as
-    completed once its whole response arrived; a client stops at its first connection
-    error (the proxy stopped listening)."""
+    stopped, each request with its own X-Request-Id on a fresh connection.
+    ``completed`` maps each request whose whole answer arrived to when it did (its status
+    counted in ``statuses``), ``failed`` each request cut off (a connection error, or no
+    answer in 10 s) to why. A client stops at its first failure (the proxy stopped
+    listening) unless ``keep_going``: then it goes on, as behind a load balancer."""
 
     def __init__(
-        self, url: str, clients: int = 4, stream_headers: dict[str, str] | None = None
+        self,
+        url: str,
+        clients: int = 4,
+        stream_headers: dict[str, str] | None = None,
+        keep_going: bool = False,
     ) -> None:
         self.url = url + "/v1/chat/completions"
-        self.completed: list[str] = []
-        self.errors: list[str] = []  # why each client stopped early
+        self.completed: dict[str, float] = {}
+        self.statuses: Counter[int] = Counter()
+        self.failed: dict[str, str] = {}
         self.stream_headers = stream_headers or {}
+        self.keep_going = keep_going
         self._stop = asyncio.Event()
         self._tasks = [asyncio.create_task(self._client(n)) for n in range(clients)]
 
-    async def reach(self, count: int, timeout: float = 20.0) -> None:
+    async def reach(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` requests have completed."""
 
         async def enough() -> bool:
@@ -173,22 +184,28 @@ class Load:
                 stream = i % 2 == 1
                 headers = {"X-Request-Id": rid, **(self.stream_headers if stream else {})}
                 try:
-                    async with http.post(
-                        self.url, data=STREAM if stream else PLAIN, headers=headers
-                    ) as resp:
-                        await resp.read()
-                except aiohttp.ClientError as exc:
-                    self.errors.append(f"{rid}: {exc!r}")
-                    return
-                self.completed.append(rid)
+                    async with asyncio.timeout(10):
+                        async with http.post(
+                            self.url, data=STREAM if stream else PLAIN, headers=headers
+                        ) as resp:
+                            await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.failed[rid] = repr(exc)
+                    if not self.keep_going:
+                        return
+                    await asyncio.sleep(0.05)  # (a refused connect is instant)
+                    continue
+                self.completed[rid] = time.monotonic()
+                self.statuses[resp.status] += 1
 
 
 class Served:
-    """A ``python -m proxy serve`` process whose log is read as it comes (a full pipe
-    would block the proxy)."""
+    """A ``python -m proxy serve`` process listening on ``port``. Its log is read as it
+    comes (a full pipe would block the proxy) and kept for the end-of-run key scan."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
         self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
         self.log = watch_output([])
         self._reader = asyncio.create_task(self._read())
 
@@ -198,53 +215,111 @@ class Served:
             self.log.append(line.decode(errors="replace"))
 
     async def wait_log(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        """Until ``text`` appeared in ``count`` lines of the log."""
+
         async def seen() -> bool:
-            assert self.proc.returncode is None, f"exited; log: {self.log[-20:]}"
-            return sum(text in line for line in self.log) >= count
+            if sum(text in line for line in self.log) >= count:
+                return True
+            assert not self._reader.done(), f"the log ended; the last lines: {self.log[-20:]}"
+            return False
 
         await until(seen, timeout)
 
     async def wait_exit(self, timeout: float = 30.0) -> int:
+        """The exit code, once the process and every worker closed the log."""
         async with asyncio.timeout(timeout):
             code = await self.proc.wait()
             await self._reader
         return code
 
+    def worker_pids(self) -> list[int]:
+        """The workers that logged that they listen, in order."""
+        return [
+            int(line.split("pid ")[1].split(")")[0]) for line in self.log if "listening" in line
+        ]
 
-def write_config(path: Path, upstream_url: str, dsn: str, spool: Path, workers: int) -> int:
-    """A config file for ``serve``; returns the port it listens on."""
-    port = free_port()
+    async def chat_on_new_connections(self, count: int) -> None:
+        """``count`` chat requests, each answered 200, each on a new connection (so that
+        the kernel spreads them over the workers)."""
+        for _ in range(count):
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    self.url + "/v1/chat/completions", data=b'{"model": "m1"}'
+                ) as resp:
+                    assert resp.status == 200
+
+
+def write_config(path: Path, upstream_url: str, dsn: str, spool: Path, workers: int) -> None:
+    """A config file for ``serve`` (which picks the port)."""
     config = {
         "models": [{"name": "*", "deployments": [{"base_url": upstream_url, "name": "up"}]}],
-        "server": {"port": port, "workers": workers, "grace_period": 10},
+        "server": {"workers": workers, "grace_period": 10},
         "database": {"url": dsn, "timeout": 1.0},
         "usage": {"spool_dir": str(spool), "flush_interval": 0.1},
     }
     path.write_bytes(orjson.dumps(config))
-    return port
 
 
 @contextlib.asynccontextmanager
-async def serve(config: Path) -> AsyncIterator[Served]:
+async def serve(*args: str, port: int = 0) -> AsyncIterator[Served]:
+    """``python -m proxy serve --port PORT --no-auth ARGS`` (these tests are about
+    processes, not keys), on a free port unless one is given; killed if still running
+    at the end."""
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(config),
-        "--no-auth",
+        *(PYTHON, "-m", "proxy", "serve", "--port", str(port), "--no-auth", *args),
         env=proxy_env(),
         stderr=asyncio.subprocess.PIPE,
     )
-    served = Served(proc)
+    served = Served(proc, port)
     try:
         yield served
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await served._reader
+        # Bounded: the orphaned workers of a killed supervisor may hold the log open.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(served._reader, 5)
+
+
+@contextlib.asynccontextmanager
+async def serve_without_database(upstream_url: str, spool: Path) -> AsyncIterator[Served]:
+    """One worker whose database is never there (nothing listens on its port), so that
+    every row goes to ``spool``; yielded once it listens."""
+    config = spool.with_name("down.json")
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/ledger"
+    write_config(config, upstream_url, down, spool, workers=1)
+    async with serve("--config", str(config)) as served:
+        await served.wait_log("listening")
+        yield served
+
+
+def spooled_request_ids(spool: Path) -> list[str]:
+    """The request ids of the rows in the spool files, sorted."""
+    lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    return sorted(orjson.loads(line)[1] for line in lines if line)  # [uid, request_id, ...]
+
+
+async def replay_spool(upstream_url: str, dsn: str, spool: Path) -> list[dict[str, Any]]:
+    """Serve again, with the database up, over the spool a stopped process left: once
+    the ledger holds as many rows as the spool did, stop (SIGTERM, exit 0) and return
+    the ledger's rows. The spool must be empty by then."""
+    expected = len(spooled_request_ids(spool))
+    config = spool.with_name("up.json")
+    write_config(config, upstream_url, dsn, spool, workers=1)
+    database = cfg.Database(url=dsn)
+    async with serve("--config", str(config)) as served:
+        await served.wait_log("listening")
+
+        async def replayed() -> bool:
+            return len(await ledger_rows(database)) >= expected
+
+        await until(replayed)
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.wait_exit() == 0
+    assert list(spool.glob("*.jsonl")) == []
+    return await ledger_rows(database)
 
 
 def assert_same_requests(rows: list[dict[str, Any]], completed: list[str]) -> None:

@@ -185,7 +185,7 @@ async def exactly_once(proxy: Proxy, database: cfg.Database, load: Load) -> None
         return len(await ledger_rows(database)) >= len(load.completed)
 
     await until(all_in, timeout=40)
-    assert load.errors == []
+    assert load.failed == {}
     await proxy.runner.cleanup()
     assert_same_requests(await ledger_rows(database), load.completed)
     assert writer.dropped == 0
