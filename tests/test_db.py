@@ -66,3 +66,87 @@ async def test_unreachable_postgres_does_not_stop_the_start() -> None:
         assert db.pool is not None
     finally:
         await db.close()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
+    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
+
+
+async def test_dropping_ledger_indexes_keeps_the_rows(
+    unmigrated: cfg.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0004 on a ledger that already has rows: every row stays, and the indexes left
+    are the ones the queries use (spend: key and time; the report: time)."""
+    database = unmigrated
+    kind = "postgres" if database.is_postgres else "sqlite"
+    shipped = migrations(kind)
+    monkeypatch.setattr("proxy.db.migrations", lambda _: [m for m in shipped if m.version < 4])
+    await migrate(database)
+    columns = "uid, request_id, endpoint, model, deployment, prompt_tokens, completion_tokens, "
+    columns += "total_tokens, cached_tokens, reasoning_tokens, estimated, status, stream, "
+    columns += "started_at, duration_ms"
+    rows = [(f"{n:032x}", f"req_{n}", "chat", "m", "d", n, 1, n + 1, 0, 0, False, 200, True,
+             1.7e9 + n, 1.5) for n in range(50)]  # fmt: skip
+    if kind == "postgres":
+        conn = await asyncpg.connect(database.url)
+        try:
+            await conn.executemany(
+                f"INSERT INTO usage_records ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+                "$8, $9, $10, $11, $12, $13, to_timestamp($14), $15)",
+                rows,
+            )
+            monkeypatch.undo()
+            assert await migrate(database) == ["0004_usage_indexes"]
+            count = await conn.fetchval("SELECT count(*) FROM usage_records")
+            indexes = {
+                r["indexname"]
+                for r in await conn.fetch(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'usage_records'"
+                )
+            }
+        finally:
+            await conn.close()
+    else:
+        with sqlite3.connect(database.sqlite_path) as lite:
+            lite.executemany(f"INSERT INTO usage_records ({columns}) VALUES ({'?, ' * 14}?)", rows)
+        monkeypatch.undo()
+        assert await migrate(database) == ["0004_usage_indexes"]
+        with sqlite3.connect(database.sqlite_path) as lite:
+            count = lite.execute("SELECT count(*) FROM usage_records").fetchone()[0]
+            indexes = {
+                name
+                for (name,) in lite.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' "
+                    "AND tbl_name = 'usage_records' AND sql IS NOT NULL"
+                )
+            }
+        indexes.add("usage_records_pkey")  # SQLite's own uid index has no SQL
+    assert count == 50
+    assert indexes == {
+        "usage_records_pkey",
+        "usage_records_key_started",
+        "usage_records_started",
+    }
+
+
+def test_the_ledger_queries_use_the_indexes_left(tmp_path: Path) -> None:
+    """What a key spent (budgets, ``keys show``) and the ``usage`` report (every group
+    filters on started_at) each find their rows through an index, not a scan."""
+    from proxy.usage.spend import _SQLITE as SPENT
+
+    path = tmp_path / "ledger.db"
+    asyncio.run(migrate(cfg.Database(sqlite_path=str(path))))
+    report = "SELECT model, count(*) FROM usage_records WHERE started_at >= ? GROUP BY 1"
+    with sqlite3.connect(path) as conn:
+        for query, index in (
+            (SPENT, "usage_records_key_started"),
+            (report, "usage_records_started"),
+        ):
+            plan = " ".join(
+                row[-1]
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {query}", (1,) * query.count("?"))
+            )
+            assert f"USING INDEX {index}" in plan, plan

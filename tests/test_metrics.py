@@ -21,12 +21,15 @@ import msgspec
 import openai
 import orjson
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy import metrics
 from proxy.accesslog import JsonFormatter
+from proxy.exchange import Exchange
+from proxy.wire import Usage
 
 from .conftest import (
     CAPTURED,
@@ -166,6 +169,90 @@ async def test_inflight_gauge_follows_open_requests(proxy: Proxy) -> None:
         await asyncio.sleep(0.02)
 
 
+def test_folded_observations_equal_observe() -> None:
+    """The sink adds a loop iteration's observations to a histogram's buckets and sum
+    at once (private prometheus-client fields): the same samples as ``observe``."""
+    registry = CollectorRegistry()
+    direct = Histogram("direct", "d", buckets=metrics.OVERHEAD_BUCKETS, registry=registry)
+    folded = Histogram("folded", "f", buckets=metrics.OVERHEAD_BUCKETS, registry=registry)
+    gathered = metrics._Observations(folded)
+    values = [0.0, -0.001, 0.0001, 0.00011, 0.3, 1.0, 7.5, *(i / 997 for i in range(300))]
+    for n, v in enumerate(values):
+        direct.observe(v)
+        gathered.observe(v)
+        if n % 7 == 0:
+            gathered.fold()
+    gathered.fold()
+    gathered.fold()  # nothing gathered: nothing added
+
+    def samples(name: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name.removeprefix(name), s.labels.get("le", "")): s.value
+            for family in registry.collect()
+            if family.name == name
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    want, got = samples("direct"), samples("folded")
+    assert got.pop(("_sum", "")) == pytest.approx(want.pop(("_sum", "")))
+    assert got == want
+
+
+async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
+    config = cfg.Config(
+        models=[cfg.Model(name="fold", deployments=[cfg.Deployment(base_url="http://x")])]
+    )
+    sink = metrics.MetricsSink(config)
+    exchanges = []
+    for n in range(6):
+        ex = Exchange(f"r{n}", "chat/completions")
+        ex.model, ex.deployment = "fold", "fold-d"
+        ex.status = 200 if n % 3 else 201  # two series, one status class, shared children
+        ex.usage = Usage(prompt_tokens=10, completion_tokens=n, total_tokens=10 + n)
+        ex.first_byte = ex.started
+        ex.upstream_time = 0.001
+        ex.cost = 1_500_000  # nano-units: 0.0015
+        exchanges.append(ex)
+
+    def now() -> dict[str, float]:
+        ok = {"model": "fold", "deployment": "fold-d"}
+        wanted = {
+            "requests": ("requests_total", {**ok, "status_class": "2xx", "stream": "false"}),
+            "durations": ("request_duration_seconds_count", {**ok, "stream": "false"}),
+            "ttfts": ("time_to_first_token_seconds_count", {**ok, "stream": "false"}),
+            "upstream": ("upstream_duration_seconds_count", {"deployment": "fold-d"}),
+            "prompt": ("tokens_total", {**ok, "kind": "prompt"}),
+            "completion": ("tokens_total", {**ok, "kind": "completion"}),
+            "cost": ("cost_total", {"model": "fold"}),
+            "worker": ("worker_requests", {}),
+        }
+        return {
+            key: REGISTRY.get_sample_value(f"morngpt_{name}", labels) or 0.0
+            for key, (name, labels) in wanted.items()
+        }
+
+    before = now()
+    for ex in exchanges:
+        sink.record(ex)
+    await asyncio.sleep(0)  # the fold runs in the next loop iteration
+    after = now()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta.pop("cost") == pytest.approx(6 * 0.0015)
+    assert delta == {
+        "requests": 6,
+        "durations": 6,
+        "ttfts": 6,
+        "upstream": 6,
+        "prompt": 60,
+        "completion": sum(range(6)),
+        "worker": 6,
+    }
+    sink.record(exchanges[0])  # outside a fold's iteration, alone: counted too
+    await asyncio.sleep(0)
+    assert now()["requests"] - after["requests"] == 1
+
+
 # 2. /metrics across worker processes ------------------------------------------------
 
 
@@ -176,13 +263,13 @@ async def test_two_workers_are_aggregated_in_one_scrape(upstream: FakeUpstream) 
         [announce] = [line for line in served.log if "metrics aggregated from" in line]
         metrics_dir = Path(announce.split("metrics aggregated from ")[1].strip())
         assert metrics_dir.is_dir()
-        for _ in range(20):  # a new connection each time: the kernel spreads them
-            async with aiohttp.ClientSession() as http:
-                async with http.post(
-                    served.url + "/v1/chat/completions", data=b'{"model": "m1"}'
-                ) as resp:
-                    assert resp.status == 200
-        _, samples = await scrape(served.url)
+        await served.chat_on_new_connections(20)
+        # A worker folds a request into the metrics in the loop iteration after it
+        # answered it: a scrape served by the other worker may come first.
+        deadline = time.monotonic() + 5
+        while total((samples := (await scrape(served.url))[1]), "morngpt_requests_total") < 20:
+            assert time.monotonic() < deadline, "requests not counted"
+            await asyncio.sleep(0.02)
         assert total(samples, "morngpt_requests_total") == 20
         per_worker = {
             dict(labels)["pid"]: v for (n, labels), v in samples.items()

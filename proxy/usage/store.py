@@ -11,34 +11,58 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Protocol
 
-import aiosqlite
 import asyncpg
-import msgspec
+from msgspec.structs import astuple
 
-from ..db import Db
+from ..db import BatchConnection, Db
 from ..errors import DatabaseUnavailable
 from .record import COLUMNS, Record
 
 TABLE = "usage_records"
 _LIST = ", ".join(COLUMNS)
 
-# COPY into a per-transaction staging table, then one INSERT … ON CONFLICT: COPY alone
-# cannot skip rows that already exist. ON COMMIT DROP leaves nothing behind on a
-# pooled connection, whatever happens to the transaction.
-_STAGE = f"CREATE TEMP TABLE usage_staging (LIKE {TABLE} INCLUDING DEFAULTS) ON COMMIT DROP"
+# COPY into a staging table, then one INSERT … ON CONFLICT: COPY alone cannot skip rows
+# that already exist. The staging table lives as long as the session (created in each
+# transaction if missing, so it works behind a transaction pooler too) and ON COMMIT
+# DELETE ROWS empties it at every commit: creating and dropping one per batch (as
+# ``usage_staging`` before) cost more server CPU than a 100-row batch's inserts. Its
+# started_at is the record's Unix seconds, so records go to COPY as they are (no
+# datetime per row); the INSERT converts. (A new name, so that an older worker behind
+# the same transaction pooler never finds this table where it creates its own.)
+_STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is missing)
+    "uid": "uuid",
+    "request_id": "text",
+    "key_id": "text",
+    "endpoint": "text",
+    "model": "text",
+    "deployment": "text",
+    "prompt_tokens": "integer",
+    "completion_tokens": "integer",
+    "total_tokens": "integer",
+    "cached_tokens": "integer",
+    "reasoning_tokens": "integer",
+    "estimated": "boolean",
+    "status": "integer",
+    "stream": "boolean",
+    "error": "text",
+    "started_at": "double precision",
+    "duration_ms": "double precision",
+    "ttft_ms": "double precision",
+    "cost": "numeric",
+}
+_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_batch ("
+    + ", ".join(f"{c} {_STAGING_TYPES[c]}" for c in COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)
 _MERGE = (
-    f"INSERT INTO {TABLE} ({_LIST}) SELECT {_LIST} FROM usage_staging ON CONFLICT (uid) DO NOTHING"
+    f"INSERT INTO {TABLE} ({_LIST}) SELECT "
+    + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
+    + " FROM usage_batch ON CONFLICT (uid) DO NOTHING"
 )
-# One statement, one parameter (the batch as a JSON array of arrays), any batch size:
-# atomic without a transaction that other users of the shared connection could see.
-_SQLITE_INSERT = (
-    f"INSERT OR IGNORE INTO {TABLE} ({_LIST}) SELECT "
-    + ", ".join(f"value ->> {i}" for i in range(len(COLUMNS)))
-    + " FROM json_each(?)"
-)
+_SQLITE_INSERT = f"INSERT OR IGNORE INTO {TABLE} ({_LIST}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -46,8 +70,6 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
-_STARTED_AT = COLUMNS.index("started_at")
-_encode = msgspec.json.Encoder().encode
 
 
 class Store(Protocol):
@@ -65,37 +87,31 @@ class PostgresStore:
         self.timeout = timeout
 
     async def write(self, batch: Sequence[Record]) -> None:
-        rows = [_pg_row(r) for r in batch]
+        rows = [astuple(r) for r in batch]
         try:
             async with asyncio.timeout(self.timeout):
                 async with self.pool.acquire() as conn, conn.transaction():
                     await conn.execute(_STAGE)
-                    await conn.copy_records_to_table("usage_staging", records=rows, columns=COLUMNS)
+                    await conn.copy_records_to_table("usage_batch", records=rows, columns=COLUMNS)
                     await conn.execute(_MERGE)
         except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
 
-def _pg_row(record: Record) -> tuple[object, ...]:
-    row = list(msgspec.structs.astuple(record))
-    row[_STARTED_AT] = datetime.fromtimestamp(record.started_at, UTC)  # for timestamptz
-    return tuple(row)
-
-
 class SqliteStore:
     __slots__ = ("conn", "timeout")
 
-    def __init__(self, conn: aiosqlite.Connection, timeout: float) -> None:
+    def __init__(self, conn: BatchConnection, timeout: float) -> None:
         self.conn = conn
         self.timeout = timeout
 
     async def write(self, batch: Sequence[Record]) -> None:
+        # Booleans bind as 0/1; the decimal cost is stored as its text.
+        rows = [(*astuple(r)[:-1], str(r.cost)) for r in batch]
         try:
             async with asyncio.timeout(self.timeout):
-                cursor = await self.conn.execute(_SQLITE_INSERT, (_encode(batch),))
-                await cursor.close()
-        except (sqlite3.Error, ValueError, TimeoutError) as exc:
-            # ValueError: aiosqlite's "no active connection" once the Db has closed.
+                await self.conn.insert(_SQLITE_INSERT, rows)
+        except (sqlite3.Error, TimeoutError) as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
 
@@ -103,8 +119,8 @@ def store_for(db: Db) -> Store:
     """The backend of the worker's database handle."""
     if db.pool is not None:
         return PostgresStore(db.pool, db.config.timeout)
-    assert db.sqlite is not None
-    return SqliteStore(db.sqlite, db.config.timeout)
+    assert db.batches is not None
+    return SqliteStore(db.batches, db.config.timeout)
 
 
 def _describe(exc: BaseException) -> str:
