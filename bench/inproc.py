@@ -1,38 +1,52 @@
 """CPU per request measured inside one process: steady on a busy machine.
 
-``python -m bench.inproc [--stream] [--subject proxy|passthrough] [--profile]``
+``python -m bench.inproc [--stream] [--subject proxy|governed|passthrough] [--profile]``
 
 One uvloop runs a canned upstream (a bare asyncio ``Protocol`` that answers every
-request with the same bytes), the subject (the bare proxy app, or the plain
-passthrough of ``bench/passthrough.py``) and keep-alive clients of the same bare
-kind. The process's own CPU time over N requests, minus what the clients and the
+request with the same bytes), the subject (the bare proxy app, the governed one, or
+the plain passthrough of ``bench/passthrough.py``) and keep-alive clients of the same
+bare kind. The process's own CPU time over N requests, minus what the clients and the
 canned upstream cost alone (measured first, straight against each other), is the
 subject's CPU per request. CPU time, not wall time, and one process, not three: other
 load on the machine moves these figures far less than the wrk runs of
 ``bench.run``, so this is the tool to compare two versions of the hot path. It is
 not an end-to-end figure (no real sockets between processes' schedulers, no fake
 upstream logic): ``bench.run`` is.
+
+*governed* is ``bench/governed.py``'s config and backends: the bench key with huge
+rpm/tpm limits in a throwaway ``redis-server``, the usage ledger in a scratch
+PostgreSQL database, metrics, and the access log (written to a file, as a worker's
+stderr would be). Redis and PostgreSQL run in their own processes, off the measured
+CPU: their own CPU is not counted, the proxy's side of talking to them is. The 16
+clients send in step, so under this load the limiter's calls of one loop turn share
+a write (ratelimit/shared.py): a best case for that batching, which ``bench.run``'s
+wrk traffic checks. ``--off PART`` switches one part of governed mode off (repeat it
+for several), to see what each costs: ``access-log``, ``limits`` (the key keeps no
+limit: no Redis call), ``keys`` (no authentication at all, so no limits either),
+``postgres`` (the ledger on SQLite, as bare).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
+import os
 import pstats
 import resource
 import tempfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import uvloop
 from aiohttp import web
 
 from proxy import config as cfg
-from proxy.serve import start
+from proxy.serve import setup_logging, start
 
-from . import passthrough
+from . import governed, passthrough
 from .run import BODY
 
 _STREAM_BODY = BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
@@ -134,12 +148,12 @@ class _Budget:
 
 
 async def drive(port: int, body: bytes, requests: int, conns: int) -> None:
-    """``requests`` requests over ``conns`` keep-alive connections."""
+    """``requests`` requests over ``conns`` keep-alive connections, with the bench key."""
     loop = asyncio.get_running_loop()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: application/json\r\nAuthorization: Bearer sk-bench\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        b"Content-Type: application/json\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\n\r\n" % (governed.BENCH_KEY.encode(), len(body))
     )
     budget = _Budget(requests, conns)
     transports = []
@@ -160,8 +174,35 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def subject(name: str, upstream: str, workdir: Path) -> web.AppRunner:
-    """The subject's runner, listening on a free port."""
+# Parts of governed mode that ``--off`` can switch off.
+PARTS = ("access-log", "limits", "keys", "postgres")
+
+
+def switched_off(config: dict[str, Any], parts: list[str], workdir: Path) -> dict[str, Any]:
+    """``bench/governed.py``'s config with ``parts`` switched off."""
+    if "access-log" in parts:
+        config["server"]["access_log"] = "off"
+    if "limits" in parts:
+        for key in config["keys"]:
+            del key["rpm"], key["tpm"]
+    if "keys" in parts:
+        config["auth"] = {"enabled": False}
+        del config["keys"]
+    if "postgres" in parts:
+        config["database"] = {"sqlite_path": str(workdir / "ledger.db")}
+        config["usage"] = {"spool_dir": str(workdir / "spool")}
+    return config
+
+
+async def subject(
+    name: str,
+    upstream: str,
+    workdir: Path,
+    backends: tuple[str, str] | None,
+    off: list[str] | None = None,
+) -> web.AppRunner:
+    """The subject's runner, listening on a free port (``backends``: governed's Redis
+    URL and PostgreSQL DSN; ``off``: the parts of governed mode switched off)."""
     if name == "passthrough":
         app = web.Application()
         app[passthrough.UPSTREAM] = upstream
@@ -171,6 +212,13 @@ async def subject(name: str, upstream: str, workdir: Path) -> web.AppRunner:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         return runner
+    if name == "governed":
+        assert backends is not None
+        redis, dsn = backends
+        parts = switched_off(governed.governed(upstream, 0, 1, redis, dsn), off or [], workdir)
+        config = governed.write(parts, workdir / "governed.json")
+        setup_logging(config)  # as serve does: the access log is on at its level
+        return await start(config)
     config = cfg.quick_start(upstream, "sk-upstream")
     replace = msgspec.structs.replace
     return await start(
@@ -184,7 +232,9 @@ async def subject(name: str, upstream: str, workdir: Path) -> web.AppRunner:
     )
 
 
-async def measure(args: argparse.Namespace, workdir: Path) -> None:
+async def measure(
+    args: argparse.Namespace, workdir: Path, backends: tuple[str, str] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Canned(ANSWERS[args.stream]), "127.0.0.1", 0)
     upstream_port = server.sockets[0].getsockname()[1]
@@ -194,7 +244,8 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
     before = cpu()
     await drive(upstream_port, body, n, conns)
     harness = (cpu() - before) / n * 1e6
-    runner = await subject(args.subject, f"http://127.0.0.1:{upstream_port}/v1", workdir)
+    upstream = f"http://127.0.0.1:{upstream_port}/v1"
+    runner = await subject(args.subject, upstream, workdir, backends, args.off)
     port = runner.addresses[0][1]
     profile = cProfile.Profile() if args.profile else None
     try:
@@ -213,8 +264,9 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
         server.close()
     kind = "chat stream" if args.stream else "chat"
     runs = ", ".join(f"{c:.0f}" for c in costs)
+    name = args.subject + (f" without {', '.join(args.off)}" if args.off else "")
     print(
-        f"{args.subject}, {kind}, {conns} connections: {min(costs):.0f} µs CPU per request "
+        f"{name}, {kind}, {conns} connections: {min(costs):.0f} µs CPU per request "
         f"(best of {runs}; clients + canned upstream alone: {harness:.0f} µs, subtracted)"
     )
     if profile:
@@ -223,15 +275,36 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
-    parser.add_argument("--subject", choices=("proxy", "passthrough"), default="proxy")
+    parser.add_argument("--subject", choices=("proxy", "governed", "passthrough"), default="proxy")
     parser.add_argument("--stream", action="store_true", help="streamed chat (8 events)")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured runs")
+    parser.add_argument(
+        "--off", action="append", choices=PARTS, help="governed: switch this part off"
+    )
     args = parser.parse_args()
+    if args.off and args.subject != "governed":
+        parser.error("--off is for --subject governed")
     with tempfile.TemporaryDirectory(prefix="morngpt-inproc-") as tmp:
-        uvloop.run(measure(args, Path(tmp)))
+        workdir = Path(tmp)
+        if args.subject != "governed":
+            uvloop.run(measure(args, workdir))
+            return
+        # redis-server inherits this process's CPUs: let it run anywhere, as in
+        # bench.run, not on the CPU measured here (``taskset -c 1``).
+        pinned = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        # The access log (and any other log line) goes to a file, as a served
+        # worker's stderr would; the upstream URL only matters to the migration.
+        with (
+            governed.backends(workdir, "http://127.0.0.1:9/v1") as backends,
+            (workdir / "proxy.log").open("w") as log,
+            contextlib.redirect_stderr(log),
+        ):
+            os.sched_setaffinity(0, pinned)
+            uvloop.run(measure(args, workdir, backends))
 
 
 if __name__ == "__main__":

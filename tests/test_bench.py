@@ -5,6 +5,9 @@ fake upstream and through the proxy, /proc accounting, and the configs of both m
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
 from proxy import config as cfg
 
-from .conftest import MakeProxy
+from .conftest import ROOT, MakeProxy
 
 
 @pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
@@ -71,3 +74,20 @@ def test_both_modes_write_configs_serve_accepts(tmp_path: Path) -> None:
     assert [k.id for k in governed.keys] == ["bench"]
     assert governed.database.is_postgres
     assert modes.missing() == []
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> None:
+    """``bench.inproc --subject governed`` starts its Redis and its ledger database,
+    drives the proxy with the bench key (a refused or failed request stops it with the
+    answer) and drops both afterwards."""
+    argv = ["--subject", "governed", "--requests", "400", "--repeat", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.inproc", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "governed, chat, 16 connections:" in run.stdout

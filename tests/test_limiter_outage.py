@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
+from proxy.ratelimit.bucket import Call
+from proxy.ratelimit.shared import SERVER_TIME, RedisBuckets
 
 from .conftest import MakeProxy, Proxy, RedisServer
 from .keyhelp import declare, keyed, limiter
@@ -118,3 +120,57 @@ async def test_a_slow_redis_costs_a_request_at_most_its_timeout(
     assert set(load.statuses) == {200}
     # redis.timeout is 0.25 s; a request waiting out the 3 s freeze would show it.
     assert load.slowest < 2.0
+
+
+# --- The pipelined link (ratelimit/shared.py) ------------------------------------------
+
+
+def _call(tpm: int) -> Call:
+    """An admission whose verdict tells which call it answered: a fresh key's token
+    bucket holds ``tpm`` tokens, and the call takes 1."""
+    return Call(SERVER_TIME, 0, tpm, 0, 1, 0, True, "", "", 60_000)
+
+
+async def test_the_link_answers_each_call_its_own_reply_and_reloads_a_lost_script(
+    own_redis: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(own_redis.url)
+    buckets = RedisBuckets(client, "link")
+    try:
+        assert (await buckets.check("a", _call(100))).tokens_remaining == 99
+        # A caller that goes away after its command was written: its reply is dropped,
+        # never handed to the next call.
+        gone = asyncio.create_task(buckets.check("b", _call(200)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert (await buckets.check("c", _call(300))).tokens_remaining == 299
+        await client.script_flush()  # as after a Redis restart
+        assert (await buckets.check("d", _call(400))).tokens_remaining == 399
+    finally:
+        await buckets.close()
+        await client.aclose()
+
+
+async def test_a_late_reply_fails_the_waiting_calls_at_their_deadline_and_the_link_reconnects(
+    own_redis: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(own_redis.url)
+    buckets = RedisBuckets(client, "link", timeout=0.2)
+    async with aioredis.Redis.from_url(own_redis.url) as admin:
+        try:
+            await buckets.check("a", _call(100))
+            freeze = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "2"))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            first = asyncio.create_task(buckets.check("b", _call(200)))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(buckets.check("c", _call(300)))
+            for late in (first, second):
+                with pytest.raises(TimeoutError):
+                    await late
+            assert time.monotonic() - started < 1.5  # at the first deadline, not the freeze's end
+            await freeze
+            assert (await buckets.check("d", _call(400))).tokens_remaining == 399
+        finally:
+            await buckets.close()
+            await client.aclose()

@@ -99,7 +99,9 @@ class Limiter:
         self.interval = limits.flush_interval
         self.timeout = redis.timeout
         self.local = LocalBuckets()
-        self.shared = RedisBuckets(client, redis.key_prefix) if client is not None else None
+        self.shared = (
+            None if client is None else RedisBuckets(client, redis.key_prefix, self.timeout)
+        )
         self.using_redis = self.shared is not None
         # Tokens owed to Redis per key id: (the key's tpm, tokens; negative: a refund).
         self.debts: dict[str, tuple[int, int]] = {}
@@ -139,6 +141,8 @@ class Limiter:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
 
     async def admit(self, key: Key, cost: int, ask: Ask | None = None) -> Ticket:
         """Take one request, ``cost`` tokens, a parallel slot and (with ``ask``) the
@@ -153,8 +157,7 @@ class Limiter:
             if ask is not None and self.owed:
                 call = call._replace(settlements=self._take_owed(key.id, ask.period))
             try:
-                async with asyncio.timeout(self.timeout):
-                    verdict = await self.shared.check(key.id, call)
+                verdict = await self.shared.check(key.id, call)  # bounded by redis.timeout
             except FAILURES as exc:
                 self._fall_back(exc)
                 self._owe_again(key.id, call)
@@ -268,8 +271,7 @@ class Limiter:
         """One settling call; what it carried is owed again when Redis cannot take it."""
         assert self.shared is not None
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.shared.check(key_id, call)
+            await self.shared.check(key_id, call)  # bounded by redis.timeout
         except FAILURES as exc:
             self._fall_back(exc)
             self._owe_again(key_id, call)
@@ -277,6 +279,8 @@ class Limiter:
             self._delivered(call)
 
     def _fall_back(self, exc: BaseException) -> None:
+        if self.shared is not None:
+            self.shared.drop()  # a connection that failed or timed out is not used again
         if self.using_redis:
             self.using_redis = False
             log.warning(

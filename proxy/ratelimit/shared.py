@@ -1,6 +1,10 @@
 """The Redis side of the limiter: ``bucket.lua`` loaded once (importlib.resources) and
-registered once (EVALSHA; redis-py reloads it if Redis forgot it), one call per
-admission or settlement.
+called by its SHA (EVALSHA; loaded again if Redis forgot it), one call per admission
+or settlement.
+
+On one Redis the calls go over a ``Link`` (one pipelined connection per worker); on a
+Redis Cluster through redis-py's cluster client, which routes each call to its slot's
+node and follows redirections.
 
 Key names carry the API key id as a hash tag, ``{prefix}:{<key id>}:rq|tk|par``, and
 for a key with a budget ``…:bg:<period>|bh:<period>`` (the period's start, Unix
@@ -11,16 +15,22 @@ Redis exceptions are not mapped here: the limiter catches ``FAILURES`` and falls
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
+from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..config import Redis as RedisConfig
 from .bucket import Call, Verdict
@@ -73,12 +83,167 @@ async def open_redis(app: web.Application, config: RedisConfig) -> AsyncIterator
         await client.aclose()
 
 
-class RedisBuckets:
-    """``check`` (bucket.py) for one key, run by bucket.lua inside Redis."""
+class Link:
+    """One pipelined connection to one Redis server, for the limiter's calls.
 
-    def __init__(self, client: Client, prefix: str) -> None:
+    Why: a call through redis-py's client checks a connection out of its pool and
+    back, runs its retry and observability layers, packs the command in Python and
+    bounds the write (a task) and the read (a timer) on its own: about 50 µs of CPU
+    per admission, the largest part of what a limited key cost (docs/performance.md).
+    Here a call is a future and a share of one write (~10-15 µs): the calls made in
+    one turn of the event loop go out together in one write (the first of them
+    writes after the others joined it), Redis answers them in order, and one reader
+    task hands each reply to the oldest waiting call (a cancelled caller's reply is
+    dropped). Under load that is one send and one read for many requests.
+
+    Each call waits at most ``timeout``: one timer per link, armed for the oldest
+    call's deadline (re-armed for the next one when it fires too early), instead of
+    one per call. A call that is late drops the connection: the calls waiting on it
+    fail (TimeoutError) and the next call opens a new one. The connection is
+    redis-py's own (URL, AUTH, TLS, database, protocol), made with the client's
+    settings but no read timeout of its own: the reader waits as long as the link
+    lives.
+    """
+
+    def __init__(self, make: Callable[[], AbstractConnection], timeout: float) -> None:
+        self._make = make
+        self.timeout = timeout
+        self._conn: AbstractConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # Calls written and not answered yet, oldest first: (reply, deadline).
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._opening = asyncio.Lock()
+        # Commands of this loop turn not written yet (None: no write pending).
+        self._batch: list[bytes] | None = None
+
+    async def call(self, *args: str | int) -> Any:
+        """Send one command and wait for its reply (an error reply raises)."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._open()
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        deadline = loop.time() + self.timeout
+        self._waiting.append((reply, deadline))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        packed = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub says 1-tuple
+        if self._batch is not None:  # queued in the same order as ``_waiting``
+            self._batch.append(packed)
+            return await reply
+        batch = self._batch = [packed]
+        try:
+            await asyncio.sleep(0)  # the calls made in this turn of the loop join
+        except BaseException:
+            reply.cancel()  # this caller is gone; its place in the queue stays
+            raise
+        finally:
+            self._batch = None
+            await _write(conn, batch)  # even when this caller is gone: others' are in it
+        return await reply
+
+    async def _open(self) -> AbstractConnection:
+        async with self._opening:
+            conn = self._conn
+            if conn is None or not conn.is_connected:
+                conn = self._make()
+                await conn.connect()  # type: ignore[no-untyped-call]
+                self._conn = conn
+                self._waiting = deque()
+                self._batch = None  # a batch started on the old connection stays there
+                self._reader = asyncio.create_task(self._read(conn, self._waiting))
+            return conn
+
+    async def _read(
+        self, conn: AbstractConnection, waiting: deque[tuple[asyncio.Future[Any], float]]
+    ) -> None:
+        """Hand each reply to the oldest waiting call, until the connection ends;
+        then every call still waiting fails."""
+        try:
+            while True:
+                try:
+                    reply: Any = await conn.read_response()
+                except ResponseError as error:  # an error reply: that call's answer
+                    reply = error
+                call = waiting.popleft()[0]
+                if call.done():
+                    continue
+                if isinstance(reply, ResponseError):
+                    call.set_exception(reply)
+                else:
+                    call.set_result(reply)
+        except Exception:  # the connection ended (or a reply came for no call)
+            pass
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            _fail(waiting, RedisConnectionError("Redis connection lost"))
+            await conn.disconnect(nowait=True)
+
+    def _expire(self) -> None:
+        """The timer: drop the link if its oldest call is late, else wait for the next
+        deadline."""
+        self._timer = None
+        if not self._waiting:
+            return
+        deadline = self._waiting[0][1]
+        loop = asyncio.get_running_loop()
+        if deadline > loop.time():
+            self._timer = loop.call_at(deadline, self._expire)
+            return
+        _fail(self._waiting, TimeoutError(f"Redis did not answer within {self.timeout:g}s"))
+        self.drop()
+
+    def drop(self) -> None:
+        """Close the connection (a call on it failed or was late); calls waiting on it
+        fail, the next call opens a new one."""
+        self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def close(self) -> None:
+        self.drop()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+
+async def _write(conn: AbstractConnection, batch: list[bytes]) -> None:
+    """Write ``batch``. Never raises: a connection that cannot take it is closed (by
+    redis-py), and the end of its reader fails every call waiting on it."""
+    if conn.is_connected:  # else its reader already failed the calls
+        with contextlib.suppress(RedisError, OSError):
+            await conn.send_packed_command(batch, check_health=False)
+
+
+def _fail(waiting: deque[tuple[asyncio.Future[Any], float]], error: Exception) -> None:
+    for call, _ in waiting:
+        if not call.done():
+            call.set_exception(error)
+    waiting.clear()
+
+
+def _link(client: aioredis.Redis, timeout: float) -> Link:
+    """A ``Link`` to the server of ``client``'s pool, with its connection settings."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+    return Link(lambda: pool.connection_class(**kwargs), timeout)
+
+
+class RedisBuckets:
+    """``check`` (bucket.py) for one key, run by bucket.lua inside Redis; each call
+    waits at most ``timeout`` seconds (then raises TimeoutError)."""
+
+    def __init__(self, client: Client, prefix: str, timeout: float = 0.25) -> None:
         self.client = client
+        self.timeout = timeout
         self.script = client.register_script(SCRIPT)
+        self.link = _link(client, timeout) if isinstance(client, aioredis.Redis) else None
         self.prefix = prefix
         self._names: dict[str, tuple[str, str, str]] = {}
 
@@ -99,12 +264,33 @@ class RedisBuckets:
         keys: tuple[str, ...] = self.names(key_id)
         if call.budget:
             keys += self.budget_names(key_id, call.period)
-        reply = await self.script(keys=keys, args=_argv(call))
+        reply = await self._run(keys, _argv(call))
         allowed, kind, r_left, r_reset, t_left, t_reset, retry, left, held, epoch = reply
         return Verdict(
             bool(allowed), _KINDS[kind], r_left, r_reset, t_left, t_reset, retry,
             left, held, epoch.decode(),
         )  # fmt: skip
+
+    async def _run(self, keys: tuple[str, ...], args: tuple[str | int, ...]) -> Any:
+        """bucket.lua with ``keys`` and ``args``: over the link, or the cluster client."""
+        if self.link is None:
+            async with asyncio.timeout(self.timeout):
+                return await self.script(keys=keys, args=args)
+        evalsha = ("EVALSHA", self.script.sha, len(keys), *keys, *args)
+        try:
+            return await self.link.call(*evalsha)
+        except NoScriptError:  # Redis restarted, or its scripts were flushed
+            await self.link.call("SCRIPT", "LOAD", SCRIPT)
+            return await self.link.call(*evalsha)
+
+    def drop(self) -> None:
+        """A call failed: open a fresh connection for the next one."""
+        if self.link is not None:
+            self.link.drop()
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
 
     async def renew(
         self,
