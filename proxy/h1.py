@@ -352,7 +352,7 @@ class Response:
             self._timer = None
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.finish(self)
+            conn.finish()
 
     async def __aenter__(self) -> Response:
         return self
@@ -438,7 +438,7 @@ class _Conn(asyncio.Protocol):
             self.transport.write(head)
         return response
 
-    def finish(self, response: Response) -> None:
+    def finish(self) -> None:
         """The response's reader is done with it."""
         self.client.busy.discard(self)
         reusable = self.done and self.keep and not self.closing and not self.client.closed
