@@ -49,6 +49,13 @@ def decode_request(body: bytes) -> RequestView:
     """Decode the view, turning every decoding problem into a 400 naming the field."""
     if not body:
         raise BadRequest("The request body is empty; expected a JSON object.")
+    if not body.isascii():  # C-speed; most bodies are ASCII and skip the decode below
+        # JSON is UTF-8 (RFC 8259). msgspec checks only the strings it decodes, so bytes
+        # in a skipped key or value would otherwise reach the upstream (or ``rewrite``).
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise BadRequest(_NOT_UTF8) from None
     try:
         view = _view_decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -56,8 +63,6 @@ def decode_request(body: bytes) -> RequestView:
         raise BadRequest(f"Invalid request body: {message}", param=_param_of(message)) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside strings
-        raise BadRequest(_NOT_UTF8) from None
     except RecursionError:
         raise BadRequest(_TOO_DEEP) from None
     if "\x00" in view.model:  # no upstream has such a model; PostgreSQL text cannot hold it
@@ -111,13 +116,12 @@ def _param_of(message: str) -> str | None:
 
 def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
     """Replace the top-level ``model`` and/or switch on ``stream_options.include_usage``,
-    keeping every other top-level value byte for byte."""
+    keeping every other top-level value byte for byte. The body has passed
+    ``decode_request`` (valid UTF-8 and JSON), so only its depth can still fail here."""
     try:
         fields = _raw_object_decoder.decode(body)
         current = fields.get("stream_options") if include_usage else None
         options = _raw_options_decoder.decode(current) if current is not None else None
-    except UnicodeDecodeError:  # in a key, which the view skipped without decoding
-        raise BadRequest(_NOT_UTF8) from None
     except RecursionError:
         raise BadRequest(_TOO_DEEP) from None
     if model is not None:

@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 import uvloop
 from aiohttp import web
+from hypothesis import settings
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
@@ -37,6 +38,21 @@ CLIENT_KEY = "sk-client-key-should-never-travel"
 # Every key a test hands out: none may ever appear in a log (see ``_no_key_in_logs``).
 # Tests that issue keys add them here.
 SECRETS: set[str] = {UPSTREAM_KEY, CLIENT_KEY}
+
+# Property tests are derandomized by default: every run of the suite tries the same
+# examples, so CI never passes or fails by chance (no example database either). Each
+# failure one of them ever found stays as an explicit ``@example``. The wide random
+# search is ``tests/test_wide_search.py`` (``-m slow``): it runs them all again with
+# MORNGPT_HYPOTHESIS=wide, random seeds and ``examples(n)`` twenty times larger.
+WIDE = os.environ.get("MORNGPT_HYPOTHESIS") == "wide"
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("wide", derandomize=False, database=None, print_blob=True)
+settings.load_profile("wide" if WIDE else "fixed")
+
+
+def examples(n: int) -> int:
+    """How many examples a property test tries: ``n``, or twenty times that in the wide search."""
+    return n * 20 if WIDE else n
 
 
 class Recorder:

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from proxy.sse import Event, Scanner
 
+from .conftest import examples
+
 # ---------------------------------------------------------------------------------------
 # Helpers
 
@@ -304,7 +306,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[tuple[bytes, bytes, bytes | No
     return stream + tail, out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(built=streams())
 def test_whole_stream_gives_the_built_events(
     built: tuple[bytes, list[tuple[bytes, bytes, bytes | None]]],
@@ -320,7 +322,7 @@ def test_whole_stream_gives_the_built_events(
     assert_accounts_for(stream, events, scanner)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(built=streams(), data=st.data())
 def test_any_split_gives_the_same_events(
     built: tuple[bytes, list[tuple[bytes, bytes, bytes | None]]], data: st.DataObject
@@ -334,7 +336,7 @@ def test_any_split_gives_the_same_events(
     assert_accounts_for(stream, events, scanner)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(built=streams())
 def test_byte_by_byte_gives_the_same_events(
     built: tuple[bytes, list[tuple[bytes, bytes, bytes | None]]],
@@ -346,7 +348,7 @@ def test_byte_by_byte_gives_the_same_events(
     assert_accounts_for(stream, events, scanner)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(stream=st.binary(max_size=200), data=st.data())
 def test_arbitrary_bytes_split_anywhere(stream: bytes, data: st.DataObject) -> None:
     """Not even SSE: chunking still never changes the result or loses a byte."""

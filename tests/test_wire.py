@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from proxy.errors import BadRequest, render
 from proxy.wire import Usage, decode_request, find_usage, rewrite
 
+from .conftest import examples
+
 
 def raw_fields(body: bytes) -> dict[str, bytes]:
     """Top-level values as their exact bytes."""
@@ -90,7 +92,13 @@ BAD_BODIES = [
     pytest.param(b"not json", None, "not valid JSON", id="not-json"),
     pytest.param(b'{"model": "m"', None, "not valid JSON", id="truncated"),
     pytest.param(b'{"model": "m"} {}', None, "not valid JSON", id="trailing-data"),
-    pytest.param(b"\xff\xfe{}", None, "not valid JSON", id="not-utf8"),
+    pytest.param(b"\xff\xfe{}", None, "UTF-8", id="not-utf8"),
+    # Invalid UTF-8 anywhere, also where the view skips without decoding (issue #23):
+    pytest.param(b'{"model":"m\xff"}', None, "UTF-8", id="not-utf8-model"),
+    pytest.param(b'{"model":"m","\xff":1}', None, "UTF-8", id="not-utf8-key"),
+    pytest.param(b'{"model":"m","stream":true,"\xff":1}', None, "UTF-8", id="not-utf8-key-stream"),
+    pytest.param(b'{"model":"m","x":"\xed\xa0\x80"}', None, "UTF-8", id="surrogate-value"),
+    pytest.param(b'{"model":"m","x":["\xc3"]}', None, "UTF-8", id="truncated-seq-nested"),
     pytest.param(b'[{"model": "m"}]', None, "object", id="json-array"),
     pytest.param(b'"gpt-4o"', None, "object", id="json-string"),
     pytest.param(b"42", None, "object", id="json-number"),
@@ -234,7 +242,7 @@ def request_bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     return body.encode(), values
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(built=request_bodies())
 def test_rewrite_model_keeps_every_other_value_byte_for_byte(
     built: tuple[bytes, dict[str, str]],
@@ -250,7 +258,7 @@ def test_rewrite_model_keeps_every_other_value_byte_for_byte(
             assert text.encode() in out
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(built=request_bodies())
 def test_rewrite_without_changes_keeps_values(built: tuple[bytes, dict[str, str]]) -> None:
     body, values = built
@@ -437,7 +445,7 @@ def test_find_usage(payload: bytes, usage: Usage | None, usage_only: bool) -> No
     assert find_usage(payload) == (usage, usage_only)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     before=st.binary(max_size=40),
     after=st.binary(max_size=40),
@@ -449,7 +457,7 @@ def test_find_usage_never_raises(before: bytes, after: bytes, key: bytes) -> Non
     assert isinstance(usage_only, bool)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     counts=st.tuples(*[st.integers(0, 10**9)] * 4),
     responses=st.booleans(),
