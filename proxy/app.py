@@ -15,14 +15,16 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from . import accesslog, metrics, tracing
+from . import accesslog, ingress, metrics, tracing
 from .config import Config
 from .db import open_db
 from .errors import (
-    BadRequest,
     BodyTooLarge,
+    HeadersTooLarge,
     NotFound,
+    NotImplementedByProxy,
     Overloaded,
     ProxyError,
     RequestTimeout,
@@ -76,6 +78,7 @@ class State:
         # Proxied requests being served, and the most allowed at once (server.max_inflight).
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
+        self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
 
 
 STATE = web.AppKey("state", State)
@@ -96,10 +99,19 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
         app.cleanup_ctx.append(lambda app: open_limiter(app, config))
         app.cleanup_ctx.append(lambda app: open_gate(app, config, state))
     _observe(app, state)
+    ingress.install(app, server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if server.ops_port is None:  # else they are served by build_ops_app's listener
-        add_ops_routes(app)
+        if config.auth.enabled and not server.ops_token:
+            # With keys on, this listener is for API clients: metrics and routing state
+            # (upstream URLs) are no business of theirs without the ops token.
+            log.warning(
+                "/metrics and /deployments are off on the API port: set server.ops_port "
+                "or server.ops_token_env to serve them"
+            )
+        else:
+            add_ops_routes(app)
     app.router.add_get("/v1/models", list_models)
     # No segment may start with a dot: upstream URLs are {base}/{path}, and a `..` would
     # climb out of the deployment's prefix to any path of its host, with its key.
@@ -130,6 +142,7 @@ def build_ops_app(state: State) -> web.Application:
     the main app's state (serve.py runs it as a resource of the main app)."""
     app = web.Application()
     app[STATE] = state
+    ingress.install(app, state.config.server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_ops_routes(app)
@@ -170,13 +183,14 @@ def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = 
 
 
 async def read_body(request: web.Request, state: State) -> bytes:
+    """The request body, decoded (ingress.py), within the size and time limits."""
     server = state.config.server
     size = sum(len(k) + len(v) for k, v in request.raw_headers)
     if size > server.max_header_bytes:
-        raise BadRequest(
-            f"Request headers are too large ({size} bytes; limit {server.max_header_bytes}).",
-            code="request_headers_too_large",
+        raise HeadersTooLarge(
+            f"Request headers are too large ({size} bytes; limit {server.max_header_bytes})."
         )
+    ingress.check_framing(request, server)
     try:
         if request.content.is_eof():  # all of it came with the headers: nothing to time
             return await request.read()
@@ -190,6 +204,14 @@ async def read_body(request: web.Request, state: State) -> bytes:
         raise RequestTimeout(
             f"The request body did not arrive within {server.body_timeout:g}s."
         ) from None
+    except HttpProcessingError as exc:
+        raise ingress.body_refusal(exc) from None
+
+
+def with_query(path: str, request: web.Request) -> str:
+    """``path`` with the client's query string, which goes upstream as it came."""
+    query = request.query_string
+    return f"{path}?{query}" if query else path
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -219,10 +241,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         grant = await state.gate.admit(caller, view, exchange)
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
-        headers = request.headers
+        headers = state.forwarding.headers(request)
         if state.config.server.tracing:
             headers = tracing.ensure_traceparent(headers)
-        outbound = Outbound(path, body, headers, exchange.request_id, view.model, strip)
+        target = with_query(path, request)
+        outbound = Outbound(target, body, headers, exchange.request_id, view.model, strip)
         assert state.session is not None
         # Retries and failover happen in dispatch, before any byte goes to the client.
         lease = await dispatch(state.session, state.router, route, outbound, exchange)
@@ -272,10 +295,11 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             names = sorted(caller.allowed_models)
         if wildcard is not None and not names:
             upstream = wildcard.pick()
-            headers = forward_headers(request.headers, upstream, rid)
+            headers = forward_headers(state.forwarding.headers(request), upstream, rid)
             assert state.session is not None
+            target = upstream.target(with_query("models", request))
             async with await open_request(
-                state.session, upstream, "GET", upstream.target("models"), headers, None
+                state.session, upstream, "GET", target, headers, None
             ) as up:
                 return await relay_body(
                     request, up, upstream, Exchange(rid, "models"), {"X-Request-Id": rid}
@@ -287,10 +311,12 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    return error_response(
-        NotFound(f"Unknown request URL: {request.method} {request.path[:200]}."),
-        request_id(request),
-    )
+    if request.method in ingress.UNIMPLEMENTED_METHODS:
+        err: ProxyError = NotImplementedByProxy(f"The proxy does not implement {request.method}.")
+    else:
+        # The URL is not quoted back: no refusal echoes what the client sent.
+        err = NotFound("Unknown request URL; the API is served under /v1/.")
+    return error_response(err, request_id(request))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -299,8 +325,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def deployments(request: web.Request) -> web.Response:
     """GET /deployments: every deployment's routing state (in-flight, health, cooldown,
-    latency) as JSON, for operators. Never shows a key."""
-    return web.json_response(request.app[STATE].router.snapshot())
+    latency) as JSON, for operators. Never shows a key; the upstream base URLs only to
+    holders of the ops token (without one configured, nobody is asked for it)."""
+    state = request.app[STATE]
+    snapshot = state.router.snapshot()
+    if not state.config.server.ops_token:
+        for model in snapshot["models"]:
+            for deployment in model["deployments"]:
+                deployment.pop("base_url", None)
+    return web.json_response(snapshot)
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ line naming the field and what was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from datetime import datetime
@@ -114,6 +115,32 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     price: Price | None = None
 
 
+class Cors(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Cross-origin access for browser apps (docs/security.md); off unless configured."""
+
+    # Origins allowed to call the proxy, exactly as browsers send them
+    # (``https://app.example.com``); ``"*"`` allows any origin.
+    allow_origins: Annotated[list[str], msgspec.Meta(min_length=1)]
+    allow_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
+    # Request headers a browser may send; ``"*"`` allows whatever the preflight asks for
+    # (the OpenAI SDKs send Authorization and several x-stainless-* headers).
+    allow_headers: tuple[str, ...] = ("*",)
+    # Response headers the page's script may read.
+    expose_headers: tuple[str, ...] = (
+        "X-Request-Id",
+        "Retry-After",
+        "retry-after-ms",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    )
+    # Seconds a browser may cache a preflight answer.
+    max_age: Annotated[int, msgspec.Meta(ge=0)] = 600
+
+
 class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -149,6 +176,11 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ops_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     # Start a W3C trace (traceparent) for requests that arrive without one.
     tracing: bool = False
+    # Cross-origin (browser) access; None: no CORS headers, preflights are 404s.
+    cors: Cors | None = None
+    # Addresses or networks (CIDR) of proxies in front of this one whose
+    # X-Forwarded-For / Forwarded headers are believed; from anyone else they are dropped.
+    trusted_proxies: list[str] = []
     # Filled by ``resolve`` from ops_token_env.
     ops_token: str = ""
 
@@ -347,6 +379,7 @@ def resolve(config: Config, source: str = "config") -> Config:
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key go together")
     server = _resolve_ops(server, source)
+    _resolve_proxies(server, source)
     database = config.database
     if database.url_env:
         database = msgspec.structs.replace(
@@ -462,6 +495,16 @@ def _resolve_ops(server: Server, source: str) -> Server:
         return server
     token = _env(server.ops_token_env, f"{source}: server.ops_token_env")
     return msgspec.structs.replace(server, ops_token=Secret(token))
+
+
+def _resolve_proxies(server: Server, source: str) -> None:
+    for i, net in enumerate(server.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: server.trusted_proxies[{i}]: not an address or network: {net!r}"
+            ) from None
 
 
 def _resolve_deployment(d: Deployment, where: str, model: str, index: int) -> Deployment:

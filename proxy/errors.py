@@ -76,6 +76,40 @@ class RequestTimeout(ProxyError):
     code = "request_timeout"
 
 
+class LengthRequired(ProxyError):
+    status = 411
+    type = "invalid_request_error"
+    code = "length_required"
+
+
+class UriTooLong(ProxyError):
+    status = 414
+    type = "invalid_request_error"
+    code = "uri_too_long"
+
+
+class UnsupportedEncoding(ProxyError):
+    """A request ``Content-Encoding`` the proxy cannot decode (RFC 7694: 415)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class NotImplementedByProxy(ProxyError):
+    """A method or transfer coding the proxy does not implement (RFC 9110: 501)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
+
+
 class RateLimited(ProxyError):
     status = 429
     type = "requests"

@@ -32,7 +32,7 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
-from . import metrics, redact
+from . import ingress, metrics, redact
 from .app import STATE, build_app, build_ops_app
 from .config import Config, Server
 
@@ -68,7 +68,7 @@ async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
     app = build_app(config)
     if server.ops_port is not None:
         app.cleanup_ctx.append(ops_listener(server, reuse_port))
-    runner = web.AppRunner(
+    runner = ingress.Runner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         access_log=None,
@@ -106,7 +106,7 @@ def ops_listener(
     main app, it stays up while the main listener drains (metrics, /readyz = 503)."""
 
     async def listen(app: web.Application) -> AsyncIterator[None]:
-        runner = web.AppRunner(build_ops_app(app[STATE]), access_log=None)
+        runner = ingress.Runner(build_ops_app(app[STATE]), access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, server.host, server.ops_port, reuse_port=reuse_port)

@@ -49,6 +49,8 @@ _DROP = frozenset(
         "Upgrade",
         "Expect",
         "Accept-Encoding",
+        # The proxy sends the body decoded (ingress.py).
+        "Content-Encoding",
         "X-Request-Id",
     )
 )
@@ -131,12 +133,18 @@ class Upstream:
         self.timeouts = deployment.timeouts
 
     def url(self, path: str) -> str:
-        """Upstream URL for a client path below ``/v1/`` (``chat/completions``)."""
-        return f"{self.prefix}{path}{self.query}"
+        """Upstream URL for a client path below ``/v1/`` (``chat/completions``), which
+        may carry the client's query string."""
+        return f"{self.prefix}{self._with_query(path)}"
 
     def target(self, path: str) -> str:
         """The request target (path and query) of ``url(path)``."""
-        return f"{self.target_prefix}{path}{self.query}"
+        return f"{self.target_prefix}{self._with_query(path)}"
+
+    def _with_query(self, path: str) -> str:
+        if self.query and "?" in path:  # the deployment's parameters join the client's
+            return f"{path}&{self.query[1:]}"
+        return f"{path}{self.query}"
 
     def is_available(self) -> bool:
         """In rotation and under its concurrency cap."""

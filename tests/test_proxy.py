@@ -410,7 +410,7 @@ async def test_oversized_headers_are_rejected(proxy: Proxy, upstream: FakeUpstre
         async with http.post(
             proxy.base + "/chat/completions", data=b'{"model":"m1"}', headers=headers
         ) as resp:
-            assert resp.status == 400
+            assert resp.status == 431
             assert (await resp.json())["error"]["code"] == "request_headers_too_large"
     assert upstream.received == []
 

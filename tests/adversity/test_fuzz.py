@@ -154,10 +154,10 @@ SINGLETONS = {"Content-Type", "Host"}
 
 
 def is_malformed_http(reply: Reply) -> bool:
-    """aiohttp's own answer to a request that is not valid HTTP: a plain-text 400 (not
-    an API request at all, so not OpenAI-shaped), and the connection closed."""
-    content_type = reply.headers.get("content-type", "")
-    return reply.status == 400 and content_type.startswith("text/plain")
+    """The answer to a request that is not valid HTTP (ingress.py): an OpenAI-shaped
+    400 that quotes nothing of the request, and the connection closed."""
+    check(reply)
+    return reply.status == 400 and orjson.loads(reply.body)["error"]["code"] == "invalid_http"
 
 
 def check(reply: Reply) -> None:
