@@ -2,12 +2,18 @@
 
 Order: the master key and the keys declared in the config (a dict by SHA-256, no
 I/O), then ``KeyCache`` over the store. Known keys are trusted for ``auth.cache_ttl``
-seconds, so a revoked key stops working within that time; unknown ones are
-remembered for ``auth.negative_ttl``. Known and unknown entries are two LRUs of
-``auth.cache_size`` each, kept apart so a flood of random bad keys only ever evicts
-other bad keys. Concurrent misses for one key share one query. When the store fails,
-a known key whose entry is stale keeps working and an unknown key gets a 503 (we
-cannot tell), never a 401.
+seconds; after that the entry is stale: it is still served while one query in the
+background refreshes it, so a revoked key stops working within ``cache_ttl`` plus one
+store round trip, and a request with a cached key never waits on the store. Unknown
+ones are remembered for ``auth.negative_ttl``. Known and unknown entries are two LRUs
+of ``auth.cache_size`` each, kept apart so a flood of random bad keys only ever evicts
+other bad keys. Concurrent misses for one key share one query.
+
+When the store fails (refuses, errs, or hangs past ``database.timeout``) it is not
+asked again for a jittered, growing backoff (at most ``cache_ttl``): meanwhile known
+keys keep working on their stale entries and unknown keys get a 503 at once (we cannot
+tell), never a 401. A hung store costs one bounded wait per backoff window, never one
+per request.
 
 Invariants: the presented key is hashed at once and only its SHA-256 is kept (as a
 cache key); it is never logged, stored or echoed in an error message.
@@ -28,6 +34,7 @@ import asyncpg
 
 from ..config import Auth, DeclaredKey
 from ..errors import ServiceUnavailable, Unauthorized
+from ..usage.writer import backoff
 from . import secret
 from .record import MASTER, Key, declared
 from .store import KeyStore
@@ -76,36 +83,44 @@ class KeyCache:
         self.unknown: OrderedDict[str, float] = OrderedDict()
         self.loading: dict[str, asyncio.Task[Key | Exception | None]] = {}
         self.failing = False
+        self.failures = 0  # consecutive store failures
+        self.retry_at = 0.0  # monotonic time before which the store is not asked
 
     async def find(self, digest: str) -> Key | None:
         """The key stored under ``digest`` (revoked or expired ones too), or None."""
         now = monotonic()
         hit = self.known.get(digest)
-        if hit is not None and hit[1] > now:
+        if hit is not None:
             self.known.move_to_end(digest)
+            if hit[1] <= now and now >= self.retry_at:
+                self._refresh(digest)  # stale: served as is while the store is asked
             return hit[0]
         missed_until = self.unknown.get(digest)
         if missed_until is not None and missed_until > now:
             return None
+        if now < self.retry_at:  # the store just failed: not asked again yet
+            raise _unavailable()
+        # Shielded: a client that goes away must not cancel the query others wait on.
+        result = await asyncio.shield(self._refresh(digest))
+        if isinstance(result, Exception):
+            raise _unavailable()
+        return result
+
+    def _refresh(self, digest: str) -> asyncio.Task[Key | Exception | None]:
+        """The store's query for ``digest``: the one in flight, else a new one."""
         task = self.loading.get(digest)
         if task is None:
             task = self.loading[digest] = asyncio.create_task(self._load(digest))
             task.add_done_callback(lambda _: self.loading.pop(digest, None))
-        # Shielded: a client that goes away must not cancel the query others wait on.
-        result = await asyncio.shield(task)
-        if isinstance(result, Exception):
-            if hit is not None:
-                return hit[0]  # stale, but the store cannot say otherwise right now
-            raise ServiceUnavailable(
-                "The API key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
-            )
-        return result
+        return task
 
     async def _load(self, digest: str) -> Key | Exception | None:
         try:
             async with asyncio.timeout(self.timeout):
                 key = await self.store.find(digest)
         except STORE_FAILURES as exc:
+            self.failures += 1
+            self.retry_at = monotonic() + min(backoff(self.failures), self.ttl)
             if not self.failing:
                 self.failing = True
                 log.warning(
@@ -114,6 +129,7 @@ class KeyCache:
                     type(exc).__name__,
                 )
             return exc
+        self.failures = 0
         if self.failing:
             self.failing = False
             log.info("key store is back")
@@ -124,6 +140,12 @@ class KeyCache:
             self.unknown.pop(digest, None)
             _put(self.known, digest, (key, now + self.ttl), self.size)
         return key
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The API key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
+    )
 
 
 def _put(lru: OrderedDict[str, V], digest: str, value: V, size: int) -> None:

@@ -21,7 +21,12 @@ Invariants (the ledger's promise: nothing lost, nothing doubled):
 - ``dropped`` counts only records still in memory when ``close`` gave up (database and
   disk both failing past the shutdown timeout) and spool lines that did not decode.
 - Loss window: a SIGKILL loses the records in ``pending`` and in flight, i.e. at most
-  ``flush_interval`` of traffic plus one write (docs/usage-ledger.md).
+  ``flush_interval`` of traffic plus one batch's deadline (docs/usage-ledger.md): a
+  batch not committed ``flush_interval`` after it was taken is spooled, even when the
+  database hangs. Its write goes on in the background (the *straggler*, bounded by
+  ``database.timeout``, after which the store terminates its connection); while it
+  runs nothing else is sent to the database and its outcome says whether the database
+  is up (a commit after the spool is harmless: writes are idempotent).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Writer:
         self._flushed_at = 0.0
         self._spilling = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._straggler: asyncio.Future[None] | None = None  # a write past its deadline
 
     # -- the request path -------------------------------------------------------------
 
@@ -120,9 +126,10 @@ class Writer:
                 await asyncio.wait(self._tasks)
         except TimeoutError:
             log.error("usage ledger: could not commit or spool every record in time")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = [*self._tasks, *([self._straggler] if self._straggler else [])]
+        for task in tasks:
+            task.cancel()  # a straggler's connection is terminated, not waited on
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.spool.close()
         if self.pending:
             self._drop(len(self.pending), "could be neither committed nor spooled")
@@ -176,23 +183,53 @@ class Writer:
             raise
 
     async def _commit(self, batch: list[Record]) -> bool:
-        """Write ``batch`` to the database unless it is failing; True when committed."""
+        """Write ``batch`` to the database unless it is failing; True when committed by
+        the batch's deadline (see the module docstring)."""
         now = asyncio.get_running_loop().time()
-        if now < self._retry_at or now >= self._deadline:
+        if now < self._retry_at or now >= self._deadline or self._straggler is not None:
+            return False
+        write = asyncio.ensure_future(self.store.write(batch))
+        try:
+            limit = min(self._deadline, now + self.settings.flush_interval)
+            done, _ = await asyncio.wait((write,), timeout=limit - now)
+        except BaseException:
+            write.cancel()
+            raise
+        if not done:
+            log.warning("usage ledger: a write is late; spooling until it ends")
+            self._straggler = write
+            write.add_done_callback(self._straggled)
             return False
         try:
-            async with asyncio.timeout_at(None if math.isinf(self._deadline) else self._deadline):
-                await self.store.write(batch)
+            write.result()
         except (DatabaseUnavailable, TimeoutError) as exc:
             self._failed(exc)
             return False
+        self._answered()
+        self.written += len(batch)
+        USAGE_WRITTEN.inc(len(batch))
+        return True
+
+    def _straggled(self, write: asyncio.Future[None]) -> None:
+        """A late write ended: its batch is spooled already; its outcome says whether
+        the database may be tried again."""
+        self._straggler = None
+        if write.cancelled():
+            return
+        exc = write.exception()
+        if exc is None:
+            self._answered()
+        elif isinstance(exc, (DatabaseUnavailable, TimeoutError)):
+            self._failed(exc)
+        else:
+            log.error("usage ledger: unexpected error in a write", exc_info=exc)
+            self._failed(exc)
+
+    def _answered(self) -> None:
         if self._failures:
             log.info("usage ledger: the database is back; replaying the spool")
             self._failures = 0
             self._replay_at = 0.0
-        self.written += len(batch)
-        USAGE_WRITTEN.inc(len(batch))
-        return True
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
@@ -218,6 +255,7 @@ class Writer:
         now = asyncio.get_running_loop().time()
         return (
             not self._closing
+            and self._straggler is None
             and now >= self._retry_at
             and now >= self._replay_at
             and not self._is_full()
