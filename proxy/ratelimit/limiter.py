@@ -15,9 +15,13 @@ Invariants:
   A key with a parallel limit settles at once (the slot must come back promptly), in
   the same call that releases its slot.
 - A parallel slot is released on every path, in a background task tracked in
-  ``tasks`` (awaited at close). A slot whose release never reached Redis (crash,
-  outage) expires after ``limits.slot_ttl``; live slots are renewed by the background
-  task (expiry by this host's clock), so a long stream keeps its slot.
+  ``tasks`` (awaited at close). A release that cannot reach Redis (an outage, or a
+  call whose answer was lost) is owed (``releases``) and sent as soon as Redis
+  answers again, before this worker admits there again: otherwise the slot would
+  count against the key until it expires and its requests would get false 429s. A
+  slot of a crashed process expires after ``limits.slot_ttl``; live slots are renewed
+  by the background task (expiry by this host's clock), so a long stream keeps its
+  slot.
 - Budgets (``Ask``) ride on the same calls: the admission reserves the worst case (a
   hold, renewed and expiring like a slot). Settlements (hold back, real cost added)
   are owed like token debts: carried into the key's next admission for that period
@@ -111,6 +115,8 @@ class Limiter:
         self.holds: dict[str, str] = {}
         # Budget settlements owed to Redis, per (key id, period).
         self.owed: dict[tuple[str, int], Owed] = {}
+        # Slot releases owed to Redis: slot id → key id.
+        self.releases: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self._slot_ids = itertools.count()
         self._instance = secrets.token_hex(4)  # slot ids are unique across processes
@@ -134,7 +140,7 @@ class Limiter:
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
-        if self.using_redis and (self.debts or self.owed):
+        if self.using_redis and (self.debts or self.owed or self.releases):
             await self.flush()
         if self.tasks:
             _, late = await asyncio.wait(self.tasks, timeout=self.timeout + 1)
@@ -206,7 +212,7 @@ class Limiter:
                     call = call._replace(settlements=(*owed, settled))
                 self._spawn(self._settle_shared(key.id, call))
                 return
-            # Redis is down: the slot there expires by itself.
+            self.releases[ticket.slot] = key.id  # Redis is down: given back when it is up
         if debt:
             self._owe(key.id, key.tpm or 0, debt)
         if ask is not None and settled is not None:
@@ -259,6 +265,10 @@ class Limiter:
         """What a failed call carried to Redis, owed again."""
         if call.debt and not call.take:  # an admission's debt went to the local buckets
             self._owe(key_id, call.tpm, call.debt)
+        if call.release:
+            self.releases[call.release] = key_id
+        if call.take and call.slot:  # Redis may have taken it before the answer was lost
+            self.releases[call.slot] = key_id
         for settled in call.settlements:
             self._owe_settlement(key_id, call.budget, call.period, call.period_ttl, settled)
 
@@ -305,7 +315,8 @@ class Limiter:
                 log.exception("rate limiter maintenance failed")
 
     async def flush(self) -> None:
-        """Send what is owed (token debts, budget settlements) to Redis now."""
+        """Send what is owed (slot releases, token debts, budget settlements) to Redis."""
+        await self._release_owed()
         debts, self.debts = self.debts, {}
         owed, self.owed = self.owed, {}
         calls = [
@@ -319,6 +330,15 @@ class Limiter:
             for (key_id, period), o in owed.items()
         ]  # fmt: skip
         await asyncio.gather(*(self._settle_shared(key_id, call) for key_id, call in calls))
+
+    async def _release_owed(self) -> None:
+        """Give back in Redis the slots whose release could not reach it."""
+        releases, self.releases = self.releases, {}
+        base = Call(SERVER_TIME, 0, 0, 0, 0, 0, False, "", "", self.slot_ttl)
+        await asyncio.gather(
+            *(self._settle_shared(key_id, base._replace(release=slot))
+              for slot, key_id in releases.items())
+        )  # fmt: skip
 
     async def _renew(self) -> None:
         assert self.shared is not None
@@ -338,6 +358,10 @@ class Limiter:
             async with asyncio.timeout(self.timeout):
                 await self.shared.ping()
         except FAILURES:
+            return
+        # The slots released meanwhile first, so that no request gets a false 429.
+        await self._release_owed()
+        if self.releases:  # it failed again
             return
         self.using_redis = True
         # Budgets kept in process meanwhile are stale from now on: a later outage
