@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import accesslog, ingress, metrics, tracing
 from .config import Config
@@ -204,13 +205,14 @@ async def read_body(request: web.Request, state: State) -> bytes:
         raise RequestTimeout(
             f"The request body did not arrive within {server.body_timeout:g}s."
         ) from None
-    except HttpProcessingError as exc:
+    except (HttpProcessingError, RequestPayloadError) as exc:
         raise ingress.body_refusal(exc) from None
 
 
 def with_query(path: str, request: web.Request) -> str:
-    """``path`` with the client's query string, which goes upstream as it came."""
-    query = request.query_string
+    """``path`` with the client's query string, which goes upstream as it came (still
+    percent-encoded: ``query_string`` is the decoded one)."""
+    query = request.rel_url.raw_query_string
     return f"{path}?{query}" if query else path
 
 

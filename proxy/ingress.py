@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
@@ -27,8 +28,10 @@ from aiohttp.http_exceptions import (
     HttpProcessingError,
     LineTooLong,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .config import Cors, Server
 from .errors import (
@@ -122,9 +125,20 @@ class Runner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
+        make_request = made.request_factory
+
+        def request_factory(
+            message: RawRequestMessage, *args: Any, **kwargs: Any
+        ) -> web.BaseRequest:
+            if message.method in UNIMPLEMENTED_METHODS:
+                # CONNECT's target (host:port) matches no route, and aiohttp's own 404
+                # is plain text: give the catch-all route a path, it answers 501.
+                message = message._replace(path="/", url=URL("/"))
+            return make_request(message, *args, **kwargs)
+
         return _Server(
             made.request_handler,
-            request_factory=made.request_factory,
+            request_factory=request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
             **made._kwargs,
@@ -154,9 +168,9 @@ def check_framing(request: web.Request, server: Server) -> None:
         raise BodyTooLarge(f"The request body is larger than {server.max_body_bytes} bytes.")
 
 
-def body_refusal(exc: HttpProcessingError) -> BadRequest:
+def body_refusal(exc: HttpProcessingError | RequestPayloadError) -> BadRequest:
     """The 400 for a body aiohttp could not take apart (coding, chunking, length)."""
-    if isinstance(exc, ContentEncodingError):
+    if isinstance(exc, ContentEncodingError) or isinstance(exc.__cause__, ContentEncodingError):
         return BadRequest(_NOT_DECODABLE)
     return BadRequest("The request body is not framed as its headers say.")
 

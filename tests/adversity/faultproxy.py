@@ -4,7 +4,9 @@ PostgreSQL, an upstream): asyncpg's ``TCPFuzzingProxy`` idea, written for these 
     async with FaultProxy(port_of_redis) as relay:
         url = f"redis://127.0.0.1:{relay.port}/0"   # the proxy connects through it
         relay.pause()                    # accepts, forwards nothing: a black hole
-        relay.resume()
+        relay.refuse()                   # resets every connection, and each new one at
+                                         # once: a server that is down
+        relay.resume()                   # (ends a pause or a refusal)
         relay.cut_on(b"EVALSHA")         # resets the connection in the middle of the
                                          # next client chunk holding these bytes
         relay.cut_on(b"COMMIT", after=True)  # lets it through, resets on the answer
@@ -82,6 +84,7 @@ class FaultProxy:
         self._drip = 0.0
         self._drip_after = 0  # server → client bytes relayed at full speed before a drip
         self._closed = False
+        self._refusing = False
         self._trigger: _Trigger | None = None
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -125,7 +128,15 @@ class FaultProxy:
         self.faults += 1
         self._flowing.clear()
 
+    def refuse(self) -> None:
+        """Reset every connection, and each new one as soon as it is accepted."""
+        self.faults += 1
+        self._refusing = True
+        for link in list(self.links):
+            link.reset()
+
     def resume(self) -> None:
+        self._refusing = False
         self._flowing.set()
 
     def drip(self, interval: float, after: int = 0) -> None:
@@ -160,6 +171,9 @@ class FaultProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        if self._refusing:
+            _Link(writer, writer).reset()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
