@@ -16,6 +16,7 @@ worker processes read concurrently).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sqlite3
@@ -28,6 +29,7 @@ from pathlib import Path
 import aiosqlite
 import asyncpg
 from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
 
 from .config import Config, Database
 
@@ -243,6 +245,29 @@ async def _check_schema(pool: asyncpg.Pool) -> None:
             f"database schema is at version {current or 0}, this proxy needs {latest}: "
             "run `python -m proxy migrate --config FILE` first"
         )
+
+
+@contextlib.asynccontextmanager
+async def bounded(pool: asyncpg.Pool, seconds: float) -> AsyncIterator[PoolConnectionProxy]:
+    """A pooled connection for at most ``seconds`` in all (acquiring included).
+    A connection still in use then, or whose user was cancelled or failed, is
+    terminated rather than waited on again: a cancelled asyncpg statement sends a
+    cancel request and its release a reset, each waiting on the same hung server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    async with asyncio.timeout_at(deadline):
+        conn = await pool.acquire()
+    watchdog = loop.call_at(deadline, conn.terminate)
+    try:
+        yield conn
+    except BaseException:
+        conn.terminate()
+        raise
+    finally:
+        try:
+            await pool.release(conn)  # at once when terminated; else bounded by the watchdog
+        finally:
+            watchdog.cancel()
 
 
 DB = web.AppKey("db", Db)

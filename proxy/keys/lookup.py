@@ -10,10 +10,10 @@ of ``auth.cache_size`` each, kept apart so a flood of random bad keys only ever 
 other bad keys. Concurrent misses for one key share one query.
 
 When the store fails (refuses, errs, or hangs past ``database.timeout``) it is not
-asked again for a jittered, growing backoff (at most ``cache_ttl``): meanwhile known
-keys keep working on their stale entries and unknown keys get a 503 at once (we cannot
-tell), never a 401. A hung store costs one bounded wait per backoff window, never one
-per request.
+asked again for a jittered, growing backoff (at most ``BACKOFF_MAX``), and then by one
+query in the background: until one succeeds, known keys keep working on their stale
+entries and unknown keys get a 503 at once (we cannot tell), never a 401. So a hung
+store costs one bounded wait (the first failure's), never one per request.
 
 Invariants: the presented key is hashed at once and only its SHA-256 is kept (as a
 cache key); it is never logged, stored or echoed in an error message.
@@ -50,6 +50,8 @@ STORE_FAILURES = (
     OSError,
     TimeoutError,
 )
+
+BACKOFF_MAX = 5.0  # seconds between tries of a failing store, at most
 
 _MISSING = (
     "You didn't provide an API key. Send it as `Authorization: Bearer <key>` "
@@ -98,7 +100,9 @@ class KeyCache:
         missed_until = self.unknown.get(digest)
         if missed_until is not None and missed_until > now:
             return None
-        if now < self.retry_at:  # the store just failed: not asked again yet
+        if self.failing:  # not waited on: asked in the background when the backoff allows
+            if now >= self.retry_at:
+                self._refresh(digest)
             raise _unavailable()
         # Shielded: a client that goes away must not cancel the query others wait on.
         result = await asyncio.shield(self._refresh(digest))
@@ -120,7 +124,7 @@ class KeyCache:
                 key = await self.store.find(digest)
         except STORE_FAILURES as exc:
             self.failures += 1
-            self.retry_at = monotonic() + min(backoff(self.failures), self.ttl)
+            self.retry_at = monotonic() + min(backoff(self.failures), BACKOFF_MAX)
             if not self.failing:
                 self.failing = True
                 log.warning(

@@ -20,7 +20,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from ..db import Db
+from ..db import Db, bounded
 from . import secret
 from .record import Key
 
@@ -183,7 +183,8 @@ class KeyStore:
 
     async def _fetch(self, sql: _Sql, *args: Any) -> list[Sequence[Any]]:
         if self.db.pool is not None:
-            return [tuple(row) for row in await self.db.pool.fetch(sql.pg, *args)]
+            async with bounded(self.db.pool, self.db.config.timeout) as conn:
+                return [tuple(row) for row in await conn.fetch(sql.pg, *args)]
         async with self._sqlite().execute(sql.lite, args) as cursor:
             return list(await cursor.fetchall())
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import asyncpg
 from msgspec.structs import astuple
 
-from ..db import BatchConnection, Db
+from ..db import BatchConnection, Db, bounded
 from ..errors import DatabaseUnavailable
 from .record import COLUMNS, Record
 
@@ -87,36 +87,15 @@ class PostgresStore:
         self.timeout = timeout
 
     async def write(self, batch: Sequence[Record]) -> None:
-        """Bounded by ``timeout`` in all. A connection that does not finish in time (or
-        whose write is cancelled) is terminated, never waited on again: cancelling
-        asyncpg mid-statement would send a cancel request and a ROLLBACK, each waiting
-        on the same hung server, and return the connection to the pool."""
+        """Bounded by ``timeout`` in all; a hung connection is terminated (db.bounded)."""
         rows = [astuple(r) for r in batch]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                conn = await self.pool.acquire()
-        except _UNAVAILABLE as exc:
-            raise DatabaseUnavailable(_describe(exc)) from exc
-        watchdog = loop.call_at(deadline, conn.terminate)
-        try:
-            async with conn.transaction():
+            async with bounded(self.pool, self.timeout) as conn, conn.transaction():
                 await conn.execute(_STAGE)
                 await conn.copy_records_to_table("usage_batch", records=rows, columns=COLUMNS)
                 await conn.execute(_MERGE)
         except _UNAVAILABLE as exc:
-            if loop.time() >= deadline:
-                raise DatabaseUnavailable(f"no answer within {self.timeout:g}s") from exc
             raise DatabaseUnavailable(_describe(exc)) from exc
-        except BaseException:
-            conn.terminate()
-            raise
-        finally:
-            try:
-                await self.pool.release(conn)  # (resets the connection: bounded too)
-            finally:
-                watchdog.cancel()
 
 
 class SqliteStore:
