@@ -116,7 +116,8 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Cors(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Cross-origin access for browser apps (docs/security.md); off unless configured."""
+    """Cross-origin access for browser apps (README, "What the proxy promises"); off
+    unless configured."""
 
     # Origins allowed to call the proxy, exactly as browsers send them
     # (``https://app.example.com``); ``"*"`` allows any origin.

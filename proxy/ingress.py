@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +36,7 @@ from .config import Cors, Server
 from .errors import (
     BadRequest,
     BodyTooLarge,
+    Forbidden,
     HeadersTooLarge,
     LengthRequired,
     NotImplementedByProxy,
@@ -45,8 +45,6 @@ from .errors import (
     UriTooLong,
     render,
 )
-
-log = logging.getLogger("proxy")
 
 # What the proxy says it is: no version (it only helps someone looking for a known bug).
 SERVER = "morngpt"
@@ -72,7 +70,8 @@ def parse_refusal(exc: HttpProcessingError) -> ProxyError:
     """The OpenAI-shaped error for a request aiohttp's parser refused."""
     if isinstance(exc, LineTooLong):
         # The C parser reports the request target from its bytearray buffer, header
-        # lines as bytes.
+        # lines as bytes. (aiohttp's pure-Python parser, used only without its C
+        # extension, reports both as bytes: a long URL then reads as a 431.)
         if isinstance(exc.args[0], bytearray):
             return UriTooLong("The request URL is too long.")
         return HeadersTooLarge("A request header is too large.")
@@ -207,9 +206,8 @@ class Cross:
         origin = request.headers.get("Origin")
         method = request.headers.get("Access-Control-Request-Method", "").upper()
         if not self.allows(origin) or method not in self.method_set:
-            err = ProxyError("This cross-origin request is not allowed.")
-            err.status, err.type, err.code = 403, "invalid_request_error", "cors_not_allowed"
-            return web.Response(body=render(err), status=403, content_type=_JSON)
+            err = Forbidden("This cross-origin request is not allowed.", code="cors_not_allowed")
+            return web.Response(body=render(err), status=err.status, content_type=_JSON)
         asked = request.headers.get("Access-Control-Request-Headers", "")
         return web.Response(
             status=204,
