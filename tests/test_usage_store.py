@@ -83,7 +83,7 @@ async def test_a_refused_batch_leaves_nothing_and_the_next_one_lands(
     # A row refused in the middle of the batch, after rows before it went in (a NULL in
     # a NOT NULL column, refused by the INSERT from the staging table): the store says
     # Rejected (its data, not the database: poison.py sifts it) and commits nothing.
-    bad = msgspec.structs.replace(_BASE, uid=f"{99:032x}", request_id=None)
+    bad = msgspec.structs.replace(_BASE, uid=f"{99:032x}", model=None)
     db = await Db.open(database)
     try:
         store = store_for(db)

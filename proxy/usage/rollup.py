@@ -95,13 +95,23 @@ def _finite(ms: float) -> float:
 COLUMNS = ("starts_at", *GROUP, *SUMS)
 
 
-def upsert(width: int) -> str:
-    """The statement adding one ``deltas`` row to the rollup table of ``width``."""
+STAGING = {c: "bigint" for c in COLUMNS} | {c: "text" for c in GROUP}
+
+
+def staging(width: int) -> str:
+    """The session's staging table for the ``deltas`` of ``width`` (see ``merge``)."""
+    return f"{TABLES[width]}_batch"
+
+
+def merge(width: int) -> str:
+    """The statement adding the staged ``deltas`` to the rollup table of ``width``: one
+    statement for the batch (a statement per rollup row cost more than the rows)."""
     table = TABLES[width]
-    marks = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
     sets = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUMS)
+    # ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
     return (
-        f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES ({marks}) "
+        f"INSERT INTO {table} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
+        f"FROM {staging(width)} WHERE true "
         f"ON CONFLICT (starts_at, {', '.join(GROUP)}) DO UPDATE SET {sets}"
     )
 

@@ -64,6 +64,9 @@ _MERGE = (
     + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
     + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING RETURNING uid"
 )
+# The request id of a PostgreSQL row (NULL: the proxy made it from the uid, 37 bytes
+# a row saved); SQLite keeps every request id as it is.
+READ_REQUEST_ID = "coalesce(request_id, 'req_' || replace(uid::text, '-', ''))"
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -123,7 +126,9 @@ class LedgerStore:
                     fresh = [r for r, u in zip(batch, uids, strict=True) if u in added]
                     for width in rollup.TABLES:
                         if changes := rollup.deltas(fresh, width):
-                            await tx.executemany(rollup.upsert(width), changes)
+                            await tx.stage(rollup.staging(width), rollup.STAGING)
+                            await tx.copy(rollup.staging(width), rollup.COLUMNS, changes)
+                            await tx.execute(rollup.merge(width))
         except _REJECTED as exc:
             raise Rejected(_describe(exc)) from exc
         except _UNAVAILABLE as exc:
@@ -132,12 +137,17 @@ class LedgerStore:
     def _rows(self, batch: Sequence[Record]) -> tuple[list[tuple[Any, ...]], list[str]]:
         """The staged rows and each one's uid as the database returns it. Raises
         ``ValueError`` for a uid that is not a UUID (PostgreSQL only: SQLite keeps any
-        text)."""
+        text). PostgreSQL stores a request id the proxy made (``req_<uid>``) as NULL:
+        ``READ_REQUEST_ID`` gives it back."""
         rows = [astuple(r) for r in batch]
         if self.partitions is None:
             return rows, [r.uid for r in batch]
         uids = [uuid.UUID(r.uid) for r in batch]
-        return [(u, *row[1:]) for u, row in zip(uids, rows, strict=True)], [u.hex for u in uids]
+        staged = [
+            (u, None if r.request_id == f"req_{r.uid}" else r.request_id, *row[2:])
+            for u, r, row in zip(uids, batch, rows, strict=True)
+        ]
+        return staged, [u.hex for u in uids]
 
 
 def store_for(db: Db) -> LedgerStore:
