@@ -7,10 +7,11 @@ applied in order, each in its own transaction, and recorded in
 automatically when the proxy starts; PostgreSQL only by ``python -m proxy migrate``
 (a deploy step), and ``serve`` refuses to start on a schema that is behind.
 
-One connection holder per worker (``Db``) is shared by the key store and the usage
-ledger: an asyncpg pool, or for SQLite an aiosqlite connection (keys, reads) plus the
-ledger's own ``BatchConnection`` (SQLite serialises writers anyway; WAL mode lets the
-worker processes read concurrently).
+One connection holder per worker (``Db``) is shared by the key store, the usage
+ledger, budgets and the report, and is the one way they reach a database (one SQL
+dialect, rewritten for SQLite in ``lite``): an asyncpg pool, or for SQLite an aiosqlite
+connection (keys, reads) plus the ledger's own ``BatchConnection`` (SQLite serialises
+writers anyway; WAL mode lets the worker processes read concurrently).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ rows set aside, and budgets' spend read from rollups plus a period's fringe."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +15,7 @@ import msgspec
 import orjson
 import pytest
 
+from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import Db, migrate, migrations
 from proxy.metrics import USAGE_REJECTED
@@ -23,9 +25,11 @@ from proxy.usage.poison import Sifting
 from proxy.usage.record import Record
 from proxy.usage.retention import prune
 from proxy.usage.spend import spent
+from proxy.usage.spool import Spool
 from proxy.usage.store import store_for
 
-from .usage_support import ledger_rows
+from .conftest import MakeProxy
+from .usage_support import ledger_config, ledger_rows, until
 
 HOUR = 3600
 # A fixed instant: 2026-11-03 00:00 UTC, plus 40 minutes.
@@ -289,3 +293,30 @@ def test_histogram_percentiles_merge_and_interpolate() -> None:
     counts[rollup.bucket(150)] = 4  # 100 < ms <= 200
     assert rollup.percentile(counts, 0.5) == 150.0
     assert rollup.percentile(counts, 1.0) == 200.0
+
+
+async def test_a_spooled_record_the_database_refuses_is_set_aside_not_replayed_for_ever(
+    make_proxy: MakeProxy, upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
+) -> None:
+    """A spool line whose uid is not a UUID (a damaged or foreign file): before, every
+    replay failed on it and spooled it again; now it goes to the dead-letter file and
+    the rest of the file is committed and the file finished."""
+    spool_dir = tmp_path / "spool"
+    good = spread(20, start=time.time() - 60, step=1.0)
+    bad = msgspec.structs.replace(good[5], uid="not-a-uuid")
+    spool = Spool(spool_dir)
+    await spool.append([*good[:5], bad, *good[5:]])
+    await spool.close()
+    database = cfg.Database(url=migrated_pg)
+    proxy = await make_proxy(ledger_config(upstream.url, database, spool_dir))
+
+    async def replayed() -> bool:
+        return len(await ledger_rows(database)) == len(good)
+
+    await until(replayed)
+    await proxy.runner.cleanup()
+    assert list(spool_dir.glob("*.jsonl")) == []
+    letters = [orjson.loads(line) for f in (spool_dir / "rejected").glob("*.jsonl")
+               for line in f.read_bytes().splitlines()]  # fmt: skip
+    assert [line["record"][0] for line in letters] == ["not-a-uuid"]
+    assert "UUID" in letters[0]["reason"]

@@ -5,7 +5,8 @@ Budgets rebuild their Redis state from it when Redis lost it, and ``keys show`` 
 ``keys list`` print it. The whole hours of the period come from ``usage_hourly``
 (indexed on ``(key_id, starts_at)``: a month is ~720 rollup rows per model); a period
 that does not begin or end on the hour (a time zone half an hour off UTC) takes the
-fringe from the rows themselves, through their ``(key_id, started_at)`` index. So the
+fringe from the rows themselves, through their key index (PostgreSQL: ``(key_id)`` in
+the fringe's day partition; SQLite: ``(key_id, started_at)``). So the
 rows of the period's first hour must still be there: keep ``usage.retention`` longer
 than the longest budget period in use (docs/usage-ledger.md).
 
