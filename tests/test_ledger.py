@@ -18,6 +18,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import Db, migrate, migrations
+from proxy.errors import DatabaseUnavailable
 from proxy.metrics import USAGE_REJECTED
 from proxy.usage import rollup
 from proxy.usage.partitions import DAY, LOCK, name
@@ -320,3 +321,22 @@ async def test_a_spooled_record_the_database_refuses_is_set_aside_not_replayed_f
                for line in f.read_bytes().splitlines()]  # fmt: skip
     assert [line["record"][0] for line in letters] == ["not-a-uuid"]
     assert "UUID" in letters[0]["reason"]
+
+
+async def test_a_day_dropped_behind_a_writers_back_is_made_again(migrated_pg: str) -> None:
+    """Another process's retention dropped a partition this writer had made: the batch
+    is not refused for it (its rows are fine); the next try makes the day again."""
+    db = await Db.open(cfg.Database(url=migrated_pg))
+    try:
+        store = store_for(db)
+        records = spread(10)
+        await store.write(records[:5])
+        await db.execute(f"DROP TABLE {name(int(T0 // DAY))}")
+        with pytest.raises(DatabaseUnavailable):
+            await store.write(records[5:])
+        await store.write(records[5:])
+        assert sorted(r["uid"] for r in await ledger_rows(db.config)) == [
+            r.uid for r in records[5:]
+        ]
+    finally:
+        await db.close()

@@ -129,6 +129,13 @@ class LedgerStore:
                             await tx.stage(rollup.staging(width), rollup.STAGING)
                             await tx.copy(rollup.staging(width), rollup.COLUMNS, changes)
                             await tx.execute(rollup.merge(width))
+        except asyncpg.CheckViolationError as exc:
+            if self.partitions is not None and "no partition" in str(exc):
+                # A day another process's retention dropped since this one made it:
+                # not the row's fault; made again at the next try.
+                self.partitions.known.clear()
+                raise DatabaseUnavailable(_describe(exc)) from exc
+            raise Rejected(_describe(exc)) from exc
         except _REJECTED as exc:
             raise Rejected(_describe(exc)) from exc
         except _UNAVAILABLE as exc:
