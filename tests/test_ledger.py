@@ -4,7 +4,9 @@ rows set aside, and budgets' spend read from rollups plus a period's fringe."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -29,7 +31,7 @@ from proxy.usage.spend import spent
 from proxy.usage.spool import Spool
 from proxy.usage.store import store_for
 
-from .conftest import MakeProxy
+from .conftest import PYTHON, MakeProxy
 from .usage_support import ledger_config, ledger_rows, until
 
 HOUR = 3600
@@ -221,7 +223,7 @@ def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
 
 
 async def test_0005_converts_a_populated_ledger_without_losing_a_row(
-    unmigrated: cfg.Database, monkeypatch: pytest.MonkeyPatch
+    unmigrated: cfg.Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     database = unmigrated
     shipped = migrations("postgres" if database.is_postgres else "sqlite")
@@ -249,7 +251,23 @@ async def test_0005_converts_a_populated_ledger_without_losing_a_row(
             rows = [(*v[:-1], str(v[-1])) for v in values]
             lite.executemany(f"INSERT INTO usage_records ({columns}) VALUES ({marks})", rows)
     monkeypatch.undo()
-    assert await migrate(database) == ["0005_ledger_partitions"]
+    # The command operators run, in a process of its own.
+    config = tmp_path / "proxy.json"
+    config.write_bytes(
+        orjson.dumps(
+            {"database": {"url": database.url, "sqlite_path": database.sqlite_path},
+             "models": [{"name": "a", "deployments": [{"base_url": "http://x"}]}]}
+        )
+    )  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [PYTHON, "-m", "proxy", "migrate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("applied 0005_ledger_partitions")
     found = {row["uid"]: row for row in await ledger_rows(database)}
     assert len(found) == len(records)
     for r in records:
