@@ -26,7 +26,7 @@ from proxy.usage import rollup
 from proxy.usage.partitions import DAY, LOCK, name
 from proxy.usage.poison import Sifting
 from proxy.usage.record import Record
-from proxy.usage.retention import prune
+from proxy.usage.retention import prune, upkeep
 from proxy.usage.spend import spent
 from proxy.usage.spool import Spool
 from proxy.usage.store import store_for
@@ -356,5 +356,33 @@ async def test_a_day_dropped_behind_a_writers_back_is_made_again(migrated_pg: st
         assert sorted(r["uid"] for r in await ledger_rows(db.config)) == [
             r.uid for r in records[5:]
         ]
+    finally:
+        await db.close()
+
+
+async def test_the_upkeep_task_makes_days_ahead_and_applies_retention(
+    migrated_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.usage.retention.EVERY", 0.05)
+    db = await Db.open(cfg.Database(url=migrated_pg))
+    try:
+        store = store_for(db)
+        now = time.time()
+        old = spread(5, start=now - 50 * DAY)
+        await store.write(old)
+        assert store.partitions is not None
+        task = asyncio.create_task(upkeep(db, cfg.Ledger(retention="40d"), store.partitions))
+
+        async def tended() -> bool:
+            tables = {row[0] for row in await db.fetch("SELECT tablename FROM pg_tables")}
+            today = int(now // DAY)
+            return name(today + 2) in tables and name(int(old[0].started_at // DAY)) not in tables
+
+        try:
+            await until(tended)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert await ledger_rows(db.config) == []
     finally:
         await db.close()

@@ -91,4 +91,6 @@ async def upkeep(db: Db, settings: Ledger, partitions: Partitions | None) -> Non
             if not failing:
                 log.warning("usage ledger upkeep failed (%s); trying again later", exc)
             failing = True
+        except Exception:  # a bug must not end the upkeep for good: say so, go on
+            log.exception("usage ledger: unexpected error in the upkeep")
         await asyncio.sleep(EVERY)
