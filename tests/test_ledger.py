@@ -22,7 +22,7 @@ from proxy import config as cfg
 from proxy.db import Db, migrate, migrations
 from proxy.errors import DatabaseUnavailable
 from proxy.metrics import USAGE_REJECTED
-from proxy.usage import rollup
+from proxy.usage import report, rollup
 from proxy.usage.partitions import DAY, LOCK, name
 from proxy.usage.poison import Sifting
 from proxy.usage.record import Record
@@ -386,3 +386,23 @@ async def test_the_upkeep_task_makes_days_ahead_and_applies_retention(
         assert await ledger_rows(db.config) == []
     finally:
         await db.close()
+
+
+async def test_the_report_counts_errors_by_class(database: cfg.Database) -> None:
+    now = time.time()
+    records = spread(60, start=now - 600, step=5.0)
+    db = await Db.open(database)
+    try:
+        await store_for(db).write(records)
+    finally:
+        await db.close()
+    found = await asyncio.to_thread(report.fetch, database, now - 3600, "outcome")
+    expected: dict[str, int] = {}
+    for r in records:
+        name_ = rollup.outcome(r.status, r.error) or "-"
+        expected[name_] = expected.get(name_, 0) + 1
+    assert {row.name: row.requests for row in found} == expected
+    assert {row.name: row.errors for row in found} == {
+        name_: 0 if name_ == "-" else count for name_, count in expected.items()
+    }
+    assert set(expected) == {"-", "status_429", "UpstreamTimeout"}
