@@ -12,6 +12,7 @@ line naming the field and what was wrong.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from datetime import datetime
@@ -28,6 +29,19 @@ WILDCARD = "*"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+# A span of time such as 90s, 15m, 1h, 90d or 2w (``seconds`` reads it).
+Span = Annotated[str, msgspec.Meta(pattern=r"^\s*\d+(\.\d+)?[smhdw]\s*$")]
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def seconds(text: str) -> float:
+    """Seconds in a span such as ``90s``, ``15m``, ``1h``, ``7d`` or ``2w``; raises
+    ``ValueError`` for anything else."""
+    match = _SPAN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected a duration like 30m, 1h or 7d, not {text!r}")
+    return float(match[1]) * _SPAN_SECONDS[match[2]]
 
 
 class Secret(str):
@@ -318,6 +332,13 @@ class Ledger(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     spool_dir: str = "var/spool"
     # After SIGTERM: time to commit what is queued; whatever is left is spooled.
     shutdown_timeout: PositiveFloat = 10.0
+    # How long rows are kept (e.g. 90d; unset: for ever). PostgreSQL drops whole day
+    # partitions past it, SQLite deletes in small steps. Keep it longer than the
+    # longest budget period (budgets read the first hour of a period from the rows).
+    retention: Span | None = None
+    # How long the hourly and daily rollups are kept (unset: for ever); at least as
+    # long as retention, since every report and budget reads them.
+    rollup_retention: Span | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -356,6 +377,20 @@ def quick_start(upstream: str, upstream_key: str | None) -> Config:
     """The config the ``--upstream`` flags mean: every model goes to one upstream."""
     deployment = Deployment(base_url=upstream, name="upstream", api_key=upstream_key or "")
     return resolve(Config(models=[Model(name=WILDCARD, deployments=[deployment])]))
+
+
+# Budgets read the first hour of a period from the rows when it does not start on the
+# hour (usage/spend.py): rows must outlive the longest period, a month.
+MIN_RETENTION = 32 * 86400
+
+
+def _check_retention(usage: Ledger, source: str) -> None:
+    rows = math.inf if usage.retention is None else seconds(usage.retention)
+    rollups = math.inf if usage.rollup_retention is None else seconds(usage.rollup_retention)
+    if rows < MIN_RETENTION:
+        raise ConfigError(f"{source}: usage.retention: at least 32d (budgets read rows)")
+    if rollups < rows:
+        raise ConfigError(f"{source}: usage.rollup_retention: must not be shorter than retention")
 
 
 def resolve(config: Config, source: str = "config") -> Config:
@@ -397,6 +432,7 @@ def resolve(config: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: redis.url: must be a redis:// or rediss:// URL")
     if redis.cluster and not redis.url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"{source}: redis.cluster: needs a redis:// or rediss:// url")
+    _check_retention(config.usage, source)
     config = _resolve_keys(config, source)
     return msgspec.structs.replace(
         config, models=models, server=server, database=database, redis=redis

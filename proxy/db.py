@@ -7,10 +7,11 @@ applied in order, each in its own transaction, and recorded in
 automatically when the proxy starts; PostgreSQL only by ``python -m proxy migrate``
 (a deploy step), and ``serve`` refuses to start on a schema that is behind.
 
-One connection holder per worker (``Db``) is shared by the key store and the usage
-ledger: an asyncpg pool, or for SQLite an aiosqlite connection (keys, reads) plus the
-ledger's own ``BatchConnection`` (SQLite serialises writers anyway; WAL mode lets the
-worker processes read concurrently).
+One connection holder per worker (``Db``) is shared by the key store, the usage
+ledger, budgets and the report, and is the one way they reach a database (one SQL
+dialect, rewritten for SQLite in ``lite``): an asyncpg pool, or for SQLite an aiosqlite
+connection (keys, reads) plus the ledger's own ``BatchConnection`` (SQLite serialises
+writers anyway; WAL mode lets the worker processes read concurrently).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ import contextlib
 import logging
 import re
 import sqlite3
-import threading
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import asyncpg
@@ -37,6 +42,7 @@ log = logging.getLogger("proxy.db")
 _FILE = re.compile(r"(\d{4})_(\w+)\.sql")
 # Arbitrary constant: the advisory lock id that serialises migrations.
 _LOCK_ID = 0x6D6F726E
+_T = TypeVar("_T")
 
 
 class SchemaError(Exception):
@@ -134,53 +140,177 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in sql.split(";") if s.strip()]
 
 
+# -- one SQL dialect -------------------------------------------------------------------
+#
+# Code writes SQL once, in PostgreSQL's dialect with ``$n`` placeholders, restricted to
+# what both backends run the same way. ``lite`` is the one place it is rewritten for
+# SQLite: placeholders, and ``to_timestamp(x)`` (the ledger's staged Unix seconds) to
+# ``x`` (SQLite keeps Unix seconds). Values: pass ``datetime`` for timestamps and
+# ``Decimal`` for exact amounts; SQLite stores them as Unix seconds and decimal text
+# (the adapters below), and ``epoch`` reads either back.
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+_TO_TIMESTAMP = re.compile(r"to_timestamp\((\w+)\)")
+_LITE: dict[str, str] = {}
+sqlite3.register_adapter(Decimal, str)
+sqlite3.register_adapter(datetime, lambda value: value.timestamp())
+
+
+def lite(sql: str) -> str:
+    """``sql`` (PostgreSQL dialect) as SQLite runs it (cached)."""
+    found = _LITE.get(sql)
+    if found is None:
+        found = _LITE[sql] = _TO_TIMESTAMP.sub(r"\1", _PLACEHOLDER.sub(r"?\1", sql))
+    return found
+
+
+def epoch(value: datetime | float | None) -> float | None:
+    """A timestamp read from either backend, as Unix seconds."""
+    return value.timestamp() if isinstance(value, datetime) else value
+
+
+def timestamp(value: float) -> datetime:
+    """Unix seconds as the timestamp parameter both backends take."""
+    return datetime.fromtimestamp(value, UTC)
+
+
+class Tx(Protocol):
+    """One transaction (``Db.transaction``), the same calls on both backends."""
+
+    async def execute(self, sql: str, *args: object) -> int:
+        """Run one statement; returns the number of rows it touched."""
+        ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
+
+    async def fetch(self, sql: str, *args: object) -> list[tuple[Any, ...]]: ...
+
+    async def copy(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Bulk-insert ``rows`` into ``table`` (PostgreSQL: COPY)."""
+        ...
+
+    async def stage(self, table: str, columns: dict[str, str]) -> None:
+        """Create the session's temporary staging ``table`` (``columns``: name → type)
+        if missing; it is empty at the start of every transaction."""
+        ...
+
+
+class _PgTx:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, *args: object) -> int:
+        return _touched(await self.conn.execute(sql, *args))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self.conn.fetch(sql, *args)]
+
+    async def copy(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        await self.conn.copy_records_to_table(table, records=rows, columns=columns)
+
+    async def stage(self, table: str, columns: dict[str, str]) -> None:
+        # ON COMMIT DELETE ROWS: emptied by every commit; created in each transaction if
+        # missing, so it works behind a transaction pooler too.
+        typed = ", ".join(f"{name} {kind}" for name, kind in columns.items())
+        await self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {table} ({typed}) ON COMMIT DELETE ROWS"
+        )
+
+
+def _touched(status: str) -> int:
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 class BatchConnection:
-    """A SQLite connection for batch writes (the usage ledger's): each ``insert`` runs
-    whole in a thread — ``BEGIN IMMEDIATE``, ``executemany``, ``COMMIT`` — under a
-    lock. ``executemany`` in one transaction takes half the CPU of the one-statement
-    ``json_each`` insert it replaced (which is atomic without a transaction, the only
-    safe kind on the aiosqlite connection the key store shares). Running the whole
-    transaction in the thread, on a connection nobody else uses, means a cancelled or
-    timed-out await never leaves one half done."""
+    """The SQLite connection for batch writes (the usage ledger's), with one thread of
+    its own: every statement of a transaction runs in that thread, in the order it was
+    sent. A transaction whose await is cancelled or times out still sends its
+    ``ROLLBACK``, which the thread runs after the statement in progress: a transaction
+    is never left half done, and the next one starts clean. (The aiosqlite connection
+    stays with reads and the key store, whose statements are atomic on their own.)"""
 
     def __init__(self, path: str, timeout: float) -> None:
         # timeout: how long a write waits for another process's write lock.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             path, timeout=timeout, isolation_level=None, check_same_thread=False
         )
-        self._lock = threading.Lock()  # one thread at a time on the connection
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite")
+        self._lock = asyncio.Lock()  # one transaction at a time
 
-    async def insert(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
-        """Run ``sql`` for every row in one transaction; raises ``sqlite3.Error``."""
-        await asyncio.to_thread(self._insert, sql, rows)
-
-    def _insert(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
+    async def _run(self, call: Callable[[sqlite3.Connection], _T]) -> _T:
+        def run() -> _T:
+            if self._conn is None:
                 raise sqlite3.ProgrammingError("the ledger connection is closed")
-            conn.execute("BEGIN IMMEDIATE")
+            return call(self._conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._lock:
             try:
-                conn.executemany(sql, rows)
-                conn.execute("COMMIT")
+                await self._run(lambda conn: conn.execute("BEGIN IMMEDIATE"))
+                yield _LiteTx(self)
+                await self._run(lambda conn: conn.execute("COMMIT"))
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                # Sent even when cancelled: the thread runs it after what it is doing.
+                done = asyncio.get_running_loop().run_in_executor(self._thread, self._rollback)
+                await asyncio.shield(done)
                 raise
 
-    async def close(self) -> None:
-        """After the write in progress, if any."""
-        await asyncio.to_thread(self._close)
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
-    def _close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+    async def close(self) -> None:
+        """After the transaction in progress, if any."""
+        await self._run(lambda conn: conn.close())
+        self._conn = None
+        self._thread.shutdown(wait=False)
+
+
+class _LiteTx:
+    __slots__ = ("batches",)
+
+    def __init__(self, batches: BatchConnection) -> None:
+        self.batches = batches
+
+    async def execute(self, sql: str, *args: object) -> int:
+        return await self.batches._run(lambda conn: conn.execute(lite(sql), args).rowcount)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await self.batches._run(lambda conn: conn.executemany(lite(sql), rows))
+
+    async def fetch(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        return await self.batches._run(lambda conn: conn.execute(lite(sql), args).fetchall())
+
+    async def copy(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        marks = ", ".join("?" * len(columns))
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+        await self.batches._run(lambda conn: conn.executemany(sql, rows))
+
+    async def stage(self, table: str, columns: dict[str, str]) -> None:
+        # Untyped columns keep values as they are bound (a declared type would give a
+        # column an affinity: "uuid" or "numeric" would turn digit strings into numbers).
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({', '.join(columns)})")
+            conn.execute(f"DELETE FROM {table}")  # SQLite has no ON COMMIT DELETE ROWS
+
+        await self.batches._run(run)
 
 
 class Db:
-    """The worker's database handle: either ``pool``, or ``sqlite`` and ``batches``."""
+    """The worker's database handle, the one way code reaches either backend: ``fetch``,
+    ``fetchval`` and ``execute`` for single statements, ``transaction`` for batches.
+    SQL is PostgreSQL's dialect (see ``lite``). Database exceptions are the caller's.
+    On PostgreSQL each call holds its connection for at most ``database.timeout`` in
+    all, and a hung one is terminated, never waited on twice (``bounded``)."""
 
     def __init__(
         self,
@@ -193,6 +323,46 @@ class Db:
         self.pool = pool
         self.sqlite = sqlite
         self.batches = batches
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.config.is_postgres
+
+    async def fetch(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        if self.pool is not None:
+            async with bounded(self.pool, self.config.timeout) as conn:
+                return [tuple(row) for row in await conn.fetch(sql, *args)]
+        async with self._sqlite().execute(lite(sql), args) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    async def execute(self, sql: str, *args: object) -> int:
+        """Run one statement; returns the number of rows it touched."""
+        if self.pool is not None:
+            async with bounded(self.pool, self.config.timeout) as conn:
+                return _touched(await conn.execute(sql, *args))
+        async with self._sqlite().execute(lite(sql), args) as cursor:
+            return cursor.rowcount
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        if self.pool is not None:
+            async with bounded(self.pool, self.config.timeout) as conn, conn.transaction():
+                yield _PgTx(conn)
+            return
+        if self.batches is None:
+            raise ConnectionError("the database handle is closed")
+        async with self.batches.transaction() as tx:
+            yield tx
+
+    def _sqlite(self) -> aiosqlite.Connection:
+        if self.sqlite is None:
+            raise ConnectionError("the database handle is closed")
+        return self.sqlite
 
     @classmethod
     async def open(cls, database: Database) -> Db:

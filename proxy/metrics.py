@@ -187,6 +187,10 @@ USAGE_WRITTEN = Counter(
     "morngpt_usage_written_records_total",
     "Usage records written to the database.",
 )
+USAGE_REJECTED = Counter(
+    "morngpt_usage_rejected_records_total",
+    "Usage records the database refused for their data, set aside in the dead-letter file.",
+)
 USAGE_DROPPED = Counter(
     "morngpt_usage_dropped_records_total",
     "Usage records lost (queue and spool full, or unwritable).",

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from bench.fake_upstream import FakeUpstream
+from proxy.usage.store import READ_REQUEST_ID
 
 from .conftest import PYTHON, REDIS_URL, SECRETS, free_port, proxy_env, watch_output
 from .usage_support import Served, until
@@ -94,7 +95,9 @@ class Fleet:
     async def rows(self) -> list[asyncpg.Record]:
         conn = await asyncpg.connect(self.dsn)
         try:
-            return await conn.fetch("SELECT request_id, key_id, status FROM usage_records")
+            return await conn.fetch(
+                f"SELECT {READ_REQUEST_ID} AS request_id, key_id, status FROM usage_records"
+            )
         finally:
             await conn.close()
 

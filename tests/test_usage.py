@@ -266,8 +266,11 @@ async def test_usage_report_is_the_same_on_both_backends(
         "p95_ms",
     ]
     # a: n = 1, 3, 5, 7, 9 (10…90 ms); b: n = 2, 4, 6, 8, 10 (20…100 ms); n = 5, 10 failed.
-    assert lines[1] == ["a", "5", "50", "25", "0.00", "1", "50.0", "86.0"]
-    assert lines[2] == ["b", "5", "50", "30", "0.00", "1", "60.0", "96.0"]
+    # Percentiles from the histograms (buckets ≤10, ≤20, ≤50, ≤100 ms), linear within:
+    # a has 1, 0, 2, 2 there: p50 at rank 2.5 = 20 + 30 x 1.5/2, p95 at 4.75 = 50 + 50 x 1.75/2;
+    # b has 0, 1, 1, 3: p50 = 50 + 50 x 0.5/3, p95 = 50 + 50 x 2.75/3.
+    assert lines[1] == ["a", "5", "50", "25", "0.00", "1", "42.5", "93.8"]
+    assert lines[2] == ["b", "5", "50", "30", "0.00", "1", "58.3", "95.8"]
     assert lines[3][:2] == ["key", "requests"]
     assert [line[:2] for line in lines[4:6]] == [["-", "5"], ["k1", "5"]]
     assert lines[7][:3] == ["d1", "10", "100"]

@@ -26,6 +26,7 @@ import orjson
 
 from proxy import config as cfg
 from proxy.usage.record import COLUMNS
+from proxy.usage.store import READ_REQUEST_ID
 
 from .conftest import PYTHON, UPSTREAM_KEY, free_port, proxy_env, watch_output
 
@@ -46,7 +47,9 @@ async def ledger_rows(database: cfg.Database) -> list[dict[str, Any]]:
     if database.is_postgres:
         conn = await asyncpg.connect(database.url)
         try:
-            found = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM usage_records")
+            read = f"{READ_REQUEST_ID} AS request_id"  # NULL: the proxy made it
+            columns = ", ".join(read if c == "request_id" else c for c in COLUMNS)
+            found = await conn.fetch(f"SELECT {columns} FROM usage_records")
         finally:
             await conn.close()
         rows = [dict(r) for r in found]

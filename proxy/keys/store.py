@@ -1,26 +1,24 @@
 """API keys in the database: PostgreSQL (asyncpg) or the embedded SQLite file, through
 the worker's ``Db`` handle. Table ``api_keys`` (migration 0001).
 
-The two backends run the same statements: written with PostgreSQL's ``$n``
-placeholders, rewritten once at import into SQLite's ``?n``. Values differ only in
-type (PostgreSQL timestamps and jsonb, SQLite Unix seconds and JSON text), converted
-in ``_param_ts`` / ``_key``. Database exceptions are left to the caller (the lookup
-maps them to a 503; the command line prints them).
+The two backends run the same statements through ``Db`` (one SQL dialect, rewritten
+for SQLite in db.py). Values differ only in type (PostgreSQL timestamps and jsonb,
+SQLite Unix seconds and JSON text): timestamps go in as ``datetime`` and come back
+through ``db.epoch``. Database exceptions are left to the caller (the lookup maps them
+to a 503; the command line prints them).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from time import time
 from typing import Any
 
-import aiosqlite
 import msgspec
 
-from ..db import Db, bounded
+from ..db import Db, epoch, timestamp
 from . import secret
 from .record import Key
 
@@ -35,23 +33,15 @@ UPDATABLE = (
 )  # fmt: skip
 
 
-class _Sql:
-    __slots__ = ("lite", "pg")
-
-    def __init__(self, pg: str) -> None:
-        self.pg = pg
-        self.lite = re.sub(r"\$(\d+)", r"?\1", pg)
-
-
-_FIND = _Sql(f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1")
-_GET = _Sql(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1")
-_LIST = _Sql(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id")
-_INSERT = _Sql(
+_FIND = f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1"
+_GET = f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1"
+_LIST = f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id"
+_INSERT = (
     "INSERT INTO api_keys (id, name, prefix, key_hash, rpm, tpm, max_parallel, models, "
     "expires_at, revoked, metadata, created_at, updated_at, budget, budget_period, budget_tz) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)"
 )
-_REVOKE = _Sql("UPDATE api_keys SET revoked = $2, updated_at = $3 WHERE id = $1")
+_REVOKE = "UPDATE api_keys SET revoked = $2, updated_at = $3 WHERE id = $1"
 
 
 class KeyStore:
@@ -60,21 +50,17 @@ class KeyStore:
     def __init__(self, db: Db) -> None:
         self.db = db
 
-    @property
-    def _pg(self) -> bool:
-        return self.db.pool is not None
-
     async def find(self, digest: str) -> Key | None:
         """The key stored under this SHA-256, revoked and expired ones included."""
-        rows = await self._fetch(_FIND, digest)
+        rows = await self.db.fetch(_FIND, digest)
         return self._key(rows[0]) if rows else None
 
     async def get(self, key_id: str) -> Key | None:
-        rows = await self._fetch(_GET, key_id)
+        rows = await self.db.fetch(_GET, key_id)
         return self._key(rows[0]) if rows else None
 
     async def all_keys(self) -> list[Key]:
-        return [self._key(row) for row in await self._fetch(_LIST)]
+        return [self._key(row) for row in await self.db.fetch(_LIST)]
 
     async def create(
         self,
@@ -92,7 +78,8 @@ class KeyStore:
     ) -> tuple[Key, str]:
         """Store a new key; returns its record and the key itself (shown once)."""
         value = secret.generate()
-        now = time()
+        now = timestamp(time())  # what either backend stores and reads back
+        expires = _when(expires_at)
         key = Key(
             id=secret.new_id(),
             name=name,
@@ -101,14 +88,14 @@ class KeyStore:
             tpm=tpm,
             max_parallel=max_parallel,
             models=frozenset(models),
-            expires_at=expires_at,
+            expires_at=epoch(expires),
             metadata=metadata or {},
-            created_at=now,
+            created_at=now.timestamp(),
             budget=budget,
             budget_period=budget_period,
             budget_tz=budget_tz,
         )
-        await self._execute(
+        await self.db.execute(
             _INSERT,
             key.id,
             key.name,
@@ -118,10 +105,10 @@ class KeyStore:
             tpm,
             max_parallel,
             _json(sorted(key.models)),
-            self._param_ts(expires_at),
+            expires,
             False,
             _json(key.metadata),
-            self._param_ts(now),
+            now,
             self._param("budget", budget),
             budget_period,
             budget_tz,
@@ -130,7 +117,7 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> bool:
         """Mark a key revoked; False when there is no such key."""
-        return await self._execute(_REVOKE, key_id, True, self._param_ts(time())) > 0
+        return await self.db.execute(_REVOKE, key_id, True, timestamp(time())) > 0
 
     async def update(self, key_id: str, changes: dict[str, Any]) -> Key | None:
         """Change some of ``UPDATABLE``; None when there is no such key."""
@@ -140,8 +127,8 @@ class KeyStore:
         values = [self._param(c, changes[c]) for c in columns]
         sets = [f"{c} = ${i}" for i, c in enumerate(columns, start=2)]
         sets.append(f"updated_at = ${len(columns) + 2}")
-        sql = _Sql(f"UPDATE api_keys SET {', '.join(sets)} WHERE id = $1")
-        if not await self._execute(sql, key_id, *values, self._param_ts(time())):
+        sql = f"UPDATE api_keys SET {', '.join(sets)} WHERE id = $1"
+        if not await self.db.execute(sql, key_id, *values, timestamp(time())):
             return None
         return await self.get(key_id)
 
@@ -151,15 +138,8 @@ class KeyStore:
         if column == "metadata":
             return _json(value)
         if column == "expires_at":
-            return self._param_ts(value)
-        if column == "budget" and value is not None and not self._pg:
-            return str(value)  # SQLite keeps the exact decimal as text
+            return _when(value)
         return value
-
-    def _param_ts(self, value: float | None) -> Any:
-        if value is None or not self._pg:
-            return value
-        return datetime.fromtimestamp(value, UTC)
 
     def _key(self, row: Sequence[Any]) -> Key:
         key_id, name, prefix, rpm, tpm, parallel, models, expires, revoked, meta, created = row[:11]
@@ -172,39 +152,19 @@ class KeyStore:
             tpm=tpm,
             max_parallel=parallel,
             models=frozenset(msgspec.json.decode(models, type=list[str])),
-            expires_at=_epoch(expires),
+            expires_at=epoch(expires),
             revoked=bool(revoked),
             metadata=msgspec.json.decode(meta, type=dict[str, Any]),
-            created_at=_epoch(created) or 0.0,
+            created_at=epoch(created) or 0.0,
             budget=None if budget is None else Decimal(budget),
             budget_period=period,
             budget_tz=tz,
         )
-
-    async def _fetch(self, sql: _Sql, *args: Any) -> list[Sequence[Any]]:
-        if self.db.pool is not None:
-            async with bounded(self.db.pool, self.db.config.timeout) as conn:
-                return [tuple(row) for row in await conn.fetch(sql.pg, *args)]
-        async with self._sqlite().execute(sql.lite, args) as cursor:
-            return list(await cursor.fetchall())
-
-    async def _execute(self, sql: _Sql, *args: Any) -> int:
-        """Run a write; returns the number of rows it touched."""
-        if self.db.pool is not None:
-            status = await self.db.pool.execute(sql.pg, *args)
-            return int(status.rsplit(" ", 1)[-1])
-        async with self._sqlite().execute(sql.lite, args) as cursor:
-            return cursor.rowcount
-
-    def _sqlite(self) -> aiosqlite.Connection:
-        if self.db.sqlite is None:
-            raise ConnectionError("the database handle is closed")
-        return self.db.sqlite
 
 
 def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def _epoch(value: datetime | float | None) -> float | None:
-    return value.timestamp() if isinstance(value, datetime) else value
+def _when(value: float | None) -> datetime | None:
+    return None if value is None else timestamp(value)

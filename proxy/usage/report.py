@@ -1,11 +1,12 @@
-"""``python -m proxy usage --since 1h --by key|model|deployment``: a table of requests,
-tokens, cost, errors and latency percentiles from the ledger.
+"""``python -m proxy usage --since 1h --by key|model|deployment|outcome``: a table of requests,
+tokens, cost, errors and latency percentiles, from the rollups (rollup.py).
 
-PostgreSQL computes the percentiles (``percentile_cont``); on SQLite the same
-interpolation runs in Python over the selected durations, so both backends print the
-same table for the same records. "errors" counts requests that ended with an error
-class or an HTTP status of 400 or more. "cost" is exact on both: PostgreSQL sums its
-``numeric`` column, and SQLite's decimal text is summed here with ``Decimal``.
+The start is rounded down to the hour (the rollups' grain). Whole UTC days come from
+``usage_daily``, the hours before the first of them from ``usage_hourly``: a 30-day
+report reads about 30 rollup rows per key, model and deployment, never the rows.
+"errors" counts requests that ended with an error class or an HTTP status of 400 or
+more; "cost" is the exact sum (nano-units); p50/p95 are read from the latency
+histograms (interpolated within a bucket), the same on both backends.
 """
 
 from __future__ import annotations
@@ -13,29 +14,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import re
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
-import asyncpg
-
-from ..config import Database
+from ..config import Database, seconds
+from ..db import Db, SchemaError
 from ..errors import DatabaseUnavailable
 from ..pricing import show
-from .store import TABLE
+from . import rollup
+from .store import _REJECTED, _UNAVAILABLE
 
 # --by → column; a fixed map, so the column name in the SQL is never user text.
-GROUPS = {"key": "key_id", "model": "model", "deployment": "deployment"}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_ERROR = "(error IS NOT NULL OR status >= 400)"
-_ZERO = Decimal(0)
+# "outcome": errors by class (rollup.outcome; "-" is success).
+GROUPS = {"key": "key_id", "model": "model", "deployment": "deployment", "outcome": "outcome"}
+# Per group: requests, prompt and completion tokens, cost, errors, the histogram.
+_SUMS = (
+    "sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost), "
+    "coalesce(sum(requests) FILTER (WHERE outcome <> ''), 0), "
+    + ", ".join(f"sum({c})" for c in rollup.DURATION)
+)
 
 
 class Row(NamedTuple):
@@ -51,88 +53,59 @@ class Row(NamedTuple):
 
 def parse_since(text: str) -> float:
     """Seconds in a duration such as ``90s``, ``15m``, ``1h``, ``7d`` or ``2w``."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30m, 1h or 7d, not {text!r}")
-    return float(match[1]) * _SECONDS[match[2]]
+    try:
+        return seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 30m, 1h or 7d, not {text!r}"
+        ) from None
 
 
 def fetch(database: Database, since: float, by: str) -> list[Row]:
-    """Usage per ``by`` group for records that started at or after ``since`` (Unix
-    seconds), most requests first. Raises ``DatabaseUnavailable``."""
-    column = GROUPS[by]
-    if database.is_postgres:
-        return asyncio.run(_fetch_postgres(database, since, column))
-    return _fetch_sqlite(database.sqlite_path, since, column)
-
-
-async def _fetch_postgres(database: Database, since: float, column: str) -> list[Row]:
-    query = (
-        f"SELECT coalesce({column}, '-'), count(*), sum(prompt_tokens), "
-        f"sum(completion_tokens), sum(cost), count(*) FILTER (WHERE {_ERROR}), "
-        "percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms), "
-        "percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) "
-        f"FROM {TABLE} WHERE started_at >= $1 GROUP BY 1"
-    )
+    """Usage per ``by`` group for requests that started in or after the hour of
+    ``since`` (Unix seconds), most requests first. Raises ``DatabaseUnavailable``."""
+    if not database.is_postgres and not Path(database.sqlite_path).is_file():
+        raise DatabaseUnavailable(f"no ledger at {database.sqlite_path}")
     try:
-        conn = await asyncpg.connect(database.url, timeout=database.timeout)
-        try:
-            records = await conn.fetch(
-                query, datetime.fromtimestamp(since, UTC), timeout=database.timeout
-            )
-        finally:
-            await conn.close()
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return asyncio.run(_fetch(database, since, GROUPS[by]))
+    except (*_UNAVAILABLE, *_REJECTED, SchemaError) as exc:
         raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
-    return _ordered([Row(*r) for r in records])
 
 
-def _fetch_sqlite(path: str, since: float, column: str) -> list[Row]:
-    if not Path(path).is_file():
-        raise DatabaseUnavailable(f"no ledger at {path}")
-    totals = (
-        f"SELECT coalesce({column}, '-'), count(*), sum(prompt_tokens), "
-        f"sum(completion_tokens), sum({_ERROR}) "
-        f"FROM {TABLE} WHERE started_at >= ? GROUP BY 1"
+async def _fetch(database: Database, since: float, column: str) -> list[Row]:
+    hour = math.floor(since / rollup.HOUR) * rollup.HOUR
+    day = math.ceil(hour / rollup.DAY) * rollup.DAY  # the first whole day
+    parts = (
+        f"SELECT {column}, {_SUMS} FROM usage_hourly "
+        "WHERE starts_at >= $1 AND starts_at < $2 GROUP BY 1",
+        f"SELECT {column}, {_SUMS} FROM usage_daily WHERE starts_at >= $1 GROUP BY 1",
     )
-    durations = (
-        f"SELECT coalesce({column}, '-'), duration_ms, cost FROM {TABLE} "
-        "WHERE started_at >= ? ORDER BY 1, 2"
-    )
+    db = await Db.open(database)
     try:
-        with sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True) as conn:
-            groups = conn.execute(totals, (since,)).fetchall()
-            spread: dict[str, list[float]] = {}
-            costs: dict[str, Decimal] = {}
-            for name, ms, cost in conn.execute(durations, (since,)):
-                spread.setdefault(name, []).append(ms)
-                costs[name] = costs.get(name, _ZERO) + Decimal(cost)
-    except sqlite3.Error as exc:
-        raise DatabaseUnavailable(f"{path}: {exc}") from exc
-    rows = []
-    for name, requests, prompt, completion, errors in groups:
-        ms = spread[name]
-        rows.append(
-            Row(
-                name,
-                requests,
-                prompt,
-                completion,
-                costs[name],
-                errors,
-                percentile(ms, 0.5),
-                percentile(ms, 0.95),
-            )
-        )
-    return _ordered(rows)
+        async with asyncio.timeout(database.timeout):
+            found = await db.fetch(parts[0], hour, day) + await db.fetch(parts[1], day)
+    finally:
+        await db.close()
+    totals: dict[str, list[Any]] = {}
+    for name, *sums in found:
+        into = totals.setdefault(name or "-", [0] * len(sums))
+        for i, value in enumerate(sums):
+            into[i] += value
+    return _ordered([_row(name, sums) for name, sums in totals.items()])
 
 
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    """PostgreSQL's ``percentile_cont``: linear interpolation over sorted values."""
-    position = fraction * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def _row(name: str, sums: list[Any]) -> Row:
+    requests, prompt, completion, cost, errors, *histogram = (int(v) for v in sums)
+    return Row(
+        name,
+        requests,
+        prompt,
+        completion,
+        Decimal(cost).scaleb(-9),
+        errors,
+        rollup.percentile(histogram, 0.5),
+        rollup.percentile(histogram, 0.95),
+    )
 
 
 def _ordered(rows: list[Row]) -> list[Row]:

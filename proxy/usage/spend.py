@@ -1,10 +1,14 @@
-"""What a key has spent in a period, from the ledger: the sum of ``cost`` over its rows
-that started in ``[start, end)``.
+"""What a key has spent in a period, from the rollups: the sum of ``cost`` over its
+requests that started in ``[start, end)``.
 
 Budgets rebuild their Redis state from it when Redis lost it, and ``keys show`` /
-``keys list`` print it. PostgreSQL sums the ``numeric`` column itself; SQLite holds
-each cost as decimal text, summed here with ``decimal.Decimal`` (exact; the
-``(key_id, started_at)`` index keeps both to the key's rows in the period).
+``keys list`` print it. The whole hours of the period come from ``usage_hourly``
+(indexed on ``(key_id, starts_at)``: a month is ~720 rollup rows per model); a period
+that does not begin or end on the hour (a time zone half an hour off UTC) takes the
+fringe from the rows themselves, through their key index (PostgreSQL: ``(key_id)`` in
+the fringe's day partition; SQLite: ``(key_id, started_at)``). So the
+rows of the period's first hour must still be there: keep ``usage.retention`` longer
+than the longest budget period in use (docs/usage-ledger.md).
 
 Only committed rows count: rows still queued in a worker's writer (at most
 ``usage.flush_interval`` of traffic) or in a spool file are not in the sum.
@@ -13,31 +17,32 @@ Database exceptions are left to the caller.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from ..db import Db
+from ..db import Db, timestamp
+from .rollup import HOUR
 from .store import TABLE
 
-_PG = (
-    f"SELECT coalesce(sum(cost), 0) FROM {TABLE} "
-    "WHERE key_id = $1 AND started_at >= $2 AND started_at < $3"
+_HOURS = (
+    "SELECT coalesce(sum(cost), 0) FROM usage_hourly "
+    "WHERE key_id = $1 AND starts_at >= $2 AND starts_at < $3"
 )
-_SQLITE = f"SELECT cost FROM {TABLE} WHERE key_id = ? AND started_at >= ? AND started_at < ?"
+_ROWS = f"SELECT cost FROM {TABLE} WHERE key_id = $1 AND started_at >= $2 AND started_at < $3"
 # Where a period has no end ("total" budgets): the last day a datetime can name.
 _NEVER = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 
 async def spent(db: Db, key_id: str, start: float, end: float | None) -> Decimal:
-    """The exact cost of ``key_id``'s ledger rows that started in ``[start, end)``."""
+    """The exact cost of ``key_id``'s requests that started in ``[start, end)``."""
     stop = _NEVER if end is None else end
-    if db.pool is not None:
-        total = await db.pool.fetchval(
-            _PG, key_id, datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(stop, UTC)
-        )
-        return Decimal(total)
-    if db.sqlite is None:
-        raise ConnectionError("the database handle is closed")
-    async with db.sqlite.execute(_SQLITE, (key_id, start, stop)) as cursor:
-        rows = await cursor.fetchall()
-    return sum((Decimal(cost) for (cost,) in rows), Decimal(0))
+    first = math.ceil(start / HOUR) * HOUR  # the whole hours: [first, last)
+    last = max(first, math.floor(stop / HOUR) * HOUR)
+    nano = await db.fetchval(_HOURS, key_id, first, last)
+    total = Decimal(nano).scaleb(-9)
+    for low, high in ((start, min(first, stop)), (last, stop)):
+        if low < high:
+            rows = await db.fetch(_ROWS, key_id, timestamp(low), timestamp(high))
+            total += sum((Decimal(cost) for (cost,) in rows), Decimal(0))
+    return total

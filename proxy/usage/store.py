@@ -1,36 +1,41 @@
-"""Where ledger batches are committed: PostgreSQL or the embedded SQLite file.
+"""Where ledger batches are committed, through ``Db`` (PostgreSQL or embedded SQLite).
 
-Both backends insert a batch idempotently on ``uid``: writing the same batch twice
-(a retry after a commit whose acknowledgement was lost, a spool replayed twice) leaves
-each row once. Every database failure becomes ``DatabaseUnavailable``: the writer
-spools the batch and retries later; it never drops it.
+One transaction per batch: the rows go to a staging table (PostgreSQL: COPY), are
+inserted from it skipping those already there (idempotent on ``uid``: a batch written
+twice, after a retry or a spool replay, leaves each row once), and the rows that went
+in are added to the hourly and daily rollups (rollup.py) in the same transaction.
+
+Every failure becomes one of two exceptions: ``DatabaseUnavailable`` (the database
+could not take the batch: the writer spools it and retries later, never drops it) or
+``Rejected`` (the database refused the batch for its data: retrying cannot help; the
+writer's ``sift`` finds the bad rows, poison.py). On PostgreSQL the day partitions a
+batch needs are made before its transaction (partitions.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 from msgspec.structs import astuple
 
-from ..db import BatchConnection, Db, bounded
+from ..db import Db
 from ..errors import DatabaseUnavailable
+from . import rollup
+from .partitions import Partitions
 from .record import COLUMNS, Record
 
 TABLE = "usage_records"
 _LIST = ", ".join(COLUMNS)
 
-# COPY into a staging table, then one INSERT … ON CONFLICT: COPY alone cannot skip rows
-# that already exist. The staging table lives as long as the session (created in each
-# transaction if missing, so it works behind a transaction pooler too) and ON COMMIT
-# DELETE ROWS empties it at every commit: creating and dropping one per batch (as
-# ``usage_staging`` before) cost more server CPU than a 100-row batch's inserts. Its
-# started_at is the record's Unix seconds, so records go to COPY as they are (no
-# datetime per row); the INSERT converts. (A new name, so that an older worker behind
-# the same transaction pooler never finds this table where it creates its own.)
+# The staging table lives as long as the session and is empty at the start of every
+# transaction (Db's ``stage``): creating and dropping one per batch cost more server
+# CPU than a 100-row batch's inserts. Its started_at is the record's Unix seconds, so
+# records are staged as they are (no datetime per row); the INSERT converts.
 _STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is missing)
     "uid": "uuid",
     "request_id": "text",
@@ -52,75 +57,113 @@ _STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is mi
     "ttft_ms": "double precision",
     "cost": "numeric",
 }
-_STAGE = (
-    "CREATE TEMP TABLE IF NOT EXISTS usage_batch ("
-    + ", ".join(f"{c} {_STAGING_TYPES[c]}" for c in COLUMNS)
-    + ") ON COMMIT DELETE ROWS"
-)
+_STAGING = {c: _STAGING_TYPES[c] for c in COLUMNS}
+# ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
 _MERGE = (
     f"INSERT INTO {TABLE} ({_LIST}) SELECT "
     + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
-    + " FROM usage_batch ON CONFLICT (uid) DO NOTHING"
+    + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING RETURNING uid"
 )
-_SQLITE_INSERT = f"INSERT OR IGNORE INTO {TABLE} ({_LIST}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# The request id of a PostgreSQL row (NULL: the proxy made it from the uid, 37 bytes
+# a row saved); SQLite keeps every request id as it is.
+READ_REQUEST_ID = "coalesce(request_id, 'req_' || replace(uid::text, '-', ''))"
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
+    ConnectionError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    sqlite3.Error,
 )
+# Refusals for the data itself: the same batch would be refused again.
+_REJECTED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    ValueError,
+    ArithmeticError,
+)
+
+
+class Rejected(Exception):
+    """The database refused a batch for its data (a value out of range, a uid that is
+    not a UUID…): written again, it would be refused again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Store(Protocol):
     async def write(self, batch: Sequence[Record]) -> None:
-        """Commit ``batch`` (rows already there are skipped) or raise
-        ``DatabaseUnavailable``."""
+        """Commit ``batch`` and its rollups (rows already there are skipped), or raise
+        ``DatabaseUnavailable`` or ``Rejected``."""
         ...
 
 
-class PostgresStore:
-    __slots__ = ("pool", "timeout")
+class LedgerStore:
+    """Batches into the ledger through the worker's ``Db`` (either backend)."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
-        self.pool = pool
+    __slots__ = ("db", "partitions", "timeout")
+
+    def __init__(self, db: Db, timeout: float) -> None:
+        self.db = db
         self.timeout = timeout
+        self.partitions = Partitions(db) if db.is_postgres else None
 
     async def write(self, batch: Sequence[Record]) -> None:
-        """Bounded by ``timeout`` in all; a hung connection is terminated (db.bounded)."""
-        rows = [astuple(r) for r in batch]
         try:
-            async with bounded(self.pool, self.timeout) as conn, conn.transaction():
-                await conn.execute(_STAGE)
-                await conn.copy_records_to_table("usage_batch", records=rows, columns=COLUMNS)
-                await conn.execute(_MERGE)
+            rows, uids = self._rows(batch)
+            async with asyncio.timeout(self.timeout):
+                if self.partitions is not None:
+                    await self.partitions.ensure(r.started_at for r in batch)
+                async with self.db.transaction() as tx:
+                    await tx.stage("usage_batch", _STAGING)
+                    await tx.copy("usage_batch", COLUMNS, rows)
+                    added = {_uid(u) for (u,) in await tx.fetch(_MERGE)}
+                    fresh = [r for r, u in zip(batch, uids, strict=True) if u in added]
+                    for width in rollup.TABLES:
+                        if changes := rollup.deltas(fresh, width):
+                            await tx.stage(rollup.staging(width), rollup.STAGING)
+                            await tx.copy(rollup.staging(width), rollup.COLUMNS, changes)
+                            await tx.execute(rollup.merge(width))
+        except asyncpg.CheckViolationError as exc:
+            if self.partitions is not None and "no partition" in str(exc):
+                # A day another process's retention dropped since this one made it:
+                # not the row's fault; made again at the next try.
+                self.partitions.known.clear()
+                raise DatabaseUnavailable(_describe(exc)) from exc
+            raise Rejected(_describe(exc)) from exc
+        except _REJECTED as exc:
+            raise Rejected(_describe(exc)) from exc
         except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
-
-class SqliteStore:
-    __slots__ = ("conn", "timeout")
-
-    def __init__(self, conn: BatchConnection, timeout: float) -> None:
-        self.conn = conn
-        self.timeout = timeout
-
-    async def write(self, batch: Sequence[Record]) -> None:
-        # Booleans bind as 0/1; the decimal cost is stored as its text.
-        rows = [(*astuple(r)[:-1], str(r.cost)) for r in batch]
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.conn.insert(_SQLITE_INSERT, rows)
-        except (sqlite3.Error, TimeoutError) as exc:
-            raise DatabaseUnavailable(_describe(exc)) from exc
+    def _rows(self, batch: Sequence[Record]) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """The staged rows and each one's uid as the database returns it. Raises
+        ``ValueError`` for a uid that is not a UUID (PostgreSQL only: SQLite keeps any
+        text). PostgreSQL stores a request id the proxy made (``req_<uid>``) as NULL:
+        ``READ_REQUEST_ID`` gives it back."""
+        rows = [astuple(r) for r in batch]
+        if self.partitions is None:
+            return rows, [r.uid for r in batch]
+        uids = [uuid.UUID(r.uid) for r in batch]
+        staged = [
+            (u, None if r.request_id == f"req_{r.uid}" else r.request_id, *row[2:])
+            for u, r, row in zip(uids, batch, rows, strict=True)
+        ]
+        return staged, [u.hex for u in uids]
 
 
-def store_for(db: Db) -> Store:
-    """The backend of the worker's database handle."""
-    if db.pool is not None:
-        return PostgresStore(db.pool, db.config.timeout)
-    assert db.batches is not None
-    return SqliteStore(db.batches, db.config.timeout)
+def store_for(db: Db) -> LedgerStore:
+    """The ledger store of the worker's database handle."""
+    return LedgerStore(db, db.config.timeout)
+
+
+def _uid(value: uuid.UUID | str) -> str:
+    return value.hex if isinstance(value, uuid.UUID) else value
 
 
 def _describe(exc: BaseException) -> str:

@@ -45,7 +45,9 @@ from ..db import DB
 from ..errors import DatabaseUnavailable
 from ..exchange import Exchange, Sinks
 from ..metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
+from .poison import Sifting
 from .record import Record, record_of, size
+from .retention import upkeep
 from .spool import Claimed, Spool
 from .store import Store, store_for
 
@@ -359,13 +361,19 @@ LEDGER = web.AppKey("ledger", Writer)
 
 async def open_ledger(app: web.Application, config: Config, sinks: Sinks) -> AsyncIterator[None]:
     """cleanup_ctx body: the worker's usage writer under ``app[LEDGER]``, registered as
-    a sink. Register it after ``open_db``: on the way out it drains into the database,
-    so it must close before the database does (cleanup runs in reverse order)."""
-    writer = Writer(config.usage, store_for(app[DB]), Spool(config.usage.spool_dir))
+    a sink, and the ledger's upkeep (retention.py). Register it after ``open_db``: on
+    the way out it drains into the database, so it must close before the database does
+    (cleanup runs in reverse order)."""
+    store = store_for(app[DB])
+    sifting = Sifting(store, config.usage.spool_dir)  # poison rows set aside (poison.py)
+    writer = Writer(config.usage, sifting, Spool(config.usage.spool_dir))
     app[LEDGER] = writer
     writer.start()
     sinks.sinks.append(writer)
+    tending = asyncio.create_task(upkeep(app[DB], config.usage, store.partitions))
     try:
         yield
     finally:
+        tending.cancel()
+        await asyncio.gather(tending, return_exceptions=True)
         await writer.close()
