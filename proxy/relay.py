@@ -236,11 +236,13 @@ class _Watch:
         """Append to ``kept`` what the client gets of ``block``, a run of complete
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
-        count = _plain_events(block)
-        if count and not _must_read(block) and _is_json_lines(block, count):
+        end, nulls = _unread_end(block)
+        head = block if end == len(block) else block[:end]
+        count = _plain_events(head) if end else 0
+        if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
-            kept.append(_without_null_usage(block) if self.strip else block)
-            return
+            kept.append(_without_null_usage(head, nulls) if self.strip else head)
+            block = block[end:] if end < len(block) else b""
         for event in events_in(block):
             raw = self.keep(event)
             if raw is not None:
@@ -292,53 +294,75 @@ def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
         )
 
 
-def _without_null_usage(raw: bytes) -> bytes:
+def _without_null_usage(raw: bytes, nulls: int = -1) -> bytes:
     """``raw`` without the ``"usage":null`` members the upstream added to each chunk
     because the proxy asked for usage: every occurrence, since a block of several
-    chunks has one in each."""
+    chunks has one in each. ``nulls``: how many there are, when known (no search for
+    a form once they are all gone)."""
     for pattern in _NULL_USAGE:
+        if nulls == 0:
+            break
         if pattern in raw:
-            raw = raw.replace(pattern, b"")
+            shorter = raw.replace(pattern, b"")
+            nulls -= (len(raw) - len(shorter)) // len(pattern)
+            raw = shorter
     return raw
 
 
 _PLAIN_START = b"data: {"
-_PLAIN_NEXT = b"\n\ndata: {"
-_lines_decoder = msgspec.json.Decoder(msgspec.Raw)
+_PLAIN_END = b"}\n\n"
+_PLAIN_BETWEEN = b"}\n\ndata: {"
+_DONE = b"data: [DONE]\n\n"
+_ERROR = b'data: {"error"'
+_USAGE = (b'"usage":{', b'"usage": {')
 
 
-def _plain_events(block: bytes) -> int:
-    """How many events ``block`` holds when it is only plain ``data: {...}`` events (one
-    line each, ``\n`` line ends), else 0. Those are what chat and completion streams
-    are made of, and need no parsing: each line after ``data: `` is the event's data.
-    Anything else (comments, ``event:`` names, multi-line data, ``\r``, ``[DONE]``) is
-    parsed event by event."""
-    if not block.startswith(_PLAIN_START):
+def _unread_end(block: bytes) -> tuple[int, int]:
+    """Where the events of ``block`` that the proxy must read begin, and how many
+    ``"usage": null`` members the events before them have. Those events are [DONE]
+    (the stream's last), an error and a usage object that is not null (in the chunk
+    before [DONE]), found with byte scans (a false alarm costs a parse). 0 for ``\\r``
+    line ends: those streams are parsed."""
+    if b"\r" in block:
+        return 0, 0
+    end = len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
+    at = block.find(_ERROR, 0, end)
+    if at >= 0:
+        end = _event_start(block, at)
+    usages, nulls = _usages(block, 0, end)
+    if usages != nulls:
+        found = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
+        if not found:
+            return 0, 0  # a usage in some other form: parse it all
+        start = _event_start(block, min(found))
+        after, after_nulls = _usages(block, start, end)
+        if usages - after != nulls - after_nulls:
+            return 0, 0
+        end, nulls = start, nulls - after_nulls
+    return end, nulls
+
+
+def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:
+    """How many ``"usage"`` keys ``block[start:end]`` has, and how many are null."""
+    usages = block.count(b'"usage"', start, end)
+    nulls = block.count(b'"usage":null', start, end) if usages else 0
+    if nulls != usages:
+        nulls += block.count(b'"usage": null', start, end)
+    return usages, nulls
+
+
+def _event_start(block: bytes, at: int) -> int:
+    """The start of the event holding ``block[at]`` (``\\n`` line ends)."""
+    return block.rfind(b"\n\n", 0, at) + 2
+
+
+def _plain_events(head: bytes) -> int:
+    """How many events ``head`` holds when they are all plain, else 0 (they are parsed
+    one by one). Plain events are what chat and completion streams are made of: one
+    ``data: {...}`` line each, ``\\n`` line ends. Byte counts only; their JSON is not
+    parsed (docs/performance.md, "What the relay checks")."""
+    if not (head.startswith(_PLAIN_START) and head.endswith(_PLAIN_END)):
         return 0
-    count = block.count(b"\n\n")
-    # Every \n is one half of an event's end, and every event starts with `data: {`.
-    if block.count(b"\n") != 2 * count or block.count(_PLAIN_NEXT) != count - 1:
-        return 0
-    return count
-
-
-def _must_read(block: bytes) -> bool:
-    """Whether the plain events of ``block`` hold one the proxy reads: an error, or a
-    usage object that is not null. Byte scans only; a false alarm costs a parse."""
-    if b'data: {"error"' in block:
-        return True
-    usages = block.count(b'"usage"')
-    return usages != 0 and usages != block.count(b'"usage":null') + block.count(b'"usage": null')
-
-
-def _is_json_lines(block: bytes, count: int) -> bool:
-    """Whether each of the ``count`` plain events of ``block`` is one JSON value, as
-    ``_check_json`` would find event by event, in one C pass: the data lines as JSON
-    Lines (msgspec parses each line on its own). Every line starts with ``{``, so it
-    holds at least one value: ``count`` values means exactly one on each line."""
-    lines = block.replace(_PLAIN_NEXT, b"\n{")
-    try:
-        values = _lines_decoder.decode_lines(memoryview(lines)[6:])
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return len(values) == count
+    count = head.count(_PLAIN_BETWEEN) + 1
+    # No \n but the two ending each event: one line each, nothing between them.
+    return count if head.count(b"\n") == 2 * count else 0
