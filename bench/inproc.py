@@ -55,7 +55,8 @@ from proxy.serve import setup_logging, start
 from . import governed, passthrough
 from .run import BODY
 
-_STREAM_BODY = BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
+_PLAIN_STREAM_BODY = BODY[:-1] + b',"stream":true}'
+_STREAM_BODY = _PLAIN_STREAM_BODY[:-1] + b',"stream_options":{"include_usage":true}}'
 _REPLY = (
     b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m",'
     b'"choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3",'
@@ -64,9 +65,10 @@ _REPLY = (
 )
 
 
-def stream_answer(tokens: int) -> bytes:
+def stream_answer(tokens: int) -> list[bytes]:
     """A chunked SSE answer of ``tokens`` content events, the usage chunk and [DONE]
-    (tokens + 2 events), one chunked frame per event as streaming upstreams send them."""
+    (tokens + 2 events), one chunked frame per event as streaming upstreams send them:
+    the head with the first frame, then one part per frame (the last with the end)."""
     events = [
         b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
         b'"model":"m","choices":[{"index":0,"delta":{"content":"tok%d "},"logprobs":null,'
@@ -78,12 +80,13 @@ def stream_answer(tokens: int) -> bytes:
         b'"total_tokens":%d}}\n\n' % (tokens, tokens + 12),
         b"data: [DONE]\n\n",
     ]
-    return (
+    parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+    parts[0] = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-        + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
-        + b"0\r\n\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + parts[0]
     )
+    parts[-1] += b"0\r\n\r\n"
+    return parts
 
 
 CHAT_ANSWER = (
@@ -93,10 +96,13 @@ CHAT_ANSWER = (
 
 
 class Canned(asyncio.Protocol):
-    """An upstream that answers each complete request (Content-Length bodies) at once."""
+    """An upstream that answers each complete request (Content-Length bodies) at once,
+    or, with a ``gap`` (seconds), one part of the answer after another, ``gap`` apart
+    (so that the subject reads each on its own)."""
 
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
+    def __init__(self, parts: list[bytes], gap: float = 0.0) -> None:
+        self.parts = parts if gap else [b"".join(parts)]
+        self.gap = gap
         self.buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,7 +117,12 @@ class Canned(asyncio.Protocol):
             if len(self.buf) < end + 4 + size:
                 return
             self.buf = self.buf[end + 4 + size :]
-            self.transport.write(self.answer)
+            self._send(0)
+
+    def _send(self, i: int) -> None:
+        self.transport.write(self.parts[i])
+        if i + 1 < len(self.parts):
+            asyncio.get_running_loop().call_later(self.gap, self._send, i + 1)
 
 
 class Client(asyncio.Protocol):
@@ -251,28 +262,33 @@ async def measure(
     args: argparse.Namespace, workdir: Path, backends: tuple[str, str] | None = None
 ) -> None:
     if not args.stream:
-        await measure_one(args, workdir, backends, CHAT_ANSWER)
+        await measure_one(args, workdir, backends, [CHAT_ANSWER])
         return
     costs = {}
     for tokens in args.events or [8]:
         costs[tokens + 2] = await measure_one(args, workdir, backends, stream_answer(tokens))
     if len(costs) > 1:
         (few, low), *_, (many, high) = sorted(costs.items())
+        reads = "one read per event" if args.paced_ms else "each answer in one read"
         print(
             f"per relayed event: {(high - low) / (many - few):.2f} µs "
-            f"(slope between {few} and {many} events per response, each answer in one read); "
+            f"(slope between {few} and {many} events per response, {reads}); "
             f"per response besides: {low - few * (high - low) / (many - few):.0f} µs"
         )
 
 
 async def measure_one(
-    args: argparse.Namespace, workdir: Path, backends: tuple[str, str] | None, answer: bytes
+    args: argparse.Namespace,
+    workdir: Path,
+    backends: tuple[str, str] | None,
+    answer: list[bytes],
 ) -> float:
     """The subject's best CPU µs per request against a canned ``answer``."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Canned(answer), "127.0.0.1", 0)
+    gap = args.paced_ms / 1000
+    server = await loop.create_server(lambda: Canned(answer, gap), "127.0.0.1", 0)
     upstream_port = server.sockets[0].getsockname()[1]
-    body = _STREAM_BODY if args.stream else BODY
+    body = (_PLAIN_STREAM_BODY if args.no_usage else _STREAM_BODY) if args.stream else BODY
     n, conns = args.requests, args.conns
     await drive(upstream_port, body, n // 10, conns)
     before = cpu()
@@ -296,7 +312,10 @@ async def measure_one(
     finally:
         await runner.cleanup()
         server.close()
-    kind = f"chat stream of {answer.count(b'data:')} events" if args.stream else "chat"
+    events = sum(part.count(b"data:") for part in answer)
+    kind = f"chat stream of {events} events" if args.stream else "chat"
+    if args.paced_ms:
+        kind += f", one read each ({args.paced_ms:g} ms apart)"
     runs = ", ".join(f"{c:.0f}" for c in costs)
     name = args.subject + (f" without {', '.join(args.off)}" if args.off else "")
     print(
@@ -318,6 +337,18 @@ def main() -> None:
         action="append",
         help="--stream: content events per response (repeat it: the slope between the "
         "smallest and largest is the CPU per relayed event)",
+    )
+    parser.add_argument(
+        "--paced-ms",
+        type=float,
+        default=0.0,
+        help="--stream: the canned upstream sends one event every this many ms, so each "
+        "is read on its own (the slope is then the cost per read and event)",
+    )
+    parser.add_argument(
+        "--no-usage",
+        action="store_true",
+        help="--stream: the client does not ask for usage (the proxy asks and strips it)",
     )
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--conns", type=int, default=16)

@@ -328,6 +328,11 @@ class Response:
                 self._waiter = None
         return self._take()
 
+    def is_complete(self) -> bool:
+        """Whether the whole body has arrived and been read: the next ``read_chunk``
+        returns ``b""`` without waiting."""
+        return self._complete and self._error is None and not self._chunks
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = []

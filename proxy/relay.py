@@ -26,6 +26,7 @@ from time import perf_counter
 
 import msgspec
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from . import h1
 from .errors import (
@@ -161,6 +162,8 @@ async def relay_stream(
     )
     exchange.status = up.status
     await out.prepare(request)
+    # The response's own writer (the one ``out.write`` calls): one layer less per write.
+    writer = request.writer
     cutter = Cutter()
     watch = _Watch(exchange, strip)
     idle = upstream.timeouts.idle
@@ -182,7 +185,9 @@ async def relay_stream(
             if kept:
                 if exchange.first_byte is None:
                     exchange.first_byte = perf_counter()
-                await _send(out, kept[0] if len(kept) == 1 else b"".join(kept))
+                if watch.finished and up.is_complete():
+                    break  # the upstream's end came with them: one write for both, below
+                await _send(writer, kept[0] if len(kept) == 1 else b"".join(kept))
                 kept.clear()
     except _ClientGone:
         exchange.error = "client_disconnected"
@@ -197,14 +202,14 @@ async def relay_stream(
         exchange.upstream_time += waited
     if failure is None and not watch.finished:
         failure = UpstreamError("The upstream stream ended before it was complete.")
+    # What is left (the last events, or those that came before a failure in the same
+    # read) and the error event go out with the end of the response, in one write.
+    if failure is not None:
+        exchange.error = type(failure).__name__
+        kept.append(b"data: " + render(failure) + b"\n\n")
     try:
-        if kept:  # complete events that came before a failure in the same chunk
-            await _send(out, b"".join(kept))
-        if failure is not None:
-            exchange.error = type(failure).__name__
-            await _send(out, b"data: " + render(failure) + b"\n\n")
-        await out.write_eof()
-    except (_ClientGone, ConnectionResetError):
+        await out.write_eof(b"".join(kept))
+    except ConnectionResetError:
         exchange.error = exchange.error or "client_disconnected"
     return out
 
@@ -213,9 +218,9 @@ class _ClientGone(Exception):
     """Writing to the client failed: it went away (not an upstream failure)."""
 
 
-async def _send(out: web.StreamResponse, data: bytes) -> None:
+async def _send(writer: AbstractStreamWriter, data: bytes) -> None:
     try:
-        await out.write(data)
+        await writer.write(data)
     except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
         raise _ClientGone from None
 
