@@ -26,7 +26,6 @@ from time import perf_counter
 
 import msgspec
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from . import h1
 from .errors import (
@@ -162,7 +161,7 @@ async def relay_stream(
     )
     exchange.status = up.status
     await out.prepare(request)
-    # The response's own writer (the one ``out.write`` calls): one layer less per write.
+    # The response's own writer (what ``out.write`` calls): one layer less per write.
     writer = request.writer
     cutter = Cutter()
     watch = _Watch(exchange, strip)
@@ -187,11 +186,12 @@ async def relay_stream(
                     exchange.first_byte = perf_counter()
                 if watch.finished and up.is_complete():
                     break  # the upstream's end came with them: one write for both, below
-                await _send(writer, kept[0] if len(kept) == 1 else b"".join(kept))
+                try:
+                    await writer.write(kept[0] if len(kept) == 1 else b"".join(kept))
+                except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+                    exchange.error = "client_disconnected"
+                    return out
                 kept.clear()
-    except _ClientGone:
-        exchange.error = "client_disconnected"
-        return out
     except ProxyError as exc:
         failure = exc
     except TimeoutError:
@@ -212,17 +212,6 @@ async def relay_stream(
     except ConnectionResetError:
         exchange.error = exchange.error or "client_disconnected"
     return out
-
-
-class _ClientGone(Exception):
-    """Writing to the client failed: it went away (not an upstream failure)."""
-
-
-async def _send(writer: AbstractStreamWriter, data: bytes) -> None:
-    try:
-        await writer.write(data)
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
-        raise _ClientGone from None
 
 
 class _Watch:
@@ -247,7 +236,9 @@ class _Watch:
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
             kept.append(_without_null_usage(head, nulls) if self.strip else head)
-            block = block[end:] if end < len(block) else b""
+            if end == len(block):
+                return
+            block = block[end:]
         for event in events_in(block):
             raw = self.keep(event)
             if raw is not None:
