@@ -23,35 +23,35 @@ Outcome = tuple[bytes, object, int, bool, str, bool]
 
 def per_read(chunks: list[bytes], strip: bool) -> Outcome:
     """What the relay does: cut each read at event boundaries, take the block."""
-    exchange = Exchange("r", "chat/completions")
-    watch = _Watch(exchange, strip)
+    watch = _Watch(Exchange("r", "chat/completions"), strip)
     cutter = Cutter()
     sent: list[bytes] = []
-    failed = False
     try:
         for chunk in chunks:
             block = cutter.feed(chunk)
             if block:
                 watch.take(block, sent)
     except UpstreamProtocolError:
-        failed = True
-    return b"".join(sent), exchange.usage, exchange.events, watch.finished, exchange.error, failed
+        return outcome(sent, watch, failed=True)
+    return outcome(sent, watch, failed=False)
 
 
 def per_event(chunks: list[bytes], strip: bool) -> Outcome:
     """The reference: every event parsed and read on its own."""
-    exchange = Exchange("r", "chat/completions")
-    watch = _Watch(exchange, strip)
-    scanner = Scanner()
+    watch = _Watch(Exchange("r", "chat/completions"), strip)
     sent: list[bytes] = []
-    failed = False
     try:
-        for event in scanner.feed(b"".join(chunks)):
+        for event in Scanner().feed(b"".join(chunks)):
             raw = watch.keep(event)
             if raw is not None:
                 sent.append(raw)
     except UpstreamProtocolError:
-        failed = True
+        return outcome(sent, watch, failed=True)
+    return outcome(sent, watch, failed=False)
+
+
+def outcome(sent: list[bytes], watch: _Watch, failed: bool) -> Outcome:
+    exchange = watch.exchange
     return b"".join(sent), exchange.usage, exchange.events, watch.finished, exchange.error, failed
 
 
