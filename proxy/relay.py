@@ -8,10 +8,10 @@ Invariants:
   for itself (``strip``) and end a broken stream with a clean error event instead of
   a half-written one.
 - The work is per upstream read, not per event, for the events the proxy does not
-  need to read: a read's complete events are checked with a few C-speed byte scans
-  and one JSON validation pass (``_Watch.take``); only a read holding an event the
-  proxy must read (usage, an error, the end, anything but plain ``data: {...}``
-  events) is parsed event by event (``_Watch.keep``).
+  need to read: a read's complete events are looked at with a few C-speed byte scans
+  (``_Watch.take``); only the events the proxy must read (usage, an error, the end,
+  anything but plain ``data: {...}`` lines) are parsed one by one (``_Watch.keep``).
+  What that leaves unchecked: docs/performance.md, "What the relay checks".
 - A stream ends either with the upstream's own terminal event or with an SSE error
   event in OpenAI's shape: never silently, so clients can tell a cut from a short
   answer.
@@ -216,8 +216,8 @@ async def relay_stream(
 
 class _Watch:
     """Reads complete events for the facts the proxy needs (end of stream, usage,
-    errors), checks that clients can parse them, and decides which bytes of them the
-    client gets."""
+    errors), refuses those clients could not parse, and decides which bytes of them
+    the client gets."""
 
     __slots__ = ("exchange", "finished", "strip")
 
@@ -349,7 +349,8 @@ def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:
 
 def _event_start(block: bytes, at: int) -> int:
     """The start of the event holding ``block[at]`` (``\\n`` line ends)."""
-    return block.rfind(b"\n\n", 0, at) + 2
+    before = block.rfind(b"\n\n", 0, at)
+    return before + 2 if before >= 0 else 0
 
 
 def _plain_events(head: bytes) -> int:
