@@ -1,6 +1,7 @@
 """CPU per request measured inside one process: steady on a busy machine.
 
-``python -m bench.inproc [--stream] [--subject proxy|governed|passthrough] [--profile]``
+``python -m bench.inproc [--stream [--events N ...]] [--subject proxy|governed|passthrough]
+[--profile]``
 
 One uvloop runs a canned upstream (a bare asyncio ``Protocol`` that answers every
 request with the same bytes), the subject (the bare proxy app, the governed one, or
@@ -24,6 +25,11 @@ wrk traffic checks. ``--off PART`` switches one part of governed mode off (repea
 for several), to see what each costs: ``access-log``, ``limits`` (the key keeps no
 limit: no Redis call), ``keys`` (no authentication at all, so no limits either),
 ``postgres`` (the ledger on SQLite, as bare).
+
+``--stream --events 8 --events 128`` measures streams of 10 and 130 events (content
+events, the usage chunk, [DONE]), each answer written by the canned upstream at once,
+so one read (or a few) per response whatever its length: the slope between the two
+is the CPU per relayed event, the rest the cost per response and read.
 """
 
 from __future__ import annotations
@@ -49,39 +55,54 @@ from proxy.serve import setup_logging, start
 from . import governed, passthrough
 from .run import BODY
 
-_STREAM_BODY = BODY[:-1] + b',"stream":true,"stream_options":{"include_usage":true}}'
+_PLAIN_STREAM_BODY = BODY[:-1] + b',"stream":true}'
+_STREAM_BODY = _PLAIN_STREAM_BODY[:-1] + b',"stream_options":{"include_usage":true}}'
 _REPLY = (
     b'{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m",'
     b'"choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3",'
     b'"refusal":null},"logprobs":null,"finish_reason":"stop"}],'
     b'"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}'
 )
-_EVENTS = [
-    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
-    b'"model":"m","choices":[{"index":0,"delta":{"content":"tok%d "},"logprobs":null,'
-    b'"finish_reason":null}],"usage":null}\n\n' % i
-    for i in range(8)
-] + [
-    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
-    b'"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":8,'
-    b'"total_tokens":20}}\n\n',
-    b"data: [DONE]\n\n",
-]
-ANSWERS = {
-    False: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-    % (len(_REPLY), _REPLY),
-    True: b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n"
-    + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in _EVENTS)
-    + b"0\r\n\r\n",
-}
+
+
+def stream_answer(tokens: int) -> list[bytes]:
+    """A chunked SSE answer of ``tokens`` content events, the usage chunk and [DONE]
+    (tokens + 2 events), one chunked frame per event as streaming upstreams send them:
+    the head with the first frame, then one part per frame (the last with the end)."""
+    events = [
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"m","choices":[{"index":0,"delta":{"content":"tok%d "},"logprobs":null,'
+        b'"finish_reason":null}],"usage":null}\n\n' % i
+        for i in range(tokens)
+    ] + [
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"m","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":%d,'
+        b'"total_tokens":%d}}\n\n' % (tokens, tokens + 12),
+        b"data: [DONE]\n\n",
+    ]
+    parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+    parts[0] = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + parts[0]
+    )
+    parts[-1] += b"0\r\n\r\n"
+    return parts
+
+
+CHAT_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_REPLY), _REPLY)
+)
 
 
 class Canned(asyncio.Protocol):
-    """An upstream that answers each complete request (Content-Length bodies) at once."""
+    """An upstream that answers each complete request (Content-Length bodies) at once,
+    or, with a ``gap`` (seconds), one part of the answer after another, ``gap`` apart
+    (so that the subject reads each on its own)."""
 
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
+    def __init__(self, parts: list[bytes], gap: float = 0.0) -> None:
+        self.parts = parts if gap else [b"".join(parts)]
+        self.gap = gap
         self.buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,7 +117,12 @@ class Canned(asyncio.Protocol):
             if len(self.buf) < end + 4 + size:
                 return
             self.buf = self.buf[end + 4 + size :]
-            self.transport.write(self.answer)
+            self._send(0)
+
+    def _send(self, i: int) -> None:
+        self.transport.write(self.parts[i])
+        if i + 1 < len(self.parts):
+            asyncio.get_running_loop().call_later(self.gap, self._send, i + 1)
 
 
 class Client(asyncio.Protocol):
@@ -235,10 +261,34 @@ async def subject(
 async def measure(
     args: argparse.Namespace, workdir: Path, backends: tuple[str, str] | None = None
 ) -> None:
+    if not args.stream:
+        await measure_one(args, workdir, backends, [CHAT_ANSWER])
+        return
+    costs = {}
+    for tokens in args.events or [8]:
+        costs[tokens + 2] = await measure_one(args, workdir, backends, stream_answer(tokens))
+    if len(costs) > 1:
+        (few, low), *_, (many, high) = sorted(costs.items())
+        reads = "one read per event" if args.paced_ms else "each answer in one read"
+        print(
+            f"per relayed event: {(high - low) / (many - few):.2f} µs "
+            f"(slope between {few} and {many} events per response, {reads}); "
+            f"per response besides: {low - few * (high - low) / (many - few):.0f} µs"
+        )
+
+
+async def measure_one(
+    args: argparse.Namespace,
+    workdir: Path,
+    backends: tuple[str, str] | None,
+    answer: list[bytes],
+) -> float:
+    """The subject's best CPU µs per request against a canned ``answer``."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Canned(ANSWERS[args.stream]), "127.0.0.1", 0)
+    gap = args.paced_ms / 1000
+    server = await loop.create_server(lambda: Canned(answer, gap), "127.0.0.1", 0)
     upstream_port = server.sockets[0].getsockname()[1]
-    body = _STREAM_BODY if args.stream else BODY
+    body = (_PLAIN_STREAM_BODY if args.no_usage else _STREAM_BODY) if args.stream else BODY
     n, conns = args.requests, args.conns
     await drive(upstream_port, body, n // 10, conns)
     before = cpu()
@@ -262,7 +312,10 @@ async def measure(
     finally:
         await runner.cleanup()
         server.close()
-    kind = "chat stream" if args.stream else "chat"
+    events = sum(part.count(b"data:") for part in answer)
+    kind = f"chat stream of {events} events" if args.stream else "chat"
+    if args.paced_ms:
+        kind += f", one read each ({args.paced_ms:g} ms apart)"
     runs = ", ".join(f"{c:.0f}" for c in costs)
     name = args.subject + (f" without {', '.join(args.off)}" if args.off else "")
     print(
@@ -271,12 +324,32 @@ async def measure(
     )
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+    return min(costs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
     parser.add_argument("--subject", choices=("proxy", "governed", "passthrough"), default="proxy")
-    parser.add_argument("--stream", action="store_true", help="streamed chat (8 events)")
+    parser.add_argument("--stream", action="store_true", help="streamed chat (10 events)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        action="append",
+        help="--stream: content events per response (repeat it: the slope between the "
+        "smallest and largest is the CPU per relayed event)",
+    )
+    parser.add_argument(
+        "--paced-ms",
+        type=float,
+        default=0.0,
+        help="--stream: the canned upstream sends one event every this many ms, so each "
+        "is read on its own (the slope is then the cost per read and event)",
+    )
+    parser.add_argument(
+        "--no-usage",
+        action="store_true",
+        help="--stream: the client does not ask for usage (the proxy asks and strips it)",
+    )
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")

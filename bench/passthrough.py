@@ -1,8 +1,9 @@
 """The reference point: a plain aiohttp passthrough (no auth, no limits, no accounting).
 
-This is the "40-line handler with one shared ClientSession" issue #7 compares the
-proxy against. It runs on uvloop like the proxy, so the comparison is of the code
-on top of aiohttp, not of event loops. Never use it for real traffic: it forwards
+This is the thin relay issues #7 and #17 compare the proxy against: one handler with
+one shared ClientSession, streams written chunk by chunk as they arrive. It runs on
+uvloop like the proxy, so the comparison is of the code on top of aiohttp, not of
+event loops. Never use it for real traffic: it forwards
 every header it gets, checks nothing and has no timeouts.
 
     python -m bench.passthrough --upstream http://127.0.0.1:9000/v1 --port 8090

@@ -88,6 +88,7 @@ def render(
     if scaling:
         out += ["", *_scaling(scaling)]
     out += ["", *_goals(results, direct, scaling)]
+    out += ["", *_relay_goals(results, scaling)]
     return "\n".join(out) + "\n"
 
 
@@ -163,7 +164,28 @@ def _streams(results: Sequence[Measured], direct: Measured, settings: Settings) 
             f"{level}: {f.stalled}/{f.broken}, {_f(f.gap_max, 0)}" for level, f in r.capacity
         )
         rows.append(f"- {r.name}: {runs}")
+    levels = sorted({n for r in results for n in r.open_rss_mb})
+    if len(levels) >= 2:
+        low, high = levels[0], levels[-1]
+        rows += [
+            "",
+            f"Memory per open stream: RSS of the subject's processes with {low} and with "
+            f"{high} slow paced streams open at once (each stream open for several "
+            "seconds, read once all have started), and the slope between the two.",
+            "",
+            f"| subject | RSS, {low} open (MB) | RSS, {high} open (MB) | KB per open stream |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for r in results:
+            rows.append(
+                f"| {r.name} | {_f(r.open_rss_mb[low], 1)} | {_f(r.open_rss_mb[high], 1)} "
+                f"| {_f(per_stream_kb(r, low, high), 1)} |"
+            )
     return rows
+
+
+def per_stream_kb(r: Measured, low: int, high: int) -> float:
+    return (r.open_rss_mb[high] - r.open_rss_mb[low]) * 1000 / (high - low)
 
 
 def _scaling(scaling: Sequence[Scaling]) -> list[str]:
@@ -226,4 +248,69 @@ def _goals(results: Sequence[Measured], direct: Measured, scaling: Sequence[Scal
         for goal, value, met in checks:
             shown = _f(value, 2 if abs(value) < 10 else 0)
             rows.append(f"| {r.name} | {goal} | {shown} | {'yes' if met else '**no**'} |")
+    return rows
+
+
+# Issue #17: the proxy against the thin aiohttp relay (bench/passthrough.py), by kind of
+# request at 64 connections: the most CPU per request allowed, as a multiple of the relay's.
+RELAY_LIMITS = {"bare": 0.45, "governed": 0.6}
+RELAY_KINDS = ("chat", "chat stream", "long stream", "long stream +usage")
+
+
+def _relay_goals(results: Sequence[Measured], scaling: Sequence[Scaling]) -> list[str]:
+    relay = next((r for r in results if r.name == "passthrough"), None)
+    if relay is None:
+        return []
+    rows = [
+        "### Issue #17 goals: against the thin relay (passthrough), same run",
+        "",
+        'CPU per request ÷ the thin relay\'s at 64 connections ("long stream": 60 tokens, '
+        '63 events per response; "+usage": the client asks for the usage chunk, 64 '
+        "events; without it the proxy injects and strips it). TTFT and gap p99 from table "
+        "(c), memory per open stream from the RSS slope above, workers from table (d).",
+        "",
+        "| mode | goal | measured | met |",
+        "| --- | --- | ---: | :---: |",
+    ]
+    for r in results:
+        limit = RELAY_LIMITS.get(r.name)
+        if limit is None:
+            continue
+        checks = []
+        for kind in RELAY_KINDS:
+            mine, base = r.throughput.get((kind, 64)), relay.throughput.get((kind, 64))
+            if mine is None or base is None:
+                continue
+            ratio = mine.cpu_us / base.cpu_us
+            checks.append((f"CPU/request, {kind}, ≤ {limit}x relay", ratio, ratio <= limit))
+        checks += [
+            (
+                "TTFT p99 ≤ relay's (ms)",
+                r.ttft.ttft_p99,
+                r.ttft.ttft_p99 <= relay.ttft.ttft_p99,
+            ),
+            ("gap p99 ≤ relay's (ms)", r.paced.gap_p99, r.paced.gap_p99 <= relay.paced.gap_p99),
+        ]
+        levels = sorted(r.open_rss_mb)
+        if len(levels) >= 2:
+            kb = per_stream_kb(r, levels[0], levels[-1])
+            checks.append(("memory per open stream ≤ 20 KB", kb, kb <= 20))
+        for s in scaling:
+            if s.name == r.name:
+                for conns, one in s.points[1].items():
+                    ratio = s.points[2][conns].cpu_us / one.cpu_us
+                    checks.append(
+                        (f"CPU/request 2 workers ≤ 1.05x one (c={conns})", ratio, ratio <= 1.05)
+                    )
+        for goal, value, met in checks:
+            rows.append(f"| {r.name} | {goal} | {_f(value, 2)} | {'yes' if met else '**no**'} |")
+    rows.append(
+        "\nThin relay in this run: "
+        + ", ".join(
+            f"{kind} {_f(relay.throughput[kind, 64].cpu_us)} µs"
+            for kind in RELAY_KINDS
+            if (kind, 64) in relay.throughput
+        )
+        + f"; TTFT p99 {_f(relay.ttft.ttft_p99, 2)} ms, gap p99 {_f(relay.paced.gap_p99, 2)} ms."
+    )
     return rows

@@ -20,6 +20,7 @@ All traffic stays on 127.0.0.1. Linux only (taskset, /proc).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import os
@@ -49,7 +50,23 @@ STREAM_BODY = BODY[:-1] + b',"stream":true}'
 PROBE_BODY = STREAM_BODY[:-1] + b',"stream_options":{"include_usage":true}}'
 # A chat stream of N tokens: role chunk + N + finish chunk + usage chunk + [DONE].
 PROBE_EVENTS_EXTRA = 4
-KINDS = {"chat": BODY, "chat stream": STREAM_BODY}
+# Issue #17's streams: 60 tokens, so 63 events (64 with the usage chunk) per response;
+# one kind where the client asks for usage, one where the proxy injects and strips it.
+LONG_TOKENS = 60
+KINDS = {
+    "chat": BODY,
+    "chat stream": STREAM_BODY,
+    "long stream": STREAM_BODY,
+    "long stream +usage": PROBE_BODY,
+}
+# The long kinds are measured at 64 connections only (the issue's figure).
+LONG_KINDS = ("long stream", "long stream +usage")
+LONG_CONNS = 64
+# Memory per open stream: RSS with this many slow paced streams open (few events, far
+# apart, so that neither the upstream nor the probe is the bottleneck).
+MEMORY_LEVELS = (100, 1000)
+MEMORY_GAP_MS = 400.0
+MEMORY_EVENTS = 6
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,8 @@ class Measured:
     paced: streams.Fidelity
     capacity: list[tuple[int, streams.Fidelity]]
     peak_rss_mb: float
+    # RSS (MB, all the subject's processes) with n slow streams open, by n.
+    open_rss_mb: dict[int, float]
 
 
 class Bench:
@@ -104,8 +123,14 @@ class Bench:
         self.settings = settings
         self.layout = layout
         self.workdir = workdir
+        long = {"x-fake-chunks": str(LONG_TOKENS)}
         self.scripts = {
-            kind: wrk.script(workdir, kind.replace(" ", "-"), body, _HEADERS)
+            kind: wrk.script(
+                workdir,
+                kind.replace(" ", "-").replace("+", ""),
+                body,
+                {**_HEADERS, **(long if kind in LONG_KINDS else {})},
+            )
             for kind, body in KINDS.items()
         }
         self.upstream = self._start_upstream()
@@ -186,14 +211,40 @@ class Bench:
         print(f"  {subject.name}: throughput", flush=True)
         throughput = {}
         for kind in KINDS:
-            for conns in self.settings.concurrency:
+            levels = (LONG_CONNS,) if kind in LONG_KINDS else self.settings.concurrency
+            for conns in levels:
                 result, cost = self.load(subject, kind, conns)
                 throughput[kind, conns] = report.Point(result.rps, cost, result.failed)
         rss = max(rss_mb(subject.pids()), default=float("nan"))
         print(f"  {subject.name}: streams", flush=True)
         ttft, paced, capacity = self.stream_fidelity(subject)
         peak = max(peak_rss_mb(subject.pids()), default=float("nan"))
-        return Measured(subject.name, latency, cpu_c1, throughput, rss, ttft, paced, capacity, peak)
+        print(f"  {subject.name}: memory per open stream", flush=True)
+        held = {n: self.open_rss(subject, n) for n in MEMORY_LEVELS}
+        return Measured(
+            subject.name, latency, cpu_c1, throughput, rss, ttft, paced, capacity, peak, held
+        )
+
+    def open_rss(self, subject: Subject, count: int) -> float:
+        """The subject's RSS (MB, its processes summed) while ``count`` slow paced
+        streams are open at once: read once every stream has started and none ended."""
+        target = streams.Target.of(subject.base, _KEY)
+        request = target.request(PROBE_BODY, MEMORY_EVENTS, MEMORY_GAP_MS)
+        ramp = 1.0
+        # Streams last (events + 3) gaps; the last starts at ``ramp``: read in between.
+        assert ramp + 0.8 < (MEMORY_EVENTS + 3) * MEMORY_GAP_MS / 1000
+
+        async def probe() -> float:
+            running = asyncio.ensure_future(streams.concurrent(target, request, count, ramp))
+            await asyncio.sleep(ramp + 0.5)
+            size = sum(rss_mb(subject.pids()))
+            traces = await running
+            done = sum(1 for t in traces if t.done)
+            if done < count:
+                print(f"  {subject.name}: {count - done} of {count} slow streams broke")
+            return size
+
+        return uvloop.run(probe())
 
     def stream_fidelity(
         self, subject: Subject

@@ -328,6 +328,11 @@ class Response:
                 self._waiter = None
         return self._take()
 
+    def is_complete(self) -> bool:
+        """Whether the whole body has arrived and been read: the next ``read_chunk``
+        returns ``b""`` without waiting."""
+        return self._complete and self._error is None and not self._chunks
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = []
@@ -384,7 +389,9 @@ class Response:
         self._size += len(data)
         if self._size > _HIGH_WATER and self._conn is not None:
             self._conn.transport.pause_reading()
-        self._wake()
+        waiter = self._waiter  # _wake, inline: this runs for every chunk of a body
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _end(self, error: Disconnected | None = None) -> None:
         if self._complete or self._error is not None:

@@ -7,6 +7,11 @@ Invariants:
   half an event anyway). This is what lets the proxy drop the usage chunk it asked
   for itself (``strip``) and end a broken stream with a clean error event instead of
   a half-written one.
+- The work is per upstream read, not per event, for the events the proxy does not
+  need to read: a read's complete events are looked at with a few C-speed byte scans
+  (``_Watch.take``); only the events the proxy must read (usage, an error, the end,
+  anything but plain ``data: {...}`` lines) are parsed one by one (``_Watch.keep``).
+  What that leaves unchecked: docs/performance.md, "What the relay checks".
 - A stream ends either with the upstream's own terminal event or with an SSE error
   event in OpenAI's shape: never silently, so clients can tell a cut from a short
   answer.
@@ -32,7 +37,7 @@ from .errors import (
     render,
 )
 from .exchange import OVERHEAD_HEADER, Exchange
-from .sse import Event, Scanner
+from .sse import Cutter, Event, events_in
 from .upstream import Upstream
 from .wire import find_usage
 
@@ -156,7 +161,9 @@ async def relay_stream(
     )
     exchange.status = up.status
     await out.prepare(request)
-    scanner = Scanner()
+    # The response's own writer (what ``out.write`` calls): one layer less per write.
+    writer = request.writer
+    cutter = Cutter()
     watch = _Watch(exchange, strip)
     idle = upstream.timeouts.idle
     failure: ProxyError | None = None
@@ -169,20 +176,22 @@ async def relay_stream(
             waited += perf_counter() - t0
             if not chunk:
                 break
-            for event in scanner.feed(chunk):
-                raw = watch.keep(event)
-                if raw is not None:
-                    kept.append(raw)
-            if scanner.pending > MAX_EVENT:
+            block = cutter.feed(chunk)
+            if block:
+                watch.take(block, kept)
+            if cutter.pending > MAX_EVENT:
                 raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
             if kept:
                 if exchange.first_byte is None:
                     exchange.first_byte = perf_counter()
-                await _send(out, b"".join(kept))
+                if watch.finished and up.is_complete():
+                    break  # the upstream's end came with them: one write for both, below
+                try:
+                    await writer.write(kept[0] if len(kept) == 1 else b"".join(kept))
+                except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+                    exchange.error = "client_disconnected"
+                    return out
                 kept.clear()
-    except _ClientGone:
-        exchange.error = "client_disconnected"
-        return out
     except ProxyError as exc:
         failure = exc
     except TimeoutError:
@@ -193,32 +202,22 @@ async def relay_stream(
         exchange.upstream_time += waited
     if failure is None and not watch.finished:
         failure = UpstreamError("The upstream stream ended before it was complete.")
+    # What is left (the last events, or those that came before a failure in the same
+    # read) and the error event go out with the end of the response, in one write.
+    if failure is not None:
+        exchange.error = type(failure).__name__
+        kept.append(b"data: " + render(failure) + b"\n\n")
     try:
-        if kept:  # complete events that came before a failure in the same chunk
-            await _send(out, b"".join(kept))
-        if failure is not None:
-            exchange.error = type(failure).__name__
-            await _send(out, b"data: " + render(failure) + b"\n\n")
-        await out.write_eof()
-    except (_ClientGone, ConnectionResetError):
+        await out.write_eof(b"".join(kept))
+    except ConnectionResetError:
         exchange.error = exchange.error or "client_disconnected"
     return out
 
 
-class _ClientGone(Exception):
-    """Writing to the client failed: it went away (not an upstream failure)."""
-
-
-async def _send(out: web.StreamResponse, data: bytes) -> None:
-    try:
-        await out.write(data)
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
-        raise _ClientGone from None
-
-
 class _Watch:
-    """Reads each complete event for the facts the proxy needs (end of stream, usage)
-    and decides which bytes of it the client gets."""
+    """Reads complete events for the facts the proxy needs (end of stream, usage,
+    errors), refuses those clients could not parse, and decides which bytes of them
+    the client gets."""
 
     __slots__ = ("exchange", "finished", "strip")
 
@@ -226,6 +225,24 @@ class _Watch:
         self.exchange = exchange
         self.strip = strip
         self.finished = False
+
+    def take(self, block: bytes, kept: list[bytes]) -> None:
+        """Append to ``kept`` what the client gets of ``block``, a run of complete
+        events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
+        of the events before it are in ``kept``."""
+        end, nulls = _unread_end(block)
+        head = block if end == len(block) else block[:end]
+        count = _plain_events(head) if end else 0
+        if count:  # nothing to read in them: relayed as they are
+            self.exchange.events += count
+            kept.append(_without_null_usage(head, nulls) if self.strip else head)
+            if end == len(block):
+                return
+            block = block[end:]
+        for event in events_in(block):
+            raw = self.keep(event)
+            if raw is not None:
+                kept.append(raw)
 
     def keep(self, event: Event) -> bytes | None:
         data = event.data
@@ -273,8 +290,76 @@ def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
         )
 
 
-def _without_null_usage(raw: bytes) -> bytes:
+def _without_null_usage(raw: bytes, nulls: int = -1) -> bytes:
+    """``raw`` without the ``"usage":null`` members the upstream added to each chunk
+    because the proxy asked for usage: every occurrence, since a block of several
+    chunks has one in each. ``nulls``: how many there are, when known (no search for
+    a form once they are all gone)."""
     for pattern in _NULL_USAGE:
+        if nulls == 0:
+            break
         if pattern in raw:
-            return raw.replace(pattern, b"", 1)
+            shorter = raw.replace(pattern, b"")
+            nulls -= (len(raw) - len(shorter)) // len(pattern)
+            raw = shorter
     return raw
+
+
+_PLAIN_START = b"data: {"
+_PLAIN_END = b"}\n\n"
+_PLAIN_BETWEEN = b"}\n\ndata: {"
+_DONE = b"data: [DONE]\n\n"
+_ERROR = b'data: {"error"'
+_USAGE = (b'"usage":{', b'"usage": {')
+
+
+def _unread_end(block: bytes) -> tuple[int, int]:
+    """Where the events of ``block`` that the proxy must read begin, and how many
+    ``"usage": null`` members the events before them have. Those events are [DONE]
+    (the stream's last), an error and a usage object that is not null (in the chunk
+    before [DONE]), found with byte scans (a false alarm costs a parse). 0 for ``\\r``
+    line ends: those streams are parsed."""
+    if b"\r" in block:
+        return 0, 0
+    end = len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
+    at = block.find(_ERROR, 0, end)
+    if at >= 0:
+        end = _event_start(block, at)
+    usages, nulls = _usages(block, 0, end)
+    if usages != nulls:
+        found = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
+        if not found:
+            return 0, 0  # a usage in some other form: parse it all
+        start = _event_start(block, min(found))
+        after, after_nulls = _usages(block, start, end)
+        if usages - after != nulls - after_nulls:
+            return 0, 0
+        end, nulls = start, nulls - after_nulls
+    return end, nulls
+
+
+def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:
+    """How many ``"usage"`` keys ``block[start:end]`` has, and how many are null."""
+    usages = block.count(b'"usage"', start, end)
+    nulls = block.count(b'"usage":null', start, end) if usages else 0
+    if nulls != usages:
+        nulls += block.count(b'"usage": null', start, end)
+    return usages, nulls
+
+
+def _event_start(block: bytes, at: int) -> int:
+    """The start of the event holding ``block[at]`` (``\\n`` line ends)."""
+    before = block.rfind(b"\n\n", 0, at)
+    return before + 2 if before >= 0 else 0
+
+
+def _plain_events(head: bytes) -> int:
+    """How many events ``head`` holds when they are all plain, else 0 (they are parsed
+    one by one). Plain events are what chat and completion streams are made of: one
+    ``data: {...}`` line each, ``\\n`` line ends. Byte counts only; their JSON is not
+    parsed (docs/performance.md, "What the relay checks")."""
+    if not (head.startswith(_PLAIN_START) and head.endswith(_PLAIN_END)):
+        return 0
+    count = head.count(_PLAIN_BETWEEN) + 1
+    # No \n but the two ending each event: one line each, nothing between them.
+    return count if head.count(b"\n") == 2 * count else 0

@@ -91,3 +91,21 @@ def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> No
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "governed, chat, 16 connections:" in run.stdout
+
+
+@pytest.mark.parametrize("paced", [[], ["--paced-ms", "0.2"]], ids=["one-read", "paced"])
+def test_inproc_gives_the_cost_per_relayed_event(paced: list[str]) -> None:
+    """``bench.inproc --stream --events A --events B`` measures streams of two lengths
+    (a stream the proxy strips the usage chunk from, too) and prints the slope."""
+    argv = ["--stream", "--no-usage", "--events", "2", "--events", "6", *paced]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.inproc", *argv, "--requests", "200", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "proxy, chat stream of 4 events" in run.stdout
+    assert "proxy, chat stream of 8 events" in run.stdout
+    assert "per relayed event: " in run.stdout

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Event, Scanner
+from proxy.sse import Cutter, Event, Scanner, events_in
 
 from .conftest import examples
 
@@ -378,3 +378,109 @@ def test_large_event_fed_one_byte_at_a_time_is_linear() -> None:
     assert [(e.name, e.data) for e in events] == [(b"big", payload)]
     assert events[0].raw == stream
     assert scanner.pending == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The Cutter: the same boundaries as the Scanner, in one piece per feed
+
+
+def cut_all(chunks: list[bytes]) -> tuple[list[bytes], Cutter]:
+    cutter = Cutter()
+    return [cutter.feed(chunk) for chunk in chunks], cutter
+
+
+def assert_cuts_like_the_scanner(stream: bytes, chunks: list[bytes]) -> None:
+    """The cutter's pieces, joined, are the scanner's events, joined; every piece is a
+    run of whole events (``events_in`` finds exactly them); the same bytes wait."""
+    events, scanner = feed_all([stream])
+    pieces, cutter = cut_all(chunks)
+    assert b"".join(pieces) == b"".join(e.raw for e in events)
+    assert cutter.pending == scanner.pending
+    for piece in pieces:
+        assert b"".join(e.raw for e in events_in(piece)) == piece
+
+
+@pytest.mark.parametrize(("stream", "expected", "pending"), CASES)
+def test_cutter_table_whole_and_byte_by_byte(
+    stream: bytes, expected: list[tuple[bytes, bytes | None]], pending: int
+) -> None:
+    assert_cuts_like_the_scanner(stream, [stream])
+    assert_cuts_like_the_scanner(stream, [stream[i : i + 1] for i in range(len(stream))])
+
+
+@pytest.mark.parametrize(("stream", "expected", "pending"), CASES)
+def test_events_in_a_cut_piece_are_the_scanners(
+    stream: bytes, expected: list[tuple[bytes, bytes | None]], pending: int
+) -> None:
+    [piece], _ = cut_all([stream])
+    events, _ = feed_all([stream])
+    assert events_in(piece) == events
+
+
+def test_events_in_decides_a_final_cr() -> None:
+    # The scanner holds a trailing \r back; a cut piece is complete, so it is not.
+    assert feed_all([b"data: x\r\r"])[0] == []
+    [event] = events_in(b"data: x\r\r")
+    assert (event.raw, event.data) == (b"data: x\r\r", b"x")
+
+
+def test_cutter_returns_whole_chunks_unchanged() -> None:
+    chunk = b'data: {"a":1}\n\ndata: {"b":2}\n\n'
+    cutter = Cutter()
+    assert cutter.feed(chunk) is chunk  # the common case copies nothing
+    assert cutter.feed(b'data: {"c"') == b""
+    assert cutter.feed(b':3}\n\ndata: {"d"') == b'data: {"c":3}\n\n'
+    assert cutter.pending == len(b'data: {"d"')
+
+
+LF_STREAM = CHAT_STREAM.replace(b"\r\n", b"\n")
+
+
+@pytest.mark.parametrize("stream", [CHAT_STREAM, LF_STREAM], ids=["crlf", "lf"])
+def test_cutter_every_pair_of_split_points(stream: bytes) -> None:
+    n = len(stream)
+    for i in range(n + 1):
+        for j in range(i, n + 1, 3):
+            assert_cuts_like_the_scanner(stream, [stream[:i], stream[i:j], stream[j:]])
+
+
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(built=streams(), data=st.data())
+def test_cutter_any_split_cuts_like_the_scanner(
+    built: tuple[bytes, list[tuple[bytes, bytes, bytes | None]]], data: st.DataObject
+) -> None:
+    stream, _ = built
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12), label="cuts")
+    assert_cuts_like_the_scanner(stream, split_at(stream, cuts))
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(built=streams(), data=st.data())
+def test_cutter_any_split_of_an_lf_stream(
+    built: tuple[bytes, list[tuple[bytes, bytes, bytes | None]]], data: st.DataObject
+) -> None:
+    """The same on streams with \\n line ends only: the cutter's own fast path."""
+    stream = built[0].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12), label="cuts")
+    assert_cuts_like_the_scanner(stream, split_at(stream, cuts))
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(stream=st.binary(max_size=200), data=st.data())
+def test_cutter_arbitrary_bytes_split_anywhere(stream: bytes, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    assert_cuts_like_the_scanner(stream, split_at(stream, cuts))
+
+
+def test_cutter_large_event_fed_one_byte_at_a_time_is_linear() -> None:
+    payload = b"x" * 200_000
+    stream = b"event: big\ndata: " + payload + b"\n\n"
+    cutter = Cutter()
+    started = time.perf_counter()
+    pieces = [cutter.feed(stream[i : i + 1]) for i in range(len(stream))]
+    elapsed = time.perf_counter() - started
+    # Linear work takes well under a second; searching the held bytes again on every
+    # byte would take minutes. The bound is only there to tell those two apart.
+    assert elapsed < 10, f"{elapsed:.1f}s: the cutter rescans what it already searched"
+    assert b"".join(pieces) == stream
+    assert cutter.pending == 0
