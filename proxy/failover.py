@@ -1,9 +1,10 @@
 """Sending one client request upstream: attempts, failover to other deployments and to
 fallback models, jittered backoff, Retry-After, and retries that never multiply.
 
-Where the next attempt goes, in order: a deployment in rotation this request has not
-tried yet (the model's own, then each fallback model's), then one out of rotation of
-a model in panic (routing.py), then one it already tried (a retry of the same
+Where the next attempt goes, in order: a deployment this request has not tried yet
+(the model's own, then each fallback model's; a model in panic draws from all its
+deployments, routing.py; a model with none in rotation comes after its fallbacks),
+then one it already tried (a retry of the same
 deployment), then one throttled by a 429 (another request's), then one only held
 back by its rpm cap (a bounded wait). A deployment that answered this request 429,
 or asked for a Retry-After longer than ``retry_after_max``, is not sent it again: with
@@ -176,8 +177,8 @@ class _Tries:
         chain, barred = self.chain, self.barred
         tried = [*self.tried, *barred] if barred else self.tried
         tiers: tuple[tuple[list[DeploymentState], dict[str, bool]], ...] = (
-            (tried, {"panic": False}),  # untried and in rotation (fallbacks included)
-            (tried, {}),  # untried, of a model in panic
+            (tried, {"panic": False}),  # untried, of a model with any in rotation
+            (tried, {}),  # untried, of a model with none in rotation
             (barred, {}),  # a retry of one tried
             (barred, {"throttled": True}),  # throttled by another request's 429
         )

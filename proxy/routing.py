@@ -72,11 +72,15 @@ class Route:
         rate: bool = True,
         panic: bool = True,
     ) -> DeploymentState | None:
-        """A deployment not in ``exclude``, in rotation (or out of it, when ``panic``
-        and the model is in panic), under its cap, throttled by a 429 or not as asked,
-        and with (or, ``rate=False``, only without) an rpm token now; None when there
-        is none."""
-        panic = panic and self.in_panic(now)
+        """A deployment not in ``exclude``, in rotation (or out of it, when the model
+        is in panic), under its cap, throttled by a 429 or not as asked, and with (or,
+        ``rate=False``, only without) an rpm token now; None when there is none.
+        ``panic=False``: None when the model has no deployment in rotation at all (its
+        traffic then goes to its fallbacks before panic mode takes it)."""
+        healthy = sum(not u.is_ejected(now) for u in self.upstreams)
+        if not (healthy or panic):
+            return None
+        panic = healthy == 0 or healthy < self.panic_threshold * len(self.upstreams)
         return pick_weighted(
             [
                 u

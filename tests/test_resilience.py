@@ -1,0 +1,243 @@
+"""Issue #14: one bad answer never becomes an outage. A lone deployment keeps serving
+after its errors, panic mode routes across deployments that look ill, and the
+deployment gauges move with what really happens — real HTTP over loopback, the
+official SDK as the client (with its default retries where the case is about them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.fake_upstream import FakeUpstream
+from proxy import config as cfg
+from proxy.board import EJECTED, Board
+from proxy.health import Window
+
+from .conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port
+from .test_routing import MESSAGES, ask, config, dep, model, posts, refused, sdk, until, upstreams
+
+# What the upstream answers the one failing request, by kind.
+ANSWERS = {
+    "500": {"x-fake-status": "500"},
+    "503": {"x-fake-status": "503"},
+    "429": {"x-fake-status": "429", "x-fake-retry-after": "2"},
+}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream(name="fake") as up:
+        yield up
+
+
+@pytest.mark.parametrize("kind", list(ANSWERS))
+async def test_a_lone_deployment_keeps_serving_after_one_bad_request(
+    make_proxy: MakeProxy, fake: FakeUpstream, kind: str
+) -> None:
+    # The quick start (`serve --upstream URL`) with its default routing policy.
+    proxy = await make_proxy(cfg.quick_start(fake.url, UPSTREAM_KEY))
+    async with openai.AsyncOpenAI(base_url=proxy.base, api_key="client") as client:  # 2 retries
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(
+                model="gpt-x", messages=MESSAGES, extra_headers=ANSWERS[kind]
+            )
+        assert caught.value.status_code == int(kind)
+        for _ in range(10):
+            reply = await client.chat.completions.create(model="gpt-x", messages=MESSAGES)
+            assert reply.choices[0].message.content
+    assert posts(fake) <= 3 + 10  # the bad request cost no more than the SDK alone would
+    assert [ex.status for ex in proxy.recorder.exchanges[-10:]] == [200] * 10
+
+
+async def test_a_429_from_a_lone_deployment_goes_back_at_once(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    fake.default = {"x-fake-status": "429", "x-fake-retry-after": "7"}
+    proxy = await make_proxy(config(model("m", dep(fake, "only"))))
+    async with sdk(proxy) as client:
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as caught:
+            await ask(client)
+        assert time.monotonic() - started < 2  # not waited out by the proxy
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert "x-should-retry" not in caught.value.response.headers  # the SDK may retry
+    assert posts(fake) == 1
+    state = upstreams(proxy)["only"]
+    assert state.healthy
+    assert state.failures == 0
+    assert state.is_throttled(time.monotonic())
+
+
+async def test_a_429_sends_the_request_to_another_deployment_never_the_same(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    async with FakeUpstream(name="other") as other:
+        fake.default = {"x-fake-status": "429", "x-fake-retry-after": "0.1"}
+        proxy = await make_proxy(config(model("m", dep(fake, "busy", weight=1e6), dep(other, "b"))))
+        async with sdk(proxy) as client:
+            assert (await ask(client)).startswith("tok0")
+            await ask(client)  # the busy one is throttled: the other takes it at once
+        assert (posts(fake), posts(other)) == (1, 2)
+        [first, second] = proxy.recorder.exchanges
+        assert (first.attempts, second.attempts) == (2, 1)
+
+
+async def test_500s_take_a_deployment_out_only_as_a_rate(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    async with FakeUpstream(name="other") as other:
+        fake.default = {"x-fake-status": "500"}
+        group = model("m", dep(fake, "flaky", weight=1e6), dep(other, "b"))
+        proxy = await make_proxy(config(group, error_min_answers=4, error_rate=0.5, cooldown=30))
+        state = upstreams(proxy)["flaky"]
+        async with sdk(proxy) as client:
+            for n in range(1, 5):
+                assert state.healthy, n  # one request's 500 ejects nothing
+                await ask(client)
+        assert not state.healthy  # 4 answers, all 500s: out
+        assert state.failures == 0  # never counted as consecutive failures
+
+
+async def test_panic_mode_with_two_of_three_deployments_dead(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    dead = [dep(refused(), "dead1", weight=1e6), dep(refused(), "dead2", weight=1e6)]
+    group = model("m", *dead, dep(fake, "alive"))
+    proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30, max_attempts=3))
+    state = upstreams(proxy)
+    route = proxy.state.router.routes["m"]
+    async with sdk(proxy) as client:
+        for _ in range(20):
+            assert (await ask(client)).startswith("tok0")  # every request served
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proxy.url + "/deployments") as resp:
+                snapshot = await resp.json()
+    assert (state["dead1"].healthy, state["dead2"].healthy, state["alive"].healthy) == (
+        False,
+        False,
+        True,
+    )
+    assert route.in_panic(time.monotonic())  # 1 of 3 in rotation, under 50 %
+    assert snapshot["models"][0]["panic"] is True
+    # In panic the dead ones still get their (weighted) share of first attempts: the
+    # requests fail over to the live one within their attempts.
+    attempts = [ex.attempts for ex in proxy.recorder.exchanges]
+    assert all(n <= 3 for n in attempts)
+    assert sum(n > 1 for n in attempts[1:]) >= 15
+    assert posts(fake) == 20
+
+
+async def test_panic_threshold_is_per_model(make_proxy: MakeProxy, fake: FakeUpstream) -> None:
+    dead = [dep(refused(), "dead1", weight=1e6), dep(refused(), "dead2", weight=1e6)]
+    group = cfg.Model(name="m", deployments=[*dead, dep(fake, "alive")], panic_threshold=0)
+    proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
+    async with sdk(proxy) as client:
+        for _ in range(5):
+            await ask(client)
+    # Threshold 0: panic only when none is in rotation, so once both dead ones are out
+    # every request goes straight to the live one.
+    attempts = [ex.attempts for ex in proxy.recorder.exchanges]
+    assert attempts[-3:] == [1, 1, 1]
+    assert not proxy.state.router.routes["m"].in_panic(time.monotonic())
+
+
+async def scrape(proxy: Proxy, name: str, model_name: str) -> dict[str, float]:
+    """``name``'s value per deployment of ``model_name`` from the proxy's /metrics."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.url + "/metrics") as resp:
+            text = await resp.text()
+    return {
+        s.labels["deployment"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and s.labels.get("model") == model_name
+    }
+
+
+async def chat(client: openai.AsyncOpenAI, name: str, **headers: str) -> None:
+    """One streamed chat completion of model ``name``, read to its end."""
+    stream = await client.chat.completions.create(
+        model=name, messages=MESSAGES, stream=True, extra_headers=headers
+    )
+    async for _ in stream:
+        pass
+
+
+async def test_deployment_gauges_follow_streams_cancels_and_failures(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    name = "gauges-m"  # the registry is per process: a model no other test uses
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    group = cfg.Model(name=name, deployments=[dep(fake, "g-up", weight=1e6), dep(down, "g-down")])
+    proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
+
+    async def inflight() -> dict[str, float]:
+        await asyncio.sleep(0)  # the gauge is set once per loop iteration
+        return await scrape(proxy, "morngpt_deployment_inflight", name)
+
+    assert await inflight() == {"g-up": 0, "g-down": 0}
+    assert await scrape(proxy, "morngpt_deployment_healthy", name) == {"g-up": 1, "g-down": 1}
+    async with sdk(proxy) as client:
+        # A stream held open: 1 in flight; read to its end: 0.
+        stream = await client.chat.completions.create(
+            model=name, messages=MESSAGES, stream=True, extra_headers={"x-fake-gap-ms": "50"}
+        )
+        assert (await inflight())["g-up"] == 1
+        async for _ in stream:
+            pass
+        assert (await inflight())["g-up"] == 0
+        # A client that leaves mid-stream and one that leaves before the answer.
+        for n, headers in enumerate(({"x-fake-stall": "2"}, {"x-fake-stall": "before"}), 2):
+            task = asyncio.create_task(chat(client, name, **headers))
+            await fake.wait_received(n)
+            assert (await inflight())["g-up"] == 1
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await until(lambda: upstreams(proxy, name)["g-up"].inflight == 0)
+            assert (await inflight())["g-up"] == 0
+        # Failures: an upstream 500, a stream cut mid-way, a deployment that refuses.
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model=name, messages=MESSAGES, extra_headers={"x-fake-status": "500"}
+            )
+        with pytest.raises(openai.APIError):
+            await chat(client, name, **{"x-fake-cut": "2"})
+        fake.default = {"x-fake-status": "503"}
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model=name, messages=MESSAGES)
+    await until(lambda: len(proxy.recorder.exchanges) == 6)
+    assert await inflight() == {"g-up": 0, "g-down": 0}
+    healthy = await scrape(proxy, "morngpt_deployment_healthy", name)
+    assert healthy == {"g-up": 0, "g-down": 0}  # both taken out, and the gauge says so
+
+
+def test_the_health_table_is_shared_by_the_workers_of_a_host(tmp_path: object) -> None:
+    one, two = Board(3, str(tmp_path)), Board(3, str(tmp_path))
+    try:
+        assert two.get(2, EJECTED) == 0.0
+        with one.exclusive(2):
+            one.set(2, EJECTED, 123.5)
+        assert two.get(2, EJECTED) == 123.5  # seen at once, no message passed
+        assert two.get(1, EJECTED) == 0.0
+    finally:
+        one.close()
+        two.close()
+        one.close()  # idempotent
+
+
+def test_error_window_counts_the_current_and_the_previous_window() -> None:
+    window = Window(10)
+    for at in (0, 1, 2):
+        window.note(True, at)
+    window.note(False, 11)  # a new window: the previous one still counts
+    assert window.counts() == (4, 3)
+    window.note(False, 25)  # more than two windows later: the old ones are gone
+    assert window.counts() == (2, 0)
