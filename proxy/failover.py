@@ -4,11 +4,12 @@ fallback models, jittered backoff, Retry-After, and retries that never multiply.
 Where the next attempt goes, in order: a deployment this request has not tried yet
 (the model's own, then each fallback model's; a model in panic draws from all its
 deployments, routing.py; a model with none in rotation comes after its fallbacks),
-then one it already tried (a retry of the same
-deployment), then one throttled by a 429 (another request's), then one only held
-back by its rpm cap (a bounded wait). A deployment that answered this request 429,
-or asked for a Retry-After longer than ``retry_after_max``, is not sent it again: with
-nothing else to go to, the client gets that answer at once, Retry-After and all.
+then one it already tried (a retry of the same deployment), then one throttled by a
+429 (another request's), then one only held back by its rpm cap (a bounded wait). A
+deployment that answered this request 429, timed out on it, or asked for a
+Retry-After longer than ``retry_after_max`` is not sent it again: with nothing else
+to go to, the client gets that answer at once (Retry-After and all), and its own
+retries decide.
 
 Retries never multiply with the client's own: one client request costs at most
 ``max_attempts`` upstream calls, minus the retries the client already made
@@ -267,6 +268,8 @@ async def _attempt(
     except UpstreamError as exc:
         slot.release()
         health.failed(state)
+        if isinstance(exc, UpstreamTimeout):  # waiting for it again would double the wait
+            tries.barred.append(state)
         following = await tries.retry() if exc.retryable else None
         if following is None:
             raise
