@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream
@@ -20,9 +26,11 @@ from proxy import config as cfg
 from proxy.board import EJECTED, Board
 from proxy.health import Window
 
-from .conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port
+from . import usage_support
+from .conftest import ROOT, UPSTREAM_KEY, MakeProxy, Proxy, free_port
 from .test_routing import MESSAGES, ask, config, dep, model, posts, refused, sdk, until, upstreams
 
+ALERTS = ROOT / "deploy" / "prometheus"
 # What the upstream answers the one failing request, by kind.
 ANSWERS = {
     "500": {"x-fake-status": "500"},
@@ -219,7 +227,7 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
     assert healthy == {"g-up": 0, "g-down": 0}  # both taken out, and the gauge says so
 
 
-def test_the_health_table_is_shared_by_the_workers_of_a_host(tmp_path: object) -> None:
+def test_the_health_table_is_shared_by_the_workers_of_a_host(tmp_path: Path) -> None:
     one, two = Board(3, str(tmp_path)), Board(3, str(tmp_path))
     try:
         assert two.get(2, EJECTED) == 0.0
@@ -241,3 +249,117 @@ def test_error_window_counts_the_current_and_the_previous_window() -> None:
     assert window.counts() == (4, 3)
     window.note(False, 25)  # more than two windows later: the old ones are gone
     assert window.counts() == (2, 0)
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+def promtool_test(healthy: list[tuple[dict[str, str], float]], down: str) -> dict[str, Any]:
+    """A promtool unit test of alerts.yml whose input is ``healthy`` (scraped samples of
+    morngpt_deployment_healthy) held for 10 minutes, as Prometheus would store them."""
+    rules = yaml.safe_load((ALERTS / "alerts.yml").read_text())["groups"]
+    [rule] = [r for g in rules for r in g["rules"] if r.get("alert") == "MorngptDeploymentDown"]
+    series = []
+    for labels, value in healthy:
+        labels = {**labels, "job": "morngpt-proxy", "instance": "proxy:8080"}
+        selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        series.append(
+            {"series": f"morngpt_deployment_healthy{{{selector}}}", "values": f"{value:g}x10"}
+        )
+    return {
+        "rule_files": [str(ALERTS / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": "MorngptDeploymentDown", "exp_alerts": []},
+                    {
+                        "eval_time": "5m",
+                        "alertname": "MorngptDeploymentDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "page",
+                                    "model": "m",
+                                    "deployment": down,
+                                },
+                                "exp_annotations": {
+                                    "summary": f"Deployment {down} of model m is out of "
+                                    "rotation everywhere",
+                                    "description": rule["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+
+
+async def test_two_workers_share_health_and_the_outage_fires_the_alert(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: the first worker to find a deployment dead takes it out for
+    both (one failed call in all, not one per worker); the aggregated /metrics says so,
+    and promtool, fed that scrape, fires MorngptDeploymentDown for it alone."""
+    config = {
+        "models": [
+            {
+                "name": "m",
+                "deployments": [
+                    {"base_url": refused(), "name": "dead", "weight": 1e6},
+                    {"base_url": fake.url, "name": "alive"},
+                ],
+            }
+        ],
+        "server": {"workers": 2},
+        "routing": {"failure_threshold": 1, "cooldown": 120},
+        "database": {"sqlite_path": str(tmp_path / "proxy.db")},
+        "usage": {"spool_dir": str(tmp_path / "spool")},
+    }
+    path = tmp_path / "proxy.json"
+    path.write_bytes(orjson.dumps(config))
+    async with usage_support.serve("--config", str(path)) as served:
+        await served.wait_log("listening", count=2)
+        for _ in range(20):  # new connections: the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    served.url + "/v1/chat/completions", data=b'{"model": "m"}'
+                ) as resp:
+                    assert resp.status == 200
+        async with aiohttp.ClientSession() as http:
+            async with http.get(served.url + "/metrics") as resp:
+                text = await resp.text()
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.wait_exit() == 0
+    per_worker = [v for _, v in samples(text, "morngpt_worker_requests")]
+    assert len(per_worker) == 2
+    assert all(v > 0 for v in per_worker), per_worker  # both workers served
+    errors = {
+        (labels["deployment"], labels["kind"]): v
+        for labels, v in samples(text, "morngpt_upstream_errors_total")
+    }
+    assert errors == {("dead", "unavailable"): 1}  # found dead once, for both workers
+    healthy = [(labels, v) for labels, v in samples(text, "morngpt_deployment_healthy")]
+    assert {labels["deployment"]: v for labels, v in healthy} == {"dead": 0, "alive": 1}
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool (Debian package prometheus) not installed")
+    test_file = tmp_path / "outage_test.yml"
+    test_file.write_text(yaml.safe_dump(promtool_test(healthy, "dead")))
+    proc = await asyncio.create_subprocess_exec(
+        *("promtool", "test", "rules", str(test_file)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()
