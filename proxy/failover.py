@@ -152,13 +152,14 @@ class Lease:
 class _Tries:
     """Where the attempts of one request go (see the module docstring)."""
 
-    __slots__ = ("barred", "chain", "left", "policy", "route", "tried")
+    __slots__ = ("barred", "chain", "left", "policy", "retrying", "route", "tried")
 
     def __init__(self, route: Route, policy: Routing, left: int) -> None:
         self.route = route
         self.chain = route.chain
         self.policy = policy
         self.left = left  # upstream calls this request may still make
+        self.retrying = False  # whether it holds one of the model's retries in flight
         self.tried: list[DeploymentState] = []
         self.barred: list[DeploymentState] = []
 
@@ -168,10 +169,22 @@ class _Tries:
 
     async def retry(self) -> Slot | None:
         """The slot for another attempt, if attempts and budget remain and a deployment
-        can take it; None otherwise."""
-        if self.left <= 0 or not self.route.may_retry(self.policy):
+        can take it; None otherwise. The first retry takes a unit of the model's retry
+        budget, held until ``done``."""
+        if self.left <= 0:
             return None
+        if not self.retrying:
+            if not self.route.may_retry(self.policy):
+                return None
+            self.retrying = True
+            self.route.retrying += 1
         return await self._next()
+
+    def done(self) -> None:
+        """The request is sent (or given up): its retry budget goes back."""
+        if self.retrying:
+            self.retrying = False
+            self.route.retrying -= 1
 
     async def _next(self) -> Slot | None:
         now = monotonic()
@@ -227,7 +240,6 @@ async def dispatch(
     slot = await tries.first()
     if slot is None:
         raise route.unavailable(outbound.asked)
-    retrying = False
     try:
         while True:
             exchange.attempts += 1
@@ -236,9 +248,6 @@ async def dispatch(
             if isinstance(following, Lease):
                 return following
             slot = following
-            if not retrying:
-                retrying = True
-                route.retrying += 1
             await _pause(wait, exchange)
     except BaseException as exc:
         slot.release()  # a no-op when the failed attempt gave it back already
@@ -246,8 +255,7 @@ async def dispatch(
             exc.headers = {**exc.headers, **NO_RETRY}
         raise
     finally:
-        if retrying:
-            route.retrying -= 1
+        tries.done()
 
 
 async def _attempt(

@@ -363,3 +363,47 @@ async def test_two_workers_share_health_and_the_outage_fires_the_alert(
     async with asyncio.timeout(60):
         output, _ = await proc.communicate()
     assert proc.returncode == 0, output.decode()
+
+
+async def test_retries_stay_within_the_models_retry_budget(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    fake.default = {"x-fake-status": "503", "x-fake-delay-ms": "200"}
+    proxy = await make_proxy(config(model("m", dep(fake, "only")), retry_budget=0, min_retries=1))
+    async with sdk(proxy) as client:
+        results = await asyncio.gather(ask(client), ask(client), return_exceptions=True)
+    # Both first attempts fail together; the budget (one retry in flight) lets one of
+    # them retry, the other gets its 503 at once — without x-should-retry, so its SDK
+    # may still retry it.
+    assert sorted(ex.attempts for ex in proxy.recorder.exchanges) == [1, 3]
+    headers = {
+        r.response.headers.get("x-should-retry")
+        for r in results
+        if isinstance(r, openai.InternalServerError)
+    }
+    assert headers == {None, "false"}
+    assert proxy.state.router.routes["m"].retrying == 0  # given back
+
+
+async def test_a_503_names_the_model_the_client_asked_for(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    deployment = cfg.Deployment(base_url=fake.url, name="upstream", max_concurrent=1)
+    proxy = await make_proxy(
+        cfg.resolve(cfg.Config(models=[cfg.Model(name=cfg.WILDCARD, deployments=[deployment])]))
+    )
+    async with sdk(proxy) as client:
+        held = asyncio.create_task(
+            client.chat.completions.create(
+                model="gpt-x", messages=MESSAGES, extra_headers={"x-fake-stall": "before"}
+            )
+        )
+        await fake.wait_received(1)
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="gpt-x", messages=MESSAGES)
+        held.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await held
+    assert caught.value.status_code == 503
+    assert "`gpt-x`" in caught.value.message
+    assert "`*`" not in caught.value.message
