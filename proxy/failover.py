@@ -221,7 +221,7 @@ def attempts_allowed(outbound: Outbound, policy: Routing) -> int:
     """Upstream calls this client request may make: ``max_attempts`` minus the retries
     the client already made of it, and at least one."""
     value = outbound.client_headers.get("x-stainless-retry-count", "0")
-    retries = int(value) if value.isdigit() and len(value) < 4 else 0
+    retries = int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 0
     return max(1, policy.max_attempts - retries)
 
 

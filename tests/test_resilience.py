@@ -407,3 +407,22 @@ async def test_a_503_names_the_model_the_client_asked_for(
     assert caught.value.status_code == 503
     assert "`gpt-x`" in caught.value.message
     assert "`*`" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("sent", "calls"), [("0", 3), ("1", 2), ("2", 1), ("7", 1), ("²", 3), ("-1", 3), ("x", 3)]
+)
+async def test_a_client_retry_gets_the_calls_left_of_max_attempts(
+    make_proxy: MakeProxy, fake: FakeUpstream, sent: str, calls: int
+) -> None:
+    fake.default = {"x-fake-status": "500"}
+    proxy = await make_proxy(config(model("m", dep(fake, "only"))))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.base + "/chat/completions",
+            json={"model": "m", "messages": MESSAGES},
+            headers={"x-stainless-retry-count": sent},
+        ) as resp:
+            assert resp.status == 500
+            assert resp.headers.get("x-should-retry") == ("false" if calls > 1 else None)
+    assert posts(fake) == calls
