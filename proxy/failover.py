@@ -122,7 +122,8 @@ class Lease:
         self.health = health
         self.exchange = exchange
         self.judge = judge  # whether the outcome still has to be counted
-        self.headers = NO_RETRY if exchange.attempts > 1 else {}
+        # An error the proxy already retried: the SDK must not repeat all of it.
+        self.headers = NO_RETRY if exchange.attempts > 1 and response.status >= 400 else {}
 
     async def __aenter__(self) -> h1.Response:
         return self.response
