@@ -51,6 +51,10 @@ class Board:
         self._fd = fd
         self.values = memoryview(self._map).cast("d")
 
+    def offset(self, slot: int) -> int:
+        """Where slot ``slot``'s fields start in ``values`` (``values[offset + field]``)."""
+        return slot * _FIELDS
+
     def get(self, slot: int, field: int) -> float:
         value: float = self.values[slot * _FIELDS + field]
         return value

@@ -57,7 +57,8 @@ RETRYABLE = frozenset((408, 429, 500, 502, 503, 504))
 # Statuses that say the deployment itself is ill (500s count only as a rate).
 _ILL = frozenset((502, 503, 504))
 # On an answer after the proxy retried: the SDK must not retry all of that again.
-NO_RETRY = {"X-Should-Retry": "false"}
+NO_RETRY: Mapping[str, str] = {"X-Should-Retry": "false"}
+_NONE: Mapping[str, str] = {}
 # A retryable error body is read (so the connection can be reused) for at most this.
 _DISCARD_TIMEOUT = 1.0
 # ``Exchange.error`` values with which the relay reports an upstream that broke.
@@ -123,7 +124,7 @@ class Lease:
         self.exchange = exchange
         self.judge = judge  # whether the outcome still has to be counted
         # An error the proxy already retried: the SDK must not repeat all of it.
-        self.headers = NO_RETRY if exchange.attempts > 1 and response.status >= 400 else {}
+        self.headers = NO_RETRY if exchange.attempts > 1 and response.status >= 400 else _NONE
 
     async def __aenter__(self) -> h1.Response:
         return self.response
@@ -164,10 +165,6 @@ class _Tries:
         self.tried: list[DeploymentState] = []
         self.barred: list[DeploymentState] = []
 
-    async def first(self) -> Slot | None:
-        """The slot for the first attempt, or None."""
-        return await self._next()
-
     async def retry(self) -> Slot | None:
         """The slot for another attempt, if attempts and budget remain and a deployment
         can take it; None otherwise. The first retry takes a unit of the model's retry
@@ -179,7 +176,7 @@ class _Tries:
                 return None
             self.retrying = True
             self.route.retrying += 1
-        return await self._next()
+        return await self.next()
 
     def done(self) -> None:
         """The request is sent (or given up): its retry budget goes back."""
@@ -187,20 +184,26 @@ class _Tries:
             self.retrying = False
             self.route.retrying -= 1
 
-    async def _next(self) -> Slot | None:
+    async def next(self) -> Slot | None:
+        """A slot on the deployment for the next attempt (see the module docstring), or
+        None when no deployment can take it."""
         now = monotonic()
         chain, barred = self.chain, self.barred
         tried = [*self.tried, *barred] if barred else self.tried
-        tiers: tuple[tuple[list[DeploymentState], dict[str, bool]], ...] = (
-            (tried, {"panic": False}),  # untried, of a model with any in rotation
-            (tried, {}),  # untried, of a model with none in rotation
-            (barred, {}),  # a retry of one tried
-            (barred, {"throttled": True}),  # throttled by another request's 429
+        tiers = (
+            (tried, False, False),  # untried, of a model with any in rotation
+            (tried, False, True),  # untried, of a model with none in rotation
+            (barred, False, True),  # a retry of one tried
+            (barred, True, True),  # throttled by another request's 429
         )
-        for exclude, options in tiers:
+        for exclude, throttled, panic in tiers:
             for route in chain:
-                state = route.choose(now, exclude, **options)
-                if state is not None and (slot := await claim(state, 0)) is not None:
+                state = route.choose(now, exclude, throttled=throttled, panic=panic)
+                if state is None:
+                    continue
+                if state.limiter is None:  # nothing to wait for: no coroutine either
+                    return self._note(state.claim())
+                if (slot := await claim(state, 0)) is not None:
                     return self._note(slot)
         for route in chain:  # held back only by its rpm cap: a bounded wait
             for throttled in (False, True):
@@ -236,18 +239,33 @@ async def dispatch(
     """Send ``outbound`` to a deployment of ``route`` or of its fallbacks, trying others
     on retryable failures, and lend the final response to the caller (see the module
     invariants). Raises the last ``UpstreamError``, or ``ServiceUnavailable``."""
-    policy = router.policy
+    policy, health = router.policy, router.health
     tries = _Tries(route, policy, attempts_allowed(outbound, policy))
-    slot = await tries.first()
+    slot = await tries.next()
     if slot is None:
         raise route.unavailable(outbound.asked)
     try:
         while True:
             exchange.attempts += 1
-            health = router.health
-            following, wait = await _attempt(session, health, slot, tries, outbound, exchange)
-            if isinstance(following, Lease):
-                return following
+            state = slot.state
+            exchange.deployment = state.name
+            asked: float | None = None
+            try:
+                response = await _send(session, state, outbound, exchange)
+            except UpstreamError as exc:
+                following = await _after_error(exc, slot, health, tries)
+            else:
+                status = response.status
+                if status not in RETRYABLE:  # any other 4xx is the caller's doing: not judged
+                    return Lease(slot, response, health, exchange, judge=status < 400)
+                asked = retry_after(response.headers)
+                retry = await _after_status(response, slot, asked, health, tries)
+                if retry is None:  # the client gets this answer, Retry-After and all
+                    return Lease(slot, response, health, exchange, judge=False)
+                following = retry
+            wait = backoff(exchange.attempts, policy)
+            if following.state is state and asked is not None:
+                wait = max(wait, asked)
             slot = following
             await _pause(wait, exchange)
     except BaseException as exc:
@@ -259,56 +277,46 @@ async def dispatch(
         tries.done()
 
 
-async def _attempt(
-    session: h1.Client,
-    health: Health,
-    slot: Slot,
-    tries: _Tries,
-    outbound: Outbound,
-    exchange: Exchange,
-) -> tuple[Lease | Slot, float]:
-    """One attempt on ``slot``: the ``Lease`` the client gets, or the slot of the next
-    attempt and how long to wait before it. Raises the failure the client gets."""
+async def _after_error(exc: UpstreamError, slot: Slot, health: Health, tries: _Tries) -> Slot:
+    """After an attempt that failed before its headers: the slot of the next attempt;
+    raises ``exc`` when there is none."""
+    slot.release()
     state = slot.state
-    exchange.deployment = state.name
-    asked: float | None = None
+    health.failed(state)
+    if isinstance(exc, UpstreamTimeout):  # waiting for it again would double the wait
+        tries.barred.append(state)
+    following = await tries.retry() if exc.retryable else None
+    if following is None:
+        raise exc
+    metrics.count_upstream_error(state.name, exc)
+    return following
+
+
+async def _after_status(
+    response: h1.Response, slot: Slot, asked: float | None, health: Health, tries: _Tries
+) -> Slot | None:
+    """After a retryable status: the slot of the next attempt (``response`` is then
+    discarded), or None (the client gets ``response``)."""
+    state = slot.state
+    status = response.status
+    _judge(health, state, status, asked)
+    if status == 429 or (asked is not None and asked > tries.policy.retry_after_max):
+        tries.barred.append(state)  # never sent this request again
     try:
-        response = await _send(session, state, outbound, exchange)
-    except UpstreamError as exc:
-        slot.release()
-        health.failed(state)
-        if isinstance(exc, UpstreamTimeout):  # waiting for it again would double the wait
-            tries.barred.append(state)
-        following = await tries.retry() if exc.retryable else None
-        if following is None:
-            raise
-        metrics.count_upstream_error(state.name, exc)
-    else:
-        status = response.status
-        if status not in RETRYABLE:  # any other 4xx is the caller's doing: not judged
-            return Lease(slot, response, health, exchange, judge=status < 400), 0.0
-        asked = retry_after(response.headers)
-        _judge(health, state, status, asked)
-        if status == 429 or (asked is not None and asked > tries.policy.retry_after_max):
-            tries.barred.append(state)  # never sent this request again
-        try:
-            following = await tries.retry()
-        except BaseException:
-            response.close()
-            raise
-        if following is None:  # the client gets this answer, Retry-After and all
-            return Lease(slot, response, health, exchange, judge=False), 0.0
-        slot.release()
-        metrics.count_upstream_error(state.name, "", status)
-        try:
-            await _discard(response)
-        except BaseException:
-            following.release()
-            raise
-    wait = backoff(exchange.attempts, tries.policy)
-    if following.state is state and asked is not None:
-        wait = max(wait, asked)
-    return following, wait
+        following = await tries.retry()
+    except BaseException:
+        response.close()
+        raise
+    if following is None:
+        return None
+    slot.release()
+    metrics.count_upstream_error(state.name, "", status)
+    try:
+        await _discard(response)
+    except BaseException:
+        following.release()
+        raise
+    return following
 
 
 def _judge(health: Health, state: DeploymentState, status: int, asked: float | None) -> None:

@@ -14,7 +14,8 @@ Health means ill-health, never one request's bad luck:
 
 Invariants:
 - ``DeploymentState.inflight`` changes only through ``claim`` and ``Slot.release``
-  (exactly once per slot, however often it is called); the in-flight gauge follows it.
+  (exactly once per slot, however often it is called); the in-flight gauge follows it
+  within ``PUBLISH_INTERVAL``.
 - Out-of-rotation and throttled times live on the ``Board`` (shared by the workers of
   one host) and are written only here, by ``Health``; so is the healthy gauge.
 - Taking a deployment out starts one probe task, in the worker that took it out: after
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from time import monotonic
 
 from aiolimiter import AsyncLimiter
@@ -43,6 +45,8 @@ log = logging.getLogger("proxy.health")
 PROBE_TIMEOUT = 10.0
 # How long a 429 without Retry-After keeps routing away from its deployment.
 THROTTLE_DEFAULT = 1.0
+# Seconds between updates of the in-flight gauges.
+PUBLISH_INTERVAL = 0.5
 _LATENCY_WEIGHT = 0.2  # share of the newest sample in the latency EWMA
 
 
@@ -80,7 +84,7 @@ class DeploymentState:
     changes (see the module invariants for who writes what)."""
 
     __slots__ = (
-        "_healthy_gauge", "_inflight_gauge", "_publishing", "board", "cap", "failures",
+        "_at", "_healthy_gauge", "_inflight_gauge", "_values", "board", "cap", "failures",
         "index", "inflight", "latency", "limiter", "name", "upstream", "weight", "window",
     )  # fmt: skip
 
@@ -101,13 +105,15 @@ class DeploymentState:
         self.cap = upstream.cap
         self.board = board
         self.index = index
+        # Read on every routing decision: the table's memory and this slot's offset.
+        self._values = board.values
+        self._at = board.offset(index)
         rpm = upstream.deployment.rpm
         self.limiter = None if rpm is None else AsyncLimiter(max(1.0, rpm * rate_share), 60)
         self.inflight = 0
         self.failures = 0  # consecutive
         self.latency = 0.0  # EWMA of the time to response headers, seconds
         self.window = Window(policy.error_window)
-        self._publishing = False
         self._healthy_gauge = metrics.DEPLOYMENT_HEALTHY.labels(model, upstream.name)
         self._healthy_gauge.set(1)
         self._inflight_gauge = metrics.DEPLOYMENT_INFLIGHT.labels(model, upstream.name)
@@ -123,17 +129,14 @@ class DeploymentState:
         return self.board.get(self.index, THROTTLED)
 
     def is_ejected(self, now: float) -> bool:
-        return self.board.get(self.index, EJECTED) > now
+        return self._values[self._at + EJECTED] > now
 
     def is_throttled(self, now: float) -> bool:
-        return self.board.get(self.index, THROTTLED) > now
+        return self._values[self._at + THROTTLED] > now
 
     @property
     def healthy(self) -> bool:
         return not self.is_ejected(monotonic())
-
-    def has_room(self) -> bool:
-        return self.inflight < self.cap
 
     def has_rate(self) -> bool:
         """Whether its outbound rate cap (if any) lets a request go now."""
@@ -147,7 +150,6 @@ class DeploymentState:
     def claim(self) -> Slot:
         """Take an in-flight slot (give it back with ``Slot.release``)."""
         self.inflight += 1
-        self._changed()
         return Slot(self)
 
     def observe_latency(self, seconds: float) -> None:
@@ -157,15 +159,10 @@ class DeploymentState:
         else:
             self.latency = seconds
 
-    def _changed(self) -> None:
-        # The gauge is set once per event-loop iteration, not per claim and release
-        # (prometheus-client locks, and writes a file in multiprocess mode).
-        if not self._publishing:
-            self._publishing = True
-            asyncio.get_running_loop().call_soon(self._publish)
-
-    def _publish(self) -> None:
-        self._publishing = False
+    def publish(self) -> None:
+        """Set the in-flight gauge to the count (``Health`` calls it every
+        ``PUBLISH_INTERVAL``: a gauge update per claim and release would cost a lock,
+        and in multiprocess mode a file write, on every request)."""
         self._inflight_gauge.set(self.inflight)
 
 
@@ -183,16 +180,18 @@ class Slot:
         if self.held:
             self.held = False
             self.state.inflight -= 1
-            self.state._changed()
 
 
 class Health:
     """Judges every deployment of one worker from its answers, and runs its probes."""
 
-    __slots__ = ("board", "cooldown", "error_min", "error_rate", "session", "tasks", "threshold")
+    __slots__ = (
+        "board", "cooldown", "error_min", "error_rate", "session", "states", "tasks", "threshold",
+    )  # fmt: skip
 
     def __init__(self, routing: Routing, board: Board) -> None:
         self.board = board
+        self.states: list[DeploymentState] = []  # every deployment of every model
         self.threshold = routing.failure_threshold
         self.cooldown = routing.cooldown
         self.error_rate = routing.error_rate
@@ -201,8 +200,21 @@ class Health:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def start(self, session: h1.Client) -> None:
-        """Probes use the worker's pooled session from now on."""
+        """Probes use the worker's pooled session from now on, and the in-flight gauges
+        are kept up to date."""
         self.session = session
+        self._spawn(self._publish(), "deployment gauges")
+
+    async def _publish(self) -> None:
+        while True:
+            for state in self.states:
+                state.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+    def _spawn(self, work: Coroutine[None, None, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def close(self) -> None:
         """Cancel every probe task and wait for them to finish."""
@@ -247,9 +259,7 @@ class Health:
             self.board.set(state.index, EJECTED, now + self.cooldown)
         state._healthy_gauge.set(0)
         log.warning("deployment %s out of rotation for %gs: %s", state.name, self.cooldown, why)
-        task = asyncio.create_task(self._recover(state), name=f"probe {state.name}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(self._recover(state), f"probe {state.name}")
 
     def _restore(self, state: DeploymentState, why: str) -> None:
         self.board.set(state.index, EJECTED, 0.0)

@@ -77,16 +77,17 @@ class Route:
         ``rate=False``, only without) an rpm token now; None when there is none.
         ``panic=False``: None when the model has no deployment in rotation at all (its
         traffic then goes to its fallbacks before panic mode takes it)."""
-        healthy = sum(not u.is_ejected(now) for u in self.upstreams)
-        if not (healthy or panic):
-            return None
-        panic = healthy == 0 or healthy < self.panic_threshold * len(self.upstreams)
+        everyone = self.upstreams
+        pool = [u for u in everyone if not u.is_ejected(now)]
+        if not pool or len(pool) < self.panic_threshold * len(everyone):
+            if not (pool or panic):
+                return None
+            pool = everyone  # panic mode
         return pick_weighted(
             [
                 u
-                for u in self.upstreams
-                if u.has_room()
-                and (panic or not u.is_ejected(now))
+                for u in pool
+                if u.inflight < u.cap
                 and u.is_throttled(now) == throttled
                 and u.has_rate() == rate
                 and u not in exclude
@@ -188,6 +189,7 @@ class Router:
             self._build(m, share, sum(len(n.deployments) for n in config.models[:i]))
             for i, m in enumerate(config.models)
         ]
+        self.health.states = [state for route in built for state in route.upstreams]
         self.routes = {r.model.name: r for r in built if r.model.name != WILDCARD}
         wildcard = [r for r in built if r.model.name == WILDCARD]
         self.wildcard = wildcard[0] if wildcard else None

@@ -186,31 +186,37 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
     group = cfg.Model(name=name, deployments=[dep(fake, "g-up", weight=1e6), dep(down, "g-down")])
     proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
 
-    async def inflight() -> dict[str, float]:
-        await asyncio.sleep(0)  # the gauge is set once per loop iteration
-        return await scrape(proxy, "morngpt_deployment_inflight", name)
+    async def gauge(expected: dict[str, float], metric: str = "inflight") -> None:
+        """Until the scraped gauge shows ``expected`` (it follows within 0.5 s)."""
+        seen: dict[str, float] = {}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while seen != expected:
+                    seen = await scrape(proxy, f"morngpt_deployment_{metric}", name)
+                    await asyncio.sleep(0.05)
+        assert seen == expected
 
-    assert await inflight() == {"g-up": 0, "g-down": 0}
-    assert await scrape(proxy, "morngpt_deployment_healthy", name) == {"g-up": 1, "g-down": 1}
+    await gauge({"g-up": 0, "g-down": 0})
+    await gauge({"g-up": 1, "g-down": 1}, "healthy")
     async with sdk(proxy) as client:
         # A stream held open: 1 in flight; read to its end: 0.
         stream = await client.chat.completions.create(
             model=name, messages=MESSAGES, stream=True, extra_headers={"x-fake-gap-ms": "50"}
         )
-        assert (await inflight())["g-up"] == 1
+        await gauge({"g-up": 1, "g-down": 0})
         async for _ in stream:
             pass
-        assert (await inflight())["g-up"] == 0
+        await gauge({"g-up": 0, "g-down": 0})
         # A client that leaves mid-stream and one that leaves before the answer.
         for n, headers in enumerate(({"x-fake-stall": "2"}, {"x-fake-stall": "before"}), 2):
             task = asyncio.create_task(chat(client, name, **headers))
             await fake.wait_received(n)
-            assert (await inflight())["g-up"] == 1
+            await gauge({"g-up": 1, "g-down": 0})
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await until(lambda: upstreams(proxy, name)["g-up"].inflight == 0)
-            assert (await inflight())["g-up"] == 0
+            await gauge({"g-up": 0, "g-down": 0})
         # Failures: an upstream 500, a stream cut mid-way, a deployment that refuses.
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(
@@ -222,9 +228,8 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model=name, messages=MESSAGES)
     await until(lambda: len(proxy.recorder.exchanges) == 6)
-    assert await inflight() == {"g-up": 0, "g-down": 0}
-    healthy = await scrape(proxy, "morngpt_deployment_healthy", name)
-    assert healthy == {"g-up": 0, "g-down": 0}  # both taken out, and the gauge says so
+    await gauge({"g-up": 0, "g-down": 0})
+    await gauge({"g-up": 0, "g-down": 0}, "healthy")  # both taken out, and it says so
 
 
 def test_the_health_table_is_shared_by_the_workers_of_a_host(tmp_path: Path) -> None:
