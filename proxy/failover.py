@@ -147,7 +147,7 @@ class Lease:
         if isinstance(exc, UpstreamError) or self.exchange.error in _BROKE:
             self.health.failed(state)  # broke mid-response
         elif exc is None and not self.exchange.error:
-            self.health.succeeded(state)
+            self.health.succeeded(self.slot)
         # Otherwise the client went away, or the proxy failed: not the deployment's doing.
 
 

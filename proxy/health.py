@@ -20,8 +20,9 @@ Invariants:
   one host) and are written only here, by ``Health``; so is the healthy gauge.
 - Taking a deployment out starts one probe task, in the worker that took it out: after
   the cooldown it GETs ``health_url`` with the deployment's key (never spends tokens)
-  and brings it back on a 2xx. A success relayed by any worker (panic-mode traffic)
-  brings it back at once. If the probing worker dies, the cooldown simply ends.
+  and brings it back on a 2xx. A request sent to it while it was out (panic mode)
+  and served by it brings it back at once, in whichever worker. If the probing worker
+  dies, the cooldown simply ends.
 - Probe tasks start lazily and are all cancelled by ``close`` (an app cleanup_ctx).
 """
 
@@ -150,7 +151,7 @@ class DeploymentState:
     def claim(self) -> Slot:
         """Take an in-flight slot (give it back with ``Slot.release``)."""
         self.inflight += 1
-        return Slot(self)
+        return Slot(self, self.is_ejected(monotonic()))
 
     def observe_latency(self, seconds: float) -> None:
         """Fold one time-to-headers sample into the EWMA."""
@@ -169,11 +170,12 @@ class DeploymentState:
 class Slot:
     """One attempt's in-flight slot on a deployment; ``release`` gives it back once."""
 
-    __slots__ = ("held", "state")
+    __slots__ = ("held", "out", "state")
 
-    def __init__(self, state: DeploymentState) -> None:
+    def __init__(self, state: DeploymentState, out: bool = False) -> None:
         self.state = state
         self.held = True
+        self.out = out  # sent while the deployment was out of rotation (panic mode)
 
     def release(self) -> None:
         """Give the slot back; later calls do nothing."""
@@ -224,13 +226,16 @@ class Health:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
 
-    def succeeded(self, state: DeploymentState) -> None:
-        """A response under 400 relayed to its end."""
+    def succeeded(self, slot: Slot) -> None:
+        """A response under 400 relayed to its end, on ``slot``."""
+        state = slot.state
         now = monotonic()
         state.failures = 0
         state.window.note(False, now)
-        if state.is_ejected(now):  # it served (in panic mode): it is back
-            self._restore(state, "it served a request")
+        # Sent to it while it was out (panic mode), and served: it is back. (A request
+        # sent before it went out proves nothing about it now.)
+        if slot.out and state.is_ejected(now):
+            self._restore(state, "it served a request in panic mode")
 
     def failed(self, state: DeploymentState) -> None:
         """Unreachable, timed out, 502/503/504, or a response that broke."""

@@ -57,11 +57,16 @@ async def test_a_lone_deployment_keeps_serving_after_one_bad_request(
                 model="gpt-x", messages=MESSAGES, extra_headers=ANSWERS[kind]
             )
         assert caught.value.status_code == int(kind)
+        assert proxy.state.router.wildcard is not None
+        [state] = proxy.state.router.wildcard.upstreams
+        # Only 503s are ill-health: three in a row take the lone deployment out...
+        assert state.healthy == (kind != "503")
         for _ in range(10):
             reply = await client.chat.completions.create(model="gpt-x", messages=MESSAGES)
             assert reply.choices[0].message.content
     assert posts(fake) <= 3 + 10  # the bad request cost no more than the SDK alone would
     assert [ex.status for ex in proxy.recorder.exchanges[-10:]] == [200] * 10
+    assert state.healthy  # ...and panic mode served it, which brought it back
 
 
 async def test_a_429_from_a_lone_deployment_goes_back_at_once(
@@ -431,3 +436,28 @@ async def test_a_client_retry_gets_the_calls_left_of_max_attempts(
             assert resp.status == 500
             assert resp.headers.get("x-should-retry") == ("false" if calls > 1 else None)
     assert posts(fake) == calls
+
+
+async def test_only_a_request_sent_in_panic_mode_brings_a_deployment_back(
+    make_proxy: MakeProxy, fake: FakeUpstream
+) -> None:
+    proxy = await make_proxy(
+        config(model("m", dep(fake, "only")), failure_threshold=1, cooldown=30)
+    )
+    state = upstreams(proxy)["only"]
+    async with sdk(proxy) as client:
+        # A stream sent while the deployment is in rotation, still running when it goes out.
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-fake-chunks": "4", "x-fake-gap-ms": "100"},
+        )
+        with pytest.raises(openai.InternalServerError):
+            await ask(client, extra_headers={"x-fake-status": "503"})
+        assert not state.healthy
+        async for _ in stream:
+            pass
+        assert not state.healthy  # sent before it went out: proves nothing now
+        await ask(client)  # sent to it in panic mode, and served
+    assert state.healthy
