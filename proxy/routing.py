@@ -60,8 +60,13 @@ class Route:
 
     def in_panic(self, now: float) -> bool:
         """Too few deployments in rotation: route across all of them."""
-        healthy = sum(not u.is_ejected(now) for u in self.upstreams)
-        return healthy == 0 or healthy < self.panic_threshold * len(self.upstreams)
+        return self._panics(len(self._in_rotation(now)))
+
+    def _in_rotation(self, now: float) -> list[DeploymentState]:
+        return [u for u in self.upstreams if not u.is_ejected(now)]
+
+    def _panics(self, in_rotation: int) -> bool:
+        return in_rotation == 0 or in_rotation < self.panic_threshold * len(self.upstreams)
 
     def choose(
         self,
@@ -77,12 +82,11 @@ class Route:
         ``rate=False``, only without) an rpm token now; None when there is none.
         ``panic=False``: None when the model has no deployment in rotation at all (its
         traffic then goes to its fallbacks before panic mode takes it)."""
-        everyone = self.upstreams
-        pool = [u for u in everyone if not u.is_ejected(now)]
-        if not pool or len(pool) < self.panic_threshold * len(everyone):
+        pool = self._in_rotation(now)
+        if self._panics(len(pool)):
             if not (pool or panic):
                 return None
-            pool = everyone  # panic mode
+            pool = self.upstreams
         return pick_weighted(
             [
                 u
