@@ -253,7 +253,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         lease = await dispatch(state.session, state.router, route, outbound, exchange)
         upstream = lease.upstream
         async with lease as up:
-            extra = {**grant.headers, "X-Request-Id": exchange.request_id}
+            extra = {**grant.headers, **lease.headers, "X-Request-Id": exchange.request_id}
             if up.status < 400 and up.content_type == "text/event-stream":
                 return await relay_stream(request, up, upstream, exchange, extra, strip)
             return await relay_body(request, up, upstream, exchange, extra)

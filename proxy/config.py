@@ -44,6 +44,9 @@ def seconds(text: str) -> float:
     return float(match[1]) * _SPAN_SECONDS[match[2]]
 
 
+Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
 class Secret(str):
     """A string that never shows itself in a repr (and so never in a log line)."""
 
@@ -127,6 +130,8 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     fallbacks: list[str] = []
     # Without a price (here or on the deployment) a model's requests cost nothing.
     price: Price | None = None
+    # Overrides routing.panic_threshold for this model.
+    panic_threshold: Share | None = None
 
 
 class Cors(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -306,10 +311,23 @@ class Routing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Longest upstream Retry-After the proxy waits out itself before sending to the
     # same deployment again; beyond it the client gets the 429/503 and its Retry-After.
     retry_after_max: NonNegativeFloat = 5.0
-    # Consecutive failures that take a deployment out of rotation, and for how long
-    # (then a probe of its health_url decides whether it comes back).
+    # Retries in flight per model (and worker) at most this share of the model's
+    # requests in flight, or min_retries, whichever is more (Envoy's retry budget).
+    retry_budget: Share = 0.2
+    min_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    # Consecutive failures (connection failures, timeouts, 502/503/504, broken streams)
+    # that take a deployment out of rotation, and for how long (then a probe of its
+    # health_url decides whether it comes back).
     failure_threshold: PositiveInt = 3
     cooldown: PositiveFloat = 5.0
+    # 500s take a deployment out only as a rate: at least error_rate of its answers
+    # over the last error_window seconds, once it gave error_min_answers answers.
+    error_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    error_window: PositiveFloat = 30.0
+    error_min_answers: PositiveInt = 10
+    # Panic mode: when fewer than this share of a model's deployments are in rotation
+    # (and always when none is), route across all of them as if healthy.
+    panic_threshold: Share = 0.5
     # Longest wait for a deployment's rpm cap when no other deployment can take the
     # request; beyond it the deployment is skipped, never queued for.
     rate_wait: NonNegativeFloat = 0.25

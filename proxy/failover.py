@@ -1,18 +1,31 @@
 """Sending one client request upstream: attempts, failover to other deployments and to
-fallback models, jittered backoff, Retry-After.
+fallback models, jittered backoff, Retry-After, and retries that never multiply.
 
 Where the next attempt goes, in order: a deployment this request has not tried yet
-(the model's own, then each fallback model's), then one it already tried (a retry of
-the same deployment, if nothing else is left), then one only held back by its rpm
-cap (a bounded wait). A deployment that asked for a Retry-After longer than
-``retry_after_max`` is not sent this request again.
+(the model's own, then each fallback model's; a model in panic draws from all its
+deployments, routing.py; a model with none in rotation comes after its fallbacks),
+then one it already tried (a retry of the same deployment), then one throttled by a
+429 (another request's), then one only held back by its rpm cap (a bounded wait). A
+deployment that answered this request 429, timed out on it, or asked for a
+Retry-After longer than ``retry_after_max`` is not sent it again: with nothing else
+to go to, the client gets that answer at once (Retry-After and all), and its own
+retries decide.
+
+Retries never multiply with the client's own: one client request costs at most
+``max_attempts`` upstream calls, minus the retries the client already made
+(``x-stainless-retry-count``, which the OpenAI SDKs send), and at least one; when the
+proxy did retry, the answer tells the SDK not to retry again (``x-should-retry:
+false``). Retries also stay within the model's retry budget (``Route.may_retry``).
 
 Invariants:
 - All of this happens before any byte goes to the client. Once ``dispatch`` returns
   a ``Lease`` the request is never sent again: a stream that breaks later ends with
   an error event (relay.py), it is not retried.
-- Every in-flight slot taken (``routing.claim``) is given back exactly once: by the
-  loop for a failed attempt, by ``Lease.__aexit__`` for the response the client gets.
+- Every attempt holds a ``Slot`` (``routing.claim``) that travels with it: released
+  when the attempt fails, or by ``Lease.__aexit__`` for the response the client gets;
+  ``Slot.release`` is idempotent, so every path may simply release what it holds.
+- Every failed attempt is counted in ``morngpt_upstream_errors_total``: here when it
+  is retried, by the metrics sink for the one the client gets.
 - The client gets the last failure (the upstream's retryable response passed
   through, or the proxy's 502/504), or a 503 with Retry-After when no deployment
   could take the request at all.
@@ -25,22 +38,27 @@ import asyncio
 import email.utils
 import random
 from collections.abc import Mapping
-from time import perf_counter, time
+from time import monotonic, perf_counter, time
 from types import TracebackType
 
 from multidict import CIMultiDictProxy
 
-from . import h1
+from . import h1, metrics
 from .config import Routing
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .exchange import Exchange
-from .health import Health
+from .health import DeploymentState, Health, Slot
 from .routing import Route, Router, claim
 from .upstream import Upstream, forward_headers, open_request
 from .wire import rewrite
 
 # Statuses that say "not now, not you", so another attempt may succeed.
 RETRYABLE = frozenset((408, 429, 500, 502, 503, 504))
+# Statuses that say the deployment itself is ill (500s count only as a rate).
+_ILL = frozenset((502, 503, 504))
+# On an answer after the proxy retried: the SDK must not retry all of that again.
+NO_RETRY: Mapping[str, str] = {"X-Should-Retry": "false"}
+_NONE: Mapping[str, str] = {}
 # A retryable error body is read (so the connection can be reused) for at most this.
 _DISCARD_TIMEOUT = 1.0
 # ``Exchange.error`` values with which the relay reports an upstream that broke.
@@ -85,26 +103,28 @@ class Outbound:
 class Lease:
     """The response the client gets, on loan from its deployment until the relay is
     done: ``async with lease as response``. Leaving the block closes the response,
-    gives the in-flight slot back and, when ``judge``, tells health how it went."""
+    releases the attempt's slot and, when ``judge``, tells health how it went.
+    ``headers`` go on the client's response."""
 
-    __slots__ = ("exchange", "health", "judge", "response", "slot", "upstream")
+    __slots__ = ("exchange", "headers", "health", "judge", "response", "slot", "upstream")
 
     def __init__(
         self,
-        upstream: Upstream,
+        slot: Slot,
         response: h1.Response,
         health: Health,
         exchange: Exchange,
         *,
-        slot: bool,
         judge: bool,
     ) -> None:
-        self.upstream = upstream
+        self.slot = slot
+        self.upstream: Upstream = slot.state.upstream
         self.response = response
         self.health = health
         self.exchange = exchange
-        self.slot = slot  # whether this lease still holds the in-flight slot
         self.judge = judge  # whether the outcome still has to be counted
+        # An error the proxy already retried: the SDK must not repeat all of it.
+        self.headers = NO_RETRY if exchange.attempts > 1 and response.status >= 400 else _NONE
 
     async def __aenter__(self) -> h1.Response:
         return self.response
@@ -118,51 +138,95 @@ class Lease:
         try:
             await self.response.__aexit__(exc_type, exc, tb)
         finally:
-            if self.slot:
-                self.upstream.inflight -= 1
+            self.slot.release()
             if self.judge:
                 self._count(exc)
 
     def _count(self, exc: BaseException | None) -> None:
+        state = self.slot.state
         if isinstance(exc, UpstreamError) or self.exchange.error in _BROKE:
-            self.health.failed(self.upstream)  # broke mid-response
+            self.health.failed(state)  # broke mid-response
         elif exc is None and not self.exchange.error:
-            self.health.succeeded(self.upstream)
+            self.health.succeeded(self.slot)
         # Otherwise the client went away, or the proxy failed: not the deployment's doing.
 
 
 class _Tries:
     """Where the attempts of one request go (see the module docstring)."""
 
-    __slots__ = ("barred", "chain", "rate_wait", "tried")
+    __slots__ = ("barred", "chain", "left", "policy", "retrying", "route", "tried")
 
-    def __init__(self, route: Route, policy: Routing) -> None:
+    def __init__(self, route: Route, policy: Routing, left: int) -> None:
+        self.route = route
         self.chain = route.chain
-        self.rate_wait = policy.rate_wait
-        self.tried: list[Upstream] = []
-        self.barred: list[Upstream] = []
+        self.policy = policy
+        self.left = left  # upstream calls this request may still make
+        self.retrying = False  # whether it holds one of the model's retries in flight
+        self.tried: list[DeploymentState] = []
+        self.barred: list[DeploymentState] = []
 
-    async def next(self) -> Upstream | None:
-        """A deployment with a claimed slot for the next attempt, or None."""
-        untried = [*self.tried, *self.barred] if self.barred else self.tried
-        for route in self.chain:
-            upstream = route.choose(untried)
-            if upstream is not None and await claim(upstream, 0):
-                return self._note(upstream)
-        for route in self.chain:
-            upstream = route.choose(self.barred)
-            if upstream is not None and await claim(upstream, 0):
-                return self._note(upstream)
-        for route in self.chain:
-            upstream = route.choose_throttled(self.barred)
-            if upstream is not None and await claim(upstream, self.rate_wait):
-                return self._note(upstream)
+    async def retry(self) -> Slot | None:
+        """The slot for another attempt, if attempts and budget remain and a deployment
+        can take it; None otherwise. The first retry takes a unit of the model's retry
+        budget, held until ``done``."""
+        if self.left <= 0:
+            return None
+        if not self.retrying:
+            if not self.route.may_retry(self.policy):
+                return None
+            self.retrying = True
+            self.route.retrying += 1
+        return await self.next()
+
+    def done(self) -> None:
+        """The request is sent (or given up): its retry budget goes back."""
+        if self.retrying:
+            self.retrying = False
+            self.route.retrying -= 1
+
+    async def next(self) -> Slot | None:
+        """A slot on the deployment for the next attempt (see the module docstring), or
+        None when no deployment can take it."""
+        now = monotonic()
+        chain, barred = self.chain, self.barred
+        tried = [*self.tried, *barred] if barred else self.tried
+        tiers = (
+            (tried, False, False),  # untried, of a model with any in rotation
+            (tried, False, True),  # untried, of a model with none in rotation
+            (barred, False, True),  # a retry of one tried
+            (barred, True, True),  # throttled by another request's 429
+        )
+        for exclude, throttled, panic in tiers:
+            for route in chain:
+                state = route.choose(now, exclude, throttled=throttled, panic=panic)
+                if state is None:
+                    continue
+                if state.limiter is None:  # nothing to wait for: no coroutine either
+                    return self._note(state.claim())
+                if (slot := await claim(state, 0)) is not None:
+                    return self._note(slot)
+        for route in chain:  # held back only by its rpm cap: a bounded wait
+            for throttled in (False, True):
+                state = route.choose(now, barred, throttled=throttled, rate=False)
+                if state is not None:
+                    slot = await claim(state, self.policy.rate_wait)
+                    if slot is not None:
+                        return self._note(slot)
         return None
 
-    def _note(self, upstream: Upstream) -> Upstream:
-        if upstream not in self.tried:
-            self.tried.append(upstream)
-        return upstream
+    def _note(self, slot: Slot) -> Slot:
+        self.left -= 1
+        if slot.state not in self.tried:
+            self.tried.append(slot.state)
+        return slot
+
+
+def attempts_allowed(outbound: Outbound, policy: Routing) -> int:
+    """Upstream calls this client request may make: ``max_attempts`` minus the retries
+    the client already made of it, and at least one."""
+    value = outbound.client_headers.get("x-stainless-retry-count", "0")
+    retries = int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 0
+    return max(1, policy.max_attempts - retries)
 
 
 async def dispatch(
@@ -176,44 +240,101 @@ async def dispatch(
     on retryable failures, and lend the final response to the caller (see the module
     invariants). Raises the last ``UpstreamError``, or ``ServiceUnavailable``."""
     policy, health = router.policy, router.health
-    tries = _Tries(route, policy)
-    upstream = await tries.next()
-    if upstream is None:
-        raise route.unavailable()
-    while True:
-        exchange.attempts += 1
-        exchange.deployment = upstream.name
-        asked: float | None = None
-        try:
-            response = await _send(session, upstream, outbound, exchange)
-        except BaseException as exc:
-            upstream.inflight -= 1
-            if not isinstance(exc, UpstreamError):
-                raise  # cancelled (client gone) or a bug: nobody's failure
-            health.failed(upstream)
-            following = await _following(tries, exchange, policy) if exc.retryable else None
-            if following is None:
-                raise
-        else:
-            if response.status not in RETRYABLE:
-                judge = response.status < 400  # any other 4xx is the caller's doing
-                return Lease(upstream, response, health, exchange, slot=True, judge=judge)
-            upstream.inflight -= 1
-            health.failed(upstream)
-            following, asked = await _instead(response, upstream, tries, exchange, policy)
-            if following is None:  # the client gets this answer, Retry-After and all
-                return Lease(upstream, response, health, exchange, slot=False, judge=False)
-        wait = backoff(exchange.attempts, policy)
-        if following is upstream and asked is not None:
-            wait = max(wait, asked)
-        upstream = following
-        await _pause(wait, upstream, exchange)
+    tries = _Tries(route, policy, attempts_allowed(outbound, policy))
+    slot = await tries.next()
+    if slot is None:
+        raise route.unavailable(outbound.asked)
+    try:
+        while True:
+            exchange.attempts += 1
+            state = slot.state
+            exchange.deployment = state.name
+            asked: float | None = None
+            try:
+                response = await _send(session, state, outbound, exchange)
+            except UpstreamError as exc:
+                following = await _after_error(exc, slot, health, tries)
+            else:
+                status = response.status
+                if status not in RETRYABLE:  # any other 4xx is the caller's doing: not judged
+                    return Lease(slot, response, health, exchange, judge=status < 400)
+                asked = retry_after(response.headers)
+                retry = await _after_status(response, slot, asked, health, tries)
+                if retry is None:  # the client gets this answer, Retry-After and all
+                    return Lease(slot, response, health, exchange, judge=False)
+                following = retry
+            wait = backoff(exchange.attempts, policy)
+            if following.state is state and asked is not None:
+                wait = max(wait, asked)
+            slot = following
+            await _pause(wait, exchange)
+    except BaseException as exc:
+        slot.release()  # a no-op when the failed attempt gave it back already
+        if isinstance(exc, UpstreamError) and exchange.attempts > 1:
+            exc.headers = {**exc.headers, **NO_RETRY}
+        raise
+    finally:
+        tries.done()
+
+
+async def _after_error(exc: UpstreamError, slot: Slot, health: Health, tries: _Tries) -> Slot:
+    """After an attempt that failed before its headers: the slot of the next attempt;
+    raises ``exc`` when there is none."""
+    slot.release()
+    state = slot.state
+    health.failed(state)
+    if isinstance(exc, UpstreamTimeout):  # waiting for it again would double the wait
+        tries.barred.append(state)
+    following = await tries.retry() if exc.retryable else None
+    if following is None:
+        raise exc
+    metrics.count_upstream_error(state.name, exc)
+    return following
+
+
+async def _after_status(
+    response: h1.Response, slot: Slot, asked: float | None, health: Health, tries: _Tries
+) -> Slot | None:
+    """After a retryable status: the slot of the next attempt (``response`` is then
+    discarded), or None (the client gets ``response``)."""
+    state = slot.state
+    status = response.status
+    _judge(health, state, status, asked)
+    if status == 429 or (asked is not None and asked > tries.policy.retry_after_max):
+        tries.barred.append(state)  # never sent this request again
+    try:
+        following = await tries.retry()
+    except BaseException:
+        response.close()
+        raise
+    if following is None:
+        return None
+    slot.release()
+    metrics.count_upstream_error(state.name, "", status)
+    try:
+        await _discard(response)
+    except BaseException:
+        following.release()
+        raise
+    return following
+
+
+def _judge(health: Health, state: DeploymentState, status: int, asked: float | None) -> None:
+    """Tell health what a retryable status says about the deployment."""
+    if status == 429:
+        health.throttled(state, asked)
+    elif status == 500:
+        health.server_error(state)
+    elif status in _ILL:
+        health.failed(state)
+    # 408: the upstream gave up on this request; says nothing about its health.
 
 
 async def _send(
-    session: h1.Client, upstream: Upstream, outbound: Outbound, exchange: Exchange
+    session: h1.Client, state: DeploymentState, outbound: Outbound, exchange: Exchange
 ) -> h1.Response:
     """One attempt: the request out, the response headers in."""
+    upstream = state.upstream
     body = outbound.body_for(upstream)
     headers = forward_headers(outbound.client_headers, upstream, outbound.request_id)
     sent = perf_counter()
@@ -223,52 +344,15 @@ async def _send(
     finally:
         exchange.upstream_time += perf_counter() - sent
     if response.status not in RETRYABLE:
-        upstream.observe_latency(perf_counter() - sent)
+        state.observe_latency(perf_counter() - sent)
     return response
 
 
-async def _instead(
-    response: h1.Response,
-    upstream: Upstream,
-    tries: _Tries,
-    exchange: Exchange,
-    policy: Routing,
-) -> tuple[Upstream | None, float | None]:
-    """After a retryable status: the deployment for another attempt (None: the client
-    gets ``response``, untouched) and the Retry-After the upstream asked for. When
-    there is another attempt, ``response`` is discarded."""
-    asked = retry_after(response.headers)
-    if asked is not None and asked > policy.retry_after_max:
-        tries.barred.append(upstream)  # too long to wait for it: never again this request
-    try:
-        following = await _following(tries, exchange, policy)
-    except BaseException:
-        response.close()
-        raise
-    if following is not None:
-        try:
-            await _discard(response)
-        except BaseException:
-            following.inflight -= 1
-            raise
-    return following, asked
-
-
-async def _following(tries: _Tries, exchange: Exchange, policy: Routing) -> Upstream | None:
-    """The deployment for another attempt, if attempts remain and one can take it."""
-    if exchange.attempts >= policy.max_attempts:
-        return None
-    return await tries.next()
-
-
-async def _pause(seconds: float, claimed: Upstream, exchange: Exchange) -> None:
-    """Wait before the next attempt, giving ``claimed``'s slot back if cancelled."""
+async def _pause(seconds: float, exchange: Exchange) -> None:
+    """Wait before the next attempt (its slot is held meanwhile)."""
     start = perf_counter()
     try:
         await asyncio.sleep(seconds)
-    except BaseException:
-        claimed.inflight -= 1
-        raise
     finally:
         # Counted as upstream time: the wait is the upstream's doing, not overhead.
         exchange.upstream_time += perf_counter() - start

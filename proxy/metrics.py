@@ -93,7 +93,7 @@ TOKENS = Counter(
     "Tokens the upstreams reported, by kind (prompt, completion).",
     ("model", "deployment", "kind"),
 )
-# MetricsSink counts the final outcome of each exchange; routing (#3) calls
+# MetricsSink counts the final outcome of each exchange; failover calls
 # ``count_upstream_error`` for each failed attempt it retried (not the final one).
 UPSTREAM_ERRORS = Counter(
     "morngpt_upstream_errors_total",
@@ -115,12 +115,12 @@ WORKER_REQUESTS = Gauge(
     multiprocess_mode="liveall",
 )
 
-# --- Deployments (routing, #3; ``declare`` starts them at healthy / 0) --------------
+# --- Deployments (set by their owner, health.DeploymentState, from its creation) ----
 
 DEPLOYMENT_HEALTHY = Gauge(
     "morngpt_deployment_healthy",
-    "1 if the deployment is taking traffic, 0 if passive health took it out (the "
-    "minimum over workers: 0 as soon as one worker sees it failing).",
+    "1 if the deployment is in rotation, 0 while passive health has it out (the "
+    "minimum over workers: 0 as soon as one worker took it out).",
     ("model", "deployment"),
     multiprocess_mode="livemin",
 )
@@ -237,12 +237,9 @@ def set_limiter_backend(backend: str) -> None:
 
 def declare(config: Config) -> None:
     """Start the series that other issues' events update, so dashboards and alerts see
-    them (at their resting values) before the first event: every deployment healthy
-    with nothing in flight, no request rate-limited, no limiter backend chosen yet."""
+    them (at their resting values) before the first event: no request rate-limited, no
+    limiter backend chosen yet. (Deployment series start with their state.)"""
     for model in config.models:
-        for deployment in model.deployments:
-            DEPLOYMENT_HEALTHY.labels(model.name, deployment.name).set(1)
-            DEPLOYMENT_INFLIGHT.labels(model.name, deployment.name)
         COST.labels(model.name)
     for kind in RATELIMIT_KINDS:
         RATELIMITED.labels(kind)

@@ -7,17 +7,22 @@ Selection is weighted power of two choices: draw two distinct deployments with
 probability proportional to weight, keep the one with fewer in-flight requests per
 unit of weight (a tie keeps the first draw). Idle, this splits traffic by weight;
 under load, a slow deployment accumulates in-flight requests and so receives fewer
-new ones. Only deployments that are healthy, under their concurrency cap and within
-their outbound rate are drawn.
+new ones. Only deployments in rotation, under their concurrency cap and within their
+outbound rate are drawn.
 
-Invariant: ``claim`` takes an in-flight slot (and charges the rate cap) or takes
-nothing; whoever got the slot gives it back exactly once (``inflight -= 1``).
+Panic mode (as in Envoy): when fewer than ``panic_threshold`` of a model's
+deployments are in rotation, and always when none is, routing ignores rotation and
+draws from all of them: a model is never refused because its deployments look ill.
+
+Invariant: ``claim`` returns a ``Slot`` (in-flight slot taken, rate token charged)
+or None with nothing taken; the slot travels with the attempt and is released once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 from collections.abc import Collection, Sequence
 from time import monotonic
@@ -25,64 +30,100 @@ from typing import Any
 
 from yarl import URL
 
+from . import metrics
+from .board import Board
 from .config import WILDCARD, Config, Model, Routing
 from .errors import ModelNotFound, ServiceUnavailable
-from .health import Health
+from .health import DeploymentState, Health, Slot
 from .upstream import Upstream
 
 
 class Route:
     """A model's deployments, and the models to fall back to (set by ``Router``)."""
 
-    __slots__ = ("chain", "model", "upstreams")
+    __slots__ = ("chain", "model", "panic_threshold", "retrying", "upstreams")
 
-    def __init__(self, model: Model, rate_share: float = 1.0) -> None:
+    def __init__(self, model: Model, upstreams: list[DeploymentState], policy: Routing) -> None:
         self.model = model
-        sent = None if model.name == WILDCARD else model.name
-        self.upstreams = [Upstream(d, sent, rate_share) for d in model.deployments]
+        self.upstreams = upstreams
+        threshold = model.panic_threshold
+        self.panic_threshold = policy.panic_threshold if threshold is None else threshold
+        # Requests of this model (in this worker) sending a retry right now.
+        self.retrying = 0
         # This route, then its fallbacks in order: where one request may go.
         self.chain: tuple[Route, ...] = (self,)
 
     def pick(self) -> Upstream:
         """The deployment to send the next request to (for callers that do not retry)."""
-        return self.choose() or self.upstreams[0]
+        state = self.choose(monotonic())
+        return (state or self.upstreams[0]).upstream
 
-    def choose(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
-        """A deployment not in ``exclude`` that can take a request now, or None."""
-        return pick_weighted(
-            [u for u in self.upstreams if u.is_available() and u.has_rate() and u not in exclude]
-        )
+    def in_panic(self, now: float) -> bool:
+        """Too few deployments in rotation: route across all of them."""
+        return self._panics(len(self._in_rotation(now)))
 
-    def choose_throttled(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
-        """A deployment held back only by its outbound rate cap, or None."""
+    def _in_rotation(self, now: float) -> list[DeploymentState]:
+        return [u for u in self.upstreams if not u.is_ejected(now)]
+
+    def _panics(self, in_rotation: int) -> bool:
+        return in_rotation == 0 or in_rotation < self.panic_threshold * len(self.upstreams)
+
+    def choose(
+        self,
+        now: float,
+        exclude: Collection[DeploymentState] = (),
+        *,
+        throttled: bool = False,
+        rate: bool = True,
+        panic: bool = True,
+    ) -> DeploymentState | None:
+        """A deployment not in ``exclude``, in rotation (or out of it, when the model
+        is in panic), under its cap, throttled by a 429 or not as asked, and with (or,
+        ``rate=False``, only without) an rpm token now; None when there is none.
+        ``panic=False``: None when the model has no deployment in rotation at all (its
+        traffic then goes to its fallbacks before panic mode takes it)."""
+        pool = self._in_rotation(now)
+        if self._panics(len(pool)):
+            if not (pool or panic):
+                return None
+            pool = self.upstreams
         return pick_weighted(
             [
                 u
-                for u in self.upstreams
-                if u.is_available() and not u.has_rate() and u not in exclude
+                for u in pool
+                if u.inflight < u.cap
+                and u.is_throttled(now) == throttled
+                and u.has_rate() == rate
+                and u not in exclude
             ]
         )
 
-    def unavailable(self) -> ServiceUnavailable:
-        """The 503 for a request no deployment of the chain can take, with Retry-After
-        until the earliest one is expected back."""
+    def may_retry(self, policy: Routing) -> bool:
+        """Within the retry budget: retries in flight under ``retry_budget`` of the
+        model's requests in flight, or under ``min_retries``."""
+        active = sum(u.inflight for u in self.upstreams)
+        return self.retrying < max(policy.min_retries, policy.retry_budget * active)
+
+    def unavailable(self, asked: str) -> ServiceUnavailable:
+        """The 503 for a request (for model ``asked``) no deployment of the chain can
+        take, with Retry-After until the earliest one is expected back."""
         now = monotonic()
         wait = min(_expected_wait(u, now) for route in self.chain for u in route.upstreams)
         seconds = max(1, math.ceil(wait))
         return ServiceUnavailable(
-            f"No deployment of model `{self.model.name[:200]}` is available right now "
-            f"(all cooling down or at capacity); retry in {seconds}s.",
+            f"No deployment of model `{asked[:200]}` can take a request right now "
+            f"(all at capacity or out of rotation); retry in {seconds}s.",
             headers={"Retry-After": str(seconds)},
         )
 
 
-async def claim(upstream: Upstream, rate_wait: float) -> bool:
-    """Take an in-flight slot and a rate token on ``upstream``; wait at most
-    ``rate_wait`` for the token. False (and nothing held) when it did not come."""
-    upstream.inflight += 1
-    limiter = upstream.limiter
+async def claim(state: DeploymentState, rate_wait: float) -> Slot | None:
+    """Take an in-flight slot and a rate token on ``state``; wait at most ``rate_wait``
+    for the token. None (and nothing held) when it did not come."""
+    slot = state.claim()  # first: checked and taken in the same event-loop tick
+    limiter = state.limiter
     if limiter is None:
-        return True
+        return slot
     try:
         if limiter.has_capacity():
             await limiter.acquire()  # does not suspend: the capacity is there
@@ -90,15 +131,15 @@ async def claim(upstream: Upstream, rate_wait: float) -> bool:
             async with asyncio.timeout(rate_wait):
                 await limiter.acquire()
     except TimeoutError:
-        upstream.inflight -= 1
-        return False
+        slot.release()
+        return None
     except BaseException:
-        upstream.inflight -= 1
+        slot.release()
         raise
-    return True
+    return slot
 
 
-def pick_weighted(candidates: Sequence[Upstream]) -> Upstream | None:
+def pick_weighted(candidates: Sequence[DeploymentState]) -> DeploymentState | None:
     """Weighted power of two choices over ``candidates`` (see the module docstring)."""
     if len(candidates) < 2:
         return candidates[0] if candidates else None
@@ -108,7 +149,9 @@ def pick_weighted(candidates: Sequence[Upstream]) -> Upstream | None:
     return second if second.load < first.load else first
 
 
-def _draw(candidates: Sequence[Upstream], total: float, skip: Upstream | None) -> Upstream:
+def _draw(
+    candidates: Sequence[DeploymentState], total: float, skip: DeploymentState | None
+) -> DeploymentState:
     """One deployment, drawn with probability proportional to weight, never ``skip``."""
     point = random.random() * total
     chosen = candidates[0] if candidates[0] is not skip else candidates[1]
@@ -122,18 +165,18 @@ def _draw(candidates: Sequence[Upstream], total: float, skip: Upstream | None) -
     return chosen
 
 
-def _expected_wait(upstream: Upstream, now: float) -> float:
-    if not upstream.healthy:
-        return upstream.cooldown_until - now
-    if upstream.limiter is not None and not upstream.has_rate():
-        return upstream.limiter.time_period / upstream.limiter.max_rate
+def _expected_wait(state: DeploymentState, now: float) -> float:
+    if state.is_ejected(now):
+        return state.ejected_until - now
+    if state.limiter is not None and not state.has_rate():
+        return state.limiter.time_period / state.limiter.max_rate
     return 1.0  # at its concurrency cap: a slot frees up when any request ends
 
 
 class Router:
     """Every model's route, the routing policy and the deployments' health."""
 
-    __slots__ = ("health", "policy", "routes", "wildcard")
+    __slots__ = ("board", "health", "policy", "routes", "wildcard")
 
     def __init__(self, config: Config) -> None:
         # Imported here: serve imports app, which imports this module.
@@ -141,12 +184,29 @@ class Router:
 
         share = 1 / worker_count(config)  # each worker process gets its part of an rpm cap
         self.policy: Routing = config.routing
-        self.health = Health(config.routing)
-        self.routes = {m.name: Route(m, share) for m in config.models if m.name != WILDCARD}
-        wildcard = [m for m in config.models if m.name == WILDCARD]
-        self.wildcard = Route(wildcard[0], share) if wildcard else None
+        slots = sum(len(m.deployments) for m in config.models)
+        # Workers of one `serve` share the health table (their metrics directory).
+        shared = os.environ.get(metrics.ENV) if metrics.MULTIPROCESS else None
+        self.board = Board(slots, shared)
+        self.health = Health(config.routing, self.board)
+        built = [
+            self._build(m, share, sum(len(n.deployments) for n in config.models[:i]))
+            for i, m in enumerate(config.models)
+        ]
+        self.health.states = [state for route in built for state in route.upstreams]
+        self.routes = {r.model.name: r for r in built if r.model.name != WILDCARD}
+        wildcard = [r for r in built if r.model.name == WILDCARD]
+        self.wildcard = wildcard[0] if wildcard else None
         for route in self.all():
             route.chain = (route, *(self.routes[name] for name in route.model.fallbacks))
+
+    def _build(self, model: Model, share: float, first: int) -> Route:
+        sent = None if model.name == WILDCARD else model.name
+        states = [
+            DeploymentState(Upstream(d, sent), model.name, self.board, at, self.policy, share)
+            for at, d in enumerate(model.deployments, first)
+        ]
+        return Route(model, states, self.policy)
 
     def route(self, model: str) -> Route:
         route = self.routes.get(model) or self.wildcard
@@ -173,6 +233,7 @@ class Router:
                 {
                     "name": route.model.name,
                     "fallbacks": list(route.model.fallbacks),
+                    "panic": route.in_panic(now),
                     "deployments": [_describe(u, now) for u in route.upstreams],
                 }
                 for route in self.all()
@@ -180,18 +241,19 @@ class Router:
         }
 
 
-def _describe(upstream: Upstream, now: float) -> dict[str, Any]:
-    cooling = 0.0 if upstream.healthy else max(0.0, upstream.cooldown_until - now)
+def _describe(state: DeploymentState, now: float) -> dict[str, Any]:
+    upstream = state.upstream
     return {
-        "name": upstream.name,
+        "name": state.name,
         "kind": upstream.deployment.kind,
         "base_url": str(URL(upstream.base).with_user(None)),  # drops any user:password@
-        "weight": upstream.weight,
-        "inflight": upstream.inflight,
+        "weight": state.weight,
+        "inflight": state.inflight,
         "max_concurrent": upstream.deployment.max_concurrent,
         "rpm": upstream.deployment.rpm,
-        "healthy": upstream.healthy,
-        "cooldown_remaining": round(cooling, 3),
-        "latency_ms": round(upstream.latency * 1000, 1),
-        "consecutive_failures": upstream.failures,
+        "healthy": not state.is_ejected(now),
+        "cooldown_remaining": round(max(0.0, state.ejected_until - now), 3),
+        "throttled_remaining": round(max(0.0, state.throttled_until - now), 3),
+        "latency_ms": round(state.latency * 1000, 1),
+        "consecutive_failures": state.failures,
     }

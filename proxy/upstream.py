@@ -10,10 +10,8 @@ Two kinds share one request path: OpenAI-compatible (``{base}/{path}``, Bearer k
 and Azure OpenAI (``{base}/openai/deployments/{name}/{path}?api-version=…``,
 ``api-key`` header).
 
-An ``Upstream`` also carries its routing state, read by routing, health checks and
-metrics: ``inflight`` (requests sent whose response is not over), ``healthy`` (False
-while cooling down), ``failures`` (consecutive) and ``latency`` (EWMA of the time to
-response headers, seconds).
+An ``Upstream`` is fixed once built: what changes while the proxy runs (requests in
+flight, health, latency) is its ``health.DeploymentState``.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
-
-from aiolimiter import AsyncLimiter
 
 from . import h1
 from .config import Deployment, Server
@@ -57,26 +53,17 @@ _DROP = frozenset(
 _JSON = "application/json"
 
 
-_LATENCY_WEIGHT = 0.2  # share of the newest sample in the latency EWMA
-
-
 class Upstream:
-    """One deployment, ready to receive requests, with its routing state."""
+    """One deployment, ready to receive requests (fixed; its state is elsewhere)."""
 
     __slots__ = (
         "auth",
         "base",
         "cap",
-        "cooldown_until",
         "deployment",
-        "failures",
         "health_origin",
         "health_target",
         "health_url",
-        "healthy",
-        "inflight",
-        "latency",
-        "limiter",
         "model",
         "name",
         "origin",
@@ -87,11 +74,9 @@ class Upstream:
         "weight",
     )
 
-    def __init__(
-        self, deployment: Deployment, model: str | None = None, rate_share: float = 1.0
-    ) -> None:
+    def __init__(self, deployment: Deployment, model: str | None = None) -> None:
         """``model`` is the name to send upstream when the deployment names none (None:
-        the client's own); ``rate_share`` the part of ``rpm`` this process may use."""
+        the client's own)."""
         self.deployment = deployment
         self.name = deployment.name
         self.base = deployment.base_url
@@ -120,15 +105,6 @@ class Upstream:
             self.health_target += f"?{health.query}"
         self.weight = deployment.weight
         self.cap = deployment.max_concurrent or sys.maxsize
-        self.limiter: AsyncLimiter | None = None
-        if deployment.rpm is not None:
-            self.limiter = AsyncLimiter(max(1.0, deployment.rpm * rate_share), 60)
-        self.inflight = 0
-        self.healthy = True
-        self.failures = 0
-        self.latency = 0.0
-        # time.monotonic() at which a cooldown ends (meaningful while not healthy).
-        self.cooldown_until = 0.0
         # Connect and first byte are timed here, idle gaps by the relay.
         self.timeouts = deployment.timeouts
 
@@ -145,26 +121,6 @@ class Upstream:
         if self.query and "?" in path:  # the deployment's parameters join the client's
             return f"{path}&{self.query[1:]}"
         return f"{path}{self.query}"
-
-    def is_available(self) -> bool:
-        """In rotation and under its concurrency cap."""
-        return self.healthy and self.inflight < self.cap
-
-    def has_rate(self) -> bool:
-        """Whether its outbound rate cap (if any) lets a request go now."""
-        return self.limiter is None or self.limiter.has_capacity()
-
-    @property
-    def load(self) -> float:
-        """In-flight requests per unit of weight: what routing balances."""
-        return self.inflight / self.weight
-
-    def observe_latency(self, seconds: float) -> None:
-        """Fold one time-to-headers sample into the EWMA."""
-        if self.latency:
-            self.latency += _LATENCY_WEIGHT * (seconds - self.latency)
-        else:
-            self.latency = seconds
 
 
 def make_client(server: Server) -> h1.Client:

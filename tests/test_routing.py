@@ -19,7 +19,9 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
+from proxy.board import Board
 from proxy.failover import backoff, retry_after
+from proxy.health import DeploymentState
 from proxy.routing import pick_weighted
 from proxy.upstream import Upstream
 
@@ -53,7 +55,7 @@ def sdk(proxy: Proxy, **options: object) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=proxy.base, api_key="client", max_retries=0, **options)  # type: ignore[arg-type]
 
 
-def upstreams(proxy: Proxy, model_name: str = "m") -> dict[str, Upstream]:
+def upstreams(proxy: Proxy, model_name: str = "m") -> dict[str, DeploymentState]:
     return {u.name: u for u in proxy.state.router.routes[model_name].upstreams}
 
 
@@ -131,11 +133,16 @@ async def test_traffic_shifts_to_the_faster_deployment(
     assert state["slow"].latency > state["fast"].latency
 
 
+def state_of(name: str, weight: float = 1.0) -> DeploymentState:
+    upstream = Upstream(cfg.Deployment(base_url="http://x/v1", name=name, weight=weight))
+    return DeploymentState(upstream, "m", Board(1), 0, cfg.Routing())
+
+
 def test_power_of_two_choices_prefers_the_less_loaded() -> None:
-    busy, idle = (Upstream(cfg.Deployment(base_url="http://x/v1", name=n)) for n in "xy")
+    busy, idle = (state_of(n) for n in "xy")
     busy.inflight = 3
     assert all(pick_weighted([busy, idle]) is idle for _ in range(50))
-    heavy = Upstream(cfg.Deployment(base_url="http://x/v1", name="h", weight=4))
+    heavy = state_of("h", weight=4)
     heavy.inflight = 3  # 3/4 per unit of weight beats 1/1
     idle.inflight = 1
     assert all(pick_weighted([heavy, idle]) is heavy for _ in range(50))
@@ -176,7 +183,10 @@ async def test_failover_to_another_deployment(
     assert posts(b) == 1
     assert posts(a) == (0 if kind == "refused" else 1)
     state = upstreams(proxy)
-    assert (state["bad"].failures, state["good"].failures) == (1, 0)
+    # Ill-health counts; a 500 only as a rate, a 429 is backpressure (throttled).
+    ill = kind not in ("500", "429-retry-after")
+    assert (state["bad"].failures, state["good"].failures) == (int(ill), 0)
+    assert state["bad"].is_throttled(time.monotonic()) == (kind == "429-retry-after")
     await until(lambda: state["bad"].inflight == state["good"].inflight == 0)
 
 
@@ -305,9 +315,9 @@ async def test_cooldown_then_probe_brings_a_deployment_back(
         assert not state["a"].healthy  # two consecutive failures: out of rotation
         await ask(client)
         assert proxy.recorder.exchanges[-1].attempts == 1  # a is skipped, not tried
-        first_cooldown = state["a"].cooldown_until
+        first_cooldown = state["a"].ejected_until
         # The probe finds a still down and starts another cooldown.
-        await until(lambda: state["a"].cooldown_until > first_cooldown)
+        await until(lambda: state["a"].ejected_until > first_cooldown)
         assert not state["a"].healthy
         await a.start()
         await until(lambda: state["a"].healthy)
@@ -321,21 +331,22 @@ async def test_cooldown_then_probe_brings_a_deployment_back(
     assert posts(a) == 1  # probes never spent a completion
 
 
-async def test_all_deployments_down_is_a_prompt_503(make_proxy: MakeProxy) -> None:
+async def test_all_deployments_down_is_a_prompt_502_in_panic(make_proxy: MakeProxy) -> None:
     group = model("m", dep(refused(), "a"), dep(refused(), "b"))
     proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
     async with sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError) as first:
             await ask(client)
         assert first.value.status_code == 502  # both tried: the last failure
+        assert not any(u.healthy for u in upstreams(proxy).values())
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as caught:
             await ask(client)
         assert time.monotonic() - started < 2.0  # prompt, not a hang
-    assert caught.value.status_code == 503
-    assert caught.value.code == "service_unavailable"
-    assert 25 <= int(caught.value.response.headers["retry-after"]) <= 30
-    assert proxy.recorder.exchanges[-1].attempts == 0
+    # None in rotation: panic mode tries them anyway, and the client gets the failure.
+    assert caught.value.status_code == 502
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert [ex.attempts for ex in proxy.recorder.exchanges] == [3, 3]
 
 
 async def test_probe_tasks_end_with_the_app(make_proxy: MakeProxy) -> None:
@@ -344,7 +355,7 @@ async def test_probe_tasks_end_with_the_app(make_proxy: MakeProxy) -> None:
         with pytest.raises(openai.InternalServerError):
             await ask(client)
     tasks = set(proxy.state.router.health.tasks)
-    assert len(tasks) == 1
+    assert sorted(t.get_name() for t in tasks) == ["deployment gauges", "probe a"]
     await proxy.runner.cleanup()
     assert all(t.done() for t in tasks)
     assert not proxy.state.router.health.tasks
@@ -454,7 +465,7 @@ async def test_azure_probe_uses_the_azure_models_path(
     make_proxy: MakeProxy, a: FakeUpstream
 ) -> None:
     proxy = await make_proxy(config(model("m", azure(a, "az"))))
-    assert await proxy.state.router.health.probe(upstreams(proxy)["az"])
+    assert await proxy.state.router.health.probe(upstreams(proxy)["az"].upstream)
     [probe] = a.received
     assert (probe.method, probe.path, probe.query) == (
         "GET",
@@ -502,6 +513,7 @@ async def test_deployments_endpoint_shows_routing_state(
         "rpm",
         "healthy",
         "cooldown_remaining",
+        "throttled_remaining",
         "latency_ms",
         "consecutive_failures",
     }
