@@ -105,13 +105,12 @@ async def test_weighted_split_follows_the_weights(
 ) -> None:
     proxy = await make_proxy(config(model("m", dep(a, "a", weight=3), dep(b, "b", weight=1))))
     async with sdk(proxy) as client:
-
-        async def worker() -> None:
-            for _ in range(250):
-                await ask(client)
-
-        await asyncio.gather(*(worker() for _ in range(4)))
+        # One at a time: idle traffic splits by weight alone. (Concurrent requests also
+        # weigh in-flight counts, which on a busy machine moves the split by chance.)
+        for _ in range(1000):
+            await ask(client)
     assert posts(a) + posts(b) == 1000
+    # Binomial(1000, 3/4): these bounds are about four standard deviations out.
     assert 2.3 <= posts(a) / posts(b) <= 3.9, (posts(a), posts(b))
 
 
