@@ -73,6 +73,7 @@ class State:
         self.sinks = Sinks()
         self.draining = False
         self.session: Client | None = None
+        self.tracer = tracing.Tracer(config.tracing) if config.tracing.endpoint else None
         # Proxied requests being served, and the most allowed at once (server.max_inflight).
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
@@ -116,6 +117,9 @@ def _observe(app: web.Application, state: State) -> None:
     if level != "off":
         app.cleanup_ctx.append(accesslog.listener)
         state.sinks.sinks.append(accesslog.AccessLog(level))
+    if state.tracer is not None:
+        app.cleanup_ctx.append(state.tracer.running)
+        state.sinks.sinks.append(state.tracer)
 
 
 def add_ops_routes(app: web.Application) -> None:
@@ -197,6 +201,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     path = request.match_info["path"]
     exchange = Exchange(request_id(request), path)
+    if state.tracer is not None:
+        exchange.trace = state.tracer.start(request.headers)
     grant = OPEN
     metrics.INFLIGHT.inc()
     state.inflight += 1
@@ -220,7 +226,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
         headers = request.headers
-        if state.config.server.tracing:
+        if exchange.trace is not None:
+            exchange.trace.asked(view)  # and each attempt sends its own traceparent
+        elif state.config.server.tracing:
             headers = tracing.ensure_traceparent(headers)
         outbound = Outbound(path, body, headers, exchange.request_id, view.model, strip)
         assert state.session is not None

@@ -1,18 +1,82 @@
-"""W3C Trace Context (https://www.w3.org/TR/trace-context/) at the proxy's edge.
+"""Traces: W3C Trace Context (https://www.w3.org/TR/trace-context/) at the proxy's
+edge, and OpenTelemetry spans sent over OTLP/HTTP (protobuf) to Jaeger or any
+OpenTelemetry collector.
 
-A client's ``traceparent`` and ``tracestate`` are forwarded upstream unchanged, like
-any other end-to-end header. With ``server.tracing`` on, a request that arrives
-without a ``traceparent`` gets a new one (a new trace, sampled), so the upstream's
-spans for it join one trace.
+Without ``tracing.endpoint`` a client's ``traceparent`` and ``tracestate`` go
+upstream unchanged, like any other end-to-end header; with ``server.tracing`` on, a
+request that arrives without a ``traceparent`` gets a new one (``ensure_traceparent``).
+
+With ``tracing.endpoint`` the proxy is a participant in the trace: each request is a
+SERVER span (its parent the client's ``traceparent``, when valid) and each upstream
+attempt a CLIENT span under it, whose context goes upstream in ``traceparent``. Span
+attributes follow the OpenTelemetry GenAI and HTTP semantic conventions, plus the
+proxy's own under ``morngpt.`` (docs/observability.md lists them).
+
+Invariants:
+- The request path records plain values only: a ``Trace`` per request (ids, the
+  sampling decision, one ``_Attempt`` per upstream attempt); the ``Exchange`` holds
+  the rest. Spans are built as protobuf (opentelemetry-proto) and sent by the
+  exporter thread. (The OpenTelemetry SDK costs ~16 µs per request sampled out and
+  ~68 µs sampled, before any export: docs/observability.md.)
+- Nothing on the request path waits for the collector: a finished request goes into
+  a bounded deque; when it is full its spans are dropped and counted
+  (``morngpt_trace_spans_dropped_total{reason="queue_full"}``). A batch the collector
+  refuses, fails or does not answer within ``export_timeout`` is dropped and counted
+  (``reason="export_failed"``); the thread is the only one that ever waits.
+- Sampling is decided twice: at the start, parent-based (a client's sampled flag
+  decides for its trace) or else by ``sample_ratio`` on the trace id; at the end, a
+  request with an error (a 5xx, a retried or failed-over attempt, a stream broken
+  mid-way) is exported whatever the first decision was.
+- Never a key or a header value in a span: the key *id*, names and numbers only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
+import logging
 import os
+import re
+import socket
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from random import getrandbits
+from time import perf_counter
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from . import __version__, metrics
+from .config import Tracing
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .upstream import Upstream
+    from .wire import RequestView
+
+log = logging.getLogger("proxy.tracing")
 
 HEADER = "traceparent"
+_STATE = "tracestate"
+_PARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_LOW64 = (1 << 64) - 1
+# gen_ai.provider.name per deployment kind.
+_PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}
+# gen_ai.operation.name per endpoint (GenAI semantic conventions' well-known values).
+_OPERATIONS = {
+    "chat/completions": "chat",
+    "responses": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+}
 
 
 def new_traceparent() -> str:
@@ -26,6 +90,439 @@ def ensure_traceparent(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
     if HEADER in headers:
         return headers
     fresh = CIMultiDict(headers)
-    fresh.popall("tracestate", None)
+    fresh.popall(_STATE, None)
     fresh[HEADER] = new_traceparent()
     return CIMultiDictProxy(fresh)
+
+
+def parse(value: str) -> tuple[str, str, bool] | None:
+    """(trace id, parent span id, sampled) of a valid ``traceparent``, else None."""
+    match = _PARENT.fullmatch(value)
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or not int(trace_id, 16):
+        return None
+    if not int(parent_id, 16):
+        return None
+    return trace_id, parent_id, bool(int(flags, 16) & 1)
+
+
+def _span_id() -> str:
+    return f"{getrandbits(64) or 1:016x}"
+
+
+class _Attempt:
+    """One upstream attempt: a CLIENT span. It ends when its response headers came
+    or it failed; the attempt whose answer the client gets ends with the request."""
+
+    __slots__ = ("end", "error", "span_id", "start", "status", "upstream")
+
+    def __init__(self, span_id: str, upstream: Upstream) -> None:
+        self.span_id = span_id
+        self.upstream = upstream
+        self.start = perf_counter()
+        self.end = 0.0
+        self.status = 0
+        self.error = ""
+
+
+class Trace:
+    """One request's trace context and what its spans need beyond the ``Exchange``."""
+
+    __slots__ = (
+        "attempts",
+        "drop",
+        "ended",
+        "max_tokens",
+        "parent_id",
+        "sampled",
+        "span_id",
+        "state",
+        "trace_id",
+    )
+
+    def __init__(
+        self, trace_id: str, parent_id: str, sampled: bool, state: str, drop: frozenset[str]
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = _span_id()  # the request's SERVER span
+        self.parent_id = parent_id  # "" for a trace this request started
+        self.sampled = sampled  # the decision at the start (see module invariants)
+        self.state = state  # the client's tracestate, kept on the spans
+        self.drop = drop  # trace headers of the client's that must not go upstream
+        self.attempts: list[_Attempt] = []
+        self.max_tokens: int | None = None
+        self.ended = 0.0  # perf_counter() when the request was over
+
+    def asked(self, view: RequestView) -> None:
+        """Note what the request body asked for (``gen_ai.request.max_tokens``)."""
+        for limit in (view.max_tokens, view.max_completion_tokens, view.max_output_tokens):
+            if limit is not None:
+                self.max_tokens = limit
+                return
+
+    def attempt(self, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
+        span_id = _span_id()
+        self.attempts.append(_Attempt(span_id, upstream))
+        if self.drop:
+            headers[:] = [(k, v) for k, v in headers if k.lower() not in self.drop]
+        flags = "01" if self.sampled else "00"
+        headers.append((HEADER, f"00-{self.trace_id}-{span_id}-{flags}"))
+
+
+def attempt_started(exchange: Exchange, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
+    """Failover hook: an attempt of ``exchange`` goes to ``upstream`` with ``headers``
+    now. With tracing on, a CLIENT span starts and ``headers`` carry its context."""
+    trace = exchange.trace
+    if trace is not None:
+        trace.attempt(upstream, headers)
+
+
+def attempt_ended(exchange: Exchange, outcome: int | BaseException) -> None:
+    """Failover hook: the attempt last started got response headers with status
+    ``outcome``, or failed with it (an exception)."""
+    trace = exchange.trace
+    if trace is None or not trace.attempts:
+        return
+    attempt = trace.attempts[-1]
+    attempt.end = perf_counter()
+    if isinstance(outcome, int):
+        attempt.status = outcome
+    else:
+        attempt.error = type(outcome).__name__
+
+
+def has_failed(exchange: Exchange, trace: Trace) -> bool:
+    """Whether a request's trace is kept whatever the sampling: it ended in a 5xx, an
+    upstream attempt was retried or failed over, or its stream broke mid-way. A
+    client's mistake (4xx) or its going away is not an error of the proxy's."""
+    status = exchange.status
+    if status >= 500 or len(trace.attempts) > 1:
+        return True
+    return bool(exchange.error) and status < 400 and exchange.error != "client_disconnected"
+
+
+class Tracer:
+    """Starts a ``Trace`` for each request and, as a ``Sink``, queues finished
+    requests whose spans are to be exported (see the module invariants)."""
+
+    def __init__(self, config: Tracing) -> None:
+        # New traces whose id's low 64 bits fall below this are sampled (as the
+        # OpenTelemetry TraceIdRatioBased sampler decides).
+        self.bound = int(config.sample_ratio * (1 << 64))
+        self.limit = config.queue_size
+        self.batch = config.batch_size
+        self.queue: deque[Exchange] = deque()
+        self.exporter = _Exporter(config, self.queue)
+        self.full = metrics.TRACE_SPANS_DROPPED.labels("queue_full")
+
+    def start(self, headers: Mapping[str, str]) -> Trace:
+        """The trace of a request with these headers (its parent: their traceparent)."""
+        given = headers.get(HEADER)
+        context = None if given is None else parse(given)
+        if context is not None:
+            trace_id, parent_id, sampled = context
+            # A valid parent: only traceparent changes on the way upstream.
+            return Trace(trace_id, parent_id, sampled, headers.get(_STATE, ""), _PARENT_ONLY)
+        bits = getrandbits(128) or 1
+        sampled = bits & _LOW64 < self.bound
+        drop = _BOTH if given is not None or _STATE in headers else _NONE
+        return Trace(f"{bits:032x}", "", sampled, "", drop)
+
+    def record(self, exchange: Exchange) -> None:
+        trace = exchange.trace
+        if trace is None:
+            return
+        trace.ended = perf_counter()
+        if not trace.sampled and not has_failed(exchange, trace):
+            return
+        queue = self.queue
+        if len(queue) >= self.limit:
+            self.full.inc(1 + len(trace.attempts))
+            return
+        queue.append(exchange)
+        if len(queue) == self.batch:
+            self.exporter.wake.set()
+
+    async def running(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: the exporter thread runs while the app does; at the end it
+        sends what is queued (bounded by ``export_timeout``)."""
+        self.exporter.thread.start()
+        try:
+            yield
+        finally:
+            await self.exporter.stop()
+
+
+_NONE: frozenset[str] = frozenset()
+_PARENT_ONLY = frozenset((HEADER,))
+_BOTH = frozenset((HEADER, _STATE))
+
+
+class _Exporter:
+    """The thread that turns queued requests into spans and POSTs them, a batch at a
+    time, every ``export_interval`` (sooner when a batch is full)."""
+
+    def __init__(self, config: Tracing, queue: deque[Exchange]) -> None:
+        self.config = config
+        self.queue = queue
+        url = urlsplit(config.endpoint)
+        self.https = url.scheme == "https"
+        self.host = url.hostname or ""
+        self.port = url.port
+        self.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self.where = f"{url.scheme}://{self.host}" + (f":{url.port}" if url.port else "")
+        self.conn: http.client.HTTPConnection | None = None
+        self.failing = False
+        self.resource = Resource(
+            attributes=[
+                _kv("service.name", config.service_name),
+                _kv("service.version", __version__),
+                _kv("service.instance.id", f"{socket.gethostname()}:{os.getpid()}"),
+                _kv("telemetry.sdk.name", "morngpt-proxy"),
+                _kv("telemetry.sdk.language", "python"),
+            ]
+        )
+        self.scope = InstrumentationScope(name="morngpt.proxy", version=__version__)
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="trace-export", daemon=True)
+        self.exported = metrics.TRACE_SPANS_EXPORTED
+        self.failed = metrics.TRACE_SPANS_DROPPED.labels("export_failed")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        # Bounded: a hung collector costs at most one export_timeout per batch.
+        await asyncio.to_thread(self.thread.join, self.config.export_timeout + 1)
+        if self.thread.is_alive():
+            log.warning("trace export to %s did not finish; spans not sent are lost", self.where)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait(self.config.export_interval)
+            self.wake.clear()
+            self._drain()
+        self._drain()
+        if self.conn is not None:
+            self.conn.close()
+
+    def _drain(self) -> None:
+        """Export full batches while there are any, then what is left."""
+        queue, size = self.queue, self.config.batch_size
+        while queue:
+            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+            spans = [span for exchange in batch for span in self.spans(exchange)]
+            if not self._post(spans) and self.stopping:
+                self._drop(queue)  # shutting down: no second wait on a failing collector
+            if len(batch) < size:
+                return
+
+    def _drop(self, queue: deque[Exchange]) -> None:
+        while queue:
+            exchange = queue.popleft()
+            assert exchange.trace is not None
+            self.failed.inc(1 + len(exchange.trace.attempts))
+
+    def _post(self, spans: list[Span]) -> bool:
+        request = ExportTraceServiceRequest(
+            resource_spans=[
+                ResourceSpans(
+                    resource=self.resource,
+                    scope_spans=[ScopeSpans(scope=self.scope, spans=spans)],
+                )
+            ]
+        )
+        body = request.SerializeToString()
+        try:
+            conn = self.conn or self._connect()
+            conn.request("POST", self.target, body, {"Content-Type": "application/x-protobuf"})
+            response = conn.getresponse()
+            response.read()
+            if not 200 <= response.status < 300:
+                raise http.client.HTTPException(f"HTTP {response.status}")
+        except (OSError, http.client.HTTPException) as exc:
+            with contextlib.suppress(Exception):
+                if self.conn is not None:
+                    self.conn.close()
+            self.conn = None
+            self.failed.inc(len(spans))
+            if not self.failing:
+                self.failing = True
+                log.warning(
+                    "trace export to %s failed (%s); spans are dropped until it works",
+                    self.where,
+                    exc or type(exc).__name__,
+                )
+            return False
+        self.exported.inc(len(spans))
+        if self.failing:
+            self.failing = False
+            log.warning("trace export to %s works again", self.where)
+        return True
+
+    def _connect(self) -> http.client.HTTPConnection:
+        timeout = self.config.export_timeout
+        if self.https:
+            self.conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout)
+        else:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        return self.conn
+
+    def spans(self, exchange: Exchange) -> list[Span]:
+        """The SERVER span of a finished request and a CLIENT span per attempt."""
+        trace = exchange.trace
+        assert trace is not None
+        wall = int(exchange.started_at * 1e9)
+
+        def at(moment: float) -> int:  # perf_counter() → Unix nanoseconds
+            return wall + int((moment - exchange.started) * 1e9)
+
+        operation = _OPERATIONS.get(exchange.endpoint, exchange.endpoint)
+        model = exchange.model[:200]  # client-chosen text: bounded
+        usage = exchange.usage
+        end = at(trace.ended)
+        failed = exchange.status >= 500 or (
+            bool(exchange.error) and exchange.error != "client_disconnected"
+        )
+        error = exchange.error or (str(exchange.status) if exchange.status >= 500 else "")
+        trace_id = bytes.fromhex(trace.trace_id)
+        server_id = bytes.fromhex(trace.span_id)
+        attributes = _attributes(
+            ("gen_ai.operation.name", operation),
+            ("gen_ai.request.model", model),
+            ("gen_ai.request.max_tokens", trace.max_tokens),
+            ("gen_ai.usage.input_tokens", usage.prompt_tokens if usage else None),
+            ("gen_ai.usage.output_tokens", usage.completion_tokens if usage else None),
+            ("http.request.method", "POST"),
+            ("url.path", f"/v1/{exchange.endpoint}"[:200]),
+            ("http.response.status_code", exchange.status or None),
+            ("error.type", error or None),
+            ("morngpt.request_id", exchange.request_id),
+            ("morngpt.key_id", exchange.key_id),
+            ("morngpt.deployment", exchange.deployment or None),
+            ("morngpt.attempts", exchange.attempts),
+            ("morngpt.stream", exchange.stream),
+            (
+                "morngpt.overhead_ms",
+                round((trace.ended - exchange.started - exchange.upstream_time) * 1000, 3),
+            ),
+            ("morngpt.usage_estimated", exchange.estimated or None),
+        )
+        events = []
+        if exchange.stream and exchange.first_byte is not None:
+            events.append(Span.Event(time_unix_nano=at(exchange.first_byte), name="first_token"))
+            events.append(
+                Span.Event(
+                    time_unix_nano=end,
+                    name="end_of_stream",
+                    attributes=_attributes(("morngpt.events", exchange.events)),
+                )
+            )
+        spans = [
+            Span(
+                trace_id=trace_id,
+                span_id=server_id,
+                parent_span_id=bytes.fromhex(trace.parent_id),
+                trace_state=trace.state,
+                name=f"{operation} {model}",
+                kind=Span.SPAN_KIND_SERVER,
+                start_time_unix_nano=wall,
+                end_time_unix_nano=end,
+                attributes=attributes,
+                events=events,
+                status=_status(failed, error),
+            )
+        ]
+        last = len(trace.attempts)
+        for number, attempt in enumerate(trace.attempts, 1):
+            spans.append(
+                self._client_span(exchange, attempt, number, number == last, operation, at)
+            )
+        return spans
+
+    def _client_span(
+        self,
+        exchange: Exchange,
+        attempt: _Attempt,
+        number: int,
+        final: bool,
+        operation: str,
+        at: Callable[[float], int],
+    ) -> Span:
+        trace = exchange.trace
+        assert trace is not None
+        upstream = attempt.upstream
+        host, port = self._address(upstream.base)
+        model = (upstream.model or exchange.model)[:200]
+        status = attempt.status
+        error = attempt.error or (str(status) if status >= 400 else "")
+        usage = None
+        if final and not attempt.error:
+            if exchange.error and exchange.error != "client_disconnected":
+                error = exchange.error  # the answer broke after its headers
+            usage = exchange.usage
+        # The answer the client gets is relayed until the request ends.
+        end = trace.ended if final and not attempt.error else attempt.end or trace.ended
+        answered = final and not error and status < 400
+        attributes = _attributes(
+            ("gen_ai.operation.name", operation),
+            ("gen_ai.provider.name", _PROVIDERS.get(upstream.deployment.kind, "openai")),
+            ("gen_ai.request.model", model),
+            ("gen_ai.response.model", model if answered else None),
+            ("gen_ai.usage.input_tokens", usage.prompt_tokens if usage else None),
+            ("gen_ai.usage.output_tokens", usage.completion_tokens if usage else None),
+            ("server.address", host),
+            ("server.port", port),
+            ("http.request.method", "POST"),
+            ("http.response.status_code", status or None),
+            ("error.type", error or None),
+            ("morngpt.deployment", upstream.name),
+            ("morngpt.attempt", number),
+        )
+        return Span(
+            trace_id=bytes.fromhex(trace.trace_id),
+            span_id=bytes.fromhex(attempt.span_id),
+            parent_span_id=bytes.fromhex(trace.span_id),
+            trace_state=trace.state,
+            name=f"{operation} {model}",
+            kind=Span.SPAN_KIND_CLIENT,
+            start_time_unix_nano=at(attempt.start),
+            end_time_unix_nano=at(end),
+            attributes=attributes,
+            status=_status(bool(error), error),
+        )
+
+    def _address(self, base: str) -> tuple[str, int]:
+        address = self.addresses.get(base)
+        if address is None:
+            url = urlsplit(base)
+            default = 443 if url.scheme == "https" else 80
+            address = self.addresses[base] = (url.hostname or "", url.port or default)
+        return address
+
+
+Value = str | int | float | bool | None
+
+
+def _kv(key: str, value: Value) -> KeyValue:
+    if isinstance(value, bool):  # before int: a bool is an int
+        return KeyValue(key=key, value=AnyValue(bool_value=value))
+    if isinstance(value, int):
+        return KeyValue(key=key, value=AnyValue(int_value=value))
+    if isinstance(value, float):
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+    return KeyValue(key=key, value=AnyValue(string_value=str(value)))
+
+
+def _attributes(*pairs: tuple[str, Value]) -> list[KeyValue]:
+    """Span attributes; a None value leaves its attribute out."""
+    return [_kv(key, value) for key, value in pairs if value is not None]
+
+
+def _status(failed: bool, error: str) -> Status:
+    if failed:
+        return Status(code=Status.STATUS_CODE_ERROR, message=error)
+    return Status()
