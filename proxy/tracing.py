@@ -41,7 +41,7 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from random import getrandbits
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -52,12 +52,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from . import __version__, metrics
 from .config import Tracing
 
 if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
     from .exchange import Exchange
     from .upstream import Upstream
     from .wire import RequestView
@@ -285,7 +287,7 @@ class _Exporter:
             ]
         )
         self.scope = InstrumentationScope(name="morngpt.proxy", version=__version__)
-        self.addresses: dict[str, tuple[str, int]] = {}
+        self.templates: dict[tuple[str, ...], bytes] = {}
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="trace-export", daemon=True)
@@ -314,8 +316,7 @@ class _Exporter:
         queue, size = self.queue, self.config.batch_size
         while queue:
             batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-            spans = [span for exchange in batch for span in self.spans(exchange)]
-            if not self._post(spans) and self.stopping:
+            if not self._post(batch) and self.stopping:
                 self._drop(queue)  # shutting down: no second wait on a failing collector
             if len(batch) < size:
                 return
@@ -326,15 +327,15 @@ class _Exporter:
             assert exchange.trace is not None
             self.failed.inc(1 + len(exchange.trace.attempts))
 
-    def _post(self, spans: list[Span]) -> bool:
-        request = ExportTraceServiceRequest(
-            resource_spans=[
-                ResourceSpans(
-                    resource=self.resource,
-                    scope_spans=[ScopeSpans(scope=self.scope, spans=spans)],
-                )
-            ]
-        )
+    def _post(self, batch: list[Exchange]) -> bool:
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        resource_spans.resource.CopyFrom(self.resource)
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.CopyFrom(self.scope)
+        for exchange in batch:
+            self.add_spans(scope_spans.spans, exchange)
+        count = len(scope_spans.spans)
         body = request.SerializeToString()
         try:
             conn = self.conn or self._connect()
@@ -348,7 +349,7 @@ class _Exporter:
                 if self.conn is not None:
                     self.conn.close()
             self.conn = None
-            self.failed.inc(len(spans))
+            self.failed.inc(count)
             if not self.failing:
                 self.failing = True
                 log.warning(
@@ -357,7 +358,7 @@ class _Exporter:
                     exc or type(exc).__name__,
                 )
             return False
-        self.exported.inc(len(spans))
+        self.exported.inc(count)
         if self.failing:
             self.failing = False
             log.warning("trace export to %s works again", self.where)
@@ -371,8 +372,8 @@ class _Exporter:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         return self.conn
 
-    def spans(self, exchange: Exchange) -> list[Span]:
-        """The SERVER span of a finished request and a CLIENT span per attempt."""
+    def add_spans(self, spans: RepeatedCompositeFieldContainer[Span], exchange: Exchange) -> None:
+        """Add the SERVER span of a finished request and a CLIENT span per attempt."""
         trace = exchange.trace
         assert trace is not None
         wall = int(exchange.started_at * 1e9)
@@ -384,78 +385,64 @@ class _Exporter:
         model = exchange.model[:200]  # client-chosen text: bounded
         usage = exchange.usage
         end = at(trace.ended)
-        failed = exchange.status >= 500 or (
-            bool(exchange.error) and exchange.error != "client_disconnected"
-        )
-        error = exchange.error or (str(exchange.status) if exchange.status >= 500 else "")
-        trace_id = bytes.fromhex(trace.trace_id)
-        server_id = bytes.fromhex(trace.span_id)
-        attributes = _attributes(
-            ("gen_ai.operation.name", operation),
-            ("gen_ai.request.model", model),
+        status = exchange.status
+        error = exchange.error or (str(status) if status >= 500 else "")
+        span = spans.add()
+        span.MergeFromString(self._server_template(exchange.endpoint, operation, model))
+        span.trace_id = trace_id = bytes.fromhex(trace.trace_id)
+        span.span_id = server_id = bytes.fromhex(trace.span_id)
+        if trace.parent_id:
+            span.parent_span_id = bytes.fromhex(trace.parent_id)
+        span.trace_state = trace.state
+        span.start_time_unix_nano = wall
+        span.end_time_unix_nano = end
+        overhead = (trace.ended - exchange.started - exchange.upstream_time) * 1000
+        _add(
+            span.attributes,
             ("gen_ai.request.max_tokens", trace.max_tokens),
             ("gen_ai.usage.input_tokens", usage.prompt_tokens if usage else None),
             ("gen_ai.usage.output_tokens", usage.completion_tokens if usage else None),
-            ("http.request.method", "POST"),
-            ("url.path", f"/v1/{exchange.endpoint}"[:200]),
-            ("http.response.status_code", exchange.status or None),
+            ("http.response.status_code", status or None),
             ("error.type", error or None),
             ("morngpt.request_id", exchange.request_id),
             ("morngpt.key_id", exchange.key_id),
             ("morngpt.deployment", exchange.deployment or None),
             ("morngpt.attempts", exchange.attempts),
             ("morngpt.stream", exchange.stream),
-            (
-                "morngpt.overhead_ms",
-                round((trace.ended - exchange.started - exchange.upstream_time) * 1000, 3),
-            ),
+            ("morngpt.overhead_ms", round(overhead, 3)),
             ("morngpt.usage_estimated", exchange.estimated or None),
         )
-        events = []
         if exchange.stream and exchange.first_byte is not None:
-            events.append(Span.Event(time_unix_nano=at(exchange.first_byte), name="first_token"))
-            events.append(
-                Span.Event(
-                    time_unix_nano=end,
-                    name="end_of_stream",
-                    attributes=_attributes(("morngpt.events", exchange.events)),
-                )
+            span.events.add(time_unix_nano=at(exchange.first_byte), name="first_token")
+            _add(
+                span.events.add(time_unix_nano=end, name="end_of_stream").attributes,
+                ("morngpt.events", exchange.events),
             )
-        spans = [
-            Span(
-                trace_id=trace_id,
-                span_id=server_id,
-                parent_span_id=bytes.fromhex(trace.parent_id),
-                trace_state=trace.state,
-                name=f"{operation} {model}",
-                kind=Span.SPAN_KIND_SERVER,
-                start_time_unix_nano=wall,
-                end_time_unix_nano=end,
-                attributes=attributes,
-                events=events,
-                status=_status(failed, error),
-            )
-        ]
+        if status >= 500 or (exchange.error and exchange.error != "client_disconnected"):
+            span.status.code = Status.STATUS_CODE_ERROR
+            span.status.message = error
         last = len(trace.attempts)
         for number, attempt in enumerate(trace.attempts, 1):
-            spans.append(
-                self._client_span(exchange, attempt, number, number == last, operation, at)
-            )
-        return spans
+            span = spans.add()
+            self._fill_client_span(span, exchange, attempt, number, number == last, operation)
+            span.trace_id = trace_id
+            span.parent_span_id = server_id
+            span.trace_state = trace.state
+            # The answer the client gets is relayed until the request ends.
+            ended = trace.ended if number == last and not attempt.error else attempt.end
+            span.start_time_unix_nano = at(attempt.start)
+            span.end_time_unix_nano = at(ended or trace.ended)
 
-    def _client_span(
+    def _fill_client_span(
         self,
+        span: Span,
         exchange: Exchange,
         attempt: _Attempt,
         number: int,
         final: bool,
         operation: str,
-        at: Callable[[float], int],
-    ) -> Span:
-        trace = exchange.trace
-        assert trace is not None
+    ) -> None:
         upstream = attempt.upstream
-        host, port = self._address(upstream.base)
         model = (upstream.model or exchange.model)[:200]
         status = attempt.status
         error = attempt.error or (str(status) if status >= 400 else "")
@@ -464,46 +451,77 @@ class _Exporter:
             if exchange.error and exchange.error != "client_disconnected":
                 error = exchange.error  # the answer broke after its headers
             usage = exchange.usage
-        # The answer the client gets is relayed until the request ends.
-        end = trace.ended if final and not attempt.error else attempt.end or trace.ended
         answered = final and not error and status < 400
-        attributes = _attributes(
-            ("gen_ai.operation.name", operation),
-            ("gen_ai.provider.name", _PROVIDERS.get(upstream.deployment.kind, "openai")),
-            ("gen_ai.request.model", model),
+        span.MergeFromString(self._client_template(upstream, operation, model))
+        span.span_id = bytes.fromhex(attempt.span_id)
+        _add(
+            span.attributes,
             ("gen_ai.response.model", model if answered else None),
             ("gen_ai.usage.input_tokens", usage.prompt_tokens if usage else None),
             ("gen_ai.usage.output_tokens", usage.completion_tokens if usage else None),
-            ("server.address", host),
-            ("server.port", port),
-            ("http.request.method", "POST"),
             ("http.response.status_code", status or None),
             ("error.type", error or None),
-            ("morngpt.deployment", upstream.name),
             ("morngpt.attempt", number),
         )
-        return Span(
-            trace_id=bytes.fromhex(trace.trace_id),
-            span_id=bytes.fromhex(attempt.span_id),
-            parent_span_id=bytes.fromhex(trace.span_id),
-            trace_state=trace.state,
-            name=f"{operation} {model}",
-            kind=Span.SPAN_KIND_CLIENT,
-            start_time_unix_nano=at(attempt.start),
-            end_time_unix_nano=at(end),
-            attributes=attributes,
-            status=_status(bool(error), error),
-        )
+        if error:
+            span.status.code = Status.STATUS_CODE_ERROR
+            span.status.message = error
 
-    def _address(self, base: str) -> tuple[str, int]:
-        address = self.addresses.get(base)
-        if address is None:
-            url = urlsplit(base)
-            default = 443 if url.scheme == "https" else 80
-            address = self.addresses[base] = (url.hostname or "", url.port or default)
-        return address
+    # Templates: what a span's kind, name and constant attributes are for one
+    # endpoint and model (server) or deployment and model (client), serialized once;
+    # each span merges its template and adds the rest (~3x cheaper than building all).
+
+    def _server_template(self, endpoint: str, operation: str, model: str) -> bytes:
+        key = ("server", endpoint, model)
+        template = self.templates.get(key)
+        if template is None:
+            template = self._remember(
+                key,
+                Span(
+                    name=f"{operation} {model}",
+                    kind=Span.SPAN_KIND_SERVER,
+                    attributes=_attributes(
+                        ("gen_ai.operation.name", operation),
+                        ("gen_ai.request.model", model),
+                        ("http.request.method", "POST"),
+                        ("url.path", f"/v1/{endpoint}"[:200]),
+                    ),
+                ),
+            )
+        return template
+
+    def _client_template(self, upstream: Upstream, operation: str, model: str) -> bytes:
+        key = ("client", upstream.name, upstream.base, operation, model)
+        template = self.templates.get(key)
+        if template is None:
+            url = urlsplit(upstream.base)
+            port = url.port or (443 if url.scheme == "https" else 80)
+            template = self._remember(
+                key,
+                Span(
+                    name=f"{operation} {model}",
+                    kind=Span.SPAN_KIND_CLIENT,
+                    attributes=_attributes(
+                        ("gen_ai.operation.name", operation),
+                        ("gen_ai.provider.name", _PROVIDERS[upstream.deployment.kind]),
+                        ("gen_ai.request.model", model),
+                        ("server.address", url.hostname or ""),
+                        ("server.port", port),
+                        ("http.request.method", "POST"),
+                        ("morngpt.deployment", upstream.name),
+                    ),
+                ),
+            )
+        return template
+
+    def _remember(self, key: tuple[str, ...], span: Span) -> bytes:
+        if len(self.templates) >= _TEMPLATES:  # model names are the client's: bounded
+            self.templates.clear()
+        template = self.templates[key] = span.SerializeToString()
+        return template
 
 
+_TEMPLATES = 4096
 Value = str | int | float | bool | None
 
 
@@ -522,7 +540,17 @@ def _attributes(*pairs: tuple[str, Value]) -> list[KeyValue]:
     return [_kv(key, value) for key, value in pairs if value is not None]
 
 
-def _status(failed: bool, error: str) -> Status:
-    if failed:
-        return Status(code=Status.STATUS_CODE_ERROR, message=error)
-    return Status()
+def _add(attributes: RepeatedCompositeFieldContainer[KeyValue], *pairs: tuple[str, Value]) -> None:
+    """Add span attributes in place; a None value leaves its attribute out."""
+    for key, value in pairs:
+        if value is None:
+            continue
+        slot = attributes.add(key=key).value
+        if isinstance(value, bool):  # before int: a bool is an int
+            slot.bool_value = value
+        elif isinstance(value, int):
+            slot.int_value = value
+        elif isinstance(value, float):
+            slot.double_value = value
+        else:
+            slot.string_value = value
