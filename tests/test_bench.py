@@ -91,3 +91,19 @@ def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> No
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "governed, chat, 16 connections:" in run.stdout
+
+
+def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
+    """``bench.inproc --tracing``: three proxies (tracing off, sampled out, sampled)
+    measured in turn, the sampled one exporting its spans to a local receiver."""
+    argv = ["--tracing", "--requests", "300", "--repeat", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.inproc", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for variant in ("off", "sampled out", "sampled"):
+        assert f"  {variant}: " in run.stdout, run.stdout
