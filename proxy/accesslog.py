@@ -79,7 +79,7 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "attempts": exchange.attempts,  # upstream requests sent: retries show here
     }
     trace = exchange.trace
-    if trace is not None:  # what joins this line to its spans (Jaeger) and logs
+    if trace is not None and trace.span_id:  # its spans are exported (Jaeger)
         line["trace_id"] = trace.trace_id
         line["span_id"] = trace.span_id
     return line

@@ -113,13 +113,13 @@ def _observe(app: web.Application, state: State) -> None:
     """Metrics and the access log see every finished exchange."""
     metrics.declare(state.config)
     state.sinks.sinks.append(metrics.MetricsSink(state.config))
+    if state.tracer is not None:  # before the access log: it decides what is exported
+        app.cleanup_ctx.append(state.tracer.running)
+        state.sinks.sinks.append(state.tracer)
     level = state.config.server.access_log
     if level != "off":
         app.cleanup_ctx.append(accesslog.listener)
         state.sinks.sinks.append(accesslog.AccessLog(level))
-    if state.tracer is not None:
-        app.cleanup_ctx.append(state.tracer.running)
-        state.sinks.sinks.append(state.tracer)
 
 
 def add_ops_routes(app: web.Application) -> None:

@@ -8,7 +8,8 @@ request that arrives without a ``traceparent`` gets a new one (``ensure_tracepar
 
 With ``tracing.endpoint`` the proxy is a participant in the trace: each request is a
 SERVER span (its parent the client's ``traceparent``, when valid) and each upstream
-attempt a CLIENT span under it, whose context goes upstream in ``traceparent``. Span
+attempt a CLIENT span under it, whose context goes upstream in ``traceparent`` (a
+request sampled out at the start passes the client's context through as it came). Span
 attributes follow the OpenTelemetry GenAI and HTTP semantic conventions, plus the
 proxy's own under ``morngpt.`` (docs/observability.md lists them).
 
@@ -26,7 +27,8 @@ Invariants:
 - Sampling is decided twice: at the start, parent-based (a client's sampled flag
   decides for its trace) or else by ``sample_ratio`` on the trace id; at the end, a
   request with an error (a 5xx, a retried or failed-over attempt, a stream broken
-  mid-way) is exported whatever the first decision was.
+  mid-way) is exported whatever the first decision was. A request sampled out at the
+  start draws no ids unless it is kept at the end.
 - Never a key or a header value in a span: the key *id*, names and numbers only.
 """
 
@@ -69,7 +71,6 @@ log = logging.getLogger("proxy.tracing")
 HEADER = "traceparent"
 _STATE = "tracestate"
 _PARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
-_LOW64 = (1 << 64) - 1
 # gen_ai.provider.name per deployment kind.
 _PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}
 # gen_ai.operation.name per endpoint (GenAI semantic conventions' well-known values).
@@ -147,8 +148,11 @@ class Trace:
     def __init__(
         self, trace_id: str, parent_id: str, sampled: bool, state: str, drop: frozenset[str]
     ) -> None:
+        # Ids are made when first needed: at the start for a sampled request (they go
+        # upstream), at the end for one kept for its error (``identify``); a request
+        # sampled out and kept by no error never costs one. "" until then.
         self.trace_id = trace_id
-        self.span_id = _span_id()  # the request's SERVER span
+        self.span_id = _span_id() if sampled else ""  # the request's SERVER span
         self.parent_id = parent_id  # "" for a trace this request started
         self.sampled = sampled  # the decision at the start (see module invariants)
         self.state = state  # the client's tracestate, kept on the spans
@@ -165,12 +169,25 @@ class Trace:
                 return
 
     def attempt(self, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
+        if not self.sampled:
+            # Not recording: the client's trace context (if any) goes upstream as it
+            # came, sampled flag and all, as through a proxy that does not trace.
+            self.attempts.append(_Attempt("", upstream))
+            return
         span_id = _span_id()
         self.attempts.append(_Attempt(span_id, upstream))
         if self.drop:
             headers[:] = [(k, v) for k, v in headers if k.lower() not in self.drop]
-        flags = "01" if self.sampled else "00"
-        headers.append((HEADER, f"00-{self.trace_id}-{span_id}-{flags}"))
+        headers.append((HEADER, f"00-{self.trace_id}-{span_id}-01"))
+
+    def identify(self) -> None:
+        """Give a request sampled out at the start, and kept for its error, the ids
+        its spans need."""
+        if not self.trace_id:
+            self.trace_id = f"{getrandbits(128) or 1:032x}"
+        self.span_id = _span_id()
+        for attempt in self.attempts:
+            attempt.span_id = _span_id()
 
 
 def attempt_started(exchange: Exchange, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
@@ -227,18 +244,23 @@ class Tracer:
             trace_id, parent_id, sampled = context
             # A valid parent: only traceparent changes on the way upstream.
             return Trace(trace_id, parent_id, sampled, headers.get(_STATE, ""), _PARENT_ONLY)
-        bits = getrandbits(128) or 1
-        sampled = bits & _LOW64 < self.bound
+        # The low half of the trace id decides; the rest is drawn only when kept.
+        low = getrandbits(64)
+        if low >= self.bound:
+            return Trace("", "", False, "", _NONE)
+        bits = (getrandbits(64) << 64 | low) or 1
         drop = _BOTH if given is not None or _STATE in headers else _NONE
-        return Trace(f"{bits:032x}", "", sampled, "", drop)
+        return Trace(f"{bits:032x}", "", True, "", drop)
 
     def record(self, exchange: Exchange) -> None:
         trace = exchange.trace
         if trace is None:
             return
         trace.ended = perf_counter()
-        if not trace.sampled and not has_failed(exchange, trace):
-            return
+        if not trace.sampled:
+            if not has_failed(exchange, trace):
+                return
+            trace.identify()
         queue = self.queue
         if len(queue) >= self.limit:
             self.full.inc(1 + len(trace.attempts))

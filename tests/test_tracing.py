@@ -256,7 +256,7 @@ async def test_a_stream_under_a_client_trace(
 
 
 async def test_retries_and_failover_are_client_spans_and_always_kept(
-    make_proxy: MakeProxy, collector: Collector
+    make_proxy: MakeProxy, collector: Collector, access_lines: list[dict[str, Any]]
 ) -> None:
     async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
         a.default = {"x-fake-status": "503"}  # the first deployment fails
@@ -268,16 +268,17 @@ async def test_retries_and_failover_are_client_spans_and_always_kept(
             )
         assert reply.http_response.status_code == 200
         [first], [second] = a.received, b.received
-    trace_id = first.headers["traceparent"].split("-")[1]
-    assert second.headers["traceparent"].split("-")[1] == trace_id
-    # Sampled out at the start (ratio 0, no parent): the upstreams were told so...
-    assert first.headers["traceparent"].endswith("-00")
+    # Sampled out at the start (ratio 0, no parent): no trace went upstream...
+    assert "traceparent" not in first.headers
+    assert "traceparent" not in second.headers
     # ...but a retried request is always exported.
-    server, (failed, served) = await collector.spans_of(trace_id, 3)
+    await collector.until(lambda: len(collector.spans) >= 3)
+    server, (failed, served) = await collector.spans_of(collector.spans[0].trace_id.hex(), 3)
     assert server.parent_span_id == b""
     assert failed.parent_span_id == served.parent_span_id == server.span_id
-    assert first.headers["traceparent"].split("-")[2] == failed.span_id.hex()
-    assert second.headers["traceparent"].split("-")[2] == served.span_id.hex()
+    assert len({server.span_id, failed.span_id, served.span_id}) == 3
+    [line] = access_lines  # ids drawn at the end, before the line was written
+    assert (line["trace_id"], line["span_id"]) == (server.trace_id.hex(), server.span_id.hex())
     bad, good = attrs(failed.attributes), attrs(served.attributes)
     assert (bad["morngpt.deployment"], bad["morngpt.attempt"]) == ("bad", 1)
     assert (bad["http.response.status_code"], bad["error.type"]) == (503, "503")
@@ -328,6 +329,7 @@ async def test_sampling_is_parent_based_then_by_ratio(
     ratio: float,
     flags: str | None,
     kept: bool,
+    access_lines: list[dict[str, Any]],
 ) -> None:
     proxy = await make_proxy(
         traced(one_model(dep(upstream, "d1")), collector.url, sample_ratio=ratio)
@@ -341,10 +343,18 @@ async def test_sampling_is_parent_based_then_by_ratio(
         sure = {"traceparent": f"00-{marker}-{PARENT_SPAN}-01"}
         await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers=sure)
     await collector.spans_of(marker, 2)
-    trace_id = upstream.received[0].headers["traceparent"].split("-")[1]
-    assert bool(collector.trace(trace_id)) is kept
-    sent_flags = upstream.received[0].headers["traceparent"].split("-")[3]
-    assert sent_flags == ("01" if (flags == "01" or (flags is None and ratio == 1)) else "00")
+    # Exported, or not: the marker's are the only other spans.
+    others = [s for s in collector.spans if s.trace_id.hex() != marker]
+    assert len(others) == (2 if kept else 0)
+    sent = upstream.received[0].headers.get("traceparent")
+    if kept:  # the proxy's attempt is the upstream's parent
+        [attempt] = [s for s in others if s.kind == Span.SPAN_KIND_CLIENT]
+        trace_id = others[0].trace_id.hex()
+        assert sent == f"00-{trace_id}-{attempt.span_id.hex()}-01"
+    else:  # not recording: the client's context goes through as it came
+        assert sent == headers.get("traceparent")
+    # A log line names a trace only when its spans are in Jaeger.
+    assert ("trace_id" in access_lines[0]) is kept
 
 
 def test_ratio_sampling_follows_the_trace_id() -> None:
