@@ -349,7 +349,8 @@ class _Exporter:
             assert exchange.trace is not None
             self.failed.inc(1 + len(exchange.trace.attempts))
 
-    def _post(self, batch: list[Exchange]) -> bool:
+    def encode(self, batch: list[Exchange]) -> tuple[bytes, int]:
+        """The OTLP export request of a batch of finished requests, and its span count."""
         request = ExportTraceServiceRequest()
         resource_spans = request.resource_spans.add()
         resource_spans.resource.CopyFrom(self.resource)
@@ -357,8 +358,10 @@ class _Exporter:
         scope_spans.scope.CopyFrom(self.scope)
         for exchange in batch:
             self.add_spans(scope_spans.spans, exchange)
-        count = len(scope_spans.spans)
-        body = request.SerializeToString()
+        return request.SerializeToString(), len(scope_spans.spans)
+
+    def _post(self, batch: list[Exchange]) -> bool:
+        body, count = self.encode(batch)
         try:
             conn = self.conn or self._connect()
             conn.request("POST", self.target, body, {"Content-Type": "application/x-protobuf"})

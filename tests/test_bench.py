@@ -107,3 +107,16 @@ def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     for variant in ("off", "sampled out", "sampled"):
         assert f"  {variant}: " in run.stdout, run.stdout
+
+
+def test_trace_calls_measures_each_tracing_mode() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.trace_calls", "--requests", "3000", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for mode in ("tracing off: +", "sampled out: +", "sampled, spans built and serialized: +"):
+        assert mode in run.stdout, run.stdout
