@@ -110,7 +110,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
 
 
 def _observe(app: web.Application, state: State) -> None:
-    """Metrics and the access log see every finished exchange."""
+    """Metrics, the tracer and the access log see every finished exchange."""
     metrics.declare(state.config)
     state.sinks.sinks.append(metrics.MetricsSink(state.config))
     if state.tracer is not None:  # before the access log: it decides what is exported

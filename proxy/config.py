@@ -148,7 +148,8 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ops_token_env: str | None = None
     # Serve /metrics, /deployments (and the probes) on this port instead of `port`.
     ops_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
-    # Start a W3C trace (traceparent) for requests that arrive without one.
+    # Start a W3C trace (traceparent) for requests that arrive without one. Without
+    # effect once tracing.endpoint is set: the proxy's own spans decide then.
     tracing: bool = False
     # Filled by ``resolve`` from ops_token_env.
     ops_token: str = ""
