@@ -17,8 +17,8 @@ Invariants:
 - The request path records plain values only: a ``Trace`` per request (ids, the
   sampling decision, one ``_Attempt`` per upstream attempt); the ``Exchange`` holds
   the rest. Spans are built as protobuf (opentelemetry-proto) and sent by the
-  exporter thread. (The OpenTelemetry SDK costs ~16 µs per request sampled out and
-  ~68 µs sampled, before any export: docs/observability.md.)
+  exporter thread. (The OpenTelemetry SDK costs ~14 µs per request sampled out and
+  ~63 µs sampled, before any export: bench/otel_sdk.py, docs/observability.md.)
 - Nothing on the request path waits for the collector: a finished request goes into
   a bounded deque; when it is full its spans are dropped and counted
   (``morngpt_trace_spans_dropped_total{reason="queue_full"}``). A batch the collector
