@@ -298,6 +298,9 @@ class Tracing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Share of new traces kept; a client's traceparent decides for its own trace, and
     # a trace with an error (5xx, a retried attempt, a broken stream) is always kept.
     sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # Requests kept for their error per second and worker beyond the ratio: in an
+    # error storm the rest are sampled like any other (the exporter costs CPU).
+    max_error_traces: PositiveInt = 200
     service_name: str = "morngpt-proxy"
     # Finished requests waiting for export; beyond it their spans are dropped (and
     # counted), never waited for.

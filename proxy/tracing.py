@@ -27,8 +27,9 @@ Invariants:
 - Sampling is decided twice: at the start, parent-based (a client's sampled flag
   decides for its trace) or else by ``sample_ratio`` on the trace id; at the end, a
   request with an error (a 5xx, a retried or failed-over attempt, a stream broken
-  mid-way) is exported whatever the first decision was. A request sampled out at the
-  start draws no ids unless it is kept at the end.
+  mid-way) is exported whatever the first decision was, up to ``max_error_traces``
+  a second (an error storm must not make the exporter the bottleneck). A request
+  sampled out at the start draws no ids unless it is kept at the end.
 - Never a key or a header value in a span: the key *id*, names and numbers only.
 """
 
@@ -230,6 +231,11 @@ class Tracer:
         # New traces whose id's low 64 bits fall below this are sampled (as the
         # OpenTelemetry TraceIdRatioBased sampler decides).
         self.bound = int(config.sample_ratio * (1 << 64))
+        # Requests sampled out but kept for their error: at most max_error_traces in
+        # each second (``window`` ends at that perf_counter()).
+        self.max_errors = config.max_error_traces
+        self.errors = 0
+        self.window = 0.0
         self.limit = config.queue_size
         self.batch = config.batch_size
         self.queue: deque[Exchange] = deque()
@@ -256,9 +262,9 @@ class Tracer:
         trace = exchange.trace
         if trace is None:
             return
-        trace.ended = perf_counter()
+        trace.ended = now = perf_counter()
         if not trace.sampled:
-            if not has_failed(exchange, trace):
+            if not has_failed(exchange, trace) or not self._may_keep_error(now):
                 return
             trace.identify()
         queue = self.queue
@@ -268,6 +274,13 @@ class Tracer:
         queue.append(exchange)
         if len(queue) == self.batch:
             self.exporter.wake.set()
+
+    def _may_keep_error(self, now: float) -> bool:
+        if now >= self.window:
+            self.window = now + 1.0
+            self.errors = 0
+        self.errors += 1
+        return self.errors <= self.max_errors
 
     async def running(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: the exporter thread runs while the app does; at the end it

@@ -365,6 +365,16 @@ def test_ratio_sampling_follows_the_trace_id() -> None:
     assert 800 < kept < 1200  # ~1000: a binomial(4000, 0.25) is outside this 1e-12 of the time
 
 
+def test_errors_are_kept_up_to_a_rate() -> None:
+    """Beyond ``max_error_traces`` a second, a failed request sampled out stays out."""
+    config = cfg.Tracing(endpoint="http://127.0.0.1:9/v1/traces", max_error_traces=3)
+    tracer = tracing.Tracer(config)
+    kept = [tracer._may_keep_error(now) for now in (10.0, 10.1, 10.5, 10.9, 10.99)]
+    assert kept == [True, True, True, False, False]
+    assert tracer._may_keep_error(11.0)  # a new second
+    assert tracer._may_keep_error(11.5)
+
+
 @pytest.mark.parametrize(
     ("value", "parsed"),
     [
