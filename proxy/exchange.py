@@ -108,7 +108,7 @@ class Exchange:
         # What the exchange cost, in nano-units of the price unit (pricing.py), set when
         # it is over, before the grant settles and the sinks record it.
         self.cost = 0
-        # The request's trace when spans are exported (tracing.py), else None.
+        # The request's trace when tracing.endpoint is set (tracing.py), else None.
         self.trace: Trace | None = None
 
     @property

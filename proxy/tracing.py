@@ -44,7 +44,7 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from random import getrandbits
 from time import perf_counter, sleep
 from typing import TYPE_CHECKING
@@ -513,52 +513,47 @@ class _Exporter:
     # each span merges its template and adds the rest (~3x cheaper than building all).
 
     def _server_template(self, endpoint: str, operation: str, model: str) -> bytes:
-        key = ("server", endpoint, model)
-        template = self.templates.get(key)
-        if template is None:
-            template = self._remember(
-                key,
-                Span(
-                    name=f"{operation} {model}",
-                    kind=Span.SPAN_KIND_SERVER,
-                    attributes=_attributes(
-                        ("gen_ai.operation.name", operation),
-                        ("gen_ai.request.model", model),
-                        ("http.request.method", "POST"),
-                        ("url.path", f"/v1/{endpoint}"[:200]),
-                    ),
-                ),
-            )
-        return template
+        return self._template(
+            ("server", endpoint, model),
+            Span.SPAN_KIND_SERVER,
+            f"{operation} {model}",
+            lambda: (
+                ("gen_ai.operation.name", operation),
+                ("gen_ai.request.model", model),
+                ("http.request.method", "POST"),
+                ("url.path", f"/v1/{endpoint}"[:200]),
+            ),
+        )
 
     def _client_template(self, upstream: Upstream, operation: str, model: str) -> bytes:
+        def attributes() -> tuple[tuple[str, Value], ...]:
+            url = urlsplit(upstream.base)
+            return (
+                ("gen_ai.operation.name", operation),
+                ("gen_ai.provider.name", _PROVIDERS[upstream.deployment.kind]),
+                ("gen_ai.request.model", model),
+                ("server.address", url.hostname or ""),
+                ("server.port", url.port or (443 if url.scheme == "https" else 80)),
+                ("http.request.method", "POST"),
+                ("morngpt.deployment", upstream.name),
+            )
+
         key = ("client", upstream.name, upstream.base, operation, model)
+        return self._template(key, Span.SPAN_KIND_CLIENT, f"{operation} {model}", attributes)
+
+    def _template(
+        self,
+        key: tuple[str, ...],
+        kind: Span.SpanKind.ValueType,
+        name: str,
+        attributes: Callable[[], tuple[tuple[str, Value], ...]],
+    ) -> bytes:
         template = self.templates.get(key)
         if template is None:
-            url = urlsplit(upstream.base)
-            port = url.port or (443 if url.scheme == "https" else 80)
-            template = self._remember(
-                key,
-                Span(
-                    name=f"{operation} {model}",
-                    kind=Span.SPAN_KIND_CLIENT,
-                    attributes=_attributes(
-                        ("gen_ai.operation.name", operation),
-                        ("gen_ai.provider.name", _PROVIDERS[upstream.deployment.kind]),
-                        ("gen_ai.request.model", model),
-                        ("server.address", url.hostname or ""),
-                        ("server.port", port),
-                        ("http.request.method", "POST"),
-                        ("morngpt.deployment", upstream.name),
-                    ),
-                ),
-            )
-        return template
-
-    def _remember(self, key: tuple[str, ...], span: Span) -> bytes:
-        if len(self.templates) >= _TEMPLATES:  # model names are the client's: bounded
-            self.templates.clear()
-        template = self.templates[key] = span.SerializeToString()
+            if len(self.templates) >= _TEMPLATES:  # model names are the client's: bounded
+                self.templates.clear()
+            span = Span(name=name, kind=kind, attributes=_attributes(*attributes()))
+            template = self.templates[key] = span.SerializeToString()
         return template
 
 

@@ -81,42 +81,32 @@ def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> No
     """``bench.inproc --subject governed`` starts its Redis and its ledger database,
     drives the proxy with the bench key (a refused or failed request stops it with the
     answer) and drops both afterwards."""
-    argv = ["--subject", "governed", "--requests", "400", "--repeat", "1"]
+    out = run_bench("bench.inproc", "--subject", "governed", "--requests", "400", "--repeat", "1")
+    assert "governed, chat, 16 connections:" in out
+
+
+def run_bench(module: str, *argv: str) -> str:
+    """``python -m module argv...`` from the repository root; its stdout."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench.inproc", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "governed, chat, 16 connections:" in run.stdout
+    return run.stdout
 
 
 def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
     """``bench.inproc --tracing``: three proxies (tracing off, sampled out, sampled)
     measured in turn, the sampled one exporting its spans to a local receiver."""
-    argv = ["--tracing", "--requests", "300", "--repeat", "1"]
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.inproc", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    out = run_bench("bench.inproc", "--tracing", "--requests", "300", "--repeat", "1")
     for variant in ("off", "sampled out", "sampled"):
-        assert f"  {variant}: " in run.stdout, run.stdout
+        assert f"  {variant}: " in out, out
 
 
 def test_trace_calls_measures_each_tracing_mode() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.trace_calls", "--requests", "3000", "--repeat", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    out = run_bench("bench.trace_calls", "--requests", "3000", "--repeat", "1")
     for mode in ("tracing off: +", "sampled out: +", "sampled, spans built and serialized: +"):
-        assert mode in run.stdout, run.stdout
+        assert mode in out, out
