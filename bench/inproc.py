@@ -30,6 +30,13 @@ limit: no Redis call), ``keys`` (no authentication at all, so no limits either),
 events, the usage chunk, [DONE]), each answer written by the canned upstream at once,
 so one read (or a few) per response whatever its length: the slope between the two
 is the CPU per relayed event, the rest the cost per response and read.
+
+``--tracing`` measures what OpenTelemetry tracing costs the bare proxy: three proxies
+in one run (tracing off; on but every request sampled out; on and every request
+sampled, its spans exported), measured in turn, round after round, so that a change
+in the machine's load moves all three alike. The spans go to a collector that
+answers every export with 200 unread, in this process (its CPU is counted: an
+overestimate of the proxy's share, never an under-).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import cProfile
 import os
 import pstats
 import resource
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, cast
@@ -226,9 +234,11 @@ async def subject(
     workdir: Path,
     backends: tuple[str, str] | None,
     off: list[str] | None = None,
+    tracing: cfg.Tracing | None = None,
 ) -> web.AppRunner:
     """The subject's runner, listening on a free port (``backends``: governed's Redis
-    URL and PostgreSQL DSN; ``off``: the parts of governed mode switched off)."""
+    URL and PostgreSQL DSN; ``off``: the parts of governed mode switched off;
+    ``tracing``: the bare proxy's tracing settings)."""
     if name == "passthrough":
         app = web.Application()
         app[passthrough.UPSTREAM] = upstream
@@ -254,8 +264,28 @@ async def subject(
             auth=replace(config.auth, enabled=False),
             database=replace(config.database, sqlite_path=str(workdir / "ledger.db")),
             usage=replace(config.usage, spool_dir=str(workdir / "spool")),
+            tracing=tracing or cfg.Tracing(),
         )
     )
+
+
+async def canned(
+    args: argparse.Namespace, answer: list[bytes]
+) -> tuple[asyncio.Server, str, bytes, float]:
+    """The canned upstream answering ``answer`` (its server and URL), the request body,
+    and what the clients and the canned upstream cost alone, in µs per request
+    (measured here)."""
+    loop = asyncio.get_running_loop()
+    gap = args.paced_ms / 1000
+    server = await loop.create_server(lambda: Canned(answer, gap), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = (_PLAIN_STREAM_BODY if args.no_usage else _STREAM_BODY) if args.stream else BODY
+    n, conns = args.requests, args.conns
+    await drive(port, body, n // 10, conns)
+    before = cpu()
+    await drive(port, body, n, conns)
+    harness = (cpu() - before) / n * 1e6
+    return server, f"http://127.0.0.1:{port}/v1", body, harness
 
 
 async def measure(
@@ -284,17 +314,8 @@ async def measure_one(
     answer: list[bytes],
 ) -> float:
     """The subject's best CPU µs per request against a canned ``answer``."""
-    loop = asyncio.get_running_loop()
-    gap = args.paced_ms / 1000
-    server = await loop.create_server(lambda: Canned(answer, gap), "127.0.0.1", 0)
-    upstream_port = server.sockets[0].getsockname()[1]
-    body = (_PLAIN_STREAM_BODY if args.no_usage else _STREAM_BODY) if args.stream else BODY
+    server, upstream, body, harness = await canned(args, answer)
     n, conns = args.requests, args.conns
-    await drive(upstream_port, body, n // 10, conns)
-    before = cpu()
-    await drive(upstream_port, body, n, conns)
-    harness = (cpu() - before) / n * 1e6
-    upstream = f"http://127.0.0.1:{upstream_port}/v1"
     runner = await subject(args.subject, upstream, workdir, backends, args.off)
     port = runner.addresses[0][1]
     profile = cProfile.Profile() if args.profile else None
@@ -327,6 +348,64 @@ async def measure_one(
     return min(costs)
 
 
+# An OTLP/HTTP receiver that answers each complete export with 200, unread.
+_ACCEPTED = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+async def measure_tracing(args: argparse.Namespace, workdir: Path) -> None:
+    """CPU per request of the bare proxy with tracing off, sampled out and sampled."""
+    answer = stream_answer(8) if args.stream else [CHAT_ANSWER]
+    server, upstream, body, harness = await canned(args, answer)
+    n, conns = args.requests, args.conns
+    sink = await asyncio.get_running_loop().create_server(
+        lambda: Canned([_ACCEPTED]), "127.0.0.1", 0
+    )
+    endpoint = f"http://127.0.0.1:{sink.sockets[0].getsockname()[1]}/v1/traces"
+    variants = {
+        "off": None,
+        "sampled out": cfg.Tracing(endpoint=endpoint, sample_ratio=0.0),
+        "sampled": cfg.Tracing(endpoint=endpoint, sample_ratio=1.0),
+    }
+    runners: dict[str, web.AppRunner] = {}
+    costs: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for name, tracing in variants.items():
+            sub = workdir / name.replace(" ", "-")
+            sub.mkdir()
+            runners[name] = await subject("proxy", upstream, sub, None, tracing=tracing)
+            await drive(runners[name].addresses[0][1], body, n // 10, conns)  # warm up
+        for _ in range(args.repeat):
+            for name, runner in runners.items():
+                before = cpu()
+                await drive(runner.addresses[0][1], body, n, conns)
+                await asyncio.sleep(0)
+                costs[name].append((cpu() - before) / n * 1e6 - harness)
+    finally:
+        for runner in runners.values():
+            await runner.cleanup()  # the exporter sends what is queued first
+        server.close()
+        sink.close()
+    kind = "chat stream" if args.stream else "chat"
+    base = min(costs["off"])
+    print(
+        f"proxy, {kind}, {conns} connections, tracing (best of {args.repeat} rounds; "
+        f"clients + canned upstream alone: {harness:.1f} µs, subtracted):"
+    )
+    for name, runs in costs.items():
+        # Each round's own difference too: what drifts between rounds (the machine's
+        # other load) cancels in it.
+        paired = statistics.median(c - o for c, o in zip(runs, costs["off"], strict=True))
+        extra = (
+            ""
+            if name == "off"
+            else f", {min(runs) - base:+.1f} µs against off (median per round {paired:+.1f})"
+        )
+        print(
+            f"  {name}: {min(runs):.1f} µs CPU per request{extra} "
+            f"(runs: {', '.join(f'{c:.1f}' for c in runs)})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
     parser.add_argument("--subject", choices=("proxy", "governed", "passthrough"), default="proxy")
@@ -357,11 +436,19 @@ def main() -> None:
     parser.add_argument(
         "--off", action="append", choices=PARTS, help="governed: switch this part off"
     )
+    parser.add_argument(
+        "--tracing", action="store_true", help="the bare proxy: tracing off, sampled out, sampled"
+    )
     args = parser.parse_args()
     if args.off and args.subject != "governed":
         parser.error("--off is for --subject governed")
+    if args.tracing and args.subject != "proxy":
+        parser.error("--tracing is for --subject proxy")
     with tempfile.TemporaryDirectory(prefix="morngpt-inproc-") as tmp:
         workdir = Path(tmp)
+        if args.tracing:
+            uvloop.run(measure_tracing(args, workdir))
+            return
         if args.subject != "governed":
             uvloop.run(measure(args, workdir))
             return

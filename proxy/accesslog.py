@@ -62,7 +62,7 @@ def fields(exchange: Exchange) -> dict[str, Any]:
     duration = exchange.duration
     usage = exchange.usage
     ttft = exchange.ttft
-    return {
+    line = {
         "request_id": exchange.request_id,
         "key_id": exchange.key_id,
         "endpoint": exchange.endpoint,
@@ -78,6 +78,11 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "error": exchange.error or None,
         "attempts": exchange.attempts,  # upstream requests sent: retries show here
     }
+    trace = exchange.trace
+    if trace is not None and trace.span_id:  # its spans are exported (Jaeger)
+        line["trace_id"] = trace.trace_id
+        line["span_id"] = trace.span_id
+    return line
 
 
 class JsonFormatter(logging.Formatter):

@@ -76,6 +76,7 @@ class State:
         self.sinks = Sinks()
         self.draining = False
         self.session: Client | None = None
+        self.tracer = tracing.Tracer(config.tracing) if config.tracing.endpoint else None
         # Proxied requests being served, and the most allowed at once (server.max_inflight).
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
@@ -122,9 +123,12 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
 
 
 def _observe(app: web.Application, state: State) -> None:
-    """Metrics and the access log see every finished exchange."""
+    """Metrics, the tracer and the access log see every finished exchange."""
     metrics.declare(state.config)
     state.sinks.sinks.append(metrics.MetricsSink(state.config))
+    if state.tracer is not None:  # before the access log: it decides what is exported
+        app.cleanup_ctx.append(state.tracer.running)
+        state.sinks.sinks.append(state.tracer)
     level = state.config.server.access_log
     if level != "off":
         app.cleanup_ctx.append(accesslog.listener)
@@ -221,6 +225,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     path = request.match_info["path"]
     exchange = Exchange(request_id(request), path)
+    if state.tracer is not None:
+        exchange.trace = state.tracer.start(request.headers)
     grant = OPEN
     metrics.INFLIGHT.inc()
     state.inflight += 1
@@ -244,7 +250,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
         headers = state.forwarding.headers(request)
-        if state.config.server.tracing:
+        if exchange.trace is not None:
+            exchange.trace.asked(view)  # and each attempt sends its own traceparent
+        elif state.config.server.tracing:
             headers = tracing.ensure_traceparent(headers)
         target = with_query(path, request)
         outbound = Outbound(target, body, headers, exchange.request_id, view.model, strip)

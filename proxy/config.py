@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -194,7 +195,8 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ops_token_env: str | None = None
     # Serve /metrics, /deployments (and the probes) on this port instead of `port`.
     ops_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
-    # Start a W3C trace (traceparent) for requests that arrive without one.
+    # Start a W3C trace (traceparent) for requests that arrive without one. Without
+    # effect once tracing.endpoint is set: the proxy's own spans decide then.
     tracing: bool = False
     # Cross-origin (browser) access; None: no CORS headers, preflights are 404s.
     cors: Cors | None = None
@@ -359,6 +361,29 @@ class Ledger(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rollup_retention: Span | None = None
 
 
+class Tracing(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """OpenTelemetry spans sent over OTLP/HTTP (protobuf) to Jaeger or a collector
+    (proxy/tracing.py, docs/observability.md)."""
+
+    # The OTLP/HTTP traces URL, e.g. http://jaeger:4318/v1/traces; empty: no spans.
+    endpoint: str = ""
+    # Share of new traces kept; a client's traceparent decides for its own trace, and
+    # a trace with an error (5xx, a retried attempt, a broken stream) is always kept.
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # Requests kept for their error per second and worker beyond the ratio: in an
+    # error storm the rest are sampled like any other (the exporter costs CPU).
+    max_error_traces: PositiveInt = 200
+    service_name: str = "morngpt-proxy"
+    # Finished requests waiting for export; beyond it their spans are dropped (and
+    # counted), never waited for.
+    queue_size: PositiveInt = 4096
+    # Spans of at most this many requests go in one export request.
+    batch_size: PositiveInt = 256
+    # Seconds between exports (sooner when a batch is full), and the most one may take.
+    export_interval: PositiveFloat = 1.0
+    export_timeout: PositiveFloat = 5.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: Annotated[list[Model], msgspec.Meta(min_length=1)]
     server: Server = Server()
@@ -369,6 +394,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keys: list[DeclaredKey] = []
     usage: Ledger = Ledger()
     routing: Routing = Routing()
+    tracing: Tracing = Tracing()
 
 
 def load(path: str | Path) -> Config:
@@ -452,6 +478,9 @@ def resolve(config: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: redis.cluster: needs a redis:// or rediss:// url")
     _check_retention(config.usage, source)
     config = _resolve_keys(config, source)
+    endpoint = urlsplit(config.tracing.endpoint)
+    if endpoint.geturl() and (endpoint.scheme not in ("http", "https") or not endpoint.hostname):
+        raise ConfigError(f"{source}: tracing.endpoint: must be an http:// or https:// URL")
     return msgspec.structs.replace(
         config, models=models, server=server, database=database, redis=redis
     )

@@ -20,11 +20,14 @@ import itertools
 from collections.abc import Mapping
 from os import register_at_fork, urandom
 from time import perf_counter, time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from .wire import RequestView, Usage
+
+if TYPE_CHECKING:
+    from .tracing import Trace
 
 # This process's random half of ``unique_hex``: 64 bits, so that no two processes
 # (workers, replicas, restarts) share one in practice.
@@ -66,6 +69,7 @@ class Exchange:
         "started_at",
         "status",
         "stream",
+        "trace",
         "uid",
         "upstream_time",
         "usage",
@@ -104,6 +108,8 @@ class Exchange:
         # What the exchange cost, in nano-units of the price unit (pricing.py), set when
         # it is over, before the grant settles and the sinks record it.
         self.cost = 0
+        # The request's trace when tracing.endpoint is set (tracing.py), else None.
+        self.trace: Trace | None = None
 
     @property
     def duration(self) -> float:

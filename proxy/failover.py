@@ -43,7 +43,7 @@ from types import TracebackType
 
 from multidict import CIMultiDictProxy
 
-from . import h1, metrics
+from . import h1, metrics, tracing
 from .config import Routing
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .exchange import Exchange
@@ -337,12 +337,17 @@ async def _send(
     upstream = state.upstream
     body = outbound.body_for(upstream)
     headers = forward_headers(outbound.client_headers, upstream, outbound.request_id)
+    tracing.attempt_started(exchange, upstream, headers)
     sent = perf_counter()
     try:
         target = upstream.target(outbound.path)
         response = await open_request(session, upstream, "POST", target, headers, body)
+    except BaseException as exc:
+        tracing.attempt_ended(exchange, exc)
+        raise
     finally:
         exchange.upstream_time += perf_counter() - sent
+    tracing.attempt_ended(exchange, response.status)
     if response.status not in RETRYABLE:
         state.observe_latency(perf_counter() - sent)
     return response

@@ -196,6 +196,21 @@ USAGE_DROPPED = Counter(
     "Usage records lost (queue and spool full, or unwritable).",
 )
 
+# --- Traces (updated by the trace exporter, proxy/tracing.py) ------------------------
+
+TRACE_SPANS_EXPORTED = Counter(
+    "morngpt_trace_spans_exported_total",
+    "Spans the OTLP collector accepted.",
+)
+# queue_full: the export queue was full when the request ended (the collector is slow
+# or down); export_failed: the collector refused the batch, failed, or did not answer.
+TRACE_DROP_REASONS = ("queue_full", "export_failed")
+TRACE_SPANS_DROPPED = Counter(
+    "morngpt_trace_spans_dropped_total",
+    "Spans that were to be exported but were dropped, by reason.",
+    ("reason",),
+)
+
 # Exchange.error class names → upstream error kind; anything else is not the upstream's.
 _UPSTREAM_KINDS = {
     UpstreamTimeout.__name__: "timeout",
@@ -245,6 +260,8 @@ def declare(config: Config) -> None:
         RATELIMITED.labels(kind)
     for backend in LIMITER_BACKENDS:
         LIMITER_BACKEND.labels(backend)
+    for reason in TRACE_DROP_REASONS:
+        TRACE_SPANS_DROPPED.labels(reason)
 
 
 class _Sum:

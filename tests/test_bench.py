@@ -81,16 +81,35 @@ def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> No
     """``bench.inproc --subject governed`` starts its Redis and its ledger database,
     drives the proxy with the bench key (a refused or failed request stops it with the
     answer) and drops both afterwards."""
-    argv = ["--subject", "governed", "--requests", "400", "--repeat", "1"]
+    out = run_bench("bench.inproc", "--subject", "governed", "--requests", "400", "--repeat", "1")
+    assert "governed, chat, 16 connections:" in out
+
+
+def run_bench(module: str, *argv: str) -> str:
+    """``python -m module argv...`` from the repository root; its stdout."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench.inproc", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "governed, chat, 16 connections:" in run.stdout
+    return run.stdout
+
+
+def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
+    """``bench.inproc --tracing``: three proxies (tracing off, sampled out, sampled)
+    measured in turn, the sampled one exporting its spans to a local receiver."""
+    out = run_bench("bench.inproc", "--tracing", "--requests", "300", "--repeat", "1")
+    for variant in ("off", "sampled out", "sampled"):
+        assert f"  {variant}: " in out, out
+
+
+def test_trace_calls_measures_each_tracing_mode() -> None:
+    out = run_bench("bench.trace_calls", "--requests", "3000", "--repeat", "1")
+    for mode in ("tracing off: +", "sampled out: +", "sampled, spans built and serialized: +"):
+        assert mode in out, out
 
 
 @pytest.mark.parametrize("paced", [[], ["--paced-ms", "0.2"]], ids=["one-read", "paced"])
@@ -98,14 +117,7 @@ def test_inproc_gives_the_cost_per_relayed_event(paced: list[str]) -> None:
     """``bench.inproc --stream --events A --events B`` measures streams of two lengths
     (a stream the proxy strips the usage chunk from, too) and prints the slope."""
     argv = ["--stream", "--no-usage", "--events", "2", "--events", "6", *paced]
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.inproc", *argv, "--requests", "200", "--repeat", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "proxy, chat stream of 4 events" in run.stdout
-    assert "proxy, chat stream of 8 events" in run.stdout
-    assert "per relayed event: " in run.stdout
+    out = run_bench("bench.inproc", *argv, "--requests", "200", "--repeat", "1")
+    assert "proxy, chat stream of 4 events" in out
+    assert "proxy, chat stream of 8 events" in out
+    assert "per relayed event: " in out

@@ -361,6 +361,37 @@ def test_compose_prometheus_scrapes_every_replica_with_the_observability_rules(
     assert sd["port"] == config.get("ops_port", config["port"])
 
 
+def test_compose_proxies_send_their_spans_to_the_stacks_jaeger(compose: Doc) -> None:
+    services = compose["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "127.0.0.1:16686:16686" in jaeger["ports"]  # the UI
+    assert "jaeger" in services["proxy"]["depends_on"]
+    tracing = yaml.safe_load((DEPLOY / "compose" / "proxy.yaml").read_text())["tracing"]
+    assert tracing["endpoint"] == "http://jaeger:4318/v1/traces"  # OTLP/HTTP
+
+
+def test_compose_logs_profile_ships_the_proxy_log_to_elasticsearch(compose: Doc) -> None:
+    services = compose["services"]
+    for name in ("elasticsearch", "vector", "kibana"):
+        assert services[name]["profiles"] == ["logs"], name
+    vector = services["vector"]
+    [mount] = [v for v in vector["volumes"] if v.endswith(":/etc/vector/vector.yaml:ro")]
+    pipeline = yaml.safe_load((DEPLOY / mount.split(":")[0]).read_text())
+    [source] = pipeline["sources"].values()
+    assert source["type"] == "docker_logs"
+    assert source["include_labels"] == ["com.docker.compose.service=proxy"]  # the service
+    [transform] = pipeline["transforms"].values()
+    assert transform["inputs"] == list(pipeline["sources"])
+    assert "parse_json(.message)" in transform["source"]
+    [sink] = pipeline["sinks"].values()
+    assert sink["type"] == "elasticsearch"
+    assert sink["inputs"] == list(pipeline["transforms"])
+    assert sink["endpoints"] == ["http://elasticsearch:9200"]
+    assert "/var/run/docker.sock:/var/run/docker.sock:ro" in vector["volumes"]
+
+
 def compose_command() -> list[str] | None:
     """``docker compose`` (the CLI plugin) or a standalone Compose v2 binary."""
     for command in (["docker", "compose"], ["docker-compose"]):
