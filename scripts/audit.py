@@ -59,8 +59,8 @@ def judge(report: dict[str, Any], accept: dict[str, str], strict: bool) -> tuple
     lines += [f"VULNERABLE  {what}" for what in failing]
     if skipped:
         lines.append(
-            f"DEGRADED: {len(skipped)} of {len(dependencies)} locked packages could not be "
-            "audited: the vulnerability data did not answer for them. They were NOT checked:"
+            f"DEGRADED: {len(skipped)} of {len(dependencies)} locked packages were NOT "
+            "audited (the vulnerability data did not answer for them):"
         )
         lines += [f"  {s}" for s in skipped]
     if not skipped:
