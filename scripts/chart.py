@@ -99,4 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except helm.HelmError as error:  # bad values or a template error: Helm's message
+        raise SystemExit(f"chart.py: {error}") from None

@@ -165,6 +165,16 @@ def test_each_value_does_what_it_says(tmp_path: Path) -> None:
     assert found["ConfigMap"]["data"]["proxy.yaml"] == VARIANT["config"]
 
 
+def test_a_misspelt_value_is_refused_by_the_schema(tmp_path: Path) -> None:
+    """values.schema.json: a typo would otherwise be ignored silently."""
+    path = tmp_path / "typo.yaml"
+    path.write_text("autoscaling:\n  enable: false\n")
+    done = chart("template", "-f", str(path))
+    assert done.returncode == 1
+    assert "additional properties 'enable' not allowed" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_config_change_rolls_the_pods(tmp_path: Path) -> None:
     def checksum(config: str | None) -> str:
         values = None if config is None else {"config": config}
