@@ -100,6 +100,16 @@ def test_the_wheel_holds_only_the_proxy_package(wheel: Path) -> None:
     assert re.search(rf"^{COMMAND} = proxy\.cli:main$", text, re.M), text
 
 
+def test_the_wheel_asks_for_ranges_not_the_lock(wheel: Path) -> None:
+    """Users' `pip install .` resolves from pyproject's ranges; pins are for CI and
+    the image."""
+    [metadata] = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/METADATA")]
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    wanted = [Requirement(v) for k, v in re.findall(r"^(Requires-Dist): (.+)$", text, re.M)]
+    runtime = [str(r) for r in wanted if not (r.marker and "extra" in str(r.marker))]
+    assert sorted(runtime) == sorted(str(r) for r in requirements())
+
+
 def test_the_installed_wheel_has_no_bench_and_both_commands_answer(
     installed: Path, tmp_path: Path
 ) -> None:
