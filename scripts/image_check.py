@@ -11,8 +11,9 @@ engine: ``python3 scripts/image_check.py`` (as root; tests/test_packaging.py run
 - Two containers from the image, sharing the host's network as chroot isolation does:
   the fake upstream (the checkout's bench/ mounted, as in deploy/compose.yaml) and
   the image's own entrypoint serving in front of it with two workers. Checked: the
-  image's user, entrypoint and healthcheck, readiness, a chat completion streamed and
-  not, the default config accepted by check-config, and SIGTERM draining to exit 0.
+  image's user and entrypoint, readiness, its HEALTHCHECK command (run by hand: no
+  engine runs it here), a chat completion streamed and not, the default config
+  accepted by check-config, and SIGTERM draining to exit 0.
 
 Exit 0: all verified. Exit 1: a check failed. Exit 3: could not be tried here (no
 buildah, or no way to make the base image); the reason is printed.
@@ -161,6 +162,12 @@ def check(image: str) -> None:
         try:
             wait_until_up(f"http://127.0.0.1:{up_port}/v1/models", upstream)
             wait_until_up(f"http://127.0.0.1:{port}/readyz", proxy)
+            # The image's HEALTHCHECK command, run in the container (on our port).
+            kind, *probe = config["Healthcheck"]["Test"]
+            assert kind == "CMD", kind
+            probe = [arg.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for arg in probe]
+            sh(*RUN, proxy_ctr, "--", *probe)
+            print("the image's HEALTHCHECK command passes against the running proxy")
             chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
             reply = json.loads(post(f"http://127.0.0.1:{port}/v1/chat/completions", chat))
             assert reply["choices"][0]["message"]["content"], reply
