@@ -105,38 +105,35 @@ def test_the_wheel_asks_for_ranges_not_the_lock(wheel: Path) -> None:
     the image."""
     [metadata] = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/METADATA")]
     text = zipfile.ZipFile(wheel).read(metadata).decode()
-    wanted = [Requirement(v) for k, v in re.findall(r"^(Requires-Dist): (.+)$", text, re.M)]
+    wanted = [Requirement(v) for v in re.findall(r"^Requires-Dist: (.+)$", text, re.M)]
     runtime = [str(r) for r in wanted if not (r.marker and "extra" in str(r.marker))]
     assert sorted(runtime) == sorted(str(r) for r in requirements())
+
+
+def run_outside(argv: list[str | Path], cwd: Path, **env: str) -> tuple[int, str, str]:
+    """``argv`` run away from the checkout (its folder, PYTHONPATH)."""
+    done = subprocess.run(
+        argv, cwd=cwd, env={**wheel_env(), **env}, capture_output=True, text=True, timeout=60
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_the_installed_wheel_has_no_bench_and_both_commands_answer(
     installed: Path, tmp_path: Path
 ) -> None:
     python, command = installed / "bin" / "python", installed / "bin" / COMMAND
-    run = {"capture_output": True, "text": True, "timeout": 60, "cwd": tmp_path}
-    found = subprocess.run(
-        [
-            python,
-            "-c",
-            "import proxy, importlib.util as u; print(proxy.__file__, u.find_spec('bench'))",
-        ],
-        env=wheel_env(),
-        **run,  # type: ignore[call-overload]
-    )
-    assert found.returncode == 0, found.stderr
-    where, bench = found.stdout.split()
+    code, out, err = run_outside([python, "-c", FIND], tmp_path)
+    assert code == 0, err
+    where, bench = out.split()
     assert Path(where).is_relative_to(installed), where  # the wheel's copy, not the checkout
     assert bench == "None"
-    config = str(ROOT / "config" / "proxy.yaml")
+    config = ROOT / "config" / "proxy.yaml"
     for argv in ([command], [python, "-m", "proxy"]):
-        done = subprocess.run(
-            [*argv, "check-config", config],
-            env={**wheel_env(), "OPENAI_API_KEY": "sk-" + "x" * 40},
-            **run,  # type: ignore[call-overload]
+        code, out, err = run_outside(
+            [*argv, "check-config", config], tmp_path, OPENAI_API_KEY="sk-" + "x" * 40
         )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith("ok:")
+        assert code == 0, err
+        assert out.startswith("ok:")
 
 
 async def test_the_command_serves_with_two_workers_and_drains_on_sigterm(
