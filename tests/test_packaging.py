@@ -9,6 +9,7 @@ the checkout, so the command runs from the wheel alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -165,6 +166,8 @@ async def test_the_command_serves_with_two_workers_and_drains_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(served._reader, 5)
 
 
 # --- the lock files -----------------------------------------------------------------
