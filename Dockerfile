@@ -25,14 +25,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what the package build reads: a change to tests or docs does not rebuild.
+# The locked versions first (scripts/lock: every dependency pinned, every file's hash
+# checked), so two builds of one commit install the same bytes, and a change to the
+# code alone reuses this layer. Every dependency ships manylinux wheels: no compiler.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
+# Then the proxy itself, without resolving anything again. Only what the package
+# build reads is copied. pip and setuptools are not needed at run time, so they
+# leave the venv too.
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-COPY bench ./bench
-# A plain install: the runtime dependencies only (no `[dev]` extra). Every
-# dependency ships manylinux wheels, so no compiler is needed. pip and setuptools
-# are not needed at run time, so they leave the venv too.
-RUN /opt/venv/bin/pip install . \
+RUN /opt/venv/bin/pip install --no-deps . \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
@@ -48,7 +51,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY config/proxy.yaml /etc/morngpt/proxy.yaml
 # Relative paths in a config (sqlite_path, the usage spool) land in the user's home.
 WORKDIR /var/lib/morngpt
-USER morngpt:morngpt
+# Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
+USER 10001:10001
 EXPOSE 8080
 # /healthz answers while the event loop runs; python is the only HTTP client here.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
