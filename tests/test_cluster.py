@@ -130,7 +130,7 @@ async def cluster_client(redis_cluster: str) -> AsyncIterator[RedisCluster]:
 async def test_the_limit_table_holds_on_a_cluster(
     cluster_client: RedisCluster, steps: list[Step]
 ) -> None:
-    buckets = RedisBuckets(cluster_client, f"cl-{secrets.token_hex(4)}")
+    buckets = RedisBuckets(cluster_client, f"cl-{secrets.token_hex(4)}", timeout=5.0)
     state = KeyState()
     key_id = f"case-{random.randrange(1 << 30)}"
     for i, (step, expected) in enumerate(steps):
@@ -142,7 +142,7 @@ async def test_a_keys_buckets_share_a_slot_and_keys_spread_over_the_nodes(
     cluster_client: RedisCluster,
 ) -> None:
     prefix = f"cl-{secrets.token_hex(4)}"
-    buckets = RedisBuckets(cluster_client, prefix)
+    buckets = RedisBuckets(cluster_client, prefix, timeout=5.0)
     step = CASES["parallel slots: refused when all are taken, free again on release"][0][0]
     ids = [f"key-{i}" for i in range(24)]
     for key_id in ids:
