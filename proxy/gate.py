@@ -30,24 +30,28 @@ that reached an upstream and did not fail there, else nothing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
+import aiohttp
 from aiohttp import web
 
 from .budgets import Budgets
 from .config import Config, Limits
 from .db import DB
-from .errors import Forbidden, RateLimited, ServiceUnavailable
+from .errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from .exchange import OPEN, Caller, Exchange, Grant
 from .identity import Authenticator
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
+from .keys.teams import Team, TeamStore
 from .metrics import RATELIMIT_KINDS, RATELIMITED
 from .pricing import show, units
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import LIMITER, Limiter, Ticket
+from .tokens import TokenVerifier
 from .usage.record import BYTES_PER_TOKEN, consumed
 from .wire import MAX_COUNT, RequestView
 
@@ -61,9 +65,15 @@ class KeyGate:
     """Authentication, model permissions and per-key limits; see the module docstring."""
 
     def __init__(
-        self, lookup: KeyLookup, limiter: Limiter, limits: Limits, budgets: Budgets
+        self,
+        lookup: KeyLookup,
+        limiter: Limiter,
+        limits: Limits,
+        budgets: Budgets,
+        teams: KeyCache[Team] | None = None,
     ) -> None:
         self.lookup = lookup
+        self.teams = teams
         self.limiter = limiter
         self.budgets = budgets
         self.default_max_tokens = limits.default_max_tokens
@@ -73,7 +83,8 @@ class KeyGate:
 
     async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
         key = cast(Key, caller)  # this gate's authenticate only ever returns keys
-        if not key.allows(view.model):
+        team = await self.team_of(key)
+        if not key.allows(view.model) or (team is not None and not team.allows(view.model)):
             raise Forbidden(
                 f"This API key may not use the model `{view.model[:200]}`.", param="model"
             )
@@ -115,6 +126,16 @@ class KeyGate:
             raise refusal(key, verdict, prompt + answer, headers)
         self.budgets.watch(key, ask, verdict)
         return KeyGrant(headers, key, self.limiter, ticket, prompt + answer)
+
+    async def team_of(self, key: Key) -> Team | None:
+        """The key's team (cached like keys), None when it has none. A team that does
+        not exist (a JWT naming an unknown one) is a 401."""
+        if key.team_id is None or self.teams is None:
+            return None
+        team = await self.teams.find(key.team_id)
+        if team is None:
+            raise Unauthorized(f"The team `{key.team_id[:64]}` of these credentials is unknown.")
+        return team
 
     def budget_headers(self, key: Key, verdict: Verdict, when: float) -> dict[str, str]:
         """``x-budget-remaining`` (in the price unit) and ``x-budget-reset``."""
@@ -221,10 +242,17 @@ def go_duration(ms: int) -> str:
 async def open_gate(app: web.Application, config: Config, state: State) -> AsyncIterator[None]:
     """cleanup_ctx body: put a ``KeyGate`` on ``state`` (it needs ``app[DB]`` and
     ``app[LIMITER]``, so it runs after their contexts)."""
-    cache = KeyCache(KeyStore(app[DB]), config.auth, config.database.timeout)
-    lookup = KeyLookup(cache, config.auth, config.keys)
-    share = config.limits.budget_alert_share
-    budgets = Budgets(state.prices, app[DB], config.database.timeout, share)
-    state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets)
-    state.authenticator = Authenticator(lookup, config.server.ops_token)
-    yield
+    timeout = config.database.timeout
+    cache = KeyCache(KeyStore(app[DB]), config.auth, timeout)
+    teams = KeyCache(TeamStore(app[DB]), config.auth, timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        tokens = None
+        if config.auth.jwt is not None:  # JWKS fetches: their own small session
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            tokens = TokenVerifier(config.auth.jwt, session)
+        lookup = KeyLookup(cache, config.auth, config.keys, tokens)
+        share = config.limits.budget_alert_share
+        budgets = Budgets(state.prices, app[DB], timeout, share)
+        state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets, teams)
+        state.authenticator = Authenticator(lookup, config.server.ops_token)
+        yield
