@@ -56,10 +56,17 @@ class Jwks:
     """One issuer's JSON Web Key Set, fetched over HTTP and cached; see the module
     docstring for when it is fetched."""
 
-    def __init__(self, url: str, settings: Jwt, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        ttl: float,
+        min_interval: float,
+        timeout: float,
+    ) -> None:
         self.url = url
-        self.settings = settings
         self.session = session
+        self.ttl, self.min_interval, self.timeout = ttl, min_interval, timeout
         self.keys: dict[str, jwt.PyJWK] = {}
         self.fetched_at = -1.0  # monotonic time of the last good fetch (-1: never)
         self.tried_at = -1.0  # of the last fetch caused by an unknown kid
@@ -73,13 +80,11 @@ class Jwks:
         now = monotonic()
         found = self.keys.get(kid)
         if found is not None:
-            if now - self.fetched_at >= self.settings.jwks_ttl and now >= self.retry_at:
+            if now - self.fetched_at >= self.ttl and now >= self.retry_at:
                 self._fetch()  # stale: refreshed in the background
             return found
         never = self.fetched_at < 0
-        if now < self.retry_at or (
-            not never and now - self.tried_at < self.settings.jwks_min_interval
-        ):
+        if now < self.retry_at or (not never and now - self.tried_at < self.min_interval):
             return None
         self.tried_at = now
         await asyncio.shield(self._fetch())
@@ -92,7 +97,7 @@ class Jwks:
 
     async def _load(self) -> None:
         try:
-            async with asyncio.timeout(self.settings.jwks_timeout):
+            async with asyncio.timeout(self.timeout):
                 async with self.session.get(self.url) as response:
                     response.raise_for_status()
                     body = await response.read()
@@ -126,9 +131,8 @@ class TokenVerifier:
 
     def __init__(self, settings: Jwt, session: aiohttp.ClientSession) -> None:
         self.settings = settings
-        self.issuers = {
-            i.issuer: (i, Jwks(i.jwks_url, settings, session)) for i in settings.issuers
-        }
+        fetch = (settings.jwks_ttl, settings.jwks_min_interval, settings.jwks_timeout)
+        self.issuers = {i.issuer: (i, Jwks(i.jwks_url, session, *fetch)) for i in settings.issuers}
         self.cache: OrderedDict[bytes, Verified] = OrderedDict()
 
     async def verify(self, token: str) -> Verified:
