@@ -198,3 +198,13 @@ async def test_a_hung_jwks_costs_one_bounded_wait_per_backoff_not_one_per_reques
     assert time.monotonic() - started < first
     assert issuer.jwks_hits == hits + 1
     assert await chat(proxy, issuer.sign({"sub": "known"})) is not None
+
+
+async def test_the_jwt_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m bench.jwt``, tiny: every line it prints is there (figures: docs)."""
+    from bench.jwt import main
+
+    await main(requests=200, reuse=10)
+    out = capsys.readouterr().out
+    for line in ("API key (baseline)", "verified before (cache)", "RS256", "ES256", "EdDSA"):
+        assert line in out
