@@ -9,7 +9,6 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -57,7 +56,7 @@ class Pair:
 @pytest.fixture
 async def pair(
     tmp_path: Path, migrated_pg: str, redis_prefix: str, upstream: FakeUpstream
-) -> AsyncIterator[Pair]:
+) -> Pair:
     config = {
         "models": [
             {
@@ -74,7 +73,7 @@ async def pair(
     }
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
-    yield Pair(tmp_path, path, migrated_pg, [free_port(), free_port()])
+    return Pair(tmp_path, path, migrated_pg, [free_port(), free_port()])
 
 
 async def serve(pair: Pair) -> list[Served]:
