@@ -54,9 +54,7 @@ class Pair:
 
 
 @pytest.fixture
-async def pair(
-    tmp_path: Path, migrated_pg: str, redis_prefix: str, upstream: FakeUpstream
-) -> Pair:
+async def pair(tmp_path: Path, migrated_pg: str, redis_prefix: str, upstream: FakeUpstream) -> Pair:
     config = {
         "models": [
             {
