@@ -198,6 +198,13 @@ async def test_a_failing_jwks_keeps_known_keys_and_refuses_unknown_kids(
     assert "JWKS" in caplog.text
     # Known keys keep working, with new tokens (a new signature check) as well.
     assert await chat(proxy, issuer.sign({"sub": "dave"}, kind="ed")) is not None
+    # The endpoint gone altogether (connections refused): the same.
+    await issuer.close()
+    await asyncio.sleep(0.6)  # past the first backoff (at most 0.5 s) and the interval
+    started = time.monotonic()
+    await refused(proxy, issuer.sign(kind="ec", kid=fresh))
+    assert time.monotonic() - started < 2
+    assert await chat(proxy, issuer.sign({"sub": "erin"}, kind="rsa")) is not None
 
 
 async def test_a_hung_jwks_costs_one_bounded_wait_per_backoff_not_one_per_request(
