@@ -46,6 +46,7 @@ from .exchange import (
 from .failover import Outbound, dispatch
 from .gate import open_gate
 from .h1 import Client
+from .identity import Authenticator
 from .ops import metrics_endpoint, protect
 from .pricing import Prices
 from .ratelimit.limiter import open_limiter
@@ -81,6 +82,9 @@ class State:
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
         self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
+        # Credentials → Principal for the admin API (identity.py); the gate replaces it
+        # with one that knows the keys when auth is on.
+        self.authenticator = Authenticator(None, config.server.ops_token)
 
 
 STATE = web.AppKey("state", State)
@@ -241,6 +245,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # read and learns nothing, not even which models exist.
         caller = await state.gate.authenticate(request)
         exchange.key_id = caller.id
+        exchange.team_id = getattr(caller, "team_id", None)
         body = await read_body(request, state)
         exchange.body_bytes = len(body)
         view = decode_request(body)

@@ -69,6 +69,7 @@ class Exchange:
         "started_at",
         "status",
         "stream",
+        "team_id",
         "trace",
         "uid",
         "upstream_time",
@@ -88,6 +89,7 @@ class Exchange:
         # Upstream requests sent for this exchange (retries and failovers included).
         self.attempts = 0
         self.key_id: str | None = None
+        self.team_id: str | None = None  # the key's team, when it has one
         self.stream = False
         self.status = 0
         # perf_counter() when the first byte of the answer went to the client: the

@@ -449,6 +449,7 @@ class _Exporter:
             ("http.response.status_code", status or None),
             ("error.type", error or None),
             ("morngpt.key_id", exchange.key_id),
+            ("morngpt.team_id", exchange.team_id),
             ("morngpt.deployment", exchange.deployment or None),
             ("morngpt.attempts", exchange.attempts),
             ("morngpt.stream", exchange.stream),

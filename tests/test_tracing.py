@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy import tracing
+from proxy.db import Db
+from proxy.keys.teams import TeamStore
 
 from .conftest import CLIENT_KEY, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, free_port
 from .keyhelp import declare, keyed
@@ -455,3 +457,23 @@ async def test_a_hung_collector_breaks_nothing(
 def test_an_endpoint_must_be_an_http_url() -> None:
     with pytest.raises(cfg.ConfigError, match=r"tracing\.endpoint"):
         traced(one_model(dep("http://127.0.0.1:9/v1", "d1")), "jaeger:4318")
+
+
+async def test_a_team_keys_request_names_its_team(
+    make_proxy: MakeProxy, upstream: FakeUpstream, collector: Collector, migrated_pg: str
+) -> None:
+    database = cfg.Database(url=migrated_pg)
+    db = await Db.open(database)
+    try:
+        team = await TeamStore(db).create("search", team_id="t-search")
+    finally:
+        await db.close()
+    key, declared = declare(team_id=team.id)
+    config = msgspec.structs.replace(keyed(upstream.url, declared), database=database)
+    proxy = await make_proxy(traced(config, collector.url, sample_ratio=1.0), auth=True)
+    async with sdk(proxy, key) as client:
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    await collector.until(lambda: len(collector.spans) >= 2)
+    [server] = [s for s in collector.spans if s.kind == Span.SPAN_KIND_SERVER]
+    assert attrs(server.attributes)["morngpt.team_id"] == "t-search"
+    assert attrs(server.attributes)["morngpt.key_id"] == declared.id
