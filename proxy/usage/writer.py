@@ -8,7 +8,8 @@ returns; it never awaits. Two tasks drain ``pending``:
   instead (so no record waits in memory longer than ``flush_interval``) and tries the
   database again after a jittered exponential backoff. When the database answers, it
   replays the spool files (its own and any a dead process left), interleaved with
-  live batches;
+  live batches, and once more at close when memory is empty (within the shutdown
+  deadline), so a SIGTERM after a slow spell leaves no spool behind;
 - the spiller moves the oldest records to the spool whenever ``pending`` passes the
   high-water mark (the database is up but slower than the traffic).
 
@@ -158,6 +159,20 @@ class Writer:
                 log.exception("usage ledger: unexpected error in the flusher")
                 await asyncio.sleep(PAUSE)
             self._report()
+        await self._drain_spool()
+
+    async def _drain_spool(self) -> None:
+        """Closing, with nothing left in memory: what this process spooled while the
+        database was slow (a late write) or away goes in now, if the database takes it
+        within the shutdown deadline; else it stays on disk for the next process."""
+        if not self.spooled:
+            return
+        loop = asyncio.get_running_loop()
+        if self._straggler is not None:  # its outcome says whether the database is up
+            await asyncio.wait((self._straggler,), timeout=max(0.0, self._deadline - loop.time()))
+            await asyncio.sleep(0)  # its done-callback (``_straggled``) runs first
+        if self._straggler is None and not self._failures and loop.time() < self._deadline:
+            await self._replay()
 
     async def _wait(self) -> None:
         """Until a batch is full or ``flush_interval`` has passed (at once when closing)."""
@@ -192,7 +207,10 @@ class Writer:
             return False
         write = asyncio.ensure_future(self.store.write(batch))
         try:
-            limit = min(self._deadline, now + self.settings.flush_interval)
+            # A live batch gets flush_interval (the loss window); the last replay at close,
+            # with nothing left in memory to protect, the rest of the shutdown deadline.
+            step = self.settings.flush_interval if not self._closing or self.pending else math.inf
+            limit = min(self._deadline, now + step)
             done, _ = await asyncio.wait((write,), timeout=limit - now)
         except BaseException:
             write.cancel()
@@ -263,6 +281,9 @@ class Writer:
             and not self._is_full()
         )
 
+    def _live_first(self) -> bool:
+        return self._closing and bool(self.pending)
+
     async def _replay(self) -> None:
         """Commit every finished spool file; stop at the first database failure."""
         spooled = self.spooled
@@ -277,7 +298,8 @@ class Writer:
     async def _replay_file(self, claimed: Claimed) -> bool:
         interval = self.settings.flush_interval
         try:
-            while not self._closing and (batch := await claimed.read(self._rows)):
+            # Closing, live records go first; the replay resumes once they are in.
+            while not self._live_first() and (batch := await claimed.read(self._rows)):
                 if not await self._commit(batch):
                     await claimed.release()
                     return False
@@ -285,7 +307,7 @@ class Writer:
                 since = asyncio.get_running_loop().time() - self._flushed_at
                 if self.pending and (self._is_full() or since >= interval):
                     await self._flush(self._take())  # live records keep their loss window
-            if self._closing:
+            if self._live_first():
                 await claimed.release()
                 return False
         except BaseException:

@@ -35,6 +35,7 @@ from proxy.keys import secret
 from ..conftest import PG_ADMIN_DSN, UPSTREAM_KEY, MakeProxy, Proxy, RedisServer
 from ..keyhelp import declare, issue, keyed, limiter
 from ..usage_support import Load, ledger_rows, serve, spooled_request_ids, until
+from ..usage_support import ledger_config as ledger_config_for
 from .conftest import Relays, count, measure
 from .faultproxy import FaultProxy
 
@@ -332,3 +333,37 @@ async def test_sigkill_while_the_ledger_database_hangs_loses_at_most_the_loss_wi
         f"< {LOSS_WINDOW:g} s before the kill)",
     )
     count(faults=1, served=len(traffic.completed), lost=len(late))
+
+
+async def test_a_slow_ledger_database_leaves_no_spool_after_shutdown(
+    make_proxy: MakeProxy, upstream: FakeUpstream, migrated_pg: str, relays: Relays, tmp_path: Path
+) -> None:
+    """A database slow enough that writes outlast their deadline (each such batch is
+    spooled while its write goes on), but answering: shutdown waits for the late write
+    and replays the spool within its deadline, so nothing stays on disk and every
+    request has its row once."""
+    relay = await relays.to(pg_port())
+    spool = tmp_path / "spool"
+    database = cfg.Database(url=via(relay, migrated_pg), timeout=10.0)
+    config = ledger_config_for(upstream.url, database, spool, shutdown_timeout=30.0)
+    proxy = await make_proxy(config)
+    relay.drip(0.001)  # answers byte by byte, 1 ms apart: past flush_interval (0.05 s)
+    body = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
+    async with aiohttp.ClientSession() as http:
+
+        async def ask() -> None:
+            async with http.post(f"{proxy.base}/chat/completions", data=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+
+        await asyncio.gather(*(ask() for _ in range(10)))  # a batch or two
+
+        async def spooled() -> bool:
+            return bool(list(spool.glob("*.jsonl")))
+
+        await until(spooled)  # the slow path was taken
+    await proxy.runner.cleanup()  # still slow: usage.shutdown_timeout bounds it
+    assert list(spool.glob("*.jsonl")) == []
+    rows = await ledger_rows(cfg.Database(url=migrated_pg))
+    assert len(rows) == 10
+    assert len({row["uid"] for row in rows}) == 10
