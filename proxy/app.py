@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import accesslog, ingress, metrics, tracing
+from . import accesslog, console, ingress, metrics, tracing
+from .admin import api as admin
 from .config import Config
-from .db import open_db
+from .db import DB, Db, open_db
 from .errors import (
     BodyTooLarge,
     HeadersTooLarge,
@@ -80,6 +81,8 @@ class State:
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
         self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
+        # The worker's database handle, for the admin API on the ops listener.
+        self.db: Db | None = None
 
 
 STATE = web.AppKey("state", State)
@@ -93,6 +96,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(lambda app: open_db(app, config))
+    app.cleanup_ctx.append(_share_db)
     # After open_db: cleanup runs in reverse, so the ledger drains before the Db closes.
     app.cleanup_ctx.append(lambda app: open_ledger(app, config, state.sinks))
     if gate is None and config.auth.enabled:  # API keys and their limits (gate.py)
@@ -132,10 +136,24 @@ def _observe(app: web.Application, state: State) -> None:
 
 
 def add_ops_routes(app: web.Application) -> None:
-    """The operator endpoints, behind the ops token when one is configured."""
-    token = app[STATE].config.server.ops_token
+    """The operator endpoints, behind the ops token when one is configured; the admin
+    API and the console, behind their own roles (admin/access.py)."""
+    state = app[STATE]
+    token = state.config.server.ops_token
     app.router.add_get("/metrics", protect(metrics_endpoint, token))
     app.router.add_get("/deployments", protect(deployments, token))
+    admin.add_routes(app, admin.Admin(state.config, lambda: state.db, lambda: state.inflight))
+    console.add_routes(app)
+
+
+async def _share_db(app: web.Application) -> AsyncIterator[None]:
+    """The Db on the state too, where the ops listener's app finds it."""
+    state = app[STATE]
+    state.db = app[DB]
+    try:
+        yield
+    finally:
+        state.db = None
 
 
 def build_ops_app(state: State) -> web.Application:

@@ -1,0 +1,238 @@
+"""The admin API over real HTTP on the ops port: keys, usage, budgets, deployments, the
+live overview, roles and sessions; every answer checked against the OpenAPI document."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openapi_spec_validator import validate
+
+from bench.fake_upstream import FakeUpstream
+
+from .admin_support import DOC, MASTER, OPS, admin_of, start
+from .conftest import SECRETS, MakeProxy, Proxy
+from .usage_support import until
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any) -> Proxy:
+    return await start(make_proxy, upstream.url, monkeypatch)
+
+
+def test_the_openapi_document_is_valid() -> None:
+    validate(DOC)
+
+
+async def test_the_document_is_served(proxy: Proxy) -> None:
+    async with admin_of(proxy, None) as admin:
+        async with admin.http.get(f"{admin.base}/admin/v1/openapi.json") as r:
+            assert r.status == 200
+            assert await r.json() == DOC
+
+
+async def _chat(proxy: Proxy, key: str) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy.base, api_key=key, max_retries=0) as client:
+        await client.chat.completions.create(
+            model="m1", messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+async def test_a_key_from_creation_to_revocation(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        created = await admin.call(
+            "POST", "/keys", {"name": "app", "rpm": 100, "models": ["m1"], "budget": "5"},
+            expect=201,
+        )  # fmt: skip
+        key = created["secret"]
+        SECRETS.add(key)
+        assert key.startswith("sk-morn-")
+        assert created["prefix"] == key[:12]
+        assert created["status"] == "active"
+        assert float(created["spend"]["spent"]) == 0
+
+        listed = await admin.call("GET", "/keys")
+        assert [k["id"] for k in listed["data"]] == [created["id"]]
+        assert "secret" not in listed["data"][0]  # shown once, at creation only
+
+        await _chat(proxy, key)
+
+        async def recorded() -> bool:
+            usage = await admin.call("GET", "/usage", group_by="key")
+            return any(row["group"] == created["id"] for row in usage["data"])
+
+        await until(recorded)
+        usage = await admin.call("GET", "/usage", group_by="key", key_id=created["id"])
+        (row,) = usage["data"]
+        assert row["requests"] == 1
+        assert row["errors"] == 0
+        assert row["prompt_tokens"] > 0
+        assert float(row["cost"]) > 0
+        daily = await admin.call("GET", "/usage", group_by="model", granularity="day")
+        assert daily["data"][0]["period_start"] % 86400 == 0
+
+        overview = await admin.call("GET", "/overview")
+        assert overview["requests"] >= 1
+        assert sum(overview["duration"]["counts"]) >= 1
+        assert float(overview["spend_today"]) > 0
+
+        shown = await admin.call("GET", f"/keys/{created['id']}")
+        assert float(shown["spend"]["spent"]) == float(row["cost"])
+        budgets = await admin.call("GET", "/budgets")
+        assert [b["key_id"] for b in budgets["data"]] == [created["id"]]
+
+        changed = await admin.call(
+            "PATCH", f"/keys/{created['id']}", {"rpm": None, "tpm": 5000, "models": []}
+        )
+        assert changed["rpm"] is None
+        assert changed["tpm"] == 5000
+        assert changed["models"] == []
+
+        revoked = await admin.call("DELETE", f"/keys/{created['id']}")
+        assert revoked["status"] == "revoked"
+
+    async def refused() -> bool:
+        try:
+            await _chat(proxy, key)
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    await until(refused)
+
+
+async def test_roles(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        mine = await admin.call("POST", "/keys", {"name": "mine"}, expect=201)
+        other = await admin.call("POST", "/keys", {"name": "other"}, expect=201)
+        SECRETS.update((mine["secret"], other["secret"]))
+        deployments = await admin.call("GET", "/deployments")
+        assert "base_url" in deployments["models"][0]["deployments"][0]
+        assert (await admin.call("GET", "/me"))["role"] == "admin"
+
+    async with admin_of(proxy, OPS) as viewer:
+        assert (await viewer.call("GET", "/me"))["role"] == "viewer"
+        assert len((await viewer.call("GET", "/keys"))["data"]) == 2
+        await viewer.call("GET", "/overview")
+        seen = await viewer.call("GET", "/deployments")
+        assert "base_url" not in seen["models"][0]["deployments"][0]
+        refusal = await viewer.call("POST", "/keys", {"name": "x"}, expect=403)
+        assert refusal["error"]["code"] == "insufficient_role"
+        await viewer.call("DELETE", f"/keys/{mine['id']}", expect=403)
+
+    async with admin_of(proxy, mine["secret"]) as member:
+        me = await member.call("GET", "/me")
+        assert me["role"] == "member"
+        assert me["key_id"] == mine["id"]
+        assert [k["id"] for k in (await member.call("GET", "/keys"))["data"]] == [mine["id"]]
+        await member.call("GET", f"/keys/{mine['id']}")
+        await member.call("GET", f"/keys/{other['id']}", expect=404)
+        await member.call("GET", "/deployments", expect=403)
+        await member.call("GET", "/overview", expect=403)
+        await member.call("PATCH", f"/keys/{mine['id']}", {"rpm": 1}, expect=403)
+        usage = await member.call("GET", "/usage", group_by="key", key_id=other["id"])
+        assert all(row["group"] == mine["id"] for row in usage["data"])
+
+    for credential in (None, "sk-morn-" + "x" * 43, "wrong"):
+        async with admin_of(proxy, credential) as nobody:
+            body = await nobody.call("GET", "/keys", expect=401)
+            assert body["error"]["code"] == "invalid_api_key"
+
+
+async def test_sessions(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        key = await admin.call("POST", "/keys", {"name": "member"}, expect=201)
+        SECRETS.add(key["secret"])
+    async with admin_of(proxy, None) as browser:
+        await browser.call("POST", "/session", {"credential": "nope"}, expect=401)
+        me = await browser.call("POST", "/session", {"credential": key["secret"]})
+        assert me["role"] == "member"
+        url = f"{browser.base}/admin/v1/session"
+        async with aiohttp.request("POST", url, json={"credential": key["secret"]}) as r:
+            set_cookie = r.headers["Set-Cookie"]
+        assert "HttpOnly" in set_cookie
+        assert "SameSite=Strict" in set_cookie
+        assert key["secret"] not in set_cookie  # a signed statement, not the key
+        assert (await browser.call("GET", "/me"))["key_id"] == key["id"]
+
+        async with admin_of(proxy, MASTER) as admin:
+            await admin.call("DELETE", f"/keys/{key['id']}")
+        await browser.call("GET", "/me", expect=401)  # the key's session ended with it
+
+        await browser.call("POST", "/session", {"credential": MASTER})
+        assert (await browser.call("GET", "/me"))["role"] == "admin"
+        browser.http.cookie_jar.update_cookies(
+            {"morngpt_console": "e30.AAAA"}, aiohttp.client.URL(browser.base)
+        )
+        await browser.call("GET", "/me", expect=401)  # forged
+        await browser.call("DELETE", "/session", expect=204)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "params"),
+    [
+        ("POST", "/keys", b"{not json", {}),
+        ("POST", "/keys", b'{"name": "a", "colour": "red"}', {}),
+        ("POST", "/keys", b'{"name": ""}', {}),
+        ("POST", "/keys", b'{"name": "a", "rpm": -1}', {}),
+        ("POST", "/keys", b'{"name": "a", "budget": "1", "budget_tz": "Mars/Base"}', {}),
+        ("POST", "/keys", b'{"name": "a", "budget_period": "hourly"}', {}),
+        ("PATCH", "/keys/key_x", b"{}", {}),
+        ("GET", "/usage", None, {"group_by": "colour"}),
+        ("GET", "/usage", None, {"start": "nan"}),
+        ("GET", "/usage", None, {"start": "10", "end": "5"}),
+        ("GET", "/keys", None, {"limit": "0"}),
+        ("GET", "/keys", None, {"offset": "x"}),
+    ],
+)
+async def test_bad_input_is_a_400(
+    proxy: Proxy, method: str, path: str, body: bytes | None, params: dict[str, str]
+) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        answer = await admin.call(method, path, raw=body, expect=400, **params)
+        assert answer["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_things_are_404s(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        await admin.call("GET", "/keys/key_nope", expect=404)
+        await admin.call("PATCH", "/keys/key_nope", {"rpm": 5}, expect=404)
+        await admin.call("DELETE", "/keys/key_nope", expect=404)
+        async with admin.http.get(f"{admin.base}/admin/v1/nowhere") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_pages(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        for i in range(5):
+            made = await admin.call("POST", "/keys", {"name": f"k{i}"}, expect=201)
+            SECRETS.add(made["secret"])
+        seen, offset = [], 0
+        while True:
+            page = await admin.call("GET", "/keys", limit=2, offset=offset)
+            seen += [k["name"] for k in page["data"]]
+            if not page["has_more"]:
+                assert page["next_offset"] is None
+                break
+            offset = page["next_offset"]
+        assert seen == [f"k{i}" for i in range(5)]
+
+
+async def test_the_overview_counts_what_the_proxy_served(proxy: Proxy) -> None:
+    async with admin_of(proxy, OPS) as viewer:
+        before = await viewer.call("GET", "/overview")
+        async with admin_of(proxy, MASTER) as admin:
+            made = await admin.call("POST", "/keys", {"name": "live"}, expect=201)
+            SECRETS.add(made["secret"])
+        for _ in range(3):
+            await _chat(proxy, made["secret"])
+        after = await viewer.call("GET", "/overview")
+        assert after["requests"] - before["requests"] == 3
+        assert after["errors"] == before["errors"]
+        assert after["completion_tokens"] > before["completion_tokens"]
+        assert after["at"] >= before["at"]
+        assert after["at"] <= time.time()
