@@ -47,6 +47,7 @@ from .exchange import (
 from .failover import Outbound, dispatch
 from .gate import open_gate
 from .h1 import Client
+from .identity import Authenticator
 from .ops import metrics_endpoint, protect
 from .pricing import Prices
 from .ratelimit.limiter import open_limiter
@@ -83,6 +84,9 @@ class State:
         self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
         # The worker's database handle, for the admin API on the ops listener.
         self.db: Db | None = None
+        # Credentials → Principal for the admin API (identity.py); the gate replaces it
+        # with one that knows the keys when auth is on.
+        self.authenticator = Authenticator(None, config.server.ops_token)
 
 
 STATE = web.AppKey("state", State)

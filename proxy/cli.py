@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             database = cfg.load(args.config).database if args.config else cfg.Database()
             return report.run(database, args.since, args.by)
-        if args.command == "keys":
+        if args.command in ("keys", "teams"):
             given = getattr(args, "config", None)  # `keys update` omits absent options
             return keys_cli.run(args, cfg.load(given).database if given else cfg.Database())
         config = _auth_choice(load_config(args), args.no_auth)

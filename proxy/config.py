@@ -251,6 +251,75 @@ class Auth(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     cache_size: PositiveInt = 10_000
     # Filled by ``resolve`` from master_key_env: the master key's SHA-256 (hex).
     master_key_sha256: str = ""
+    # JSON Web Tokens accepted as `Authorization: Bearer <JWT>` (docs/teams-and-sso.md).
+    jwt: Jwt | None = None
+
+
+Role = Literal["admin", "viewer", "member"]
+
+
+class JwtIssuer(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One identity provider whose tokens the API accepts (signatures checked against
+    its JWKS). Claims name the team and the user; the team's limits apply."""
+
+    issuer: str  # the exact `iss` claim
+    jwks_url: str
+    # Accepted `aud` values: a token must name one of them.
+    audience: Annotated[list[str], msgspec.Meta(min_length=1)]
+    algorithms: list[Literal["RS256", "ES256", "EdDSA"]] = msgspec.field(
+        default_factory=lambda: ["RS256", "ES256", "EdDSA"]
+    )
+    user_claim: str = "sub"
+    # Claim holding the team id; a token without it is refused unless default_team.
+    team_claim: str = "team"
+    default_team: str | None = None
+    # Claim holding a role or a list of roles/groups; mapped through role_map when
+    # given (claim value -> role), else used as is. The highest role found wins.
+    role_claim: str = "role"
+    role_map: dict[str, Role] = {}
+    # Limits for each user of a team on top of the team's own (None: none).
+    user_rpm: Limit | None = None
+    user_tpm: Limit | None = None
+    user_max_parallel: PositiveInt | None = None
+    user_budget: Decimal | None = None
+
+
+class Jwt(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """JWT verification (proxy/tokens.py): issuers, leeway and caches."""
+
+    issuers: Annotated[list[JwtIssuer], msgspec.Meta(min_length=1)]
+    # Seconds of clock skew allowed on exp, nbf and iat.
+    leeway: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
+    # Verified tokens remembered (by SHA-256), until their exp at the latest.
+    cache_size: PositiveInt = 10_000
+    # Seconds a JWKS is used before it is fetched again (in the background).
+    jwks_ttl: PositiveFloat = 3600.0
+    # Seconds between two fetches caused by an unknown kid, at least (a flood of
+    # made-up kids costs one fetch per this interval).
+    jwks_min_interval: PositiveFloat = 30.0
+    # Seconds a JWKS fetch may take; a hung endpoint costs at most this, once per
+    # backoff window.
+    jwks_timeout: PositiveFloat = 3.0
+
+
+class Oidc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """OpenID Connect login for the operator console (proxy/oidc.py)."""
+
+    issuer: str  # discovery at {issuer}/.well-known/openid-configuration
+    # The console's callback URL as the browser reaches it, registered at the provider.
+    redirect_url: str
+    client_id_env: str = "PROXY_OIDC_CLIENT_ID"
+    client_secret_env: str = "PROXY_OIDC_CLIENT_SECRET"
+    scopes: list[str] = msgspec.field(default_factory=lambda: ["openid", "profile", "email"])
+    role_claim: str = "roles"
+    role_map: dict[str, Role] = {}
+    # Role of a user whose claims name none (None: such a user cannot log in).
+    default_role: Role | None = None
+    session_ttl: PositiveFloat = 8 * 3600.0
+    timeout: PositiveFloat = 5.0
+    # Filled by ``resolve`` from the environment.
+    client_id: str = ""
+    client_secret: str = ""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -290,6 +359,8 @@ class DeclaredKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     budget_period: BudgetPeriod = "monthly"
     # IANA time zone in which the period starts (local midnight).
     budget_tz: str = "UTC"
+    team_id: str | None = None
+    role: Role = "member"
 
 
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -349,6 +420,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     auth: Auth = Auth()
     limits: Limits = Limits()
     keys: list[DeclaredKey] = []
+    # OpenID Connect login for the operator console (None: off).
+    oidc: Oidc | None = None
     usage: Ledger = Ledger()
     routing: Routing = Routing()
 
@@ -434,8 +507,15 @@ def resolve(config: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: redis.cluster: needs a redis:// or rediss:// url")
     _check_retention(config.usage, source)
     config = _resolve_keys(config, source)
+    oidc = config.oidc
+    if oidc is not None:
+        oidc = msgspec.structs.replace(
+            oidc,
+            client_id=_env(oidc.client_id_env, f"{source}: oidc.client_id_env"),
+            client_secret=Secret(_env(oidc.client_secret_env, f"{source}: oidc.client_secret_env")),
+        )
     return msgspec.structs.replace(
-        config, models=models, server=server, database=database, redis=redis
+        config, models=models, server=server, database=database, redis=redis, oidc=oidc
     )
 
 

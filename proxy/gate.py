@@ -40,6 +40,7 @@ from .config import Config, Limits
 from .db import DB
 from .errors import Forbidden, RateLimited, ServiceUnavailable
 from .exchange import OPEN, Caller, Exchange, Grant
+from .identity import Authenticator
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
@@ -225,4 +226,5 @@ async def open_gate(app: web.Application, config: Config, state: State) -> Async
     share = config.limits.budget_alert_share
     budgets = Budgets(state.prices, app[DB], config.database.timeout, share)
     state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets)
+    state.authenticator = Authenticator(lookup, config.server.ops_token)
     yield

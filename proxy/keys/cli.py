@@ -66,8 +66,32 @@ def add_parser(sub: Any) -> None:
     update.add_argument("--name")
     _limit_arguments(update)
 
+    teams = sub.add_parser("teams", help="create, list, update and delete teams")
+    team_commands = teams.add_subparsers(dest="teams_command", required=True)
+    team_create = team_commands.add_parser("create", parents=[common], help="create a team")
+    team_create.add_argument("--name", required=True)
+    team_create.add_argument("--id", dest="team_id", help="its id (default: made up)")
+    _limit_arguments(team_create, key=False)
+    team_list = team_commands.add_parser("list", parents=[common], help="list teams")
+    team_list.add_argument("--json", action="store_true", help="one JSON array")
+    team_show = team_commands.add_parser(
+        "show", parents=[common], help="one team, its keys and its spend this period"
+    )
+    team_show.add_argument("id")
+    team_show.add_argument("--json", action="store_true", help="one JSON object")
+    team_update = team_commands.add_parser(
+        "update", parents=[common], help="change a team", argument_default=argparse.SUPPRESS
+    )
+    team_update.add_argument("id")
+    team_update.add_argument("--name")
+    _limit_arguments(team_update, key=False)
+    team_delete = team_commands.add_parser(
+        "delete", parents=[common], help="delete a team that has no keys"
+    )
+    team_delete.add_argument("id")
 
-def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+
+def _limit_arguments(parser: argparse.ArgumentParser, key: bool = True) -> None:
     parser.add_argument("--rpm", type=_limit, help="requests per minute (0: no limit)")
     parser.add_argument("--tpm", type=_limit, help="tokens per minute (0: no limit)")
     parser.add_argument(
@@ -79,13 +103,20 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="models the key may use, space or comma separated (none: every model)",
     )
-    parser.add_argument(
-        "--expires",
-        dest="expires_at",
-        type=_when,
-        help="ISO date or date-time after which the key stops working (UTC unless it "
-        "says otherwise), or 'never'",
-    )
+    if key:
+        parser.add_argument("--team", dest="team_id", help="the team the key belongs to")
+        parser.add_argument(
+            "--role",
+            choices=("admin", "viewer", "member"),
+            help="what the key may do on the admin API (default member)",
+        )
+        parser.add_argument(
+            "--expires",
+            dest="expires_at",
+            type=_when,
+            help="ISO date or date-time after which the key stops working (UTC unless it "
+            "says otherwise), or 'never'",
+        )
     parser.add_argument(
         "--meta", action="append", type=_pair, metavar="KEY=VALUE", help="free-form metadata"
     )
@@ -165,6 +196,10 @@ async def _run(args: argparse.Namespace, database: Database) -> int:
     db = await Db.open(database)
     try:
         store = KeyStore(db)
+        if args.command == "teams":
+            from . import teams_cli
+
+            return await teams_cli.run(store, args)
         command: Callable[[KeyStore, argparse.Namespace], Any] = _COMMANDS[args.keys_command]
         result: int = await command(store, args)
         return result
@@ -178,8 +213,12 @@ async def _create(store: KeyStore, args: argparse.Namespace) -> int:
     if wrong:
         print(f"error: {wrong}", file=sys.stderr)
         return 1
+    if args.team_id is not None and not await _team_exists(store, args.team_id):
+        return 1
     key, value = await store.create(
         args.name,
+        team_id=args.team_id,
+        role=args.role or "member",
         rpm=args.rpm or None,
         tpm=args.tpm or None,
         max_parallel=args.max_parallel or None,
@@ -193,6 +232,16 @@ async def _create(store: KeyStore, args: argparse.Namespace) -> int:
     print(value)
     print(f"created {key.id} ({key.name}): the key above is shown only this once", file=sys.stderr)
     return 0
+
+
+async def _team_exists(store: KeyStore, team_id: str | None) -> bool:
+    """Whether ``team_id`` names a team (None: no team, fine); prints why not."""
+    from .teams import TeamStore
+
+    if team_id is None or await TeamStore(store.db).get(team_id) is not None:
+        return True
+    print(f"error: no team {team_id} (python -m proxy teams list)", file=sys.stderr)
+    return False
 
 
 async def _list(store: KeyStore, args: argparse.Namespace) -> int:
@@ -291,6 +340,8 @@ async def _show(store: KeyStore, args: argparse.Namespace) -> int:
         ("models", cells[6]),
         ("expires", cells[7]),
         ("status", cells[8]),
+        ("team", key.team_id or "-"),
+        ("role", key.role),
     ]
     if key.budget is not None and spend is not None:
         from ..pricing import show
@@ -334,6 +385,10 @@ async def _update(store: KeyStore, args: argparse.Namespace) -> int:
         wrong = _budget_errors(None, period or "monthly", tz)
         if wrong:
             print(f"error: {wrong}", file=sys.stderr)
+            return 1
+    if "team_id" in changes:
+        changes["team_id"] = changes["team_id"] or None  # --team '': leave the team
+        if not await _team_exists(store, changes["team_id"]):
             return 1
     if "meta" in given:
         current = await store.get(args.id)

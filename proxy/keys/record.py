@@ -31,6 +31,10 @@ class Key(msgspec.Struct, frozen=True):
     budget: Decimal | None = None
     budget_period: str = "monthly"  # daily, weekly, monthly or total
     budget_tz: str = "UTC"  # IANA zone whose midnight starts a period
+    # The team the key belongs to (None: none); its limits apply too (keys/teams.py).
+    team_id: str | None = None
+    # What the key may do on the admin API: "admin", "viewer" or "member" (identity.py).
+    role: str = "member"
 
     @property
     def is_limited(self) -> bool:
@@ -49,7 +53,7 @@ class Key(msgspec.Struct, frozen=True):
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
 
 
-MASTER = Key(id="master", name="master key")
+MASTER = Key(id="master", name="master key", role="admin")
 
 
 def declared(key: DeclaredKey) -> Key:
@@ -66,6 +70,8 @@ def declared(key: DeclaredKey) -> Key:
         budget=key.budget,
         budget_period=key.budget_period,
         budget_tz=key.budget_tz,
+        team_id=key.team_id,
+        role=key.role,
     )
 
 

@@ -24,22 +24,24 @@ from .record import Key
 
 _COLUMNS = (
     "id, name, prefix, rpm, tpm, max_parallel, models, expires_at, revoked, metadata, created_at, "
-    "budget, budget_period, budget_tz"
+    "budget, budget_period, budget_tz, team_id, role"
 )
 # Columns ``update`` may change, in a fixed order (never built from user input).
 UPDATABLE = (
     "name", "rpm", "tpm", "max_parallel", "models", "expires_at", "metadata",
-    "budget", "budget_period", "budget_tz",
+    "budget", "budget_period", "budget_tz", "team_id", "role",
 )  # fmt: skip
 
 
 _FIND = f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1"
 _GET = f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1"
 _LIST = f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id"
+_OF_TEAM = f"SELECT {_COLUMNS} FROM api_keys WHERE team_id = $1 ORDER BY created_at, id"
 _INSERT = (
     "INSERT INTO api_keys (id, name, prefix, key_hash, rpm, tpm, max_parallel, models, "
-    "expires_at, revoked, metadata, created_at, updated_at, budget, budget_period, budget_tz) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)"
+    "expires_at, revoked, metadata, created_at, updated_at, budget, budget_period, budget_tz, "
+    "team_id, role) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15, $16, $17)"
 )
 _REVOKE = "UPDATE api_keys SET revoked = $2, updated_at = $3 WHERE id = $1"
 
@@ -62,6 +64,10 @@ class KeyStore:
     async def all_keys(self) -> list[Key]:
         return [self._key(row) for row in await self.db.fetch(_LIST)]
 
+    async def keys_of(self, team_id: str) -> list[Key]:
+        """The keys of one team, revoked ones included."""
+        return [self._key(row) for row in await self.db.fetch(_OF_TEAM, team_id)]
+
     async def create(
         self,
         name: str,
@@ -75,6 +81,8 @@ class KeyStore:
         budget: Decimal | None = None,
         budget_period: str = "monthly",
         budget_tz: str = "UTC",
+        team_id: str | None = None,
+        role: str = "member",
     ) -> tuple[Key, str]:
         """Store a new key; returns its record and the key itself (shown once)."""
         value = secret.generate()
@@ -94,6 +102,8 @@ class KeyStore:
             budget=budget,
             budget_period=budget_period,
             budget_tz=budget_tz,
+            team_id=team_id,
+            role=role,
         )
         await self.db.execute(
             _INSERT,
@@ -112,6 +122,8 @@ class KeyStore:
             self._param("budget", budget),
             budget_period,
             budget_tz,
+            team_id,
+            role,
         )
         return key, value
 
@@ -143,7 +155,7 @@ class KeyStore:
 
     def _key(self, row: Sequence[Any]) -> Key:
         key_id, name, prefix, rpm, tpm, parallel, models, expires, revoked, meta, created = row[:11]
-        budget, period, tz = row[11:]
+        budget, period, tz, team_id, role = row[11:]
         return Key(
             id=key_id,
             name=name,
@@ -159,6 +171,8 @@ class KeyStore:
             budget=None if budget is None else Decimal(budget),
             budget_period=period,
             budget_tz=tz,
+            team_id=team_id,
+            role=role,
         )
 
 

@@ -25,24 +25,36 @@ from ..db import Db, timestamp
 from .rollup import HOUR
 from .store import TABLE
 
-_HOURS = (
+_HOURS_OF = (
     "SELECT coalesce(sum(cost), 0) FROM usage_hourly "
-    "WHERE key_id = $1 AND starts_at >= $2 AND starts_at < $3"
+    "WHERE {0} = $1 AND starts_at >= $2 AND starts_at < $3"
 )
-_ROWS = f"SELECT cost FROM {TABLE} WHERE key_id = $1 AND started_at >= $2 AND started_at < $3"
+_ROWS_OF = f"SELECT cost FROM {TABLE} WHERE {{0}} = $1 AND started_at >= $2 AND started_at < $3"
+_HOURS, _ROWS = _HOURS_OF.format("key_id"), _ROWS_OF.format("key_id")
 # Where a period has no end ("total" budgets): the last day a datetime can name.
 _NEVER = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 
 async def spent(db: Db, key_id: str, start: float, end: float | None) -> Decimal:
     """The exact cost of ``key_id``'s requests that started in ``[start, end)``."""
+    return await _spent(db, "key_id", key_id, start, end)
+
+
+async def team_spent(db: Db, team_id: str, start: float, end: float | None) -> Decimal:
+    """The exact cost of the requests of ``team_id``'s keys that started in
+    ``[start, end)`` (the fringe hours are read without an index: a team's budget
+    period normally starts on the hour)."""
+    return await _spent(db, "team_id", team_id, start, end)
+
+
+async def _spent(db: Db, column: str, value: str, start: float, end: float | None) -> Decimal:
     stop = _NEVER if end is None else end
     first = math.ceil(start / HOUR) * HOUR  # the whole hours: [first, last)
     last = max(first, math.floor(stop / HOUR) * HOUR)
-    nano = await db.fetchval(_HOURS, key_id, first, last)
+    nano = await db.fetchval(_HOURS_OF.format(column), value, first, last)
     total = Decimal(nano).scaleb(-9)
     for low, high in ((start, min(first, stop)), (last, stop)):
         if low < high:
-            rows = await db.fetch(_ROWS, key_id, timestamp(low), timestamp(high))
+            rows = await db.fetch(_ROWS_OF.format(column), value, timestamp(low), timestamp(high))
             total += sum((Decimal(cost) for (cost,) in rows), Decimal(0))
     return total
