@@ -146,7 +146,12 @@ def add_ops_routes(app: web.Application) -> None:
     token = state.config.server.ops_token
     app.router.add_get("/metrics", protect(metrics_endpoint, token))
     app.router.add_get("/deployments", protect(deployments, token))
-    admin.add_routes(app, admin.Admin(state.config, lambda: state.db, lambda: state.inflight))
+    admin.add_routes(
+        app,
+        admin.Admin(
+            state.config, lambda: state.db, lambda: state.inflight, lambda: state.authenticator
+        ),
+    )
     console.add_routes(app)
 
 

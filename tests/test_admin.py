@@ -108,20 +108,25 @@ async def test_roles(proxy: Proxy) -> None:
     async with admin_of(proxy, MASTER) as admin:
         mine = await admin.call("POST", "/keys", {"name": "mine"}, expect=201)
         other = await admin.call("POST", "/keys", {"name": "other"}, expect=201)
-        SECRETS.update((mine["secret"], other["secret"]))
+        watcher = await admin.call("POST", "/keys", {"name": "w", "role": "viewer"}, expect=201)
+        SECRETS.update((mine["secret"], other["secret"], watcher["secret"]))
         deployments = await admin.call("GET", "/deployments")
         assert "base_url" in deployments["models"][0]["deployments"][0]
         assert (await admin.call("GET", "/me"))["role"] == "admin"
 
-    async with admin_of(proxy, OPS) as viewer:
+    async with admin_of(proxy, OPS) as ops:
+        assert (await ops.call("GET", "/me"))["source"] == "ops_token"
+
+    async with admin_of(proxy, watcher["secret"]) as viewer:
         assert (await viewer.call("GET", "/me"))["role"] == "viewer"
-        assert len((await viewer.call("GET", "/keys"))["data"]) == 2
+        assert len((await viewer.call("GET", "/keys"))["data"]) == 3
         await viewer.call("GET", "/overview")
         seen = await viewer.call("GET", "/deployments")
         assert "base_url" not in seen["models"][0]["deployments"][0]
         refusal = await viewer.call("POST", "/keys", {"name": "x"}, expect=403)
         assert refusal["error"]["code"] == "insufficient_role"
         await viewer.call("DELETE", f"/keys/{mine['id']}", expect=403)
+        await viewer.call("POST", "/teams", {"name": "t"}, expect=403)
 
     async with admin_of(proxy, mine["secret"]) as member:
         me = await member.call("GET", "/me")
@@ -139,7 +144,48 @@ async def test_roles(proxy: Proxy) -> None:
     for credential in (None, "sk-morn-" + "x" * 43, "wrong"):
         async with admin_of(proxy, credential) as nobody:
             body = await nobody.call("GET", "/keys", expect=401)
-            assert body["error"]["code"] == "invalid_api_key"
+            assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_teams(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        team = await admin.call(
+            "POST", "/teams", {"name": "research", "id": "research", "budget": "100", "rpm": 50},
+            expect=201,
+        )  # fmt: skip
+        assert team["spend"]["spent"] in ("0", "0.00")
+        await admin.call("POST", "/teams", {"name": "research"}, expect=400)
+        await admin.call("POST", "/teams", {"name": "x", "id": "no spaces"}, expect=400)
+        member = await admin.call("POST", "/keys", {"name": "r1", "team_id": "research"}, 201)
+        SECRETS.add(member["secret"])
+        assert member["team_id"] == "research"
+        await admin.call("POST", "/keys", {"name": "x", "team_id": "nope"}, expect=400)
+        loner = await admin.call("POST", "/keys", {"name": "loner"}, expect=201)
+        SECRETS.add(loner["secret"])
+
+        await _chat(proxy, member["secret"])
+        # group_by=team reads the rollups' team_id, which the ledger fills from #19 on.
+        await admin.call("GET", "/usage", group_by="team", team_id="research")
+        listed = await admin.call("GET", "/keys", team_id="research")
+        assert [k["id"] for k in listed["data"]] == [member["id"]]
+        changed = await admin.call("PATCH", "/teams/research", {"rpm": None, "tpm": 10})
+        assert changed["rpm"] is None
+        assert changed["tpm"] == 10
+        moved = await admin.call("PATCH", f"/keys/{loner['id']}", {"team_id": "research"})
+        assert moved["team_id"] == "research"
+        refusal = await admin.call("DELETE", "/teams/research", expect=400)
+        assert refusal["error"]["code"] == "team_in_use"
+
+    async with admin_of(proxy, member["secret"]) as mine:
+        teams = await mine.call("GET", "/teams")
+        assert [t["id"] for t in teams["data"]] == ["research"]
+        await mine.call("GET", "/teams/research")
+        await mine.call("PATCH", "/teams/research", {"rpm": 1}, expect=403)
+
+    async with admin_of(proxy, MASTER) as admin:
+        empty = await admin.call("POST", "/teams", {"name": "empty"}, expect=201)
+        await admin.call("DELETE", f"/teams/{empty['id']}", expect=204)
+        await admin.call("GET", f"/teams/{empty['id']}", expect=404)
 
 
 async def test_sessions(proxy: Proxy) -> None:

@@ -1,21 +1,16 @@
-"""Who is calling the admin API, and what their role lets them do.
+"""Who is calling the admin API: credentials through identity.py (the one place roles
+are decided: master key and ops token → admin, an API key → its own role), or the
+console's session cookie.
 
-A caller is a ``Principal`` with a role: ``admin`` (everything), ``viewer`` (read
-everything, change nothing) or ``member`` (their own key, its limits, budget and
-usage). Credentials, tried in this order:
+A session (``POST /admin/v1/session`` with one of those credentials) is an
+HMAC-signed, expiring statement of the principal, so every worker and replica checks
+it without shared state. Its HMAC key is derived from the master key's hash and the
+ops token, so sessions exist only when one of them is set. A session made from an API
+key is checked against the key store on each request: revoking the key ends it, and
+a changed role or team applies at once.
 
-- ``Authorization: Bearer <master key>`` → admin;
-- ``Authorization: Bearer <ops token>`` → viewer (what monitoring holds: it reads);
-- ``Authorization: Bearer <API key>`` → member of that key (usable keys only);
-- the console's session cookie, made by ``POST /admin/v1/session`` from one of the
-  above: an HMAC-signed, expiring statement of the principal, so every worker and
-  replica checks it without shared state. Its HMAC key is derived from the master
-  key's hash and the ops token, so sessions exist only when one of them is set; a
-  member's session is checked against the key store on each request (a revoked key's
-  session ends with it).
-
-Invariants: credentials are compared in constant time, hashed at once, never logged
-and never echoed in an error message.
+Invariants: credentials are never logged, stored or echoed; the cookie holds the
+principal (role, ids, name), never a credential.
 """
 
 from __future__ import annotations
@@ -24,37 +19,19 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
 
 from ..config import Config
 from ..errors import Forbidden, Unauthorized
-from ..keys import secret
-from ..keys.record import Key, declared
+from ..identity import Authenticator, Principal, of_key
+from ..keys.lookup import presented
 from ..keys.store import KeyStore
 
-Role = Literal["admin", "viewer", "member"]
-ROLES: tuple[Role, ...] = ("admin", "viewer", "member")
 COOKIE = "morngpt_console"
 SESSION_SECONDS = 12 * 3600
-_RANK = {"member": 0, "viewer": 1, "admin": 2}
-
-
-class Principal(msgspec.Struct, frozen=True):
-    """The caller of an admin request."""
-
-    role: Role
-    name: str
-    key_id: str | None = None
-    team_id: str | None = None
-    user_id: str | None = None
-
-    def may(self, role: Role) -> bool:
-        """Whether this principal's role is at least ``role``."""
-        return _RANK[self.role] >= _RANK[role]
 
 
 class _Session(msgspec.Struct, frozen=True, array_like=True):
@@ -62,57 +39,40 @@ class _Session(msgspec.Struct, frozen=True, array_like=True):
     expires: float
 
 
-_NO_CREDENTIAL = (
-    "This endpoint needs a credential: Authorization: Bearer <key> or a console session."
-)
-_BAD_CREDENTIAL = "Incorrect or revoked credential."
-
-
 class Access:
     """Turns requests into principals and principals into session cookies."""
 
-    def __init__(self, config: Config) -> None:
-        self.master = config.auth.master_key_sha256
-        self.ops = config.server.ops_token
-        self.declared = {k.sha256: declared(k) for k in config.keys}
-        seed = f"morngpt-console\0{self.master}\0{self.ops}".encode()
-        self.signing = hashlib.sha256(seed).digest() if (self.master or self.ops) else b""
+    def __init__(self, config: Config, authenticator: Callable[[], Authenticator]) -> None:
+        self.authenticator = authenticator
+        master, ops = config.auth.master_key_sha256, config.server.ops_token
+        seed = f"morngpt-console\0{master}\0{ops}".encode()
+        self.signing = hashlib.sha256(seed).digest() if (master or ops) else b""
         self.secure = bool(config.server.tls_cert)
 
     async def principal(self, request: web.Request, store: KeyStore | None) -> Principal:
-        """The caller, or ``Unauthorized``."""
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return await self.from_credential(auth[7:].strip(), store)
+        """The caller: from its credential headers, else its session; or ``Unauthorized``."""
+        if presented(request.headers) is not None:
+            return await self.authenticator().authenticate(request.headers)
         cookie = request.cookies.get(COOKIE)
-        if cookie:
-            return await self._from_cookie(cookie, store)
-        raise Unauthorized(_NO_CREDENTIAL)
+        if not cookie:
+            raise Unauthorized(
+                "This needs a credential (Authorization: Bearer …) or a console session."
+            )
+        return await self._from_cookie(cookie, store)
 
-    async def from_credential(self, credential: str, store: KeyStore | None) -> Principal:
-        digest = secret.digest(credential)
-        if self.master and hmac.compare_digest(digest, self.master):
-            return Principal("admin", "master key")
-        ops = self.ops.encode("utf-8", "surrogateescape")
-        given = credential.encode("utf-8", "surrogateescape")
-        if ops and hmac.compare_digest(given, ops):
-            return Principal("viewer", "ops token")
-        key = self.declared.get(digest)
-        if key is None and store is not None and secret.looks_issued(credential):
-            key = await store.find(digest)
-        if key is None or not key.is_usable(time.time()):
-            raise Unauthorized(_BAD_CREDENTIAL)
-        return member(key)
+    async def from_credential(self, credential: str) -> Principal:
+        return await self.authenticator().authenticate({"Authorization": f"Bearer {credential}"})
 
     async def _from_cookie(self, cookie: str, store: KeyStore | None) -> Principal:
         session = self._verify(cookie)
         if session is None or session.expires < time.time():
             raise Unauthorized("The console session has expired; log in again.")
         principal = session.principal
-        if principal.role == "member" and principal.key_id is not None:
-            key = await _current(principal.key_id, self.declared.values(), store)
+        if principal.source == "key" and principal.key_id is not None:
+            key = None if store is None else await store.get(principal.key_id)
             if key is None or not key.is_usable(time.time()):
-                raise Unauthorized(_BAD_CREDENTIAL)
+                raise Unauthorized("The key this session was opened with no longer works.")
+            return of_key(key)
         return principal
 
     def cookie(self, principal: Principal) -> str:
@@ -140,24 +100,6 @@ class Access:
             return msgspec.msgpack.decode(body, type=_Session)
         except msgspec.DecodeError:
             return None
-
-
-def member(key: Key) -> Principal:
-    """The principal of an API key's holder."""
-    return Principal("member", key.name, key_id=key.id)
-
-
-def require(principal: Principal, role: Role) -> None:
-    """Raise ``Forbidden`` unless ``principal`` has at least ``role``."""
-    if not principal.may(role):
-        raise Forbidden(f"This needs the {role} role.", code="insufficient_role")
-
-
-async def _current(key_id: str, fixed: Iterable[Key], store: KeyStore | None) -> Key | None:
-    for key in fixed:
-        if key.id == key_id:
-            return key
-    return None if store is None else await store.get(key_id)
 
 
 def _b64(data: bytes) -> str:

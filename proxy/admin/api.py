@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -24,13 +24,15 @@ from .. import metrics
 from ..config import Config, check_budget
 from ..db import Db
 from ..errors import BadRequest, DatabaseUnavailable, NotFound, ProxyError, render
+from ..identity import Authenticator, Principal, require
 from ..keys.lookup import STORE_FAILURES
 from ..keys.record import Key
 from ..keys.store import KeyStore
+from ..keys.teams import TEAM_ID, Team, TeamInUse, TeamStore
 from ..periods import PERIODS
 from ..pricing import show
 from . import views
-from .access import COOKIE, SESSION_SECONDS, Access, Principal, Role, require
+from .access import COOKIE, SESSION_SECONDS, Access
 from .openapi import document
 
 log = logging.getLogger("proxy.admin")
@@ -45,6 +47,7 @@ Models = Annotated[
     list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]], msgspec.Meta(max_length=1000)
 ]
 UNSET: Any = msgspec.UNSET
+Role = Literal["admin", "viewer", "member"]
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,6 +61,8 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     budget: Decimal | None = None
     budget_period: str = "monthly"
     budget_tz: str = "UTC"
+    team_id: str | None = None
+    role: Role = "member"
 
 
 class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,6 +74,35 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True):
     max_parallel: Limit | msgspec.UnsetType | None = UNSET
     models: Models | msgspec.UnsetType = UNSET
     expires_at: float | msgspec.UnsetType | None = UNSET
+    metadata: dict[str, str] | msgspec.UnsetType = UNSET
+    budget: Decimal | msgspec.UnsetType | None = UNSET
+    budget_period: str | msgspec.UnsetType = UNSET
+    budget_tz: str | msgspec.UnsetType = UNSET
+    team_id: str | msgspec.UnsetType | None = UNSET
+    role: Role | msgspec.UnsetType = UNSET
+
+
+class TeamCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    id: str | None = None
+    rpm: Limit | None = None
+    tpm: Limit | None = None
+    max_parallel: Limit | None = None
+    models: Models = []
+    metadata: dict[str, str] = {}
+    budget: Decimal | None = None
+    budget_period: str = "monthly"
+    budget_tz: str = "UTC"
+
+
+class TeamUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """Only the fields given change; null removes a limit."""
+
+    name: Name | msgspec.UnsetType = UNSET
+    rpm: Limit | msgspec.UnsetType | None = UNSET
+    tpm: Limit | msgspec.UnsetType | None = UNSET
+    max_parallel: Limit | msgspec.UnsetType | None = UNSET
+    models: Models | msgspec.UnsetType = UNSET
     metadata: dict[str, str] | msgspec.UnsetType = UNSET
     budget: Decimal | msgspec.UnsetType | None = UNSET
     budget_period: str | msgspec.UnsetType = UNSET
@@ -87,10 +121,14 @@ class Admin:
     """The admin API's shared parts: config, access, and the worker's database."""
 
     def __init__(
-        self, config: Config, db: Callable[[], Db | None], inflight: Callable[[], int]
+        self,
+        config: Config,
+        db: Callable[[], Db | None],
+        inflight: Callable[[], int],
+        authenticator: Callable[[], Authenticator],
     ) -> None:
         self.config = config
-        self.access = Access(config)
+        self.access = Access(config, authenticator)
         self._db = db
         self.inflight = inflight
         self.openapi = msgspec.json.encode(document())
@@ -142,6 +180,11 @@ def add_routes(app: web.Application, admin: Admin) -> None:
     r.add_get(f"{PREFIX}/keys/{{id}}", admin.route("member", lambda q, p: get_key(admin, q, p)))
     r.add_patch(f"{PREFIX}/keys/{{id}}", admin.route("admin", lambda q, p: update_key(admin, q)))
     r.add_delete(f"{PREFIX}/keys/{{id}}", admin.route("admin", lambda q, p: revoke_key(admin, q)))
+    r.add_get(f"{PREFIX}/teams", admin.route("member", lambda q, p: list_teams(admin, q, p)))
+    r.add_post(f"{PREFIX}/teams", admin.route("admin", lambda q, p: create_team(admin, q), 201))
+    r.add_get(f"{PREFIX}/teams/{{id}}", admin.route("member", lambda q, p: get_team(admin, q, p)))
+    r.add_patch(f"{PREFIX}/teams/{{id}}", admin.route("admin", lambda q, p: update_team(admin, q)))
+    r.add_delete(f"{PREFIX}/teams/{{id}}", admin.route("admin", lambda q, p: delete_team(admin, q)))
     r.add_get(f"{PREFIX}/usage", admin.route("member", lambda q, p: get_usage(admin, q, p)))
     r.add_get(f"{PREFIX}/budgets", admin.route("member", lambda q, p: budgets(admin, q, p)))
     r.add_get(f"{PREFIX}/deployments", admin.route("viewer", deployments))
@@ -162,7 +205,7 @@ def login(admin: Admin) -> Callable[[web.Request], Awaitable[web.StreamResponse]
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
             given = _decode(await request.read(), Login)
-            principal = await admin.access.from_credential(given.credential, admin.store())
+            principal = await admin.access.from_credential(given.credential)
             cookie = admin.access.cookie(principal)
         except ProxyError as err:
             return _error(err)
@@ -192,27 +235,32 @@ def _principal(principal: Principal) -> dict[str, Any]:
     return {"object": "principal", **msgspec.to_builtins(principal)}
 
 
+async def _visible_keys(admin: Admin, principal: Principal) -> list[Key]:
+    """Every key for a viewer or admin; a member's own keys only."""
+    keys = await KeyStore(admin.db).all_keys()
+    return keys if principal.has("viewer") else [k for k in keys if principal.owns(k)]
+
+
 async def list_keys(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
     now = time.time()
-    if principal.role == "member":
-        key = await _key(admin, principal.key_id or "")
-        keys = [key]
-    else:
-        keys = await KeyStore(admin.db).all_keys()
+    keys = await _visible_keys(admin, principal)
+    if team := request.query.get("team_id"):
+        keys = [k for k in keys if k.team_id == team]
     page, more, following = _page(request, keys)
     return _list([await views.key_view(admin.db, k, now) for k in page], more, following)
 
 
 async def get_key(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
-    key_id = request.match_info["id"]
-    if principal.role == "member" and key_id != principal.key_id:
+    key = await KeyStore(admin.db).get(request.match_info["id"])
+    if key is None or not (principal.has("viewer") or principal.owns(key)):
         raise NotFound("No such key.")  # a member learns nothing of other keys
-    return await views.key_view(admin.db, await _key(admin, key_id), time.time())
+    return await views.key_view(admin.db, key, time.time())
 
 
 async def create_key(admin: Admin, request: web.Request) -> dict[str, Any]:
     given = _decode(await request.read(), KeyCreate)
     _check_budget(given.budget, given.budget_period, given.budget_tz)
+    await _check_team(admin, given.team_id)
     key, value = await KeyStore(admin.db).create(
         given.name,
         rpm=given.rpm,
@@ -224,14 +272,15 @@ async def create_key(admin: Admin, request: web.Request) -> dict[str, Any]:
         budget=given.budget or None,
         budget_period=given.budget_period,
         budget_tz=given.budget_tz,
+        team_id=given.team_id,
+        role=given.role,
     )
     log.info("admin: created key %s (%s)", key.id, key.name)
     return {**await views.key_view(admin.db, key, time.time()), "secret": value}
 
 
-async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
-    key_id = request.match_info["id"]
-    given = _decode(await request.read(), KeyUpdate)
+def _changes(given: msgspec.Struct) -> dict[str, Any]:
+    """The fields of an update body that were given, ready for a store's ``update``."""
     changes = {
         name: getattr(given, name)
         for name in given.__struct_fields__
@@ -243,13 +292,21 @@ async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
         changes["models"] = frozenset(changes["models"])
     if "budget" in changes:
         changes["budget"] = changes["budget"] or None
+    return changes
+
+
+async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
+    key_id = request.match_info["id"]
+    changes = _changes(_decode(await request.read(), KeyUpdate))
+    current = await _key(admin, key_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
-        current = await _key(admin, key_id)
         _check_budget(
             changes.get("budget", current.budget),
             changes.get("budget_period", current.budget_period),
             changes.get("budget_tz", current.budget_tz),
         )
+    if "team_id" in changes:
+        await _check_team(admin, changes["team_id"])
     key = await KeyStore(admin.db).update(key_id, changes)
     if key is None:
         raise NotFound("No such key.")
@@ -266,8 +323,83 @@ async def revoke_key(admin: Admin, request: web.Request) -> dict[str, Any]:
     return await views.key_view(admin.db, await _key(admin, key_id), time.time())
 
 
+async def list_teams(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
+    teams = await TeamStore(admin.db).all_teams()
+    if not principal.has("viewer"):
+        teams = [t for t in teams if t.id == principal.team_id]
+    page, more, following = _page(request, teams)
+    now = time.time()
+    return _list([await views.team_view(admin.db, t, now) for t in page], more, following)
+
+
+async def get_team(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
+    team_id = request.match_info["id"]
+    if not (principal.has("viewer") or principal.team_id == team_id):
+        raise NotFound("No such team.")
+    return await views.team_view(admin.db, await _team(admin, team_id), time.time())
+
+
+async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
+    given = _decode(await request.read(), TeamCreate)
+    _check_budget(given.budget, given.budget_period, given.budget_tz)
+    if given.id is not None and not TEAM_ID.fullmatch(given.id):
+        raise BadRequest("A team id is 1 to 64 of A-Z a-z 0-9 _ . -", param="id")
+    store = TeamStore(admin.db)
+    if given.id is not None and await store.get(given.id) is not None:
+        raise BadRequest(f"Team {given.id} exists already.", param="id", code="team_exists")
+    if any(t.name == given.name for t in await store.all_teams()):
+        raise BadRequest("A team of that name exists already.", param="name", code="team_exists")
+    team = await store.create(
+        given.name,
+        team_id=given.id,
+        rpm=given.rpm,
+        tpm=given.tpm,
+        max_parallel=given.max_parallel,
+        models=given.models,
+        budget=given.budget or None,
+        budget_period=given.budget_period,
+        budget_tz=given.budget_tz,
+        metadata=dict(given.metadata),
+    )
+    log.info("admin: created team %s (%s)", team.id, team.name)
+    return await views.team_view(admin.db, team, time.time())
+
+
+async def update_team(admin: Admin, request: web.Request) -> dict[str, Any]:
+    team_id = request.match_info["id"]
+    changes = _changes(_decode(await request.read(), TeamUpdate))
+    current = await _team(admin, team_id)
+    if {"budget", "budget_period", "budget_tz"} & changes.keys():
+        _check_budget(
+            changes.get("budget", current.budget),
+            changes.get("budget_period", current.budget_period),
+            changes.get("budget_tz", current.budget_tz),
+        )
+    store = TeamStore(admin.db)
+    name = changes.get("name")
+    if name and any(t.name == name and t.id != team_id for t in await store.all_teams()):
+        raise BadRequest("A team of that name exists already.", param="name", code="team_exists")
+    team = await store.update(team_id, changes)
+    if team is None:
+        raise NotFound("No such team.")
+    log.info("admin: updated team %s (%s)", team_id, ", ".join(sorted(changes)))
+    return await views.team_view(admin.db, team, time.time())
+
+
+async def delete_team(admin: Admin, request: web.Request) -> web.Response:
+    team_id = request.match_info["id"]
+    try:
+        deleted = await TeamStore(admin.db).delete(team_id)
+    except TeamInUse as exc:
+        raise BadRequest(f"{exc}: move or revoke them first.", code="team_in_use") from None
+    if not deleted:
+        raise NotFound("No such team.")
+    log.info("admin: deleted team %s", team_id)
+    return web.Response(status=204)
+
+
 async def get_usage(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
-    """GET /usage?group_by=&granularity=&start=&end=&key_id=&model=&deployment="""
+    """GET /usage?group_by=&granularity=&start=&end=&key_id=&team_id=&model=&deployment="""
     query = request.query
     by = _choice(query, "group_by", views.GROUPS, "model")
     granularity = _choice(query, "granularity", views.GRANULARITIES, "hour")
@@ -277,8 +409,9 @@ async def get_usage(admin: Admin, request: web.Request, principal: Principal) ->
     if not 0 <= end - start <= _MAX_USAGE_SPAN:
         raise BadRequest("start must be before end, at most 400 days apart.", param="start")
     where = {name: query[name] for name in views.FILTERS if query.get(name)}
-    if principal.role == "member":
-        where["key_id"] = principal.key_id or ""  # a member sees only their own
+    if not principal.has("viewer"):
+        # A member sees only their own key's usage (any key_id asked for is replaced).
+        where["key_id"] = principal.key_id or ""
     rows = await views.usage(admin.db, by, views.GRANULARITIES[granularity], start, end, where)
     page, more, following = _page(request, rows)
     return {
@@ -293,12 +426,8 @@ async def get_usage(admin: Admin, request: web.Request, principal: Principal) ->
 async def budgets(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
     """Keys with a budget: the current period, spent and left."""
     now = time.time()
-    if principal.role == "member":
-        keys = [await _key(admin, principal.key_id or "")]
-    else:
-        keys = await KeyStore(admin.db).all_keys()
     rows = []
-    for key in keys:
+    for key in await _visible_keys(admin, principal):
         if key.budget is None or key.revoked:
             continue
         rows.append(
@@ -322,7 +451,7 @@ async def deployments(request: web.Request, principal: Principal) -> dict[str, A
     snapshot = request.app[STATE].router.snapshot()
     for model in snapshot["models"]:
         for deployment in model["deployments"]:
-            if not principal.may("admin"):
+            if not principal.is_admin:
                 deployment.pop("base_url", None)
     return {"object": "deployments", **snapshot}
 
@@ -340,6 +469,18 @@ async def overview(admin: Admin) -> dict[str, Any]:
 
 async def _unknown(request: web.Request) -> web.Response:
     return _error(NotFound("Unknown admin API path; see /admin/v1/openapi.json."))
+
+
+async def _team(admin: Admin, team_id: str) -> Team:
+    team = await TeamStore(admin.db).get(team_id)
+    if team is None:
+        raise NotFound("No such team.")
+    return team
+
+
+async def _check_team(admin: Admin, team_id: str | None) -> None:
+    if team_id is not None and await TeamStore(admin.db).get(team_id) is None:
+        raise BadRequest(f"No team {team_id}.", param="team_id", code="team_not_found")
 
 
 async def _key(admin: Admin, key_id: str) -> Key:

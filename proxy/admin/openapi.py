@@ -61,6 +61,14 @@ _KEY_FIELDS = {
     "budget_period": _PERIOD,
     "budget_tz": _STR,
     "spend": _null(_ref("Spend")),
+    "team_id": _null(_STR),
+    "role": {"enum": ["admin", "viewer", "member"]},
+}
+_TEAM_FIELDS = {
+    "object": {"const": "team"},
+    **{k: _KEY_FIELDS[k] for k in ("id", "name", "rpm", "tpm", "max_parallel", "models")},
+    **{k: _KEY_FIELDS[k] for k in ("created_at", "metadata", "budget", "budget_period")},
+    **{k: _KEY_FIELDS[k] for k in ("budget_tz", "spend")},
 }
 _KEY_INPUT = {
     "name": {"type": "string", "minLength": 1, "maxLength": 200},
@@ -73,6 +81,12 @@ _KEY_INPUT = {
     "budget": _null({"oneOf": [_MONEY, _NUM]}),
     "budget_period": _PERIOD,
     "budget_tz": _STR,
+}
+_TEAM_INPUT = {k: v for k, v in _KEY_INPUT.items() if k != "expires_at"}
+_KEY_INPUT = {
+    **_KEY_INPUT,
+    "team_id": _null(_STR),
+    "role": {"enum": ["admin", "viewer", "member"], "description": "default member"},
 }
 _HISTOGRAM = _object(
     {"bounds_ms": {"type": "array", "items": _NUM}, "counts": {"type": "array", "items": _NUM}}
@@ -137,6 +151,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "object": {"const": "principal"},
             "role": {"enum": ["admin", "viewer", "member"]},
+            "source": {"enum": ["master", "ops_token", "key", "jwt", "session"]},
             "name": _STR,
             "key_id": _null(_STR),
             "team_id": _null(_STR),
@@ -151,11 +166,18 @@ SCHEMAS: dict[str, Any] = {
     "KeyList": _list_of(_ref("Key")),
     "KeyCreate": {**_object({"name": _KEY_INPUT["name"]}, _KEY_INPUT)},
     "KeyUpdate": {**_object({}, _KEY_INPUT), "minProperties": 1},
+    "Team": _object(_TEAM_FIELDS),
+    "TeamList": _list_of(_ref("Team")),
+    "TeamCreate": _object(
+        {"name": _TEAM_INPUT["name"]},
+        {**_TEAM_INPUT, "id": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}},
+    ),
+    "TeamUpdate": {**_object({}, _TEAM_INPUT), "minProperties": 1},
     "Login": _object({"credential": _STR}),
     "Usage": _list_of(
         _USAGE_ROW,
         {
-            "group_by": {"enum": ["key", "model", "deployment", "outcome"]},
+            "group_by": {"enum": ["key", "team", "model", "deployment", "outcome"]},
             "granularity": {"enum": ["hour", "day"]},
             "start": _NUM,
             "end": _NUM,
@@ -245,11 +267,14 @@ def _op(
 
 
 _USAGE_PARAMS = [
-    _query("group_by", {"enum": ["key", "model", "deployment", "outcome"]}, "default model"),
+    _query(
+        "group_by", {"enum": ["key", "team", "model", "deployment", "outcome"]}, "default model"
+    ),
     _query("granularity", {"enum": ["hour", "day"]}, "default hour"),
     _query("start", _NUM, "Unix seconds (default: end - 1 day)"),
     _query("end", _NUM, "Unix seconds (default: now)"),
     _query("key_id", _STR, "only this key"),
+    _query("team_id", _STR, "only this team's keys"),
     _query("model", _STR, "only this model"),
     _query("deployment", _STR, "only this deployment"),
     *_PAGE,
@@ -267,7 +292,12 @@ PATHS: dict[str, Any] = {
     },
     "/admin/v1/me": {"get": _op("Who is calling", "member", (200, "Principal"))},
     "/admin/v1/keys": {
-        "get": _op("List keys (a member: their own)", "member", (200, "KeyList"), params=_PAGE),
+        "get": _op(
+            "List keys (a member: their own)",
+            "member",
+            (200, "KeyList"),
+            params=[*_PAGE, _query("team_id", _STR, "only this team's keys")],
+        ),
         "post": _op(
             "Create a key; the answer holds the key itself, this once",
             "admin",
@@ -285,6 +315,21 @@ PATHS: dict[str, Any] = {
             params=_ID,
         ),
         "delete": _op("Revoke a key", "admin", (200, "Key"), params=_ID),
+    },
+    "/admin/v1/teams": {
+        "get": _op("List teams (a member: their own)", "member", (200, "TeamList"), params=_PAGE),
+        "post": _op("Create a team", "admin", (201, "Team"), body="TeamCreate"),
+    },
+    "/admin/v1/teams/{id}": {
+        "get": _op("One team, with its spend", "member", (200, "Team"), params=_ID),
+        "patch": _op(
+            "Change a team's limits, models or budget",
+            "admin",
+            (200, "Team"),
+            body="TeamUpdate",
+            params=_ID,
+        ),
+        "delete": _op("Delete a team that has no keys", "admin", (204, None), params=_ID),
     },
     "/admin/v1/usage": {
         "get": _op(

@@ -15,16 +15,20 @@ from prometheus_client.metrics_core import Metric
 
 from ..db import Db
 from ..keys.record import Key
+from ..keys.teams import Team
 from ..periods import period_of, zone
 from ..pricing import show
 from ..usage import rollup
-from ..usage.spend import spent
+from ..usage.spend import spent, team_spent
 
 # group_by → rollup column; a fixed map, so no column name is ever user text.
-GROUPS = {"key": "key_id", "model": "model", "deployment": "deployment", "outcome": "outcome"}
+GROUPS = {
+    "key": "key_id", "team": "team_id", "model": "model", "deployment": "deployment",
+    "outcome": "outcome",
+}  # fmt: skip
 GRANULARITIES = {"hour": rollup.HOUR, "day": rollup.DAY}
 # Filters → rollup column (equality only).
-FILTERS = {"key_id": "key_id", "model": "model", "deployment": "deployment"}
+FILTERS = {"key_id": "key_id", "team_id": "team_id", "model": "model", "deployment": "deployment"}
 _SUMS = (
     "sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost), "
     "coalesce(sum(requests) FILTER (WHERE outcome <> ''), 0), "
@@ -57,8 +61,40 @@ async def key_view(db: Db | None, key: Key, now: float) -> dict[str, Any]:
         "budget_period": key.budget_period,
         "budget_tz": key.budget_tz,
         "spend": await budget_view(db, key, now) if key.budget is not None else None,
+        "team_id": key.team_id,
+        "role": key.role,
     }
     return view
+
+
+async def team_view(db: Db, team: Team, now: float) -> dict[str, Any]:
+    """A team as the API shows it, with its spend this period when it has a budget."""
+    spend = None
+    if team.budget is not None:
+        tz = zone(team.budget_tz)
+        period = period_of(team.budget_period, tz, now)
+        total = await team_spent(db, team.id, period.start, period.end)
+        spend = {
+            "period_start": period.start,
+            "period_end": period.end,
+            "spent": show(total),
+            "left": show(team.budget - total),
+        }
+    return {
+        "object": "team",
+        "id": team.id,
+        "name": team.name,
+        "rpm": team.rpm,
+        "tpm": team.tpm,
+        "max_parallel": team.max_parallel,
+        "models": sorted(team.models),
+        "created_at": team.created_at,
+        "metadata": team.metadata,
+        "budget": None if team.budget is None else show(team.budget),
+        "budget_period": team.budget_period,
+        "budget_tz": team.budget_tz,
+        "spend": spend,
+    }
 
 
 async def budget_view(db: Db | None, key: Key, now: float) -> dict[str, Any]:
