@@ -5,6 +5,7 @@ import { Deployments } from './pages/Deployments';
 import { Keys } from './pages/Keys';
 import { Login } from './pages/Login';
 import { Overview } from './pages/Overview';
+import { Teams } from './pages/Teams';
 import { Usage } from './pages/Usage';
 
 const Who = createContext<Principal | null>(null);
@@ -33,6 +34,7 @@ export function App() {
             {staff && <NavLink to="/" end className={link}>Overview</NavLink>}
             {staff && <NavLink to="/deployments" className={link}>Deployments</NavLink>}
             <NavLink to="/keys" className={link}>{staff ? 'Keys' : 'My key'}</NavLink>
+            {(staff || principal.team_id) && <NavLink to="/teams" className={link}>{staff ? 'Teams' : 'My team'}</NavLink>}
             <NavLink to="/usage" className={link}>Usage</NavLink>
           </nav>
           <span className="ml-auto text-sm text-slate-600">
@@ -47,6 +49,7 @@ export function App() {
             <Route path="/" element={staff ? <Overview /> : <Navigate to="/keys" replace />} />
             <Route path="/deployments" element={<Deployments />} />
             <Route path="/keys" element={<Keys />} />
+            <Route path="/teams" element={<Teams />} />
             <Route path="/usage" element={<Usage />} />
             <Route path="*" element={<Navigate to="/" replace />} />
           </Routes>

@@ -23,9 +23,22 @@ export async function api<T>(method: string, path: string, body?: unknown): Prom
 
 export interface Principal {
   role: 'admin' | 'viewer' | 'member';
+  source: string;
   name: string;
   key_id: string | null;
   team_id: string | null;
+}
+
+export interface Team {
+  id: string;
+  name: string;
+  rpm: number | null;
+  tpm: number | null;
+  max_parallel: number | null;
+  models: string[];
+  budget: string | null;
+  budget_period: string;
+  spend: { spent: string; left: string; period_start: number } | null;
 }
 
 export interface Key {
@@ -40,6 +53,8 @@ export interface Key {
   budget: string | null;
   budget_period: string;
   spend: { spent: string; left: string; period_start: number } | null;
+  team_id: string | null;
+  role: string;
 }
 
 export interface Page<T> {

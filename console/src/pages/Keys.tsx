@@ -1,5 +1,5 @@
 import { useEffect, useState, type FormEvent } from 'react';
-import { api, type Key, type Page } from '../api';
+import { api, type Key, type Page, type Team } from '../api';
 import { usePrincipal } from '../App';
 import { parseLimit } from '../usage';
 import { useError } from './common';
@@ -10,10 +10,14 @@ export function Keys() {
   const [keys, setKeys] = useState<Key[]>([]);
   const [error, fail, clear] = useError();
   const [created, setCreated] = useState<string | null>(null);
+  const [teams, setTeams] = useState<Team[]>([]);
   const load = () => api<Page<Key>>('GET', '/keys?limit=1000').then((p) => setKeys(p.data), fail);
   useEffect(() => {
     load();
+    api<Page<Team>>('GET', '/teams?limit=1000').then((p) => setTeams(p.data), () => undefined);
   }, []); // eslint-disable-line react-hooks/exhaustive-deps
+  const [team, setTeam] = useState('');
+  const [role, setRole] = useState('member');
 
   const [name, setName] = useState('');
   const [rpm, setRpm] = useState('');
@@ -28,6 +32,8 @@ export function Keys() {
         name,
         rpm: limit,
         budget: budget.trim() === '' ? null : budget.trim(),
+        team_id: team || null,
+        role,
       });
       setCreated(made.secret);
       setName('');
@@ -65,6 +71,19 @@ export function Keys() {
             Monthly budget (empty: none)
             <input inputMode="decimal" value={budget} onChange={(e) => setBudget(e.target.value)} className="rounded border px-2 py-1" name="budget" />
           </label>
+          <label className="flex flex-col text-sm">
+            Team
+            <select value={team} onChange={(e) => setTeam(e.target.value)} className="rounded border px-2 py-1" name="team">
+              <option value="">none</option>
+              {teams.map((t) => <option key={t.id} value={t.id}>{t.name}</option>)}
+            </select>
+          </label>
+          <label className="flex flex-col text-sm">
+            Role on the console
+            <select value={role} onChange={(e) => setRole(e.target.value)} className="rounded border px-2 py-1" name="role">
+              <option>member</option><option>viewer</option><option>admin</option>
+            </select>
+          </label>
           <button type="submit" className="rounded bg-indigo-600 px-4 py-2 text-white focus:ring-2 focus:ring-indigo-300">Create key</button>
         </form>
       )}
@@ -78,7 +97,7 @@ export function Keys() {
       <table className="w-full rounded bg-white text-left shadow">
         <thead>
           <tr>
-            {['Name', 'Id', 'Prefix', 'Status', 'RPM', 'TPM', 'Models', 'Budget', 'Spent', ''].map((h) => (
+            {['Name', 'Id', 'Prefix', 'Status', 'Team', 'Role', 'RPM', 'TPM', 'Models', 'Budget', 'Spent', ''].map((h) => (
               <th key={h} scope="col" className="p-2">{h}</th>
             ))}
           </tr>
@@ -90,6 +109,8 @@ export function Keys() {
               <td className="p-2 font-mono text-xs">{k.id}</td>
               <td className="p-2 font-mono">{k.prefix}…</td>
               <td className="p-2" data-testid="status">{k.status}</td>
+              <td className="p-2">{k.team_id ?? '—'}</td>
+              <td className="p-2">{k.role}</td>
               <td className="p-2">{k.rpm ?? '—'}</td>
               <td className="p-2">{k.tpm ?? '—'}</td>
               <td className="p-2">{k.models.join(', ') || 'all'}</td>

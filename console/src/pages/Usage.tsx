@@ -31,7 +31,7 @@ export function Usage() {
       <form aria-label="Filters" className="mb-4 flex flex-wrap gap-3" onSubmit={(e) => e.preventDefault()}>
         <label className="flex flex-col text-sm">Group by
           <select className={select} value={groupBy} onChange={(e) => setGroupBy(e.target.value)} name="group_by">
-            {['key', 'model', 'deployment', 'outcome'].map((g) => <option key={g}>{g}</option>)}
+            {['key', 'team', 'model', 'deployment', 'outcome'].map((g) => <option key={g}>{g}</option>)}
           </select>
         </label>
         <label className="flex flex-col text-sm">Per
