@@ -96,9 +96,14 @@ class Admin:
         return body
 
 
-@contextlib.asynccontextmanager
-async def admin_of(proxy: Proxy, credential: str | None) -> AsyncIterator[Admin]:
+def admin_of(proxy: Proxy, credential: str | None) -> contextlib.AbstractAsyncContextManager[Admin]:
     port = proxy.state.config.server.ops_port
+    assert port is not None
+    return admin_of_port(port, credential)
+
+
+@contextlib.asynccontextmanager
+async def admin_of_port(port: int, credential: str | None) -> AsyncIterator[Admin]:
     # unsafe: keep cookies for an IP address, as a browser does
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         yield Admin(http, f"http://127.0.0.1:{port}", credential)

@@ -3,19 +3,23 @@ live overview, roles and sessions; every answer checked against the OpenAPI docu
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from openapi_spec_validator import validate
 
 from bench.fake_upstream import FakeUpstream
+from proxy import config as cfg
 
-from .admin_support import DOC, MASTER, OPS, admin_of, start
-from .conftest import SECRETS, MakeProxy, Proxy
-from .usage_support import until
+from .admin_support import DOC, MASTER, OPS, admin_config, admin_of, admin_of_port, start
+from .conftest import SECRETS, MakeProxy, Proxy, free_port
+from .usage_support import serve, until
 
 
 @pytest.fixture
@@ -282,3 +286,80 @@ async def test_the_overview_counts_what_the_proxy_served(proxy: Proxy) -> None:
         assert after["completion_tokens"] > before["completion_tokens"]
         assert after["at"] >= before["at"]
         assert after["at"] <= time.time()
+
+
+async def test_the_overview_sums_every_worker(
+    upstream: FakeUpstream, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """``serve --workers 2``: the overview counts what both workers served."""
+    monkeypatch.setenv("MORNGPT_TEST_OPS", OPS)
+    ops = free_port()
+    config = tmp_path / "proxy.json"
+    config.write_bytes(
+        msgspec.json.encode(
+            {
+                "models": [{"name": "*", "deployments": [{"base_url": upstream.url}]}],
+                "server": {"workers": 2, "ops_port": ops, "ops_token_env": "MORNGPT_TEST_OPS"},
+                "database": {"sqlite_path": str(tmp_path / "proxy.db")},
+                "usage": {"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.05},
+            }
+        )
+    )
+    async with serve("--config", str(config)) as served:
+        await served.wait_log("ops endpoints on", count=2)
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        # A new connection each time: the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for _ in range(40):
+                url = f"{served.url}/v1/chat/completions"
+                async with http.post(url, json=body) as r:
+                    assert r.status == 200
+            headers = {"Authorization": f"Bearer {OPS}"}
+            async with http.get(f"http://127.0.0.1:{ops}/metrics", headers=headers) as r:
+                scraped = await r.text()
+        busy = [
+            line for line in scraped.splitlines()
+            if line.startswith("morngpt_worker_requests{") and not line.endswith(" 0.0")
+        ]  # fmt: skip
+        assert len(busy) == 2, busy  # both workers served some
+        async with admin_of_port(ops, OPS) as admin:
+            overview = await admin.call("GET", "/overview")
+            assert overview["requests"] == 40
+            assert sum(overview["duration"]["counts"]) == 40
+
+            async def ledgered() -> bool:
+                usage = await admin.call("GET", "/usage")
+                return sum(row["requests"] for row in usage["data"]) == 40
+
+            await until(ledgered)
+
+
+@pytest.mark.parametrize("fault", ["refused", "hung"])
+async def test_a_database_that_is_down_or_hung_is_a_503_and_the_overview_stands(
+    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any, fault: str
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, never answers
+
+    hung = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1] if fault == "hung" else free_port()
+    try:
+        config = admin_config(upstream.url, monkeypatch)
+        down = cfg.Database(url=f"postgresql://postgres@127.0.0.1:{port}/x", timeout=0.5)
+        proxy = await make_proxy(msgspec.structs.replace(config, database=down), auth=True)
+        async with admin_of(proxy, MASTER) as admin:
+            for path in ("/keys", "/usage", "/teams"):
+                started = time.monotonic()
+                refusal = await admin.call("GET", path, expect=503)
+                assert refusal["error"]["code"] == "service_unavailable"
+                assert time.monotonic() - started < 5  # bounded, never a hang
+            overview = await admin.call("GET", "/overview")
+            assert overview["spend_today"] is None
+    finally:
+        for writer in held:
+            writer.close()
+        hung.close()
+        await hung.wait_closed()

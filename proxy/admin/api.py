@@ -410,8 +410,10 @@ async def get_usage(admin: Admin, request: web.Request, principal: Principal) ->
         raise BadRequest("start must be before end, at most 400 days apart.", param="start")
     where = {name: query[name] for name in views.FILTERS if query.get(name)}
     if not principal.has("viewer"):
-        # A member sees only their own key's usage (any key_id asked for is replaced).
-        where["key_id"] = principal.key_id or ""
+        # A member sees only their own usage (any key_id asked for is replaced); a JWT
+        # user's requests are recorded under jwt:<user id> (identity.py).
+        own = principal.key_id or (f"jwt:{principal.user_id}" if principal.user_id else "")
+        where["key_id"] = own
     rows = await views.usage(admin.db, by, views.GRANULARITIES[granularity], start, end, where)
     page, more, following = _page(request, rows)
     return {
