@@ -38,6 +38,7 @@ async def test_files_and_client_side_routes(proxy: Proxy) -> None:
                 assert r.status == 200
                 assert r.headers["Content-Type"].startswith("text/html")
                 assert r.headers["Cache-Control"] == "no-cache"
+                assert "default-src 'self'" in r.headers["Content-Security-Policy"]
                 assert await r.read() == index
         script = next(name for name in ASSETS if name.endswith(".js"))
         async with http.get(f"{base}/console/assets/{script}") as r:
