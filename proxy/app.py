@@ -262,6 +262,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # read and learns nothing, not even which models exist.
         caller = await state.gate.authenticate(request)
         exchange.key_id = caller.id
+        exchange.team_id = getattr(caller, "team_id", None)
         body = await read_body(request, state)
         exchange.body_bytes = len(body)
         view = decode_request(body)

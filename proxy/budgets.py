@@ -38,12 +38,13 @@ from .db import Db
 from .errors import QuotaExceeded, ServiceUnavailable
 from .keys.lookup import STORE_FAILURES
 from .keys.record import Key
+from .keys.teams import Team
 from .metrics import BUDGET_ALERTS, BUDGET_REJECTIONS
 from .periods import Period, period_of, zone
 from .pricing import Prices, show, units
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import Ask
-from .usage.spend import spent
+from .usage.spend import spent, team_spent
 
 log = logging.getLogger("proxy.budget")
 
@@ -72,7 +73,7 @@ class Budgets:
         self._alerted: dict[str, int] = {}  # key id → period already logged
         self._failing = False
 
-    def period(self, key: Key, when: float) -> Period:
+    def period(self, key: Key | Team, when: float) -> Period:
         """The key's budget period that contains ``when`` (computed once per period)."""
         which = (key.budget_period, key.budget_tz)
         period = self._periods.get(which)
@@ -81,7 +82,7 @@ class Budgets:
             self._periods[which] = period
         return period
 
-    def ask(self, key: Key, model: str, prompt: int, answer: int, when: float) -> Ask:
+    def ask(self, key: Key | Team, model: str, prompt: int, answer: int, when: float) -> Ask:
         """What to reserve for a request to ``model`` of ``prompt`` estimated tokens and
         at most ``answer`` answer tokens, started at ``when``."""
         assert key.budget is not None
@@ -90,14 +91,14 @@ class Budgets:
         ttl = 0 if period.end is None else int((period.end - when) * 1000) + GRACE_MS
         return Ask(int(key.budget.scaleb(9)), period.id, charge, ttl)
 
-    async def rebuild(self, key: Key, ask: Ask, when: float) -> Ask:
+    async def rebuild(self, key: Key | Team, ask: Ask, when: float) -> Ask:
         """``ask`` with the period's spend from the ledger, to create the lost state.
         Raises ``ServiceUnavailable`` when the ledger cannot be read."""
         period = self.period(key, when)
-        where = (key.id, period.id)
+        where = (_named(key), period.id)
         task = self._rebuilding.get(where)
         if task is None:
-            task = asyncio.create_task(self._spent(key.id, period))
+            task = asyncio.create_task(self._spent(key, period))
             self._rebuilding[where] = task
             task.add_done_callback(lambda _: self._rebuilding.pop(where, None))
         # Shielded: a client that goes away must not cancel the query others wait on.
@@ -109,10 +110,11 @@ class Budgets:
             )
         return ask._replace(base=result, epoch=secrets.token_hex(8))
 
-    async def _spent(self, key_id: str, period: Period) -> int | Exception:
+    async def _spent(self, key: Key | Team, period: Period) -> int | Exception:
+        of = team_spent if isinstance(key, Team) else spent
         try:
             async with asyncio.timeout(self.timeout):
-                total = await spent(self.db, key_id, period.start, period.end)
+                total = await of(self.db, key.id, period.start, period.end)
         except STORE_FAILURES as exc:
             if not self._failing:
                 self._failing = True
@@ -125,20 +127,20 @@ class Budgets:
         self._failing = False
         amount = nano(total)
         level = logging.INFO if amount else logging.DEBUG  # 0: a new period has begun
-        log.log(level, "budget of %s rebuilt from the ledger: %s spent", key_id, show(total))
+        log.log(level, "budget of %s rebuilt from the ledger: %s spent", _named(key), show(total))
         return amount
 
-    def watch(self, key: Key, ask: Ask, verdict: Verdict) -> None:
+    def watch(self, key: Key | Team, ask: Ask, verdict: Verdict) -> None:
         """Log (once per key, period and worker) a key whose spend and reservations
         passed ``limits.budget_alert_share`` of its budget."""
         used = ask.budget - verdict.budget_left
-        if used < self.alert_share * ask.budget or self._alerted.get(key.id) == ask.period:
+        if used < self.alert_share * ask.budget or self._alerted.get(_named(key)) == ask.period:
             return
-        self._alerted[key.id] = ask.period
+        self._alerted[_named(key)] = ask.period
         BUDGET_ALERTS.inc()
         log.warning(
-            "budget alert: key %s has used %d%% of its %s budget (%s of %s, spent or reserved)",
-            key.id,
+            "budget alert: %s has used %d%% of its %s budget (%s of %s, spent or reserved)",
+            _named(key),
             used * 100 // ask.budget,
             key.budget_period,
             show(units(used)),
@@ -146,7 +148,7 @@ class Budgets:
         )
 
     def refusal(
-        self, key: Key, ask: Ask, verdict: Verdict, headers: dict[str, str]
+        self, key: Key | Team, ask: Ask, verdict: Verdict, headers: dict[str, str]
     ) -> QuotaExceeded:
         """The 429 ``insufficient_quota`` for a request the budget cannot take. When
         only the reservations of requests in flight are in the way, the SDK is told to
@@ -154,20 +156,26 @@ class Budgets:
         BUDGET_REJECTIONS.inc()
         left, held = max(verdict.budget_left, 0), verdict.budget_held
         which = key.budget_period
+        whose = f"team {key.id}'s" if isinstance(key, Team) else "API key's"
         charge = show(units(ask.charge))
         if ask.charge <= left + held:
             headers.update({"Retry-After": "1", "retry-after-ms": "1000"})
             headers["x-should-retry"] = "true"
             message = (
-                f"This API key's {which} budget has {show(units(left))} left beyond what "
+                f"This {whose} {which} budget has {show(units(left))} left beyond what "
                 f"requests in flight reserved ({show(units(held))}), and this request may "
                 f"cost up to {charge}. Retry when they have finished."
             )
         else:
             headers["x-should-retry"] = "false"
             message = (
-                f"You exceeded your current quota: this API key's {which} budget of "
+                f"You exceeded your current quota: this {whose} {which} budget of "
                 f"{show(units(ask.budget))} has {show(units(left))} left, and this request "
                 f"may cost up to {charge}. Lower max_tokens, or wait for the next period."
             )
         return QuotaExceeded(message, headers=headers)
+
+
+def _named(key: Key | Team) -> str:
+    """How logs and caches name a key or a team (a team id may equal a key id)."""
+    return f"team {key.id}" if isinstance(key, Team) else f"key {key.id}"

@@ -310,6 +310,8 @@ class Oidc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     redirect_url: str
     client_id_env: str = "PROXY_OIDC_CLIENT_ID"
     client_secret_env: str = "PROXY_OIDC_CLIENT_SECRET"
+    # Secret that signs the session cookies (the same in every worker and replica).
+    session_secret_env: str = "PROXY_CONSOLE_SESSION_SECRET"
     scopes: list[str] = msgspec.field(default_factory=lambda: ["openid", "profile", "email"])
     role_claim: str = "roles"
     role_map: dict[str, Role] = {}
@@ -320,6 +322,7 @@ class Oidc(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Filled by ``resolve`` from the environment.
     client_id: str = ""
     client_secret: str = ""
+    session_secret: str = ""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -66,6 +66,7 @@ class Exchange:
         "started_at",
         "status",
         "stream",
+        "team_id",
         "uid",
         "upstream_time",
         "usage",
@@ -84,6 +85,7 @@ class Exchange:
         # Upstream requests sent for this exchange (retries and failovers included).
         self.attempts = 0
         self.key_id: str | None = None
+        self.team_id: str | None = None  # the key's team, when it has one
         self.stream = False
         self.status = 0
         # perf_counter() when the first byte of the answer went to the client: the

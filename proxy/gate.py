@@ -30,24 +30,28 @@ that reached an upstream and did not fail there, else nothing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
+import aiohttp
 from aiohttp import web
 
 from .budgets import Budgets
 from .config import Config, Limits
 from .db import DB
-from .errors import Forbidden, RateLimited, ServiceUnavailable
+from .errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from .exchange import OPEN, Caller, Exchange, Grant
 from .identity import Authenticator
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
+from .keys.teams import Team, TeamStore
 from .metrics import RATELIMIT_KINDS, RATELIMITED
 from .pricing import show, units
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import LIMITER, Limiter, Ticket
+from .tokens import TokenVerifier
 from .usage.record import BYTES_PER_TOKEN, consumed
 from .wire import MAX_COUNT, RequestView
 
@@ -61,9 +65,15 @@ class KeyGate:
     """Authentication, model permissions and per-key limits; see the module docstring."""
 
     def __init__(
-        self, lookup: KeyLookup, limiter: Limiter, limits: Limits, budgets: Budgets
+        self,
+        lookup: KeyLookup,
+        limiter: Limiter,
+        limits: Limits,
+        budgets: Budgets,
+        teams: KeyCache[Team] | None = None,
     ) -> None:
         self.lookup = lookup
+        self.teams = teams
         self.limiter = limiter
         self.budgets = budgets
         self.default_max_tokens = limits.default_max_tokens
@@ -73,34 +83,53 @@ class KeyGate:
 
     async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
         key = cast(Key, caller)  # this gate's authenticate only ever returns keys
-        if not key.allows(view.model):
+        team = await self.team_of(key)
+        if not key.allows(view.model) or (team is not None and not team.allows(view.model)):
             raise Forbidden(
                 f"This API key may not use the model `{view.model[:200]}`.", param="model"
             )
-        if not key.is_limited:
+        if team is not None and not team.is_limited:
+            team = None  # nothing to count for it
+        if not key.is_limited and team is None:
             return OPEN
         prompt, answer = reserved(
             exchange.body_bytes, view, exchange.endpoint, self.default_max_tokens
         )
         cost = prompt + answer
-        if key.budget is None:
-            ticket = await self.limiter.admit(key, cost)
+        if key.budget is None and (team is None or team.budget is None):
+            ticket = await self.limiter.admit(key, cost, team=team)
             headers = ratelimit_headers(key, ticket.verdict)
             if not ticket.verdict.allowed:
-                raise refusal(key, ticket.verdict, cost, headers)
-            return KeyGrant(headers, key, self.limiter, ticket, cost)
-        return await self._admit_budget(key, view.model, prompt, answer, exchange)
+                raise refusal(_refuser(key, team, ticket.verdict), ticket.verdict, cost, headers)
+            return KeyGrant(headers, key, self.limiter, ticket, cost, team)
+        return await self._admit_budget(key, team, view.model, prompt, answer, exchange)
 
     async def _admit_budget(
-        self, key: Key, model: str, prompt: int, answer: int, exchange: Exchange
+        self,
+        key: Key,
+        team: Team | None,
+        model: str,
+        prompt: int,
+        answer: int,
+        exchange: Exchange,
     ) -> KeyGrant:
-        """``admit`` for a key with a budget: the worst case reserved with the limits."""
+        """``admit`` for a key (or team) with a budget: the worst case reserved with the
+        limits, for the key's budget and its team's in the same call."""
         when = exchange.started_at
-        ask = self.budgets.ask(key, model, prompt, answer, when)
-        ticket = await self.limiter.admit(key, prompt + answer, ask)
-        if ticket.verdict.kind == "rebuild":
-            ask = await self.budgets.rebuild(key, ask, when)
-            ticket = await self.limiter.admit(key, prompt + answer, ask)
+        cost = prompt + answer
+        ask = None if key.budget is None else self.budgets.ask(key, model, prompt, answer, when)
+        team_ask = None
+        if team is not None and team.budget is not None:
+            team_ask = self.budgets.ask(team, model, prompt, answer, when)
+        ticket = await self.limiter.admit(key, cost, ask, team, team_ask)
+        for _ in range(2):  # each of the two states may need its rebuild
+            if ticket.verdict.kind != "rebuild":
+                break
+            if ticket.verdict.scope == 0 and ask is not None:
+                ask = await self.budgets.rebuild(key, ask, when)
+            elif team is not None and team_ask is not None:
+                team_ask = await self.budgets.rebuild(team, team_ask, when)
+            ticket = await self.limiter.admit(key, cost, ask, team, team_ask)
         verdict = ticket.verdict
         headers = ratelimit_headers(key, verdict)
         if verdict.kind == "rebuild":  # lost again at once: Redis is not keeping it
@@ -108,15 +137,36 @@ class KeyGate:
                 "The budget of this API key cannot be checked right now; retry shortly.",
                 headers={**headers, "Retry-After": "1"},
             )
-        headers.update(self.budget_headers(key, verdict, when))
+        # The headers tell of the key's budget, else of its team's.
+        if ask is not None:
+            headers.update(self.budget_headers(key, verdict, when))
+        elif team is not None and ticket.team is not None:
+            headers.update(self.budget_headers(team, ticket.team.verdict, when))
         if verdict.kind == "budget":
+            by_team = verdict.scope == 1 and team_ask is not None and ticket.team is not None
+            if by_team and team is not None and team_ask is not None and ticket.team is not None:
+                raise self.budgets.refusal(team, team_ask, ticket.team.verdict, headers)
+            assert ask is not None
             raise self.budgets.refusal(key, ask, verdict, headers)
         if not verdict.allowed:
-            raise refusal(key, verdict, prompt + answer, headers)
-        self.budgets.watch(key, ask, verdict)
-        return KeyGrant(headers, key, self.limiter, ticket, prompt + answer)
+            raise refusal(_refuser(key, team, verdict), verdict, cost, headers)
+        if ask is not None:
+            self.budgets.watch(key, ask, verdict)
+        if team is not None and team_ask is not None and ticket.team is not None:
+            self.budgets.watch(team, team_ask, ticket.team.verdict)
+        return KeyGrant(headers, key, self.limiter, ticket, cost, team)
 
-    def budget_headers(self, key: Key, verdict: Verdict, when: float) -> dict[str, str]:
+    async def team_of(self, key: Key) -> Team | None:
+        """The key's team (cached like keys), None when it has none. A team that does
+        not exist (a JWT naming an unknown one) is a 401."""
+        if key.team_id is None or self.teams is None:
+            return None
+        team = await self.teams.find(key.team_id)
+        if team is None:
+            raise Unauthorized(f"The team `{key.team_id[:64]}` of these credentials is unknown.")
+        return team
+
+    def budget_headers(self, key: Key | Team, verdict: Verdict, when: float) -> dict[str, str]:
         """``x-budget-remaining`` (in the price unit) and ``x-budget-reset``."""
         headers = {"x-budget-remaining": show(units(max(verdict.budget_left, 0)))}
         end = self.budgets.period(key, when).end
@@ -128,21 +178,29 @@ class KeyGate:
 class KeyGrant(Grant):
     """An admitted request of a limited key: settles its limiter ticket once."""
 
-    __slots__ = ("cost", "key", "limiter", "ticket")
+    __slots__ = ("cost", "key", "limiter", "team", "ticket")
 
     def __init__(
-        self, headers: dict[str, str], key: Key, limiter: Limiter, ticket: Ticket, cost: int
+        self,
+        headers: dict[str, str],
+        key: Key,
+        limiter: Limiter,
+        ticket: Ticket,
+        cost: int,
+        team: Team | None = None,
     ) -> None:
         super().__init__(headers)
         self.key = key
         self.limiter: Limiter | None = limiter
         self.ticket = ticket
         self.cost = cost
+        self.team = team
 
     def settle(self, exchange: Exchange) -> None:
         limiter, self.limiter = self.limiter, None
         if limiter is not None:
-            limiter.settle(self.key, self.ticket, charged(exchange) - self.cost, exchange.cost)
+            debt = charged(exchange) - self.cost
+            limiter.settle(self.key, self.ticket, debt, exchange.cost, self.team)
 
 
 def reserved(body_bytes: int, view: RequestView, endpoint: str, default: int) -> tuple[int, int]:
@@ -176,7 +234,12 @@ def ratelimit_headers(key: Key, verdict: Verdict) -> dict[str, str]:
     return headers
 
 
-def refusal(key: Key, verdict: Verdict, cost: int, headers: dict[str, str]) -> RateLimited:
+def _refuser(key: Key, team: Team | None, verdict: Verdict) -> Key | Team:
+    """Whose limit refused: the key's, or (``Verdict.scope`` 1) its team's."""
+    return team if verdict.scope == 1 and team is not None else key
+
+
+def refusal(key: Key | Team, verdict: Verdict, cost: int, headers: dict[str, str]) -> RateLimited:
     """The 429 for a refused admission: OpenAI's body, ``Retry-After`` in whole seconds
     (rounded up) and ``retry-after-ms``, which the SDK prefers."""
     retry = verdict.retry_ms
@@ -198,6 +261,9 @@ def refusal(key: Key, verdict: Verdict, cost: int, headers: dict[str, str]) -> R
             f"Too many parallel requests for this API key: limit {key.max_parallel}. "
             "Please try again when one has finished."
         )
+    if isinstance(key, Team):
+        message = message.replace("this API key", "its team").removesuffix(".")
+        message = f"{message} (team {key.id}, shared by its keys)."
     _REFUSED[verdict.kind].inc()
     error = RateLimited(message, headers=headers)
     error.type = "tokens" if verdict.kind == "tokens" else "requests"
@@ -221,10 +287,17 @@ def go_duration(ms: int) -> str:
 async def open_gate(app: web.Application, config: Config, state: State) -> AsyncIterator[None]:
     """cleanup_ctx body: put a ``KeyGate`` on ``state`` (it needs ``app[DB]`` and
     ``app[LIMITER]``, so it runs after their contexts)."""
-    cache = KeyCache(KeyStore(app[DB]), config.auth, config.database.timeout)
-    lookup = KeyLookup(cache, config.auth, config.keys)
-    share = config.limits.budget_alert_share
-    budgets = Budgets(state.prices, app[DB], config.database.timeout, share)
-    state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets)
-    state.authenticator = Authenticator(lookup, config.server.ops_token)
-    yield
+    timeout = config.database.timeout
+    cache = KeyCache(KeyStore(app[DB]), config.auth, timeout)
+    teams = KeyCache(TeamStore(app[DB]), config.auth, timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        tokens = None
+        if config.auth.jwt is not None:  # JWKS fetches: their own small session
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            tokens = TokenVerifier(config.auth.jwt, session)
+        lookup = KeyLookup(cache, config.auth, config.keys, tokens)
+        share = config.limits.budget_alert_share
+        budgets = Budgets(state.prices, app[DB], timeout, share)
+        state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets, teams)
+        state.authenticator = Authenticator(lookup, config.server.ops_token)
+        yield

@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.ratelimit.bucket import UNIT, Call, KeyState, Level, Settlement, Verdict, check, take
+from proxy.ratelimit.bucket import (
+    UNIT,
+    Call,
+    KeyState,
+    Level,
+    Settlement,
+    Verdict,
+    check,
+    check_all,
+    take,
+)
 from proxy.ratelimit.shared import RedisBuckets
 
 from .conftest import REDIS_URL, ROOT
@@ -229,6 +239,80 @@ CASES: dict[str, list[Step]] = {
 }
 
 
+def scoped(verdict: Verdict, scope: int) -> Verdict:
+    """A verdict of ``check_all``: the refusing scope's index with it."""
+    return verdict._replace(scope=scope)
+
+
+# Calls for several scopes at once (a key, then its team): (scope, call) pairs, and each
+# scope's verdict. Scopes named here share state across steps (two keys, one team).
+TeamStep = tuple[list[tuple[str, Call]], list[Verdict]]
+
+TEAM_CASES: dict[str, list[TeamStep]] = {
+    "the team's limit refuses what the key allows, and nothing is taken from the key": [
+        ([("a", call(0, rpm=10)), ("t", call(0, rpm=2))], [ok(9, 6_000), ok(1, 30_000)]),
+        ([("a", call(0, rpm=10)), ("t", call(0, rpm=2))], [ok(8, 12_000), ok(0, 60_000)]),
+        (
+            [("a", call(0, rpm=10)), ("t", call(0, rpm=2))],
+            [
+                scoped(no("requests", 30_000, 8, 12_000), 1),
+                scoped(no("requests", 30_000, 0, 60_000), 1),
+            ],
+        ),
+    ],
+    "the key's limit refuses first, and nothing is taken from the team": [
+        (
+            [("a", call(0, tpm=10, cost=10)), ("t", call(0, tpm=100, cost=10))],
+            [ok(0, 0, 0, 60_000), ok(0, 0, 90, 6_000)],
+        ),
+        (
+            [("a", call(0, tpm=10, cost=5)), ("t", call(0, tpm=100, cost=5))],
+            [no("tokens", 30_000, 0, 0, 0, 60_000), no("tokens", 30_000, 0, 0, 90, 6_000)],
+        ),
+    ],
+    "two keys share their team's parallel slots and tokens": [
+        (
+            [("a", call(0, parallel=2, slot="a1")), ("t", call(0, parallel=2, slot="t1"))],
+            [ok(), ok()],
+        ),
+        (
+            [("b", call(0, parallel=2, slot="b1")), ("t", call(0, parallel=2, slot="t2"))],
+            [ok(), ok()],
+        ),
+        (
+            [("b", call(0, parallel=2, slot="b2")), ("t", call(0, parallel=2, slot="t3"))],
+            [scoped(no("parallel", 1000), 1), scoped(no("parallel", 1000), 1)],
+        ),
+        ([("t", call(1, release="t1", take=False))], [ok()]),
+        (
+            [("b", call(1, parallel=2, slot="b2")), ("t", call(1, parallel=2, slot="t3"))],
+            [ok(), ok()],
+        ),
+    ],
+    "a team budget its keys cannot overshoot together": [
+        (
+            [("a", call(0)), ("t", spend(0, take=True, hold="h1", charge=600, **REBUILT))],
+            [ok(), ok(**left(300, 600))],
+        ),
+        (
+            [("b", call(0)), ("t", spend(0, take=True, hold="h2", charge=400, **B))],
+            [scoped(no("budget", 0), 1), scoped(no("budget", 0, **left(300, 600)), 1)],
+        ),
+        ([("t", spend(1, **B, **settled("h1:600", 100)))], [ok(**left(800, 0))]),
+        (
+            [("b", call(2)), ("t", spend(2, take=True, hold="h2", charge=400, **B))],
+            [ok(), ok(**left(400, 400))],
+        ),
+    ],
+    "a lost team budget asks for a rebuild and takes nothing from the key": [
+        (
+            [("a", call(0, rpm=3)), ("t", spend(0, take=True, hold="h", charge=1, **B))],
+            [scoped(no("rebuild", 0, 3, 0), 1), scoped(no("rebuild", 0), 1)],
+        ),
+    ],
+}
+
+
 @pytest.fixture
 async def lua(redis_prefix: str) -> AsyncIterator[RedisBuckets]:
     client = aioredis.Redis.from_url(REDIS_URL)
@@ -245,6 +329,21 @@ async def test_python_and_lua_agree_on_every_case(lua: RedisBuckets, steps: list
     for i, (step, expected) in enumerate(steps):
         assert check(state, step) == expected, f"python, step {i}"
         assert await lua.check(key_id, step) == expected, f"lua, step {i}"
+
+
+@pytest.mark.parametrize("steps", list(TEAM_CASES.values()), ids=list(TEAM_CASES))
+async def test_python_and_lua_agree_on_every_team_case(
+    lua: RedisBuckets, steps: list[TeamStep]
+) -> None:
+    states: dict[str, KeyState] = {}
+    run = random.randrange(1 << 30)
+    # Scopes tagged as the limiter tags a team and its keys: one Redis Cluster slot.
+    named = {"t": f"{{team:{run}}}", "a": f"{{team:{run}}}:a", "b": f"{{team:{run}}}:b"}
+    for i, (scopes, expected) in enumerate(steps):
+        python = check_all([states.setdefault(n, KeyState()) for n, _ in scopes],
+                           [c for _, c in scopes])  # fmt: skip
+        assert python == expected, f"python, step {i}"
+        assert await lua.check_all([(named[n], c) for n, c in scopes]) == expected, f"lua, {i}"
 
 
 @pytest.mark.parametrize("seed", range(4))

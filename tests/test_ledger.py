@@ -231,14 +231,15 @@ async def test_0005_converts_a_populated_ledger_without_losing_a_row(
     await migrate(database)
     # Rows written by the 0004 schema, over five days, through 0004's own columns.
     records = spread(500, start=T0 - 4 * DAY, step=800.0)
-    columns = ", ".join(Record.__struct_fields__)
-    values = [msgspec.structs.astuple(r) for r in records]
+    old_fields = Record.__struct_fields__[:-1]  # team_id came with 0006
+    columns = ", ".join(old_fields)
+    values = [msgspec.structs.astuple(r)[:-1] for r in records]
     if database.is_postgres:
         conn = await asyncpg.connect(database.url)
         try:
             marks = ", ".join(
                 f"to_timestamp(${i})" if c == "started_at" else f"${i}"
-                for i, c in enumerate(Record.__struct_fields__, start=1)
+                for i, c in enumerate(old_fields, start=1)
             )
             await conn.executemany(
                 f"INSERT INTO usage_records ({columns}) VALUES ({marks})", values
@@ -247,7 +248,7 @@ async def test_0005_converts_a_populated_ledger_without_losing_a_row(
             await conn.close()
     else:
         with sqlite3.connect(database.sqlite_path) as lite:
-            marks = ", ".join("?" * len(Record.__struct_fields__))
+            marks = ", ".join("?" * len(old_fields))
             rows = [(*v[:-1], str(v[-1])) for v in values]
             lite.executemany(f"INSERT INTO usage_records ({columns}) VALUES ({marks})", rows)
     monkeypatch.undo()
@@ -267,7 +268,7 @@ async def test_0005_converts_a_populated_ledger_without_losing_a_row(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("applied 0005_ledger_partitions")
+    assert done.stdout.strip().endswith("applied 0005_ledger_partitions, 0006_teams")
     found = {row["uid"]: row for row in await ledger_rows(database)}
     assert len(found) == len(records)
     for r in records:

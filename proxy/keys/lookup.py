@@ -28,7 +28,7 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from time import monotonic, time
-from typing import TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import asyncpg
 
@@ -37,10 +37,14 @@ from ..errors import ServiceUnavailable, Unauthorized
 from ..usage.writer import backoff
 from . import secret
 from .record import MASTER, Key, declared
-from .store import KeyStore
+
+if TYPE_CHECKING:
+    from ..tokens import TokenVerifier
 
 log = logging.getLogger("proxy.keys")
 V = TypeVar("V")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 # What a failing key store raises (asyncpg, SQLite, the network, our own timeout).
 STORE_FAILURES = (
@@ -62,6 +66,11 @@ _REVOKED = "This API key has been revoked."
 _EXPIRED = "This API key has expired."
 
 
+def looks_like_jwt(value: str) -> bool:
+    """Three base64url parts whose header starts like a JSON object (``eyJ``)."""
+    return value.startswith("eyJ") and value.count(".") == 2
+
+
 def presented(headers: Mapping[str, str]) -> str | None:
     """The key a client sent: ``Authorization: Bearer <key>``, else ``api-key``."""
     authorization = headers.get("Authorization")
@@ -72,23 +81,28 @@ def presented(headers: Mapping[str, str]) -> str | None:
     return headers.get("api-key") or None
 
 
-class KeyCache:
-    """The store's answers by SHA-256, with TTLs; see the module docstring."""
+class Finder(Protocol[R_co]):
+    async def find(self, digest: str, /) -> R_co | None: ...
 
-    def __init__(self, store: KeyStore, auth: Auth, timeout: float) -> None:
+
+class KeyCache(Generic[R]):
+    """The store's answers by SHA-256, with TTLs; see the module docstring. The same
+    cache serves teams by id (``KeyCache(TeamStore(db), ...)``: the gate's)."""
+
+    def __init__(self, store: Finder[R], auth: Auth, timeout: float) -> None:
         self.store = store
         self.ttl = auth.cache_ttl
         self.negative_ttl = auth.negative_ttl
         self.size = auth.cache_size
         self.timeout = timeout
-        self.known: OrderedDict[str, tuple[Key, float]] = OrderedDict()
+        self.known: OrderedDict[str, tuple[R, float]] = OrderedDict()
         self.unknown: OrderedDict[str, float] = OrderedDict()
-        self.loading: dict[str, asyncio.Task[Key | Exception | None]] = {}
+        self.loading: dict[str, asyncio.Task[R | Exception | None]] = {}
         self.failing = False
         self.failures = 0  # consecutive store failures
         self.retry_at = 0.0  # monotonic time before which the store is not asked
 
-    async def find(self, digest: str) -> Key | None:
+    async def find(self, digest: str) -> R | None:
         """The key stored under ``digest`` (revoked or expired ones too), or None."""
         now = monotonic()
         hit = self.known.get(digest)
@@ -110,7 +124,7 @@ class KeyCache:
             raise _unavailable()
         return result
 
-    def _refresh(self, digest: str) -> asyncio.Task[Key | Exception | None]:
+    def _refresh(self, digest: str) -> asyncio.Task[R | Exception | None]:
         """The store's query for ``digest``: the one in flight, else a new one."""
         task = self.loading.get(digest)
         if task is None:
@@ -118,7 +132,7 @@ class KeyCache:
             task.add_done_callback(lambda _: self.loading.pop(digest, None))
         return task
 
-    async def _load(self, digest: str) -> Key | Exception | None:
+    async def _load(self, digest: str) -> R | Exception | None:
         try:
             async with asyncio.timeout(self.timeout):
                 key = await self.store.find(digest)
@@ -163,16 +177,25 @@ class KeyLookup:
     """Authenticates a request's headers to a ``Key`` or raises ``Unauthorized``."""
 
     def __init__(
-        self, cache: KeyCache | None, auth: Auth, declared_keys: Iterable[DeclaredKey]
+        self,
+        cache: KeyCache[Key] | None,
+        auth: Auth,
+        declared_keys: Iterable[DeclaredKey],
+        tokens: TokenVerifier | None = None,
     ) -> None:
-        self.cache = cache
+        self.cache: KeyCache[Key] | None = cache
         self.master = auth.master_key_sha256
         self.fixed = {k.sha256: declared(k) for k in declared_keys}
+        self.tokens = tokens
 
     async def authenticate(self, headers: Mapping[str, str]) -> Key:
+        """The key of a request's credentials: an API key, or a JWT's ``jwt:<user>``
+        key when ``auth.jwt`` is configured (proxy/tokens.py)."""
         value = presented(headers)
         if value is None:
             raise Unauthorized(_MISSING)
+        if self.tokens is not None and looks_like_jwt(value):
+            return (await self.tokens.verify(value)).key
         digest = secret.digest(value)
         if self.master and hmac.compare_digest(digest, self.master):
             return MASTER

@@ -81,6 +81,8 @@ class TeamStore:
         rows = await self.db.fetch(_GET, team_id)
         return _team(rows[0]) if rows else None
 
+    find = get  # for ``KeyCache``, which caches teams by id as it caches keys by hash
+
     async def all_teams(self) -> list[Team]:
         return [_team(row) for row in await self.db.fetch(_LIST)]
 

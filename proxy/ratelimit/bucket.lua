@@ -1,22 +1,25 @@
--- bucket.lua: one key's limiter call, atomic in one round trip. The Redis twin of
--- `check` in bucket.py: read that file's invariants first, and change both or neither
--- (tests/test_bucket.py runs one table of cases against the two).
+-- bucket.lua: one limiter call, atomic in one round trip, for one or more scopes (an
+-- API key, and the key's team: admitted only when every scope allows it). The Redis
+-- twin of `check_all` in bucket.py: read that file's invariants first, and change
+-- both or neither (tests/test_bucket.py runs one table of cases against the two).
 --
--- KEYS[1]  request bucket  (hash: u = level in units, t = stamp in ms)
--- KEYS[2]  token bucket    (hash: u, t)
--- KEYS[3]  parallel slots  (sorted set: slot id scored by its expiry in ms)
--- KEYS[4]  budget of one period (hash: s = spent, r = held, e = epoch, t = created ms)
--- KEYS[5]  its reservations (sorted set: '<id>:<charge>' scored by expiry in ms)
--- All share one {hash tag} (the API key's id): one Redis Cluster slot. KEYS[4..5]
--- are passed, and read, only for keys with a budget.
+-- Per scope, five KEYS (the scope's budget ones are read only when it has a budget):
+--   request bucket (hash: u = level in units, t = stamp in ms)
+--   token bucket   (hash: u, t)
+--   parallel slots (sorted set: slot id scored by its expiry in ms)
+--   budget of one period (hash: s = spent, r = held, e = epoch, t = created ms)
+--   its reservations (sorted set: '<id>:<charge>' scored by expiry in ms)
+-- All share one {hash tag} (the key's id, or its team's): one Redis Cluster slot.
 --
--- ARGV: now ms ('' = the Redis server's clock, one clock for every replica), rpm, tpm,
---       parallel, cost, debt, take ('1' or '0'), slot, release, slot_ttl ms,
---       budget, hold, charge, base, epoch, period_ttl ms, hold_ttl ms,
---       then settlements, four values each: hold, spend, epoch, finished ms
--- Returns {allowed (1/0), kind, requests remaining, requests reset ms,
---          tokens remaining, tokens reset ms, retry ms,
---          budget left, budget held, epoch}
+-- ARGV: now ms ('' = the Redis server's clock, one clock for every replica), the
+--       number of scopes, then per scope: rpm, tpm, parallel, cost, debt, take ('1'
+--       or '0'), slot, release, slot_ttl ms, budget, hold, charge, base, epoch,
+--       period_ttl ms, hold_ttl ms, the number of settlements, then the settlements,
+--       four values each: hold, spend, epoch, finished ms
+-- Returns {allowed (1/0), kind, retry ms, the index (0-based) of the scope that
+--          refused (0 when admitted), then per scope: requests remaining, requests
+--          reset ms, tokens remaining, tokens reset ms, budget left, budget held,
+--          epoch}
 
 local UNIT = 60000
 local PARALLEL_RETRY_MS = 1000
@@ -26,10 +29,6 @@ if not now then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
-local rpm, tpm, parallel = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local cost, debt = tonumber(ARGV[5]), tonumber(ARGV[6])
-local slot, release, slot_ttl = ARGV[8], ARGV[9], tonumber(ARGV[10])
-local budget = tonumber(ARGV[11])
 
 local function refill(key, rate)
   local saved = redis.call('HMGET', key, 'u', 't')
@@ -57,102 +56,127 @@ local function save(key, units, stamp, rate)
   redis.call('PEXPIRE', key, reset(units, rate) + 60000)
 end
 
-local ru, rs, tu, ts
-if rpm > 0 then
-  ru, rs = refill(KEYS[1], rpm)
-end
-if tpm > 0 then
-  tu, ts = refill(KEYS[2], tpm)
-  tu = math.min(tpm * UNIT, tu - debt * UNIT)
-end
-if release ~= '' then
-  redis.call('ZREM', KEYS[3], release)
-end
-
 local function charge_of(hold)
   return tonumber(string.match(hold, ':(%d+)$'))
 end
 
--- The budget: created from base, expired holds dropped, settlements applied.
-local bs, br, be, bt
-if budget > 0 then
-  local base = tonumber(ARGV[14])
-  if redis.call('EXISTS', KEYS[4]) == 1 then
-    local saved = redis.call('HMGET', KEYS[4], 's', 'r', 'e', 't')
-    bs, br, be, bt = tonumber(saved[1]), tonumber(saved[2]), saved[3], tonumber(saved[4]) or 0
-  elseif base >= 0 then
-    redis.call('DEL', KEYS[5])  -- holds of a state that is gone went with it
-    bs, br, be, bt = base, 0, ARGV[15], now
+-- Parse the scopes; refill, apply debts, releases and settlements (phase 1).
+local scopes = {}
+local at = 3
+for n = 1, tonumber(ARGV[2]) do
+  local k = (n - 1) * 5
+  local s = {
+    keys = {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]},
+    rpm = tonumber(ARGV[at]), tpm = tonumber(ARGV[at + 1]), parallel = tonumber(ARGV[at + 2]),
+    cost = tonumber(ARGV[at + 3]), debt = tonumber(ARGV[at + 4]), take = ARGV[at + 5] == '1',
+    slot = ARGV[at + 6], release = ARGV[at + 7], slot_ttl = tonumber(ARGV[at + 8]),
+    budget = tonumber(ARGV[at + 9]), hold = ARGV[at + 10], charge = tonumber(ARGV[at + 11]),
+    base = tonumber(ARGV[at + 12]), epoch = ARGV[at + 13], period_ttl = tonumber(ARGV[at + 14]),
+    hold_ttl = tonumber(ARGV[at + 15]),
+  }
+  local settled = tonumber(ARGV[at + 16])
+  local first = at + 17
+  at = first + settled * 4
+  if s.rpm > 0 then
+    s.ru, s.rs = refill(s.keys[1], s.rpm)
   end
-  if bs then
-    for _, hold in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)) do
-      br = br - charge_of(hold)
+  if s.tpm > 0 then
+    s.tu, s.ts = refill(s.keys[2], s.tpm)
+    s.tu = math.min(s.tpm * UNIT, s.tu - s.debt * UNIT)
+  end
+  if s.release ~= '' then
+    redis.call('ZREM', s.keys[3], s.release)
+  end
+  -- The budget: created from base, expired holds dropped, settlements applied.
+  if s.budget > 0 then
+    if redis.call('EXISTS', s.keys[4]) == 1 then
+      local saved = redis.call('HMGET', s.keys[4], 's', 'r', 'e', 't')
+      s.bs, s.br, s.be, s.bt = tonumber(saved[1]), tonumber(saved[2]), saved[3], tonumber(saved[4]) or 0
+    elseif s.base >= 0 then
+      redis.call('DEL', s.keys[5])  -- holds of a state that is gone went with it
+      s.bs, s.br, s.be, s.bt = s.base, 0, s.epoch, now
     end
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-    for i = 18, #ARGV, 4 do
-      local hold = ARGV[i]
-      local held = hold ~= '' and redis.call('ZREM', KEYS[5], hold) == 1
-      if held then
-        br = br - charge_of(hold)
+    if s.bs then
+      for _, hold in ipairs(redis.call('ZRANGEBYSCORE', s.keys[5], '-inf', now)) do
+        s.br = s.br - charge_of(hold)
       end
-      if held or (ARGV[i + 2] ~= be and tonumber(ARGV[i + 3]) >= bt) then
-        bs = bs + tonumber(ARGV[i + 1])
+      redis.call('ZREMRANGEBYSCORE', s.keys[5], '-inf', now)
+      for i = first, at - 1, 4 do
+        local hold = ARGV[i]
+        local held = hold ~= '' and redis.call('ZREM', s.keys[5], hold) == 1
+        if held then
+          s.br = s.br - charge_of(hold)
+        end
+        if held or (ARGV[i + 2] ~= s.be and tonumber(ARGV[i + 3]) >= s.bt) then
+          s.bs = s.bs + tonumber(ARGV[i + 1])
+        end
       end
+    end
+  end
+  scopes[n] = s
+end
+
+-- Phase 2: every scope that takes must allow it, in order; the first refusal wins.
+local kind, retry, refused_by = '', 0, 0
+for n, s in ipairs(scopes) do
+  if kind == '' and s.take then
+    local need = math.min(s.cost, s.tpm) * UNIT
+    if s.budget > 0 and not s.bs then
+      kind = 'rebuild'
+    elseif s.rpm > 0 and s.ru < UNIT then
+      kind, retry = 'requests', math.ceil((UNIT - s.ru) / s.rpm)
+    elseif s.tpm > 0 and s.tu < need then
+      kind, retry = 'tokens', math.ceil((need - s.tu) / s.tpm)
+    elseif s.budget > 0 and s.charge > s.budget - s.bs - s.br then
+      kind = 'budget'
+    elseif s.parallel > 0 then
+      redis.call('ZREMRANGEBYSCORE', s.keys[3], '-inf', now)
+      if redis.call('ZCARD', s.keys[3]) >= s.parallel then
+        kind, retry = 'parallel', PARALLEL_RETRY_MS
+      end
+    end
+    if kind ~= '' then
+      refused_by = n - 1
     end
   end
 end
 
-local kind, retry = '', 0
-if ARGV[7] == '1' then
-  local need = math.min(cost, tpm) * UNIT
-  local charge = tonumber(ARGV[13])
-  if budget > 0 and not bs then
-    kind = 'rebuild'
-  elseif rpm > 0 and ru < UNIT then
-    kind, retry = 'requests', math.ceil((UNIT - ru) / rpm)
-  elseif tpm > 0 and tu < need then
-    kind, retry = 'tokens', math.ceil((need - tu) / tpm)
-  elseif budget > 0 and charge > budget - bs - br then
-    kind = 'budget'
-  elseif parallel > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-    if redis.call('ZCARD', KEYS[3]) >= parallel then
-      kind, retry = 'parallel', PARALLEL_RETRY_MS
-    else
-      redis.call('ZADD', KEYS[3], now + slot_ttl, slot)
-      redis.call('PEXPIRE', KEYS[3], slot_ttl)
+-- Phase 3: take from every scope, or from none; save.
+local reply = {kind == '' and 1 or 0, kind, retry, refused_by}
+for _, s in ipairs(scopes) do
+  if kind == '' and s.take then
+    if s.parallel > 0 then
+      redis.call('ZADD', s.keys[3], now + s.slot_ttl, s.slot)
+      redis.call('PEXPIRE', s.keys[3], s.slot_ttl)
+    end
+    if s.rpm > 0 then s.ru = s.ru - UNIT end
+    if s.tpm > 0 then s.tu = s.tu - s.cost * UNIT end
+    if s.budget > 0 then
+      redis.call('ZADD', s.keys[5], now + s.hold_ttl, s.hold .. ':' .. s.charge)
+      s.br = s.br + s.charge
     end
   end
-  if kind == '' then
-    if rpm > 0 then ru = ru - UNIT end
-    if tpm > 0 then tu = tu - cost * UNIT end
-    if budget > 0 then
-      redis.call('ZADD', KEYS[5], now + tonumber(ARGV[17]), ARGV[12] .. ':' .. ARGV[13])
-      br = br + charge
+  if s.rpm > 0 then save(s.keys[1], s.ru, s.rs, s.rpm) end
+  if s.tpm > 0 then save(s.keys[2], s.tu, s.ts, s.tpm) end
+  if s.bs then
+    redis.call('HSET', s.keys[4], 's', string.format('%.0f', s.bs), 'r', string.format('%.0f', s.br),
+               'e', s.be, 't', string.format('%.0f', s.bt))
+    if s.period_ttl > 0 then
+      redis.call('PEXPIRE', s.keys[4], s.period_ttl)
+      redis.call('PEXPIRE', s.keys[5], s.period_ttl)
     end
   end
-end
-
-if rpm > 0 then save(KEYS[1], ru, rs, rpm) end
-if tpm > 0 then save(KEYS[2], tu, ts, tpm) end
-if bs then
-  redis.call('HSET', KEYS[4], 's', string.format('%.0f', bs), 'r', string.format('%.0f', br),
-             'e', be, 't', string.format('%.0f', bt))
-  local period_ttl = tonumber(ARGV[16])
-  if period_ttl > 0 then
-    redis.call('PEXPIRE', KEYS[4], period_ttl)
-    redis.call('PEXPIRE', KEYS[5], period_ttl)
+  local rest = {
+    s.rpm > 0 and remaining(s.ru) or 0,
+    s.rpm > 0 and reset(s.ru, s.rpm) or 0,
+    s.tpm > 0 and remaining(s.tu) or 0,
+    s.tpm > 0 and reset(s.tu, s.tpm) or 0,
+    s.bs and (s.budget - s.bs - s.br) or 0,
+    s.bs and s.br or 0,
+    s.be or '',
+  }
+  for _, value in ipairs(rest) do
+    reply[#reply + 1] = value
   end
 end
-return {
-  kind == '' and 1 or 0,
-  kind,
-  rpm > 0 and remaining(ru) or 0,
-  rpm > 0 and reset(ru, rpm) or 0,
-  tpm > 0 and remaining(tu) or 0,
-  tpm > 0 and reset(tu, tpm) or 0,
-  retry,
-  bs and (budget - bs - br) or 0,
-  bs and br or 0,
-  be or '',
-}
+return reply

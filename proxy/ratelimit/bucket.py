@@ -4,6 +4,8 @@
 request bucket, the token bucket, the budget and the parallel slots, all or nothing),
 exactly as ``bucket.lua`` does it inside Redis. The in-process limiter runs ``check``; one table
 of cases (tests/test_bucket.py) runs against both, so they cannot drift apart.
+``check_all`` is one call for several scopes at once (a key and its team): admitted
+only when every scope allows it, taken from all or from none.
 
 Invariants (shared with bucket.lua):
 - Levels are integers in units: one token is ``UNIT`` = 60 000 units, so a limit of
@@ -43,6 +45,7 @@ and period, in integer nano-units (pricing.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -159,6 +162,8 @@ class Verdict(NamedTuple):
     budget_left: int = 0
     budget_held: int = 0
     epoch: str = ""
+    # check_all: the index of the scope that refused (0: the key; 1: its team).
+    scope: int = 0
 
 
 @dataclass(slots=True)
@@ -185,6 +190,53 @@ class KeyState:
 
 def check(state: KeyState, call: Call) -> Verdict:
     """Apply one limiter call to ``state`` (see the module invariants)."""
+    return check_all([state], [call])[0]
+
+
+def check_all(states: Sequence[KeyState], calls: Sequence[Call]) -> list[Verdict]:
+    """Apply one call per scope (a key, then its team) to their states at once: the
+    request is admitted only if every scope that takes allows it (the first refusal
+    wins, in order), and then taken from all of them; else from none. Each verdict
+    carries the common ``allowed``, ``kind``, ``retry_ms`` and ``scope`` (the index of
+    the refusing scope) with its own scope's levels."""
+    prepared = [_prepare(state, call) for state, call in zip(states, calls, strict=True)]
+    kind, retry, refused_by = "", 0, 0
+    for index, (state, call, ready) in enumerate(zip(states, calls, prepared, strict=True)):
+        if call.take:
+            kind, retry = _refusal(state, call, *ready)
+            if kind:
+                refused_by = index
+                break
+    verdicts = []
+    for state, call, (requests, tokens, budget) in zip(states, calls, prepared, strict=True):
+        if call.take and not kind:
+            requests, tokens = _take_all(state, call, requests, tokens, budget)
+        state.requests = requests if call.rpm else state.requests
+        state.tokens = tokens if call.tpm else state.tokens
+        if budget is not None and call.period_ttl:
+            budget.expires = call.now + call.period_ttl
+        rpm, tpm = call.rpm, call.tpm
+        verdicts.append(
+            Verdict(
+                kind == "",
+                kind,
+                remaining(requests) if requests else 0,
+                reset_ms(requests, rpm, rpm) if requests else 0,
+                remaining(tokens) if tokens else 0,
+                reset_ms(tokens, tpm, tpm) if tokens else 0,
+                retry,
+                call.budget - budget.spent - budget.held if budget else 0,
+                budget.held if budget else 0,
+                budget.epoch if budget else "",
+                refused_by,
+            )
+        )
+    return verdicts
+
+
+def _prepare(state: KeyState, call: Call) -> tuple[Level | None, Level | None, Budget | None]:
+    """Phase 1 for one scope: the buckets refilled (and the debt charged), the release
+    applied, the budget settled."""
     now, rpm, tpm = call.now, call.rpm, call.tpm
     requests = refill(state.requests, now, rpm, rpm) if rpm else None
     tokens = None
@@ -194,25 +246,7 @@ def check(state: KeyState, call: Call) -> Verdict:
     if call.release:
         state.slots.pop(call.release, None)
     budget = _settle_budget(state, call) if call.budget else None
-    kind, retry = "", 0
-    if call.take:
-        kind, retry, requests, tokens = _take_all(state, call, requests, tokens, budget)
-    state.requests = requests if rpm else state.requests
-    state.tokens = tokens if tpm else state.tokens
-    if budget is not None and call.period_ttl:
-        budget.expires = now + call.period_ttl
-    return Verdict(
-        kind == "",
-        kind,
-        remaining(requests) if requests else 0,
-        reset_ms(requests, rpm, rpm) if requests else 0,
-        remaining(tokens) if tokens else 0,
-        reset_ms(tokens, tpm, tpm) if tokens else 0,
-        retry,
-        call.budget - budget.spent - budget.held if budget else 0,
-        budget.held if budget else 0,
-        budget.epoch if budget else "",
-    )
+    return requests, tokens, budget
 
 
 def _settle_budget(state: KeyState, call: Call) -> Budget | None:
@@ -246,37 +280,50 @@ def held_charge(hold: str) -> int:
     return int(hold.rpartition(":")[2])
 
 
+def _refusal(
+    state: KeyState,
+    call: Call,
+    requests: Level | None,
+    tokens: Level | None,
+    budget: Budget | None,
+) -> tuple[str, int]:
+    """Phase 2 for one scope: what refuses one request, ``cost`` tokens, the budget's
+    ``charge`` and a slot ("", 0: nothing). Expired slots are dropped on the way."""
+    now = call.now
+    if call.budget and budget is None:
+        return "rebuild", 0
+    by_request = take(requests, now, call.rpm, call.rpm, 1) if requests else None
+    if by_request and not by_request.allowed:
+        return "requests", by_request.retry_ms
+    by_tokens = take(tokens, now, call.tpm, call.tpm, call.cost) if tokens else None
+    if by_tokens and not by_tokens.allowed:
+        return "tokens", by_tokens.retry_ms
+    if budget is not None and call.charge > call.budget - budget.spent - budget.held:
+        return "budget", 0
+    if call.parallel:
+        state.slots = {slot: expiry for slot, expiry in state.slots.items() if expiry > now}
+        if len(state.slots) >= call.parallel:
+            return "parallel", PARALLEL_RETRY_MS
+    return "", 0
+
+
 def _take_all(
     state: KeyState,
     call: Call,
     requests: Level | None,
     tokens: Level | None,
     budget: Budget | None,
-) -> tuple[str, int, Level | None, Level | None]:
-    """Take one request, ``cost`` tokens, the budget's ``charge`` and a slot, or
-    nothing: (kind, retry_ms, the request level, the token level) afterwards."""
+) -> tuple[Level | None, Level | None]:
+    """Phase 3 for one scope (every scope allowed it): take one request, ``cost``
+    tokens, the budget's ``charge`` and a slot; the levels afterwards."""
     now = call.now
-    if call.budget and budget is None:
-        return "rebuild", 0, requests, tokens
-    by_request = take(requests, now, call.rpm, call.rpm, 1) if requests else None
-    if by_request and not by_request.allowed:
-        return "requests", by_request.retry_ms, requests, tokens
-    by_tokens = take(tokens, now, call.tpm, call.tpm, call.cost) if tokens else None
-    if by_tokens and not by_tokens.allowed:
-        return "tokens", by_tokens.retry_ms, requests, tokens
-    if budget is not None and call.charge > call.budget - budget.spent - budget.held:
-        return "budget", 0, requests, tokens
     if call.parallel:
-        state.slots = {slot: expiry for slot, expiry in state.slots.items() if expiry > now}
-        if len(state.slots) >= call.parallel:
-            return "parallel", PARALLEL_RETRY_MS, requests, tokens
         state.slots[call.slot] = now + call.slot_ttl
     if budget is not None:
         budget.holds[f"{call.hold}:{call.charge}"] = now + call.hold_ttl
         budget.held += call.charge
-    return (
-        "",
-        0,
-        by_request.level if by_request else None,
-        by_tokens.level if by_tokens else None,
-    )
+    if requests is not None:
+        requests = Level(requests.units - UNIT, requests.stamp)
+    if tokens is not None:
+        tokens = Level(tokens.units - call.cost * UNIT, tokens.stamp)
+    return requests, tokens

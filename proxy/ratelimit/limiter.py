@@ -46,13 +46,14 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Coroutine
 from time import monotonic, time_ns
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
 from ..config import Config, Limits
 from ..config import Redis as RedisConfig
 from ..keys.record import Key
+from ..keys.teams import Team
 from ..metrics import set_limiter_backend
 from .bucket import Call, Settlement, Verdict
 from .local import LocalBuckets, now_ms
@@ -85,6 +86,8 @@ class Ticket(NamedTuple):
     shared: bool
     hold: str = ""
     ask: Ask | None = None
+    # The key's team's part of the same admission (None: no team with limits).
+    team: Ticket | None = None
 
 
 class Owed(NamedTuple):
@@ -150,30 +153,65 @@ class Limiter:
         if self.shared is not None:
             await self.shared.close()
 
-    async def admit(self, key: Key, cost: int, ask: Ask | None = None) -> Ticket:
+    async def admit(
+        self,
+        key: Key,
+        cost: int,
+        ask: Ask | None = None,
+        team: Team | None = None,
+        team_ask: Ask | None = None,
+    ) -> Ticket:
         """Take one request, ``cost`` tokens, a parallel slot and (with ``ask``) the
-        worst case of the budget for ``key``, or none of them. A verdict of kind
-        ``rebuild`` asks the caller to come back with ``ask.base``."""
-        slot = f"{self._instance}-{next(self._slot_ids)}" if key.max_parallel else ""
-        hold = f"{self._instance}-{next(self._slot_ids)}" if ask else ""
-        debt, ttl = 0, self.slot_ttl
+        worst case of the budget for ``key``, and the same from its ``team`` (with
+        ``team_ask`` for the team's budget) in the same call, or none of them. A
+        verdict of kind ``rebuild`` asks the caller to come back with the ``base`` of
+        the ask of the scope it names (``Verdict.scope``: 0 the key, 1 the team)."""
+        parts: list[tuple[str, Limited, Ask | None]] = [(scope_of(key), key, ask)]
+        if team is not None and team.is_limited:
+            parts.append((team_scope(team.id), team, team_ask))
+        slots = [self._new_id() if limits.max_parallel else "" for _, limits, _ in parts]
+        holds = [self._new_id() if a else "" for _, _, a in parts]
+        ttl = self.slot_ttl
+        debts = [0] * len(parts)
         if self.shared is not None and self.using_redis:
-            debt = self._take_debt(key.id)
-            call = _call(key, SERVER_TIME, cost, debt, True, slot, "", ttl, ask, hold, ttl)
-            if ask is not None and self.owed:
-                call = call._replace(settlements=self._take_owed(key.id, ask.period))
+            calls = []
+            for i, (scope, limits, a) in enumerate(parts):
+                debts[i] = self._take_debt(scope)
+                call = _call(limits, SERVER_TIME, cost, debts[i], True, slots[i], "", ttl, a,
+                             holds[i], ttl)  # fmt: skip
+                if a is not None and self.owed:
+                    call = call._replace(settlements=self._take_owed(scope, a.period))
+                calls.append(call)
+            scoped = [(scope, call) for (scope, _, _), call in zip(parts, calls, strict=True)]
             try:
-                verdict = await self.shared.check(key.id, call)  # bounded by redis.timeout
+                verdicts = await self.shared.check_all(scoped)  # bounded by redis.timeout
             except FAILURES as exc:
                 self._fall_back(exc)
-                self._owe_again(key.id, call)
+                for scope, call in scoped:
+                    self._owe_again(scope, call)
             else:
-                self._delivered(call)
-                return self._admitted(key.id, Ticket(verdict, slot, True, hold, ask))
-        call = _call(key, now_ms(), cost, debt, True, slot, "", ttl, ask, hold, _LOCAL_HOLD_TTL)
-        verdict = self.local.check(key.id, call)
-        held = f"{hold}:{ask.charge}" if ask and verdict.allowed else ""
-        return Ticket(verdict, slot, False, held, ask)
+                tickets = []
+                for (scope, call), verdict, slot, hold, (_, _, a) in zip(
+                    scoped, verdicts, slots, holds, parts, strict=True
+                ):
+                    self._delivered(call)
+                    tickets.append(self._admitted(scope, Ticket(verdict, slot, True, hold, a)))
+                return _joined(tickets)
+        now = now_ms()
+        calls = [
+            _call(limits, now, cost, debts[i], True, slots[i], "", ttl, a, holds[i],
+                  _LOCAL_HOLD_TTL)
+            for i, (_, limits, a) in enumerate(parts)
+        ]  # fmt: skip
+        verdicts = self.local.check_all([scope for scope, _, _ in parts], calls)
+        tickets = []
+        for verdict, slot, hold, (_, _, a) in zip(verdicts, slots, holds, parts, strict=True):
+            held = f"{hold}:{a.charge}" if a and verdict.allowed else ""
+            tickets.append(Ticket(verdict, slot, False, held, a))
+        return _joined(tickets)
+
+    def _new_id(self) -> str:
+        return f"{self._instance}-{next(self._slot_ids)}"
 
     def _admitted(self, key_id: str, ticket: Ticket) -> Ticket:
         """Note what a Redis admission holds, for renewal."""
@@ -189,14 +227,23 @@ class Limiter:
             self.held[ticket.slot] = key_id
         return ticket
 
-    def settle(self, key: Key, ticket: Ticket, debt: int, spend: int = 0) -> None:
+    def settle(
+        self, key: Key, ticket: Ticket, debt: int, spend: int = 0, team: Team | None = None
+    ) -> None:
         """Give back an admitted request's slot and budget hold, charge ``debt`` tokens
         (the real usage minus the reservation; negative: a refund) and add ``spend``
-        nano-units to the budget. Never blocks."""
-        debt = debt if key.tpm else 0
+        nano-units to the budget; the same for the team's part of the ticket (``team``:
+        the team it was admitted with). Never blocks."""
+        self._settle(scope_of(key), key, ticket, debt, spend)
+        if ticket.team is not None and team is not None:
+            self._settle(team_scope(team.id), team, ticket.team, debt, spend)
+
+    def _settle(self, scope: str, limits: Limited, ticket: Ticket, debt: int, spend: int) -> None:
+        """``settle`` for one scope (a key, or a team)."""
+        debt = debt if limits.tpm else 0
         ask = ticket.ask
         if not ticket.shared:
-            self._settle_local(key, ticket, debt, spend)
+            self._settle_local(scope, limits, ticket, debt, spend)
             return
         # The hold stays in ``holds`` (renewed) until its settlement reached Redis.
         settled = None
@@ -205,33 +252,37 @@ class Limiter:
         if ticket.slot:
             self.held.pop(ticket.slot, None)
             if self.using_redis:
-                debt += self._take_debt(key.id)
-                call = _call(key, SERVER_TIME, 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
+                debt += self._take_debt(scope)
+                call = _call(
+                    limits, SERVER_TIME, 0, debt, False, "", ticket.slot, self.slot_ttl, ask
+                )
                 if ask is not None and settled is not None:
-                    owed = self._take_owed(key.id, ask.period) if self.owed else ()
+                    owed = self._take_owed(scope, ask.period) if self.owed else ()
                     call = call._replace(settlements=(*owed, settled))
-                self._spawn(self._settle_shared(key.id, call))
+                self._spawn(self._settle_shared(scope, call))
                 return
-            self.releases[ticket.slot] = key.id  # Redis is down: given back when it is up
+            self.releases[ticket.slot] = scope  # Redis is down: given back when it is up
         if debt:
-            self._owe(key.id, key.tpm or 0, debt)
+            self._owe(scope, limits.tpm or 0, debt)
         if ask is not None and settled is not None:
-            self._owe_settlement(key.id, ask.budget, ask.period, ask.period_ttl, settled)
+            self._owe_settlement(scope, ask.budget, ask.period, ask.period_ttl, settled)
 
-    def _settle_local(self, key: Key, ticket: Ticket, debt: int, spend: int) -> None:
+    def _settle_local(
+        self, scope: str, limits: Limited, ticket: Ticket, debt: int, spend: int
+    ) -> None:
         """Settle a ticket the in-process buckets admitted. Its spend is owed to Redis
         too (when there is one): if Redis kept its state meanwhile, it must count."""
         ask = ticket.ask
         if not (debt or ticket.slot or ask):
             return
-        call = _call(key, now_ms(), 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
+        call = _call(limits, now_ms(), 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
         if ask is not None:
             local = Settlement(ticket.hold, spend, ticket.verdict.epoch, now_ms())
             call = call._replace(settlements=(local,))
             if spend and self.shared is not None:
                 remote = Settlement("", spend, "", wall_ms())
-                self._owe_settlement(key.id, ask.budget, ask.period, ask.period_ttl, remote)
-        self.local.check(key.id, call)
+                self._owe_settlement(scope, ask.budget, ask.period, ask.period_ttl, remote)
+        self.local.check(scope, call)
 
     def _take_debt(self, key_id: str) -> int:
         return self.debts.pop(key_id, (0, 0))[1] if self.debts else 0
@@ -372,8 +423,35 @@ class Limiter:
         set_limiter_backend(self.backend)
 
 
+class Limited(Protocol):
+    """What a scope's limits are read from: a ``Key`` or a ``Team``."""
+
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_parallel(self) -> int | None: ...
+
+
+def scope_of(key: Key) -> str:
+    """The name of a key's limiter state: its id, or, in a team, its id under the
+    team's Redis Cluster hash tag (so one call can reach both)."""
+    return key.id if key.team_id is None else f"{team_scope(key.team_id)}:{key.id}"
+
+
+def team_scope(team_id: str) -> str:
+    """The name of a team's limiter state."""
+    return f"{{team:{team_id}}}"
+
+
+def _joined(tickets: list[Ticket]) -> Ticket:
+    """The key's ticket, with its team's part when there is one."""
+    return tickets[0] if len(tickets) == 1 else tickets[0]._replace(team=tickets[1])
+
+
 def _call(
-    key: Key,
+    key: Limited,
     now: int,
     cost: int,
     debt: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from time import monotonic_ns
 
-from .bucket import Call, KeyState, Verdict, check
+from .bucket import Call, KeyState, Verdict, check_all
 
 
 def now_ms() -> int:
@@ -21,7 +21,10 @@ class LocalBuckets:
         self.states: dict[str, KeyState] = {}
 
     def check(self, key_id: str, call: Call) -> Verdict:
-        state = self.states.get(key_id)
-        if state is None:
-            state = self.states[key_id] = KeyState()
-        return check(state, call)
+        return self.check_all([key_id], [call])[0]
+
+    def check_all(self, scopes: list[str], calls: list[Call]) -> list[Verdict]:
+        """``check_all`` on the states of ``scopes`` (a key's, and its team's)."""
+        states = [self.states.get(scope) or self.states.setdefault(scope, KeyState())
+                  for scope in scopes]  # fmt: skip
+        return check_all(states, calls)

@@ -8,7 +8,9 @@ node and follows redirections.
 
 Key names carry the API key id as a hash tag, ``{prefix}:{<key id>}:rq|tk|par``, and
 for a key with a budget ``…:bg:<period>|bh:<period>`` (the period's start, Unix
-seconds), so the keys one call touches sit on one Redis Cluster slot.
+seconds), so the keys one call touches sit on one Redis Cluster slot. A key in a team
+and the team itself are tagged with the team instead (``{prefix}:{team:<id>}:<key
+id>:…`` and ``{prefix}:{team:<id>}:…``), so one call can check and reserve both.
 
 Redis exceptions are not mapped here: the limiter catches ``FAILURES`` and falls back.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -248,28 +250,40 @@ class RedisBuckets:
         self._names: dict[str, tuple[str, str, str]] = {}
 
     def names(self, key_id: str) -> tuple[str, str, str]:
-        """The request bucket, token bucket and slot set keys of one API key."""
+        """The request bucket, token bucket and slot set keys of one scope: an API key
+        id (its own hash tag), or a scope that names its tag (``{team:t}:<key id>``,
+        ``{team:t}``: a team's keys and its members' share its slot)."""
         names = self._names.get(key_id)
         if names is None:
-            tag = f"{self.prefix}:{{{key_id}}}"
+            tag = f"{self.prefix}:{_tagged(key_id)}"
             names = self._names[key_id] = (f"{tag}:rq", f"{tag}:tk", f"{tag}:par")
         return names
 
     def budget_names(self, key_id: str, period: int) -> tuple[str, str]:
-        """The budget hash and reservation set of one API key in one period."""
-        tag = f"{self.prefix}:{{{key_id}}}"
+        """The budget hash and reservation set of one scope in one period."""
+        tag = f"{self.prefix}:{_tagged(key_id)}"
         return f"{tag}:bg:{period}", f"{tag}:bh:{period}"
 
     async def check(self, key_id: str, call: Call) -> Verdict:
-        keys: tuple[str, ...] = self.names(key_id)
-        if call.budget:
-            keys += self.budget_names(key_id, call.period)
-        reply = await self._run(keys, _argv(call))
-        allowed, kind, r_left, r_reset, t_left, t_reset, retry, left, held, epoch = reply
-        return Verdict(
-            bool(allowed), _KINDS[kind], r_left, r_reset, t_left, t_reset, retry,
-            left, held, epoch.decode(),
-        )  # fmt: skip
+        return (await self.check_all([(key_id, call)]))[0]
+
+    async def check_all(self, scopes: Sequence[tuple[str, Call]]) -> list[Verdict]:
+        """``bucket.check_all`` for (scope, call) pairs, in one round trip."""
+        keys: list[str] = []
+        args: list[str | int] = ["" if scopes[0][1].now == SERVER_TIME else scopes[0][1].now]
+        args.append(len(scopes))
+        for scope, call in scopes:
+            keys += self.names(scope)
+            keys += self.budget_names(scope, call.period)
+            args += _argv(call)
+        reply = await self._run(tuple(keys), tuple(args))
+        allowed, kind, retry, refused_by = reply[:4]
+        verdicts = []
+        for at in range(4, len(reply), 7):
+            r_left, r_reset, t_left, t_reset, left, held, epoch = reply[at : at + 7]
+            levels = (r_left, r_reset, t_left, t_reset, retry, left, held, epoch.decode())
+            verdicts.append(Verdict(bool(allowed), _KINDS[kind], *levels, refused_by))
+        return verdicts
 
     async def _run(self, keys: tuple[str, ...], args: tuple[str | int, ...]) -> Any:
         """bucket.lua with ``keys`` and ``args``: over the link, or the cluster client."""
@@ -315,12 +329,18 @@ class RedisBuckets:
         await self.client.ping()
 
 
+def _tagged(scope: str) -> str:
+    """A scope's Redis Cluster hash tag part: a key id gets its own tag, a scope
+    that names one keeps it."""
+    return scope if scope.startswith("{") else f"{{{scope}}}"
+
+
 def _argv(call: Call) -> tuple[str | int, ...]:
-    now: str | int = "" if call.now == SERVER_TIME else call.now
+    """One scope's block of bucket.lua's ARGV (after ``now`` and the scope count)."""
     take = "1" if call.take else "0"
-    head = (now, call.rpm, call.tpm, call.parallel, call.cost, call.debt, take, call.slot,
+    head = (call.rpm, call.tpm, call.parallel, call.cost, call.debt, take, call.slot,
             call.release, call.slot_ttl, call.budget, call.hold, call.charge, call.base,
-            call.epoch, call.period_ttl, call.hold_ttl)  # fmt: skip
+            call.epoch, call.period_ttl, call.hold_ttl, len(call.settlements))  # fmt: skip
     if not call.settlements:
         return head
     return head + tuple(value for settled in call.settlements for value in settled)

@@ -62,6 +62,8 @@ class Record(msgspec.Struct, array_like=True, frozen=True):
     ttft_ms: float | None
     # Last, with a default: spool lines written before the column existed still decode.
     cost: Decimal = Decimal(0)
+    # The team of the key (None: none); after cost for the same reason.
+    team_id: str | None = None
 
 
 COLUMNS: tuple[str, ...] = Record.__struct_fields__
@@ -104,6 +106,7 @@ def record_of(exchange: Exchange) -> Record:
         exchange.duration * 1000.0,
         None if ttft is None else ttft * 1000.0,
         Decimal(exchange.cost).scaleb(-9) if exchange.cost else _FREE,
+        exchange.team_id,
     )
 
 
@@ -119,6 +122,7 @@ def size(record: Record) -> int:
         _FIXED_BYTES
         + len(record.request_id)
         + len(record.key_id or "")
+        + len(record.team_id or "")
         + len(record.endpoint)
         + len(record.model)
         + len(record.deployment)

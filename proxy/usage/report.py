@@ -1,4 +1,4 @@
-"""``python -m proxy usage --since 1h --by key|model|deployment|outcome``: a table of requests,
+"""``python -m proxy usage --since 1h --by key|team|model|deployment|outcome``: a table of requests,
 tokens, cost, errors and latency percentiles, from the rollups (rollup.py).
 
 The start is rounded down to the hour (the rollups' grain). Whole UTC days come from
@@ -31,7 +31,11 @@ from .store import _REJECTED, _UNAVAILABLE
 
 # --by → column; a fixed map, so the column name in the SQL is never user text.
 # "outcome": errors by class (rollup.outcome; "-" is success).
-GROUPS = {"key": "key_id", "model": "model", "deployment": "deployment", "outcome": "outcome"}
+# "team": the key's team ("-": keys without one).
+GROUPS = {
+    "key": "key_id", "team": "team_id", "model": "model", "deployment": "deployment",
+    "outcome": "outcome",
+}  # fmt: skip
 # Per group: requests, prompt and completion tokens, cost, errors, the histogram.
 _SUMS = (
     "sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cost), "

@@ -13,6 +13,8 @@ Invariants:
 - ``outcome`` is "" for a success, else the error class, or ``status_<code>`` for an
   HTTP status of 400 or more without one: errors by class, and "errors" = every
   outcome but "".
+- ``team_id`` is the team of the rows' key ("" for none): not part of the unique key
+  (a key belongs to one team; a key that moves takes its current hour's row along).
 - ``key_id`` is "" for requests without a key (a key column that is never NULL can be
   part of the unique key on both backends). ``cost`` is in nano-units (10**-9 of the
   price unit), exact: a request's cost is rounded up to whole nano-units already.
@@ -63,16 +65,19 @@ def nano(cost: Decimal) -> int:
 
 def deltas(records: Iterable[Record], width: int) -> list[tuple[object, ...]]:
     """What ``records`` add to the rollup of ``width`` seconds (``HOUR`` or ``DAY``):
-    one row per (period start, key, model, deployment, outcome), columns as ``COLUMNS``.
-    Raises ``ValueError`` (or ``ArithmeticError``) for a record whose values cannot be
-    summed (NaN or infinite times and costs)."""
+        one row per (period start, key, model, deployment, outcome), columns as ``COLUMNS``
+    (the key's team after the group).
+        Raises ``ValueError`` (or ``ArithmeticError``) for a record whose values cannot be
+        summed (NaN or infinite times and costs)."""
     found: dict[tuple[int, str, str, str, str], list[int]] = {}
+    teams: dict[tuple[int, str, str, str, str], str] = {}
     for r in records:
         start = int(r.started_at // width) * width
         where = (start, r.key_id or "", r.model, r.deployment, outcome(r.status, r.error))
         sums = found.get(where)
         if sums is None:
             sums = found[where] = [0] * len(SUMS)
+        teams[where] = r.team_id or ""
         sums[0] += 1
         sums[1] += r.estimated
         sums[2] += r.prompt_tokens
@@ -83,7 +88,7 @@ def deltas(records: Iterable[Record], width: int) -> list[tuple[object, ...]]:
         sums[7 + bucket(_finite(r.duration_ms))] += 1
         if r.ttft_ms is not None:
             sums[7 + BUCKETS + bucket(_finite(r.ttft_ms))] += 1
-    return [(*where, *sums) for where, sums in found.items()]
+    return [(*where, teams[where], *sums) for where, sums in found.items()]
 
 
 def _finite(ms: float) -> float:
@@ -92,10 +97,10 @@ def _finite(ms: float) -> float:
     return ms
 
 
-COLUMNS = ("starts_at", *GROUP, *SUMS)
+COLUMNS = ("starts_at", *GROUP, "team_id", *SUMS)
 
 
-STAGING = {c: "bigint" for c in COLUMNS} | {c: "text" for c in GROUP}
+STAGING = {c: "bigint" for c in COLUMNS} | {c: "text" for c in (*GROUP, "team_id")}
 
 
 def staging(width: int) -> str:
@@ -108,6 +113,7 @@ def merge(width: int) -> str:
     statement for the batch (a statement per rollup row cost more than the rows)."""
     table = TABLES[width]
     sets = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUMS)
+    sets += ", team_id = excluded.team_id"
     # ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
     return (
         f"INSERT INTO {table} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "

@@ -56,6 +56,7 @@ _STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is mi
     "duration_ms": "double precision",
     "ttft_ms": "double precision",
     "cost": "numeric",
+    "team_id": "text",
 }
 _STAGING = {c: _STAGING_TYPES[c] for c in COLUMNS}
 # ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
