@@ -48,6 +48,7 @@ from .failover import Outbound, dispatch
 from .gate import open_gate
 from .h1 import Client
 from .identity import Authenticator
+from .oidc import OidcLogin
 from .ops import metrics_endpoint, protect
 from .pricing import Prices
 from .ratelimit.limiter import open_limiter
@@ -146,10 +147,19 @@ def add_ops_routes(app: web.Application) -> None:
     token = state.config.server.ops_token
     app.router.add_get("/metrics", protect(metrics_endpoint, token))
     app.router.add_get("/deployments", protect(deployments, token))
+    login = None
+    if state.config.oidc is not None:  # single sign-on for the console (oidc.py)
+        login = OidcLogin(state.config.oidc)
+        app.cleanup_ctx.append(login.context)
+        login.add_routes(app.router)  # before the console's own catch-all route
     admin.add_routes(
         app,
         admin.Admin(
-            state.config, lambda: state.db, lambda: state.inflight, lambda: state.authenticator
+            state.config,
+            lambda: state.db,
+            lambda: state.inflight,
+            lambda: state.authenticator,
+            login,
         ),
     )
     console.add_routes(app)

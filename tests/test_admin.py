@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -16,9 +17,13 @@ from openapi_spec_validator import validate
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
+from proxy.oidc import SESSION_COOKIE
 
-from .admin_support import DOC, MASTER, OPS, admin_config, admin_of, admin_of_port, start
+from .admin_support import DOC, MASTER, OPS, admin_config, admin_of, admin_of_port, check, start
 from .conftest import SECRETS, MakeProxy, Proxy, free_port
+from .issuer import Issuer
+from .test_oidc import SECRET as SSO_SECRET
+from .test_oidc import log_in
 from .usage_support import serve, until
 
 
@@ -168,8 +173,12 @@ async def test_teams(proxy: Proxy) -> None:
         SECRETS.add(loner["secret"])
 
         await _chat(proxy, member["secret"])
-        # group_by=team reads the rollups' team_id, which the ledger fills from #19 on.
-        await admin.call("GET", "/usage", group_by="team", team_id="research")
+
+        async def recorded() -> bool:
+            usage = await admin.call("GET", "/usage", group_by="team", team_id="research")
+            return [(r["group"], r["requests"]) for r in usage["data"]] == [("research", 1)]
+
+        await until(recorded)
         listed = await admin.call("GET", "/keys", team_id="research")
         assert [k["id"] for k in listed["data"]] == [member["id"]]
         changed = await admin.call("PATCH", "/teams/research", {"rpm": None, "tpm": 10})
@@ -363,3 +372,45 @@ async def test_a_database_that_is_down_or_hung_is_a_503_and_the_overview_stands(
             writer.close()
         hung.close()
         await hung.wait_closed()
+
+
+async def test_single_sign_on_sessions(
+    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any
+) -> None:
+    """With ``oidc`` configured, the console's login (oidc.py) is mounted on the ops
+    listener and its session is a principal of the admin API, with its claims' role."""
+    issuer = Issuer()
+    await issuer.start()
+    try:
+        config = admin_config(upstream.url, monkeypatch)
+        ops = config.server.ops_port
+        oidc = cfg.Oidc(
+            issuer=issuer.url,
+            redirect_url=f"http://127.0.0.1:{ops}/console/callback",
+            role_map={"proxy-admins": "admin", "proxy-viewers": "viewer"},
+            client_id="console",
+            client_secret="s3cret",
+            session_secret=SSO_SECRET,
+        )
+        await make_proxy(msgspec.structs.replace(config, oidc=oidc), auth=True)
+        signed_in = SimpleNamespace(url=f"http://127.0.0.1:{ops}", issuer=issuer)
+        async with admin_of_port(ops or 0, None) as browser:
+            options = await browser.call("GET", "/session")
+            assert options["oidc"] is True
+            issuer.user = {"sub": "vera", "roles": ["proxy-viewers"]}
+            answer, cookies = await log_in(browser.http, signed_in, "/console/keys")
+            assert answer.status == 302
+            assert answer.headers["Location"] == "/console/keys"
+            session = {"Cookie": f"{SESSION_COOKIE}={cookies[SESSION_COOKIE].value}"}
+            async with browser.http.get(f"{browser.base}/admin/v1/me", headers=session) as r:
+                me = await r.json()
+            check("GET", "/admin/v1/me", r.status, me)
+            assert (me["role"], me["source"], me["user_id"]) == ("viewer", "session", "vera")
+            async with browser.http.post(
+                f"{browser.base}/admin/v1/keys", headers=session, json={"name": "x"}
+            ) as r:
+                assert r.status == 403
+            async with browser.http.get(f"{browser.base}/admin/v1/keys", headers=session) as r:
+                assert r.status == 200
+    finally:
+        await issuer.close()

@@ -20,6 +20,10 @@ export function App() {
   if (principal === null) return <Login onLogin={setPrincipal} />;
   const staff = principal.role !== 'member';
   const logout = async () => {
+    if (principal.source === 'session') {
+      window.location.assign('/console/logout'); // the single sign-on session (server side)
+      return;
+    }
     await api('DELETE', '/session');
     setPrincipal(null);
   };

@@ -2,7 +2,9 @@
 are decided: master key and ops token → admin, an API key → its own role), or the
 console's session cookie.
 
-A session (``POST /admin/v1/session`` with one of those credentials) is an
+With ``oidc`` configured, the console's single sign-on session (oidc.py, #19) is
+accepted too, with the role the provider's claims gave. Otherwise a session
+(``POST /admin/v1/session`` with one of those credentials) is an
 HMAC-signed, expiring statement of the principal, so every worker and replica checks
 it without shared state. Its HMAC key is derived from the master key's hash and the
 ops token, so sessions exist only when one of them is set. A session made from an API
@@ -29,6 +31,7 @@ from ..errors import Forbidden, Unauthorized
 from ..identity import Authenticator, Principal, of_key
 from ..keys.lookup import presented
 from ..keys.store import KeyStore
+from ..oidc import OidcLogin
 
 COOKIE = "morngpt_console"
 SESSION_SECONDS = 12 * 3600
@@ -42,8 +45,14 @@ class _Session(msgspec.Struct, frozen=True, array_like=True):
 class Access:
     """Turns requests into principals and principals into session cookies."""
 
-    def __init__(self, config: Config, authenticator: Callable[[], Authenticator]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        authenticator: Callable[[], Authenticator],
+        login: OidcLogin | None = None,
+    ) -> None:
         self.authenticator = authenticator
+        self.login = login
         master, ops = config.auth.master_key_sha256, config.server.ops_token
         seed = f"morngpt-console\0{master}\0{ops}".encode()
         self.signing = hashlib.sha256(seed).digest() if (master or ops) else b""
@@ -53,6 +62,8 @@ class Access:
         """The caller: from its credential headers, else its session; or ``Unauthorized``."""
         if presented(request.headers) is not None:
             return await self.authenticator().authenticate(request.headers)
+        if self.login is not None and (signed_on := self.login.principal(request)) is not None:
+            return signed_on
         cookie = request.cookies.get(COOKIE)
         if not cookie:
             raise Unauthorized(

@@ -29,6 +29,7 @@ from ..keys.lookup import STORE_FAILURES
 from ..keys.record import Key
 from ..keys.store import KeyStore
 from ..keys.teams import TEAM_ID, Team, TeamInUse, TeamStore
+from ..oidc import OidcLogin
 from ..periods import PERIODS
 from ..pricing import show
 from . import views
@@ -126,9 +127,10 @@ class Admin:
         db: Callable[[], Db | None],
         inflight: Callable[[], int],
         authenticator: Callable[[], Authenticator],
+        login: OidcLogin | None = None,
     ) -> None:
         self.config = config
-        self.access = Access(config, authenticator)
+        self.access = Access(config, authenticator, login)
         self._db = db
         self.inflight = inflight
         self.openapi = msgspec.json.encode(document())
@@ -172,6 +174,7 @@ def add_routes(app: web.Application, admin: Admin) -> None:
     """The admin API and its OpenAPI document under ``/admin/v1``."""
     r = app.router
     r.add_get(f"{PREFIX}/openapi.json", admin_openapi(admin))
+    r.add_get(f"{PREFIX}/session", login_options(admin))
     r.add_post(f"{PREFIX}/session", login(admin))
     r.add_delete(f"{PREFIX}/session", logout)
     r.add_get(f"{PREFIX}/me", admin.route("member", me))
@@ -195,6 +198,16 @@ def add_routes(app: web.Application, admin: Admin) -> None:
 def admin_openapi(admin: Admin) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=admin.openapi, content_type="application/json")
+
+    return serve
+
+
+def login_options(admin: Admin) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /session: how one may log in (the console's login page asks)."""
+    body = {"object": "login_options", "oidc": admin.access.login is not None}
+
+    async def serve(request: web.Request) -> web.Response:
+        return _json(body, 200)
 
     return serve
 

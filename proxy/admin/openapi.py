@@ -174,6 +174,12 @@ SCHEMAS: dict[str, Any] = {
     ),
     "TeamUpdate": {**_object({}, _TEAM_INPUT), "minProperties": 1},
     "Login": _object({"credential": _STR}),
+    "LoginOptions": _object(
+        {
+            "object": {"const": "login_options"},
+            "oidc": {"type": "boolean", "description": "single sign-on at /console/login"},
+        }
+    ),
     "Usage": _list_of(
         _USAGE_ROW,
         {
@@ -282,6 +288,11 @@ _USAGE_PARAMS = [
 
 PATHS: dict[str, Any] = {
     "/admin/v1/session": {
+        "get": {
+            "summary": "How one may log in",
+            "security": [],
+            "responses": {"200": _answer("LoginOptions", "success")},
+        },
         "post": _op(
             "Log in: a console session cookie for a credential",
             "none",
