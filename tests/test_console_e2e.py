@@ -1,6 +1,7 @@
 """The console end to end in a real headless browser (Debian's chromium, driven by
 Selenium): log in, create a key, make a request with it (openai SDK), see it in the
-overview and the usage, revoke it, see the next request refused. A screenshot goes
+overview and the usage, log in with it (a member's own view), revoke it, see the next
+request refused. A screenshot goes
 to var/e2e/ when it fails; the page's load time is written to var/e2e/load.txt
 (reported by scripts/test, never asserted)."""
 
@@ -103,13 +104,20 @@ def scenario(driver: Any, console: str, api: str) -> None:
 
     until("the overview", lambda: text("requests-total") != "…")
     driver.find_element(By.LINK_TEXT, "Keys").click()
-    name = driver.find_element(By.NAME, "name")
-    name.send_keys("e2e-key")
-    driver.find_element(By.NAME, "rpm").send_keys("600")
-    driver.find_element(By.XPATH, "//button[text()='Create key']").click()
-    key = until("the new key", lambda: text("new-key"))
-    SECRETS.add(key)
-    assert key.startswith("sk-morn-")
+
+    def create(name: str, rpm: str) -> str:
+        until("the key form", lambda: driver.find_element(By.NAME, "name")).send_keys(name)
+        driver.find_element(By.NAME, "rpm").send_keys(rpm)
+        driver.find_element(By.XPATH, "//button[text()='Create key']").click()
+        until("the key's row", lambda: css(f'[data-testid="key-{name}"]'))
+        key = str(text("new-key"))
+        SECRETS.add(key)
+        assert key.startswith("sk-morn-")
+        return key
+
+    other = create("other-key", "")
+    key = create("e2e-key", "600")
+    assert key != other
     row = until(
         "the key's row", lambda: driver.find_element(By.CSS_SELECTOR, '[data-testid="key-e2e-key"]')
     )
@@ -128,7 +136,22 @@ def scenario(driver: Any, console: str, api: str) -> None:
 
     until("the request in the usage table", usage_shows_it)
 
-    driver.find_element(By.LINK_TEXT, "Keys").click()
+    # The key's holder logs in with it: a member's own view, their key and usage only.
+    driver.find_element(By.XPATH, "//button[text()='Log out']").click()
+    until("the login form", lambda: driver.find_element(By.ID, "credential")).send_keys(
+        key, Keys.ENTER
+    )
+    until("the member's view", lambda: driver.find_element(By.LINK_TEXT, "My key")).click()
+    assert not driver.find_elements(By.LINK_TEXT, "Overview")
+    rows = until("the member's key", lambda: driver.find_elements(By.CSS_SELECTOR, "tbody tr"))
+    assert [r.get_attribute("data-testid") for r in rows] == ["key-e2e-key"]
+    assert not driver.find_elements(By.XPATH, "//button[text()='Create key']")
+    driver.find_element(By.XPATH, "//button[text()='Log out']").click()
+    until("the login form", lambda: driver.find_element(By.ID, "credential")).send_keys(
+        MASTER, Keys.ENTER
+    )
+
+    until("the keys link", lambda: driver.find_element(By.LINK_TEXT, "Keys")).click()
     until(
         "the revoke button",
         lambda: driver.find_element(By.XPATH, "//button[@aria-label='Revoke e2e-key']"),
