@@ -25,12 +25,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
-from proxy.ratelimit.bucket import KeyState, check
+from proxy.ratelimit.bucket import KeyState, check, check_all
+from proxy.ratelimit.limiter import team_scope
 from proxy.ratelimit.shared import RedisBuckets, connect
 
 from .conftest import REDIS_URL, MakeProxy, free_port
 from .keyhelp import declare, keyed, limiter
-from .test_bucket import CASES, Step
+from .test_bucket import CASES, TEAM_CASES, Step, TeamStep
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -136,6 +137,23 @@ async def test_the_limit_table_holds_on_a_cluster(
     for i, (step, expected) in enumerate(steps):
         assert check(state, step) == expected, f"python, step {i}"
         assert await buckets.check(key_id, step) == expected, f"cluster, step {i}"
+
+
+@pytest.mark.parametrize("steps", list(TEAM_CASES.values()), ids=list(TEAM_CASES))
+async def test_a_key_and_its_team_are_checked_in_one_call_on_a_cluster(
+    cluster_client: RedisCluster, steps: list[TeamStep]
+) -> None:
+    """One call reaches a key's keys and its team's: they share the team's slot."""
+    buckets = RedisBuckets(cluster_client, f"cl-{secrets.token_hex(4)}", timeout=5.0)
+    team = team_scope(f"t{random.randrange(1 << 30)}")
+    named = {"t": team, "a": f"{team}:a", "b": f"{team}:b"}
+    states: dict[str, KeyState] = {}
+    for i, (scopes, expected) in enumerate(steps):
+        python = check_all([states.setdefault(n, KeyState()) for n, _ in scopes],
+                           [c for _, c in scopes])  # fmt: skip
+        assert python == expected, f"python, step {i}"
+        cluster = await buckets.check_all([(named[n], c) for n, c in scopes])
+        assert cluster == expected, f"cluster, step {i}"
 
 
 async def test_a_keys_buckets_share_a_slot_and_keys_spread_over_the_nodes(

@@ -39,23 +39,29 @@ async def issuer() -> AsyncIterator[Issuer]:
         await issuer.close()
 
 
-def jwt_auth(issuer: Issuer, **settings: Any) -> cfg.Auth:
+def jwt_auth(issuer: Issuer, user_rpm: int | None = None, **settings: Any) -> cfg.Auth:
     trusted = cfg.JwtIssuer(
         issuer=issuer.url,
         jwks_url=f"{issuer.url}/jwks",
         audience=["proxy"],
         role_claim="roles",
         role_map={"proxy-admins": "admin", "proxy-viewers": "viewer"},
+        user_rpm=user_rpm,
     )
     defaults: dict[str, Any] = {"jwks_min_interval": 0.2, "jwks_timeout": 0.5}
     return cfg.Auth(jwt=cfg.Jwt(issuers=[trusted], **{**defaults, **settings}))
 
 
 async def start(
-    make_proxy: MakeProxy, upstream: FakeUpstream, issuer: Issuer, **settings: Any
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    issuer: Issuer,
+    team_rpm: int | None = None,
+    **settings: Any,
 ) -> Proxy:
     proxy = await make_proxy(keyed(upstream.url, auth=jwt_auth(issuer, **settings)), auth=True)
-    await TeamStore(proxy.runner.app[DB]).create("team one", team_id="t1", models=["m1"])
+    teams = TeamStore(proxy.runner.app[DB])
+    await teams.create("team one", team_id="t1", models=["m1"], rpm=team_rpm)
     return proxy
 
 
@@ -104,6 +110,23 @@ async def test_tokens_of_every_algorithm_are_served_under_their_user_and_team(
         "viewer", "jwt", "bob", "t1",
     )  # fmt: skip
     assert principal.key_id is None
+
+
+async def test_users_share_their_teams_limits_and_have_their_own(
+    make_proxy: MakeProxy, upstream: FakeUpstream, issuer: Issuer
+) -> None:
+    proxy = await start(make_proxy, upstream, issuer, team_rpm=3, user_rpm=2)
+    alice, bob = issuer.sign({"sub": "alice"}), issuer.sign({"sub": "bob"}, kind="ed")
+    assert await chat(proxy, alice) is not None
+    assert await chat(proxy, alice) is not None
+    with pytest.raises(openai.RateLimitError) as caught:  # alice's own 2 a minute
+        await chat(proxy, alice)
+    assert "team" not in caught.value.message
+    assert await chat(proxy, bob) is not None  # the team's third
+    with pytest.raises(openai.RateLimitError) as caught:  # the team's 3 a minute
+        await chat(proxy, bob)
+    assert "team t1" in caught.value.message
+    assert len(upstream.received) == 3
 
 
 async def test_every_bad_token_is_a_401(
@@ -175,6 +198,13 @@ async def test_a_failing_jwks_keeps_known_keys_and_refuses_unknown_kids(
     assert "JWKS" in caplog.text
     # Known keys keep working, with new tokens (a new signature check) as well.
     assert await chat(proxy, issuer.sign({"sub": "dave"}, kind="ed")) is not None
+    # The endpoint gone altogether (connections refused): the same.
+    await issuer.close()
+    await asyncio.sleep(0.6)  # past the first backoff (at most 0.5 s) and the interval
+    started = time.monotonic()
+    await refused(proxy, issuer.sign(kind="ec", kid=fresh))
+    assert time.monotonic() - started < 2
+    assert await chat(proxy, issuer.sign({"sub": "erin"}, kind="rsa")) is not None
 
 
 async def test_a_hung_jwks_costs_one_bounded_wait_per_backoff_not_one_per_request(
@@ -198,3 +228,13 @@ async def test_a_hung_jwks_costs_one_bounded_wait_per_backoff_not_one_per_reques
     assert time.monotonic() - started < first
     assert issuer.jwks_hits == hits + 1
     assert await chat(proxy, issuer.sign({"sub": "known"})) is not None
+
+
+async def test_the_jwt_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m bench.jwt``, tiny: every line it prints is there (figures: docs)."""
+    from bench.jwt import main
+
+    await main(requests=200, reuse=10)
+    out = capsys.readouterr().out
+    for line in ("API key (baseline)", "verified before (cache)", "RS256", "ES256", "EdDSA"):
+        assert line in out
