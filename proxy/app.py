@@ -178,7 +178,8 @@ async def _share_db(app: web.Application) -> AsyncIterator[None]:
 def build_ops_app(state: State) -> web.Application:
     """The app behind ``server.ops_port``: the ops endpoints and the probes, sharing
     the main app's state (serve.py runs it as a resource of the main app)."""
-    app = web.Application()
+    # The admin API's bodies are held to the same limit as the API's.
+    app = web.Application(client_max_size=state.config.server.max_body_bytes)
     app[STATE] = state
     ingress.install(app, state.config.server)
     app.router.add_get("/healthz", healthz)

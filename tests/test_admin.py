@@ -4,6 +4,7 @@ live overview, roles and sessions; every answer checked against the OpenAPI docu
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -414,3 +415,16 @@ async def test_single_sign_on_sessions(
                 assert r.status == 200
     finally:
         await issuer.close()
+
+
+async def test_hostile_bodies_are_refused_in_shape(proxy: Proxy) -> None:
+    async with admin_of(proxy, MASTER) as admin:
+        url = f"{admin.base}/admin/v1/keys"
+        headers = {"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"}
+        large = proxy.state.config.server.max_body_bytes + 1
+        bodies = {b'{"name": "' + b"x" * large + b'"}': 413, b"\xff\xfe": 400, b"[]": 400}
+        for body, status in bodies.items():
+            async with admin.http.post(url, data=io.BytesIO(body), headers=headers) as r:
+                answer = await r.json()
+                assert r.status == status, answer
+                assert set(answer["error"]) == {"message", "type", "param", "code"}

@@ -154,10 +154,11 @@ class Admin:
 
         async def serve(request: web.Request) -> web.StreamResponse:
             try:
-                async with asyncio.timeout(self.config.database.timeout * 2):
-                    principal = await self.access.principal(request, self.store())
-                    require(principal, role)
-                    result = await handler(request, principal)
+                # No deadline of its own: each database call is bounded (db.bounded), the
+                # body read by the proxy's body limits (_body).
+                principal = await self.access.principal(request, self.store())
+                require(principal, role)
+                result = await handler(request, principal)
             except ProxyError as err:
                 return _error(err)
             except (*STORE_FAILURES, ConnectionError) as exc:
@@ -217,7 +218,7 @@ def login(admin: Admin) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
-            given = _decode(await request.read(), Login)
+            given = await _body(request, Login)
             principal = await admin.access.from_credential(given.credential)
             cookie = admin.access.cookie(principal)
         except ProxyError as err:
@@ -271,7 +272,7 @@ async def get_key(admin: Admin, request: web.Request, principal: Principal) -> d
 
 
 async def create_key(admin: Admin, request: web.Request) -> dict[str, Any]:
-    given = _decode(await request.read(), KeyCreate)
+    given = await _body(request, KeyCreate)
     _check_budget(given.budget, given.budget_period, given.budget_tz)
     await _check_team(admin, given.team_id)
     key, value = await KeyStore(admin.db).create(
@@ -310,7 +311,7 @@ def _changes(given: msgspec.Struct) -> dict[str, Any]:
 
 async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
     key_id = request.match_info["id"]
-    changes = _changes(_decode(await request.read(), KeyUpdate))
+    changes = _changes(await _body(request, KeyUpdate))
     current = await _key(admin, key_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
         _check_budget(
@@ -353,7 +354,7 @@ async def get_team(admin: Admin, request: web.Request, principal: Principal) -> 
 
 
 async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
-    given = _decode(await request.read(), TeamCreate)
+    given = await _body(request, TeamCreate)
     _check_budget(given.budget, given.budget_period, given.budget_tz)
     if given.id is not None and not TEAM_ID.fullmatch(given.id):
         raise BadRequest("A team id is 1 to 64 of A-Z a-z 0-9 _ . -", param="id")
@@ -380,7 +381,7 @@ async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
 
 async def update_team(admin: Admin, request: web.Request) -> dict[str, Any]:
     team_id = request.match_info["id"]
-    changes = _changes(_decode(await request.read(), TeamUpdate))
+    changes = _changes(await _body(request, TeamUpdate))
     current = await _team(admin, team_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
         _check_budget(
@@ -515,6 +516,14 @@ def _check_budget(budget: Decimal | None, period: str, tz: str) -> None:
     wrong = check_budget(budget or Decimal(1), period, tz)
     if wrong:
         raise BadRequest(wrong, param="budget")
+
+
+async def _body(request: web.Request, kind: type[_T]) -> _T:
+    """The request's JSON body as ``kind``, read within the proxy's body size and time
+    limits (app.read_body: its refusals are OpenAI-shaped 413s, 408s…)."""
+    from ..app import STATE, read_body
+
+    return _decode(await read_body(request, request.app[STATE]), kind)
 
 
 def _decode(body: bytes, kind: type[_T]) -> _T:
