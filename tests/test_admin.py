@@ -33,6 +33,25 @@ async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any)
     return await start(make_proxy, upstream.url, monkeypatch)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> cfg.Database | None:
+    """A fresh PostgreSQL database, or (None) the proxy's own SQLite file."""
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
+    return None
+
+
+@pytest.fixture
+async def either(
+    backend: cfg.Database | None, make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any
+) -> Proxy:
+    """The proxy on each backend: the admin API's SQL runs on both."""
+    config = admin_config(upstream.url, monkeypatch)
+    if backend is not None:
+        config = msgspec.structs.replace(config, database=backend)
+    return await make_proxy(config, auth=True)
+
+
 def test_the_openapi_document_is_valid() -> None:
     validate(DOC)
 
@@ -51,7 +70,8 @@ async def _chat(proxy: Proxy, key: str) -> None:
         )
 
 
-async def test_a_key_from_creation_to_revocation(proxy: Proxy) -> None:
+async def test_a_key_from_creation_to_revocation(either: Proxy) -> None:
+    proxy = either
     async with admin_of(proxy, MASTER) as admin:
         created = await admin.call(
             "POST", "/keys", {"name": "app", "rpm": 100, "models": ["m1"], "budget": "5"},
@@ -157,7 +177,8 @@ async def test_roles(proxy: Proxy) -> None:
             assert body["error"]["type"] == "invalid_request_error"
 
 
-async def test_teams(proxy: Proxy) -> None:
+async def test_teams(either: Proxy) -> None:
+    proxy = either
     async with admin_of(proxy, MASTER) as admin:
         team = await admin.call(
             "POST", "/teams", {"name": "research", "id": "research", "budget": "100", "rpm": 50},
@@ -261,6 +282,9 @@ async def test_unknown_things_are_404s(proxy: Proxy) -> None:
         await admin.call("GET", "/keys/key_nope", expect=404)
         await admin.call("PATCH", "/keys/key_nope", {"rpm": 5}, expect=404)
         await admin.call("DELETE", "/keys/key_nope", expect=404)
+        for odd in ("%00", "a%20b", "x" * 200, "%C3%A9"):
+            await admin.call("GET", f"/keys/{odd}", expect=404)
+            await admin.call("PATCH", f"/teams/{odd}", {"rpm": 1}, expect=404)
         async with admin.http.get(f"{admin.base}/admin/v1/nowhere") as r:
             assert r.status == 404
             assert (await r.json())["error"]["code"] == "not_found"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -40,6 +41,8 @@ log = logging.getLogger("proxy.admin")
 PREFIX = "/admin/v1"
 _MAX_PAGE = 1000
 _T = TypeVar("_T")
+# What key and team ids are made of (secret.new_id, config ids, keys/teams.TEAM_ID).
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _MAX_USAGE_SPAN = 400 * 86400  # seconds one usage query may cover
 
 Limit = Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000)]
@@ -265,7 +268,7 @@ async def list_keys(admin: Admin, request: web.Request, principal: Principal) ->
 
 
 async def get_key(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
-    key = await KeyStore(admin.db).get(request.match_info["id"])
+    key = await KeyStore(admin.db).get(_id(request))
     if key is None or not (principal.has("viewer") or principal.owns(key)):
         raise NotFound("No such key.")  # a member learns nothing of other keys
     return await views.key_view(admin.db, key, time.time())
@@ -310,7 +313,7 @@ def _changes(given: msgspec.Struct) -> dict[str, Any]:
 
 
 async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
-    key_id = request.match_info["id"]
+    key_id = _id(request)
     changes = _changes(await _body(request, KeyUpdate))
     current = await _key(admin, key_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
@@ -329,7 +332,7 @@ async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
 
 
 async def revoke_key(admin: Admin, request: web.Request) -> dict[str, Any]:
-    key_id = request.match_info["id"]
+    key_id = _id(request)
     store = KeyStore(admin.db)
     if not await store.revoke(key_id):
         raise NotFound("No such key.")
@@ -347,7 +350,7 @@ async def list_teams(admin: Admin, request: web.Request, principal: Principal) -
 
 
 async def get_team(admin: Admin, request: web.Request, principal: Principal) -> dict[str, Any]:
-    team_id = request.match_info["id"]
+    team_id = _id(request)
     if not (principal.has("viewer") or principal.team_id == team_id):
         raise NotFound("No such team.")
     return await views.team_view(admin.db, await _team(admin, team_id), time.time())
@@ -380,7 +383,7 @@ async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
 
 
 async def update_team(admin: Admin, request: web.Request) -> dict[str, Any]:
-    team_id = request.match_info["id"]
+    team_id = _id(request)
     changes = _changes(await _body(request, TeamUpdate))
     current = await _team(admin, team_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
@@ -401,7 +404,7 @@ async def update_team(admin: Admin, request: web.Request) -> dict[str, Any]:
 
 
 async def delete_team(admin: Admin, request: web.Request) -> web.Response:
-    team_id = request.match_info["id"]
+    team_id = _id(request)
     try:
         deleted = await TeamStore(admin.db).delete(team_id)
     except TeamInUse as exc:
@@ -485,6 +488,15 @@ async def overview(admin: Admin) -> dict[str, Any]:
 
 async def _unknown(request: web.Request) -> web.Response:
     return _error(NotFound("Unknown admin API path; see /admin/v1/openapi.json."))
+
+
+def _id(request: web.Request) -> str:
+    """The ``{id}`` of the path: one a key or team can have, else a 404 at once (the
+    database is never asked about bytes it might refuse, such as a NUL)."""
+    given = request.match_info["id"]
+    if not _ID.fullmatch(given):
+        raise NotFound("No such key or team.")
+    return given
 
 
 async def _team(admin: Admin, team_id: str) -> Team:
