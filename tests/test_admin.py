@@ -265,6 +265,8 @@ async def test_sessions(proxy: Proxy) -> None:
         ("GET", "/usage", None, {"group_by": "colour"}),
         ("GET", "/usage", None, {"start": "nan"}),
         ("GET", "/usage", None, {"start": "10", "end": "5"}),
+        ("GET", "/usage", None, {"model": "a\x00b"}),
+        ("GET", "/usage", None, {"key_id": "k" * 300}),
         ("GET", "/keys", None, {"limit": "0"}),
         ("GET", "/keys", None, {"offset": "x"}),
     ],

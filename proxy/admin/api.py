@@ -426,6 +426,9 @@ async def get_usage(admin: Admin, request: web.Request, principal: Principal) ->
     if not 0 <= end - start <= _MAX_USAGE_SPAN:
         raise BadRequest("start must be before end, at most 400 days apart.", param="start")
     where = {name: query[name] for name in views.FILTERS if query.get(name)}
+    for name, value in where.items():
+        if len(value) > 256 or "\x00" in value:
+            raise BadRequest(f"{name} is not a name the ledger can hold.", param=name)
     if not principal.has("viewer"):
         # A member sees only their own usage (any key_id asked for is replaced); a JWT
         # user's requests are recorded under jwt:<user id> (identity.py).
