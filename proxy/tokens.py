@@ -69,7 +69,7 @@ class Jwks:
         self.ttl, self.min_interval, self.timeout = ttl, min_interval, timeout
         self.keys: dict[str, jwt.PyJWK] = {}
         self.fetched_at = -1.0  # monotonic time of the last good fetch (-1: never)
-        self.tried_at = -1.0  # of the last fetch caused by an unknown kid
+        self.tried_at = -1.0  # when the last fetch for an unknown kid ended
         self.failures = 0
         self.retry_at = 0.0
         self.fetching: asyncio.Task[None] | None = None
@@ -86,8 +86,9 @@ class Jwks:
         never = self.fetched_at < 0
         if now < self.retry_at or (not never and now - self.tried_at < self.min_interval):
             return None
-        self.tried_at = now
         await asyncio.shield(self._fetch())
+        if not never:  # a rotation's fetch; the interval counts from its end (a hung
+            self.tried_at = monotonic()  # endpoint's wait does not use it up)
         return self.keys.get(kid)
 
     def _fetch(self) -> asyncio.Task[None]:

@@ -210,22 +210,21 @@ async def test_a_failing_jwks_keeps_known_keys_and_refuses_unknown_kids(
 async def test_a_hung_jwks_costs_one_bounded_wait_per_backoff_not_one_per_request(
     make_proxy: MakeProxy, upstream: FakeUpstream, issuer: Issuer
 ) -> None:
-    proxy = await start(make_proxy, upstream, issuer, jwks_timeout=0.5)
+    # Fetches for unknown kids at most every 5 s: however slow this machine is, the
+    # requests after the hung fetch fall in one window.
+    proxy = await start(make_proxy, upstream, issuer, jwks_timeout=0.5, jwks_min_interval=5)
     assert await chat(proxy, issuer.sign()) is not None
     issuer.jwks_mode = "hang"
     hits = issuer.jwks_hits
     fresh = issuer.add_key("rsa")
-    await asyncio.sleep(0.25)
     started = time.monotonic()
     tokens = [issuer.sign({"sub": f"u{i}"}, kid=fresh) for i in range(5)]
     await asyncio.gather(*(refused(proxy, t) for t in tokens))  # one shared fetch
     first = time.monotonic() - started
     assert 0.4 < first < 5
     assert issuer.jwks_hits == hits + 1
-    started = time.monotonic()
-    for i in range(5):  # the backoff: refused at once, no fetch
+    for i in range(5):  # within the window: refused without a fetch (so without a wait)
         await refused(proxy, issuer.sign({"sub": f"v{i}"}, kid=fresh))
-    assert time.monotonic() - started < first
     assert issuer.jwks_hits == hits + 1
     assert await chat(proxy, issuer.sign({"sub": "known"})) is not None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
@@ -368,34 +368,45 @@ async def _revoke(store: KeyStore, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _update(store: KeyStore, args: argparse.Namespace) -> int:
-    from .store import UPDATABLE
-
+async def changes_of(
+    args: argparse.Namespace, updatable: tuple[str, ...], current: Callable[[], Awaitable[Any]]
+) -> dict[str, Any] | None:
+    """The ``update`` options given, as store changes (a key's or a team's, whose
+    record ``current`` reads); None after printing why they cannot be applied."""
     given = vars(args)
-    changes: dict[str, Any] = {c: given[c] for c in UPDATABLE if c in given}
+    changes: dict[str, Any] = {c: given[c] for c in updatable if c in given}
     for limit in ("rpm", "tpm", "max_parallel"):
         if limit in changes:
             changes[limit] = changes[limit] or None
     if "models" in changes:
         changes["models"] = _models(changes["models"])
     if {"budget", "budget_period", "budget_tz"} & set(changes):
-        current = await store.get(args.id)
-        period = changes.get("budget_period") or (current.budget_period if current else "")
-        tz = changes.get("budget_tz") or (current.budget_tz if current else "UTC")
+        record = await current()
+        period = changes.get("budget_period") or (record.budget_period if record else "")
+        tz = changes.get("budget_tz") or (record.budget_tz if record else "UTC")
         wrong = _budget_errors(None, period or "monthly", tz)
         if wrong:
             print(f"error: {wrong}", file=sys.stderr)
-            return 1
+            return None
+    if "meta" in given:
+        record = await current()
+        changes["metadata"] = {**(record.metadata if record else {}), **dict(given["meta"])}
+    if not changes:
+        print("error: nothing to change", file=sys.stderr)
+        return None
+    return changes
+
+
+async def _update(store: KeyStore, args: argparse.Namespace) -> int:
+    from .store import UPDATABLE
+
+    changes = await changes_of(args, UPDATABLE, lambda: store.get(args.id))
+    if changes is None:
+        return 1
     if "team_id" in changes:
         changes["team_id"] = changes["team_id"] or None  # --team '': leave the team
         if not await _team_exists(store, changes["team_id"]):
             return 1
-    if "meta" in given:
-        current = await store.get(args.id)
-        changes["metadata"] = {**(current.metadata if current else {}), **dict(given["meta"])}
-    if not changes:
-        print("error: nothing to change", file=sys.stderr)
-        return 1
     key = await store.update(args.id, changes)
     if key is None:
         print(f"error: no key {args.id}", file=sys.stderr)

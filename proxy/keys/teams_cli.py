@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from .cli import _budget_errors, _models
+from .cli import _budget_errors, _models, changes_of
 from .store import KeyStore
 from .teams import UPDATABLE, Team, TeamInUse, TeamStore
 
@@ -135,26 +135,8 @@ async def _spent(store: TeamStore, team: Team) -> Any:
 
 
 async def _update(store: TeamStore, args: argparse.Namespace) -> int:
-    given = vars(args)
-    changes: dict[str, Any] = {c: given[c] for c in UPDATABLE if c in given}
-    for limit in ("rpm", "tpm", "max_parallel"):
-        if limit in changes:
-            changes[limit] = changes[limit] or None
-    if "models" in changes:
-        changes["models"] = _models(changes["models"])
-    if "meta" in given:
-        current = await store.get(args.id)
-        changes["metadata"] = {**(current.metadata if current else {}), **dict(given["meta"])}
-    if {"budget_period", "budget_tz"} & set(changes):
-        current = await store.get(args.id)
-        period = changes.get("budget_period") or (current.budget_period if current else "")
-        tz = changes.get("budget_tz") or (current.budget_tz if current else "UTC")
-        wrong = _budget_errors(None, period or "monthly", tz)
-        if wrong:
-            print(f"error: {wrong}", file=sys.stderr)
-            return 1
-    if not changes:
-        print("error: nothing to change", file=sys.stderr)
+    changes = await changes_of(args, UPDATABLE, lambda: store.get(args.id))
+    if changes is None:
         return 1
     team = await store.update(args.id, changes)
     if team is None:
