@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import accesslog, ingress, metrics, tracing
+from . import accesslog, console, ingress, metrics, tracing
+from .admin import api as admin
 from .config import Config
-from .db import open_db
+from .db import DB, Db, open_db
 from .errors import (
     BodyTooLarge,
     HeadersTooLarge,
@@ -47,6 +48,7 @@ from .failover import Outbound, dispatch
 from .gate import open_gate
 from .h1 import Client
 from .identity import Authenticator
+from .oidc import OidcLogin
 from .ops import metrics_endpoint, protect
 from .pricing import Prices
 from .ratelimit.limiter import open_limiter
@@ -82,6 +84,8 @@ class State:
         self.inflight = 0
         self.max_inflight = config.server.max_inflight or sys.maxsize
         self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
+        # The worker's database handle, for the admin API on the ops listener.
+        self.db: Db | None = None
         # Credentials → Principal for the admin API (identity.py); the gate replaces it
         # with one that knows the keys when auth is on.
         self.authenticator = Authenticator(None, config.server.ops_token)
@@ -98,6 +102,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(lambda app: open_db(app, config))
+    app.cleanup_ctx.append(_share_db)
     # After open_db: cleanup runs in reverse, so the ledger drains before the Db closes.
     app.cleanup_ctx.append(lambda app: open_ledger(app, config, state.sinks))
     if gate is None and config.auth.enabled:  # API keys and their limits (gate.py)
@@ -140,16 +145,45 @@ def _observe(app: web.Application, state: State) -> None:
 
 
 def add_ops_routes(app: web.Application) -> None:
-    """The operator endpoints, behind the ops token when one is configured."""
-    token = app[STATE].config.server.ops_token
+    """The operator endpoints, behind the ops token when one is configured; the admin
+    API and the console, behind their own roles (admin/access.py)."""
+    state = app[STATE]
+    token = state.config.server.ops_token
     app.router.add_get("/metrics", protect(metrics_endpoint, token))
     app.router.add_get("/deployments", protect(deployments, token))
+    login = None
+    if state.config.oidc is not None:  # single sign-on for the console (oidc.py)
+        login = OidcLogin(state.config.oidc)
+        app.cleanup_ctx.append(login.context)
+        login.add_routes(app.router)  # before the console's own catch-all route
+    admin.add_routes(
+        app,
+        admin.Admin(
+            state.config,
+            lambda: state.db,
+            lambda: state.inflight,
+            lambda: state.authenticator,
+            login,
+        ),
+    )
+    console.add_routes(app)
+
+
+async def _share_db(app: web.Application) -> AsyncIterator[None]:
+    """The Db on the state too, where the ops listener's app finds it."""
+    state = app[STATE]
+    state.db = app[DB]
+    try:
+        yield
+    finally:
+        state.db = None
 
 
 def build_ops_app(state: State) -> web.Application:
     """The app behind ``server.ops_port``: the ops endpoints and the probes, sharing
     the main app's state (serve.py runs it as a resource of the main app)."""
-    app = web.Application()
+    # The admin API's bodies are held to the same limit as the API's.
+    app = web.Application(client_max_size=state.config.server.max_body_bytes)
     app[STATE] = state
     ingress.install(app, state.config.server)
     app.router.add_get("/healthz", healthz)

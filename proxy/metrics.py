@@ -39,6 +39,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
 from .config import WILDCARD, Config
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
@@ -447,6 +448,12 @@ def _registry() -> CollectorRegistry:
 
 
 _SCRAPE_REGISTRY = _registry()
+
+
+def families() -> list[Metric]:
+    """Every worker's metrics as metric families. Reads files in multiprocess mode: run
+    it off the event loop."""
+    return list(_SCRAPE_REGISTRY.collect())
 
 
 def scrape() -> bytes:

@@ -84,6 +84,16 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": uvloop.new_event_loop}
 
 
+_SESSION_START = time.time()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Report (never assert) the console's page load time the browser test measured."""
+    measured = ROOT / "var" / "e2e" / "load.txt"
+    if measured.is_file() and measured.stat().st_mtime >= _SESSION_START:
+        terminalreporter.write_line(measured.read_text().strip())
+
+
 class MakeProxy(Protocol):
     """``make_proxy(config, auth=False)``: auth stays off unless a test is about keys."""
 

@@ -1,0 +1,1 @@
+"""The admin API (``/admin/v1``) and the console that uses it (``/console``)."""
