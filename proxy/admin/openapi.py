@@ -101,6 +101,7 @@ _DEPLOYMENT = _object(
         "rpm": _null(_INT),
         "healthy": _BOOL,
         "cooldown_remaining": _NUM,
+        "throttled_remaining": {**_NUM, "description": "seconds a 429 still steers traffic away"},
         "latency_ms": _NUM,
         "consecutive_failures": _INT,
     },
@@ -199,6 +200,10 @@ SCHEMAS: dict[str, Any] = {
                     {
                         "name": _STR,
                         "fallbacks": {"type": "array", "items": _STR},
+                        "panic": {
+                            **_BOOL,
+                            "description": "too few deployments healthy: routing across all",
+                        },
                         "deployments": {"type": "array", "items": _DEPLOYMENT},
                     }
                 ),
