@@ -13,6 +13,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
@@ -151,6 +152,18 @@ async def test_the_link_answers_each_call_its_own_reply_and_reloads_a_lost_scrip
         await client.aclose()
 
 
+async def until_frozen(url: str) -> None:
+    """Until the server no longer answers a PING within 0.1 s (a DEBUG SLEEP runs)."""
+    async with asyncio.timeout(5):
+        while True:
+            async with aioredis.Redis.from_url(url, socket_timeout=0.1) as probe:
+                try:
+                    await probe.ping()
+                except (TimeoutError, redis.exceptions.TimeoutError):
+                    return
+            await asyncio.sleep(0.01)
+
+
 async def test_a_late_reply_fails_the_waiting_calls_at_their_deadline_and_the_link_reconnects(
     own_redis: RedisServer,
 ) -> None:
@@ -160,7 +173,7 @@ async def test_a_late_reply_fails_the_waiting_calls_at_their_deadline_and_the_li
         try:
             await buckets.check("a", _call(100))
             freeze = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "2"))
-            await asyncio.sleep(0.1)
+            await until_frozen(own_redis.url)
             started = time.monotonic()
             first = asyncio.create_task(buckets.check("b", _call(200)))
             await asyncio.sleep(0.05)
