@@ -176,8 +176,10 @@ async def relay_stream(
                 # The head is out: reads go to the client from the upstream's
                 # data_received, without waking this task (_Relay.__call__); it is back
                 # for the end, a failure, the last events or a full client buffer.
+                busy = relay.busy
                 await up.pump(relay)  # bounded by the idle timeout (the response's)
-                waited += perf_counter() - t0
+                # The relay's own work in the pump is the proxy's time, not the upstream's.
+                waited += perf_counter() - t0 - (relay.busy - busy)
                 if relay.failure is not None:
                     raise relay.failure
             else:
@@ -237,7 +239,7 @@ class _Relay:
     client, and (once the head is out) the client transport that reads are written
     to straight from the upstream connection's ``data_received``."""
 
-    __slots__ = ("cutter", "exchange", "failure", "kept", "transport", "watch")
+    __slots__ = ("busy", "cutter", "exchange", "failure", "kept", "transport", "watch")
 
     def __init__(self, exchange: Exchange, strip: bool) -> None:
         self.exchange = exchange
@@ -246,6 +248,7 @@ class _Relay:
         self.kept: list[bytes] = []
         self.failure: Exception | None = None
         self.transport: asyncio.WriteTransport | None = None
+        self.busy = 0.0  # seconds spent in __call__
 
     def cut(self, chunk: bytes) -> None:
         """Add to ``kept`` what the client gets of this read; raises ``ProxyError``."""
@@ -261,11 +264,17 @@ class _Relay:
         """h1's pump: relay one read to the client in a chunked frame. False hands the
         stream back to the task: a failure (in ``failure``), the stream's end among the
         events (they go with the terminator), a client gone or its buffer full."""
+        start = perf_counter()
         try:
-            self.cut(chunk)
+            return self._relay(chunk)
         except Exception as exc:  # raised again in the task
             self.failure = exc
             return False
+        finally:
+            self.busy += perf_counter() - start
+
+    def _relay(self, chunk: bytes) -> bool:
+        self.cut(chunk)
         kept = self.kept
         if not kept:
             return True
