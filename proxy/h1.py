@@ -13,6 +13,10 @@ Contracts:
 - A response's body arrives through ``read_chunk`` (everything buffered so far, or
   ``b""`` at its end). The bytes that came before a failure are delivered before the
   failure is raised, so a relay can pass on complete events, then report the cut.
+- Or through ``pump``: each read's body bytes handed to a callback in the
+  connection's ``data_received``, without waking the reader's task, until the callback
+  declines (it returns False: the task takes over, say to wait for a slow client) or
+  the body ends. Same failure order: the bytes before a failure are pumped first.
 - Reading is paused while more than ``_HIGH_WATER`` bytes wait unread (a slow client
   slows its upstream instead of growing the proxy).
 - ``Response.close`` is the one way out: a response read to its end on a connection
@@ -36,6 +40,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -274,6 +279,8 @@ class Response:
         "_conn",
         "_error",
         "_idle",
+        "_loop",
+        "_relay",
         "_since",
         "_size",
         "_timer",
@@ -287,9 +294,12 @@ class Response:
     def __init__(self, conn: _Conn, idle: float | None) -> None:
         self._conn: _Conn | None = conn
         self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        # pump's callback while it runs; None: bytes wait for read_chunk.
+        self._relay: Callable[[bytes], bool] | None = None
         self._since = 0.0  # loop time at which the current read began to wait
         self._timer: asyncio.TimerHandle | None = None
-        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.started: asyncio.Future[None] = self._loop.create_future()
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.content_type = _DEFAULT_CONTENT_TYPE
@@ -315,18 +325,46 @@ class Response:
                 raise self._error
             if self._complete:
                 return b""
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            if self._idle is not None:
-                # One lazily re-armed timer per response, not one per read (~2.5 µs).
-                self._since = loop.time()
-                if self._timer is None:
-                    self._timer = loop.call_at(self._since + self._idle, self._check_idle)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait()
         return self._take()
+
+    async def pump(self, relay: Callable[[bytes], bool]) -> None:
+        """Hand the body to ``relay`` read by read, as it arrives: called in the
+        connection's ``data_received``, so the caller's task is not woken per read.
+        Returns when ``relay`` returns False (it declined to go on: those bytes are
+        its own, it just wants the task back) or at the end of the body; raises as
+        ``read_chunk`` does, after ``relay`` had the bytes that came before the cut.
+        ``relay`` must not raise."""
+        self._relay = relay
+        try:
+            while True:
+                if self._chunks:  # came before the pump began, or before a failure
+                    if not relay(self._take()):
+                        return
+                    continue
+                if self._relay is None:  # declined in data_received
+                    return
+                if self._error is not None:
+                    raise self._error
+                if self._complete:
+                    return
+                await self._wait()
+        finally:
+            self._relay = None
+
+    async def _wait(self) -> None:
+        """Until something arrives (or ends, or fails), or ``idle`` seconds pass."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        if self._idle is not None:
+            # One lazily re-armed timer per response, not one per read (~2.5 µs).
+            self._since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._since + self._idle, self._check_idle)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def is_complete(self) -> bool:
         """Whether the whole body has arrived and been read: the next ``read_chunk``
@@ -389,9 +427,22 @@ class Response:
         self._size += len(data)
         if self._size > _HIGH_WATER and self._conn is not None:
             self._conn.transport.pause_reading()
+        if self._relay is not None:
+            return  # the read goes to the pump at the end of data_received
         waiter = self._waiter  # _wake, inline: this runs for every chunk of a body
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _pump(self) -> None:
+        """The end of a read while ``pump`` runs: its bytes to the callback."""
+        relay = self._relay
+        if relay is None or not self._chunks:
+            return
+        if relay(self._take()):
+            self._since = self._loop.time()  # the idle wait starts again
+        else:
+            self._relay = None
+            self._wake()
 
     def _end(self, error: Disconnected | None = None) -> None:
         if self._complete or self._error is not None:
@@ -478,7 +529,11 @@ class _Conn(asyncio.Protocol):
             self._fail("The upstream sent a malformed HTTP response.")
             return
         response = self.response
-        if response is not None and not response.started.done():
+        if response is None:
+            return
+        if response._relay is not None:
+            response._pump()
+        elif not response.started.done():
             self.head += len(data)  # all of it is still head
             if self.head > MAX_HEAD:
                 self._fail(f"The upstream's response headers exceeded {MAX_HEAD} bytes.")

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from time import perf_counter
 
@@ -163,28 +164,32 @@ async def relay_stream(
     await out.prepare(request)
     # The response's own writer (what ``out.write`` calls): one layer less per write.
     writer = request.writer
-    cutter = Cutter()
-    watch = _Watch(exchange, strip)
+    relay = _Relay(exchange, strip)
+    kept = relay.kept
     idle = upstream.timeouts.idle
     failure: ProxyError | None = None
-    kept: list[bytes] = []
     waited = 0.0
     try:
         while True:
             t0 = perf_counter()
-            chunk = await up.read_chunk()  # bounded by the idle timeout (the response's)
-            waited += perf_counter() - t0
-            if not chunk:
-                break
-            block = cutter.feed(chunk)
-            if block:
-                watch.take(block, kept)
-            if cutter.pending > MAX_EVENT:
-                raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
+            if relay.transport is not None:
+                # The head is out: reads go to the client from the upstream's
+                # data_received, without waking this task (_Relay.__call__); it is back
+                # for the end, a failure, the last events or a full client buffer.
+                busy = relay.busy
+                await up.pump(relay)  # bounded by the idle timeout (the response's)
+                # The relay's own work in the pump is the proxy's time, not the upstream's.
+                waited += perf_counter() - t0 - (relay.busy - busy)
+                if relay.failure is not None:
+                    raise relay.failure
+            else:
+                chunk = await up.read_chunk()
+                waited += perf_counter() - t0
+                if not chunk:
+                    break
+                relay.cut(chunk)
             if kept:
-                if exchange.first_byte is None:
-                    exchange.first_byte = perf_counter()
-                if watch.finished and up.is_complete():
+                if relay.watch.finished and up.is_complete():
                     break  # the upstream's end came with them: one write for both, below
                 try:
                     await writer.write(kept[0] if len(kept) == 1 else b"".join(kept))
@@ -192,6 +197,15 @@ async def relay_stream(
                     exchange.error = "client_disconnected"
                     return out
                 kept.clear()
+                relay.transport = writer.transport  # the head went with the first write
+            elif relay.transport is not None:
+                if up.is_complete():
+                    break
+                try:  # the pump stopped for the client's full buffer
+                    await writer.drain()
+                except ConnectionResetError:
+                    exchange.error = "client_disconnected"
+                    return out
     except ProxyError as exc:
         failure = exc
     except TimeoutError:
@@ -200,7 +214,7 @@ async def relay_stream(
         failure = UpstreamError("The upstream connection broke mid-stream.")
     finally:
         exchange.upstream_time += waited
-    if failure is None and not watch.finished:
+    if failure is None and not relay.watch.finished:
         failure = UpstreamError("The upstream stream ended before it was complete.")
     # What is left (the last events, or those that came before a failure in the same
     # read) and the error event go out with the end of the response, in one write.
@@ -212,6 +226,65 @@ async def relay_stream(
     except ConnectionResetError:
         exchange.error = exchange.error or "client_disconnected"
     return out
+
+
+# Bytes waiting in the client's socket buffer above which the pump hands over to the
+# handler's task, which waits for them to drain (the upstream's reading is paused
+# meanwhile, by h1's own limit): the transport's default high-water mark.
+_CLIENT_HIGH = 64 * 1024
+
+
+class _Relay:
+    """One stream's state between reads: the cut, the watch, the bytes kept for the
+    client, and (once the head is out) the client transport that reads are written
+    to straight from the upstream connection's ``data_received``."""
+
+    __slots__ = ("busy", "cutter", "exchange", "failure", "kept", "transport", "watch")
+
+    def __init__(self, exchange: Exchange, strip: bool) -> None:
+        self.exchange = exchange
+        self.cutter = Cutter()
+        self.watch = _Watch(exchange, strip)
+        self.kept: list[bytes] = []
+        self.failure: Exception | None = None
+        self.transport: asyncio.WriteTransport | None = None
+        self.busy = 0.0  # seconds spent in __call__
+
+    def cut(self, chunk: bytes) -> None:
+        """Add to ``kept`` what the client gets of this read; raises ``ProxyError``."""
+        block = self.cutter.feed(chunk)
+        if block:
+            self.watch.take(block, self.kept)
+        if self.cutter.pending > MAX_EVENT:
+            raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
+        if self.kept and self.exchange.first_byte is None:
+            self.exchange.first_byte = perf_counter()
+
+    def __call__(self, chunk: bytes) -> bool:
+        """h1's pump: relay one read to the client in a chunked frame. False hands the
+        stream back to the task: a failure (in ``failure``), the stream's end among the
+        events (they go with the terminator), a client gone or its buffer full."""
+        start = perf_counter()
+        try:
+            return self._relay(chunk)
+        except Exception as exc:  # raised again in the task
+            self.failure = exc
+            return False
+        finally:
+            self.busy += perf_counter() - start
+
+    def _relay(self, chunk: bytes) -> bool:
+        self.cut(chunk)
+        kept = self.kept
+        if not kept:
+            return True
+        transport = self.transport
+        if self.watch.finished or transport is None or transport.is_closing():
+            return False
+        data = kept[0] if len(kept) == 1 else b"".join(kept)
+        kept.clear()
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return transport.get_write_buffer_size() <= _CLIENT_HIGH
 
 
 class _Watch:

@@ -79,6 +79,54 @@ async def test_chunks_arrive_as_they_are_sent() -> None:
         await client.close()
 
 
+async def test_pump_hands_each_read_over_until_declined_or_ended() -> None:
+    """``pump`` gives each read to its callback (from data_received) until the callback
+    declines (then read_chunk has the rest) or the body ends (the connection is kept);
+    the bytes before a cut are pumped, then the cut is raised."""
+    step = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"1\r\na\r\n", b"1\r\nb\r\n", b"1\r\nc\r\n"):
+            await step.wait()
+            step.clear()
+            writer.write(part)
+        await step.wait()
+        if n == 0:
+            writer.write(b"0\r\n\r\n")
+        else:
+            writer.write(b"1\r\nd\r\n")  # then the connection breaks
+            writer.close()
+        await read_request(reader)
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        got: list[bytes] = []
+
+        def relay(data: bytes) -> bool:
+            got.append(data)
+            step.set()
+            return data != b"b"  # declines after the second read
+
+        async with await client.request(origin(server), "POST", "/", [], b"") as answer:
+            step.set()
+            await answer.pump(relay)
+            assert got == [b"a", b"b"]
+            assert await answer.read_chunk() == b"c"
+            step.set()
+            assert await answer.read_chunk() == b""
+        assert client.idle() == 1
+        got.clear()
+        async with await client.request(origin(server), "POST", "/", [], b"") as answer:
+            step.set()
+            await answer.pump(relay)  # declined at b"b"
+            with pytest.raises(h1.Disconnected):
+                await answer.pump(lambda data: relay(data) or True)
+            assert got == [b"a", b"b", b"c", b"d"]
+        await client.close()
+
+
 async def test_a_body_delimited_by_close_ends_there_and_the_connection_goes() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
@@ -312,6 +360,12 @@ async def test_first_byte_and_idle_deadlines() -> None:
             while True:
                 got += await answer.read_chunk()
         assert got == b"aaaa"
+        answer.close()
+        answer = await client.request(origin(server), "POST", "/", [], b"", idle=0.15)
+        pumped: list[bytes] = []
+        with pytest.raises(TimeoutError):  # the same through pump: each read re-arms it
+            await answer.pump(lambda data: pumped.append(data) is None)
+        assert b"".join(pumped) == b"aaaa"
         answer.close()
         await client.close()
 

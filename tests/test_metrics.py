@@ -25,8 +25,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream
+from proxy import accesslog, metrics
 from proxy import config as cfg
-from proxy import metrics
 from proxy.accesslog import JsonFormatter
 from proxy.exchange import Exchange
 from proxy.wire import Usage
@@ -493,6 +493,57 @@ async def test_access_log_is_one_json_line_per_request(
     assert CLIENT_KEY not in printed
     assert UPSTREAM_KEY not in printed
     assert JsonFormatter().format(access_records.records[0]).startswith('{"time":')
+
+
+async def test_access_lines_skip_the_log_record_while_nobody_else_listens(
+    make_proxy: MakeProxy,
+    upstream: FakeUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the writer's queue as the only handler, a line is queued without a
+    LogRecord and printed the same; a handler attached later gets records again."""
+    proxy = await make_proxy(one_model(upstream))  # its log writer uses capsys's stderr
+    logger = logging.getLogger("proxy.access")
+    made: list[object] = []
+    make_record = logger.makeRecord
+    monkeypatch.setattr(
+        logger, "makeRecord", lambda *a, **k: made.append(a[4]) or make_record(*a, **k)
+    )
+    others = [h for h in logger.handlers if h is not accesslog._Output.handler]
+    assert len(others) < len(logger.handlers)  # the writer's queue is attached
+    late = _Records()
+    for handler in others:  # the session's key scan: this test checks the lines itself
+        logger.removeHandler(handler)
+    try:
+        async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as c:
+            await c.chat.completions.create(
+                model="m1", messages=MESSAGES, extra_headers={"X-Request-Id": "fast-1"}
+            )
+            logger.addHandler(late)
+            await c.chat.completions.create(
+                model="m1", messages=MESSAGES, extra_headers={"X-Request-Id": "fast-2"}
+            )
+    finally:
+        logger.removeHandler(late)
+        for handler in others:
+            logger.addHandler(handler)
+    deadline = time.monotonic() + 5
+    printed = ""
+    while printed.count("fast-") < 2:
+        assert time.monotonic() < deadline, printed
+        await asyncio.sleep(0.02)
+        printed += capsys.readouterr().err
+    rows = [json.loads(line) for line in printed.splitlines() if '"request_id":"fast-' in line]
+    first, second = rows
+    assert (first["request_id"], second["request_id"]) == ("fast-1", "fast-2")
+    assert list(first) == list(second)  # the same line, either way
+    assert first["time"].endswith("+00:00")
+    assert (first["status"], first["model"], first["prompt_tokens"]) == (200, "m1", 3)
+    [record] = late.records  # only the request after the handler came
+    assert made == [record.msg]  # the first line had no LogRecord
+    assert record.msg == {k: v for k, v in second.items() if k != "time"}
+    assert UPSTREAM_KEY not in printed
 
 
 @pytest.mark.parametrize("level", ["off", "debug"])
