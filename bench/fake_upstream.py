@@ -26,6 +26,8 @@ Behaviour is scripted per request with ``x-fake-*`` headers (falling back to
     Invalid JSON body (non-stream), or one good event then a broken one (stream).
 ``x-fake-echo: 1``
     Non-stream bodies gain ``"echo": {"headers": ..., "body": ...}``.
+``x-fake-model: NAME``
+    Answers name this model (as OpenAI names a dated snapshot), not the one asked for.
 
 Azure OpenAI paths (``/openai/deployments/{name}/…``, ``/openai/models``) are served
 as the ``/v1/…`` paths they stand for; :attr:`FakeUpstream.peak` is the most POST
@@ -110,6 +112,7 @@ class _Plan:
     cut_after: int | None = None
     malformed: str | None = None
     echo: bool = False
+    model: str | None = None
 
 
 @dataclass(slots=True)
@@ -515,6 +518,7 @@ class FakeUpstream:
             cut_after=_int(cut) if cut and cut != "headers" else None,
             malformed=opt("x-fake-malformed"),
             echo=opt("x-fake-echo") not in (None, "", "0", "false"),
+            model=opt("x-fake-model"),
         )
 
     async def _guarded(
@@ -552,7 +556,7 @@ class FakeUpstream:
             await _forever()
         if plan.status is not None:
             return _status_response(plan.status, plan.retry_after, rid)
-        ctx = self._ctx(endpoint, body, plan.chunks)
+        ctx = self._ctx(endpoint, body, plan.chunks, plan.model)
         if streamer is not None:
             return await self._stream(call, streamer(ctx), endpoint.done)
         if plan.malformed == "json":
@@ -563,9 +567,9 @@ class FakeUpstream:
             obj["echo"] = {"headers": headers, "body": body}
         return web.Response(body=orjson.dumps(obj), headers=_headers(rid, _JSON_CT))
 
-    def _ctx(self, endpoint: _Endpoint, body: JSONDict, chunks: int) -> _Ctx:
+    def _ctx(self, endpoint: _Endpoint, body: JSONDict, chunks: int, answered: str | None) -> _Ctx:
         options = body.get("stream_options")
-        model = body.get("model")
+        model = answered or body.get("model")
         return _Ctx(
             id=f"{endpoint.id_prefix}{self.name}{next(self._ids)}",
             model=model if isinstance(model, str) else MODEL_IDS[0],

@@ -499,7 +499,8 @@ class _Exporter:
         span.span_id = bytes.fromhex(attempt.span_id)
         _add(
             span,
-            ("gen_ai.response.model", model if answered else None),
+            # The model the answer names; else the one the proxy asked the deployment for.
+            ("gen_ai.response.model", ((usage and usage.model) or model) if answered else None),
             ("gen_ai.usage.input_tokens", usage.prompt_tokens if usage else None),
             ("gen_ai.usage.output_tokens", usage.completion_tokens if usage else None),
             ("http.response.status_code", status or None),

@@ -137,13 +137,15 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """Token counts, normalised over chat/completions/embeddings and Responses shapes."""
+    """Token counts, normalised over chat/completions/embeddings and Responses shapes,
+    and the model the answer that reported them names (traces' gen_ai.response.model)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    model: str | None = None
 
 
 class _Details(msgspec.Struct):
@@ -184,6 +186,7 @@ class _WireUsage(msgspec.Struct):
 # into the ledger's integer columns and into bucket arithmetic that is exact only below
 # 2**53, so a negative or absurd count must not wedge the ledger or a key's limits.
 MAX_COUNT = 2**31 - 1
+MAX_MODEL = 256  # characters of an answer's model name kept
 
 
 def _count(value: int | None) -> int:
@@ -192,6 +195,7 @@ def _count(value: int | None) -> int:
 
 class _Nested(msgspec.Struct):
     usage: _WireUsage | None = None
+    model: str | None = None
 
 
 class _UsageCarrier(msgspec.Struct):
@@ -200,6 +204,7 @@ class _UsageCarrier(msgspec.Struct):
     choices: list[msgspec.Raw] | None = None
     # Responses API: the final event nests the response object.
     response: _Nested | None = None
+    model: str | None = None
 
 
 _carrier_decoder = msgspec.json.Decoder(_UsageCarrier)
@@ -222,7 +227,11 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
     wire = carrier.usage or (carrier.response.usage if carrier.response else None)
     if wire is None:
         return None, False
-    return wire.normalise(), carrier.choices == []
+    model = carrier.model or (carrier.response.model if carrier.response else None)
+    usage = wire.normalise()
+    if model:  # an upstream's string: bounded before it goes anywhere
+        usage = msgspec.structs.replace(usage, model=model[:MAX_MODEL])
+    return usage, carrier.choices == []
 
 
 def _is_null_after_colon(payload: bytes, i: int) -> bool:

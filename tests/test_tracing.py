@@ -477,3 +477,27 @@ async def test_a_team_keys_request_names_its_team(
     [server] = [s for s in collector.spans if s.kind == Span.SPAN_KIND_SERVER]
     assert attrs(server.attributes)["morngpt.team_id"] == "t-search"
     assert attrs(server.attributes)["morngpt.key_id"] == declared.id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_response_model_is_the_one_the_answer_names(
+    make_proxy: MakeProxy, upstream: FakeUpstream, collector: Collector, stream: bool
+) -> None:
+    """OpenAI answers `gpt-4o` with a dated snapshot: the span says which one served."""
+    key, declared = declare()
+    proxy = await make_proxy(traced(keyed(upstream.url, declared), collector.url), auth=True)
+    snapshot = {"x-fake-model": "gpt-4o-2024-08-06"}
+    async with sdk(proxy, key) as client:
+        if stream:
+            answer = await client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=snapshot
+            )
+            _ = [chunk async for chunk in answer]
+        else:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, extra_headers=snapshot
+            )
+    await collector.until(lambda: len(collector.spans) >= 2)
+    [attempt] = [s for s in collector.spans if s.kind == Span.SPAN_KIND_CLIENT]
+    assert attrs(attempt.attributes)["gen_ai.response.model"] == "gpt-4o-2024-08-06"
+    assert attrs(attempt.attributes)["gen_ai.request.model"] == "gpt-4o"

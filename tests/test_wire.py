@@ -373,13 +373,15 @@ RESPONSE_COMPLETED = (
 @pytest.mark.parametrize(
     ("payload", "usage", "usage_only"),
     [
-        pytest.param(CHAT_BODY, Usage(9, 12, 21, 0, 0), False, id="chat-completion"),
+        pytest.param(CHAT_BODY, Usage(9, 12, 21, 0, 0, "gpt-4o"), False, id="chat-completion"),
         pytest.param(CHUNK + b"}", None, False, id="chunk-without-usage"),
         pytest.param(CHUNK + b',"usage":null}', None, False, id="chunk-usage-null"),
         pytest.param(CHUNK + b',"usage": null}', None, False, id="chunk-usage-space-null"),
         pytest.param(CHUNK + b',"usage" :\n null}', None, False, id="chunk-usage-ws-null"),
-        pytest.param(USAGE_CHUNK, Usage(9, 12, 21, 4, 6), True, id="usage-only-chunk"),
-        pytest.param(EMBEDDINGS, Usage(8, 0, 8), False, id="embeddings"),
+        pytest.param(USAGE_CHUNK, Usage(9, 12, 21, 4, 6, "gpt-4o"), True, id="usage-only-chunk"),
+        pytest.param(
+            EMBEDDINGS, Usage(8, 0, 8, model="text-embedding-3-small"), False, id="embeddings"
+        ),
         pytest.param(RESPONSE_CREATED, None, False, id="responses-created"),
         pytest.param(RESPONSE_COMPLETED, Usage(36, 87, 123, 12, 40), False, id="responses-done"),
         pytest.param(
@@ -420,6 +422,19 @@ RESPONSE_COMPLETED = (
             Usage(1, 2, 3),
             False,
             id="nested-null-before-the-real-usage",
+        ),
+        pytest.param(
+            b'{"type":"response.completed","response":{"model":"gpt-4o-2024-08-06",'
+            b'"usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}}}',
+            Usage(1, 2, 3, model="gpt-4o-2024-08-06"),
+            False,
+            id="responses-model-nested",
+        ),
+        pytest.param(
+            b'{"model":"' + b"m" * 300 + b'","usage":{"prompt_tokens":1,"total_tokens":1}}',
+            Usage(1, 0, 1, model="m" * 256),
+            False,
+            id="model-name-bounded",
         ),
         pytest.param(b'{"usage": {"prompt_tokens": 5', None, False, id="malformed"),
         pytest.param(b'{"usage": {"prompt_tokens": "5"}}', None, False, id="wrong-type"),
