@@ -1,12 +1,13 @@
 """Known vulnerabilities in the locked dependencies: ``python scripts/audit.py``.
 
 Runs pip-audit over requirements-dev.lock (a superset of requirements.lock, the image's)
-against PyPI's vulnerability data, and fails (exit 1) on any vulnerability that is not
-accepted in .ci/audit-accept.txt. To accept one, add a line there:
+against PyPI's vulnerability data, and ``npm audit`` over the console's
+package-lock.json against the npm registry's, and fails (exit 1) on any vulnerability
+that is not accepted in .ci/audit-accept.txt. To accept one, add a line there:
 
     GHSA-xxxx-xxxx-xxxx  why it does not affect us, and until when (e.g. a fix date)
 
-(the ID pip-audit prints, or any of its aliases such as a CVE or PYSEC ID).
+(the ID pip-audit or npm audit prints, or any of its aliases such as a CVE or PYSEC ID).
 
 When the vulnerability data cannot be reached (no network, or a registry mirror that
 does not serve it), the packages it could not check are listed and the run says
@@ -25,6 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPT = ROOT / ".ci" / "audit-accept.txt"
+CONSOLE = ROOT / "console"
 
 
 def accepted(path: Path) -> dict[str, str]:
@@ -94,9 +96,48 @@ def main(argv: list[str] | None = None) -> int:
         print("DEGRADED: pip-audit gave no report; nothing was audited. It said:")
         print("\n".join(done.stderr.strip().splitlines()[-5:]))
         return 2 if args.strict else 0
+    report["dependencies"] += npm_dependencies(CONSOLE, args.deadline)
     code, lines = judge(report, accept, args.strict)
     print("\n".join(lines))
     return code
+
+
+def npm_dependencies(folder: Path, deadline: float) -> list[dict[str, Any]]:
+    """The console's locked npm packages as pip-audit reports dependencies: those
+    ``npm audit`` finds vulnerable with their advisories; when it cannot answer, one
+    entry with a ``skip_reason`` (judged DEGRADED, never passed)."""
+    if not (folder / "package-lock.json").exists():
+        return []
+    command = ["npm", "audit", "--json", "--package-lock-only"]
+    try:
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=deadline)
+        report = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        return [{"name": "console (npm)", "skip_reason": f"npm audit failed: {exc}"}]
+    return npm_judged(report)
+
+
+def npm_judged(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """``npm audit --json`` (v2 report) -> pip-audit's dependency entries."""
+    if "vulnerabilities" not in report:
+        reason = report.get("message") or report.get("error", {}).get("summary") or "no report"
+        return [{"name": "console (npm)", "skip_reason": f"npm audit: {reason}"}]
+    found = []
+    for name, entry in sorted(report["vulnerabilities"].items()):
+        advisories = [via for via in entry.get("via", []) if isinstance(via, dict)]
+        vulns = [
+            {
+                "id": via.get("url", "").rsplit("/", 1)[-1] or str(via.get("source")),
+                "aliases": [str(via.get("source"))],
+                "fix_versions": [str(entry.get("fixAvailable"))],
+            }
+            for via in advisories
+        ]
+        if vulns:  # (an entry only "via" another package is that package's advisory)
+            found.append(
+                {"name": f"{name} (npm)", "version": entry.get("range", ""), "vulns": vulns}
+            )
+    return found
 
 
 if __name__ == "__main__":

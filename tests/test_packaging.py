@@ -337,6 +337,33 @@ def test_an_audit_that_could_not_reach_the_data_says_so() -> None:
     assert judge(report, {}, strict=False)[0] == 1
 
 
+def test_the_consoles_npm_advisories_are_judged_like_the_python_ones() -> None:
+    audit = audit_module()
+    report = {  # npm audit --json (report v2), shortened
+        "auditReportVersion": 2,
+        "vulnerabilities": {
+            "esbuild": {
+                "name": "esbuild", "severity": "moderate", "range": "<=0.24.2",
+                "via": [{"source": 1102341, "url": "https://github.com/advisories/GHSA-67mh-4wv8-2f99",
+                         "title": "dev server answers any site"}],
+                "fixAvailable": True,
+            },
+            "vite": {"name": "vite", "range": "0.11.0 - 6.1.6", "via": ["esbuild"]},
+        },
+    }  # fmt: skip
+    found = audit.npm_judged(report)
+    assert [d["name"] for d in found] == ["esbuild (npm)"]  # vite's advisory is esbuild's
+    code, lines = audit.judge({"dependencies": found}, {}, strict=False)
+    assert code == 1
+    assert any("GHSA-67mh-4wv8-2f99" in ln for ln in lines if ln.startswith("VULNERABLE"))
+    accept = {"GHSA-67mh-4wv8-2f99": "the dev server never runs in production"}
+    assert audit.judge({"dependencies": found}, accept, strict=True)[0] == 0
+    # npm's registry refusing the audit (as here) is DEGRADED, never a pass.
+    refused = audit.npm_judged({"message": "405 Method Not Allowed - POST .../bulk"})
+    assert refused[0]["skip_reason"].startswith("npm audit: 405")
+    assert audit.judge({"dependencies": refused}, {}, strict=True)[0] == 2
+
+
 def test_an_accepted_vulnerability_needs_a_reason(tmp_path: Path) -> None:
     accepted = audit_module().accepted
     path = tmp_path / "accept.txt"
