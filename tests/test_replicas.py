@@ -19,7 +19,7 @@ import re
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,14 +101,15 @@ class Fleet:
         finally:
             await conn.close()
 
-    async def wait_rows(self, count: int) -> list[asyncpg.Record]:
-        """The ledger, once it holds at least ``count`` rows (batches land by time)."""
+    async def wait_rows(self, request_ids: Collection[str]) -> list[asyncpg.Record]:
+        """The ledger, once it holds a row for each of ``request_ids`` (batches land by
+        time, each replica's on its own, so a count could be met by others' rows)."""
         rows: list[asyncpg.Record] = []
 
         async def enough() -> bool:
             nonlocal rows
             rows = await self.rows()
-            return len(rows) >= count
+            return set(request_ids) <= {r["request_id"] for r in rows}
 
         await until(enough, timeout=20)
         return rows
@@ -185,7 +186,7 @@ async def test_limits_are_global_and_every_request_has_one_usage_row(fleet: Flee
     by_replica = Counter(replica for replica, status, _ in results if status == 200)
     assert len(by_replica) >= 2, f"admissions all on one replica: {by_replica}"
 
-    rows = await fleet.wait_rows(requests)
+    rows = await fleet.wait_rows([rid for *_, rid in results])
     assert Counter(r["request_id"] for r in rows) == Counter(rid for *_, rid in results)
     seen = {r["request_id"]: r["status"] for r in rows}
     assert seen == {rid: status for _, status, rid in results}
@@ -291,7 +292,7 @@ async def test_sigterm_to_one_replica_mid_load_loses_nothing(fleet: Fleet) -> No
     assert drained, "no stream was in flight on the stopped replica: nothing was drained"
     assert set(load.answered.values()) <= {200, 503}, Counter(load.answered.values())
     assert " stopped" in "".join(victim.log)
-    rows = await fleet.wait_rows(len(load.answered))
+    rows = await fleet.wait_rows(load.answered)
     count = Counter(r["request_id"] for r in rows)
     # Every answer is in the ledger exactly once; an attempt the client never got an
     # answer to may have been recorded (it reached a replica), but never twice.
