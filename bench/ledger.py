@@ -38,7 +38,6 @@ from typing import Any
 
 import asyncpg
 import orjson
-from msgspec.structs import astuple
 
 from proxy import config as cfg
 from proxy.db import Db, migrate, migrations
@@ -64,9 +63,11 @@ _OLD_STAGE = (
     "precision, duration_ms double precision, ttft_ms double precision, cost numeric) "
     "ON COMMIT DELETE ROWS"
 )
+# The row as migration 0004 knew it (0006 added the team).
+_OLD_COLUMNS = tuple(c for c in COLUMNS if c != "team_id")
 _OLD_MERGE = (
-    f"INSERT INTO usage_records ({', '.join(COLUMNS)}) SELECT "
-    + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
+    f"INSERT INTO usage_records ({', '.join(_OLD_COLUMNS)}) SELECT "
+    + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in _OLD_COLUMNS)
     + " FROM usage_batch ON CONFLICT (uid) DO NOTHING"
 )
 
@@ -152,9 +153,8 @@ async def ingest(dsn: str, records: list[Record], old: bool) -> dict[str, float]
         assert db.pool is not None
         async with db.pool.acquire() as conn, conn.transaction():
             await conn.execute(_OLD_STAGE)
-            await conn.copy_records_to_table(
-                "usage_batch", records=[astuple(r) for r in batch], columns=COLUMNS
-            )
+            rows = [tuple(getattr(r, c) for c in _OLD_COLUMNS) for r in batch]
+            await conn.copy_records_to_table("usage_batch", records=rows, columns=_OLD_COLUMNS)
             await conn.execute(_OLD_MERGE)
 
     async def writer(mine: list[list[Record]]) -> None:
