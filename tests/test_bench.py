@@ -121,3 +121,12 @@ def test_inproc_gives_the_cost_per_relayed_event(paced: list[str]) -> None:
     assert "proxy, chat stream of 4 events" in out
     assert "proxy, chat stream of 8 events" in out
     assert "per relayed event: " in out
+
+
+@pytest.mark.timeout(120)
+def test_the_ledger_benchmark_runs_before_and_after() -> None:
+    """``bench.ledger`` (a scratch PostgreSQL database per phase, dropped after): the
+    0004 baseline and today's schema both ingest, and the reads are measured."""
+    out = run_bench("bench.ledger", "--rows", "2000", "--fringe", "100")
+    for field in ("rows_per_s", "heap_index_per_row", "wal_per_row", "report_command_s"):
+        assert field in out, out
