@@ -30,7 +30,9 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.base import WILDCARD
+from proxy.config.load import load
 
 from .procs import ROOT, Service, free_port, python
 
@@ -65,7 +67,7 @@ def bare(upstream: str, port: int, workers: int) -> dict[str, Any]:
     return {
         "server": _server(port, workers, access_log="off"),
         "auth": {"enabled": False},
-        "models": [{"name": cfg.WILDCARD, "deployments": [{"base_url": upstream, "name": "fake"}]}],
+        "models": [{"name": WILDCARD, "deployments": [{"base_url": upstream, "name": "fake"}]}],
     }
 
 
@@ -80,7 +82,7 @@ def governed(upstream: str, port: int, workers: int, redis: str, pg: str) -> dic
     }
     return {
         "server": _server(port, workers, access_log="info"),
-        "models": [{"name": cfg.WILDCARD, "deployments": [{"base_url": upstream, "name": "fake"}]}],
+        "models": [{"name": WILDCARD, "deployments": [{"base_url": upstream, "name": "fake"}]}],
         "keys": [key],
         "redis": {"url": redis},
         "database": {"url": pg},
@@ -91,7 +93,7 @@ def write(config: dict[str, Any], path: Path) -> cfg.Config:
     """Write ``config`` as JSON and load it back the way ``serve`` will (ConfigError
     names the field at fault)."""
     path.write_bytes(msgspec.json.encode(config))
-    return cfg.load(path)
+    return load(path)
 
 
 @contextlib.contextmanager

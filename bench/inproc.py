@@ -57,7 +57,8 @@ import msgspec
 import uvloop
 from aiohttp import web
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start
 from proxy.serve import setup_logging, start
 
 from . import governed, passthrough
@@ -255,7 +256,7 @@ async def subject(
         config = governed.write(parts, workdir / "governed.json")
         setup_logging(config)  # as serve does: the access log is on at its level
         return await start(config)
-    config = cfg.quick_start(upstream, "sk-upstream")
+    config = quick_start(upstream, "sk-upstream")
     replace = msgspec.structs.replace
     return await start(
         replace(

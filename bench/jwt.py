@@ -26,10 +26,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from proxy import config as cfg
-from proxy.keys import secret
-from proxy.keys.lookup import KeyLookup
-from proxy.tokens import TokenVerifier
+from proxy.config import schema as cfg
+from proxy.governance.keys import secret
+from proxy.governance.keys.lookup import KeyLookup
+from proxy.governance.tokens import TokenVerifier
 
 KINDS: dict[str, tuple[str, Callable[[], Any], Any]] = {
     "RS256": ("RS256", lambda: rsa.generate_private_key(65537, 2048), RSAAlgorithm),

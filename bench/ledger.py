@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
 from proxy.db import Db, migrate, migrations
 from proxy.usage import report, rollup
 from proxy.usage.record import COLUMNS, Record

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import uvloop
 
-from proxy import config as cfg
-from proxy.keys.record import Key
-from proxy.ratelimit.limiter import Limiter
-from proxy.ratelimit.shared import connect
+from proxy.config import schema as cfg
+from proxy.governance.keys.record import Key
+from proxy.governance.ratelimit.limiter import Limiter
+from proxy.governance.ratelimit.shared import connect
 
 from .inproc import cpu
 from .procs import Service, free_port, pinned

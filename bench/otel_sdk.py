@@ -3,7 +3,7 @@ proxy's own recording (``python -m bench.inproc --tracing``; docs/observability.
 
 ``pip install opentelemetry-sdk && python -m bench.otel_sdk``
 
-Not a dependency of the proxy: the SDK is what proxy/tracing.py does *not* use. One
+Not a dependency of the proxy: the SDK is what proxy/ops/tracing.py does *not* use. One
 request's spans as the proxy records them (a SERVER span and one CLIENT span with the
 same attributes, two events), made with the SDK's tracer under
 ``ParentBased(TraceIdRatioBased(ratio))`` and its ``BatchSpanProcessor`` with an

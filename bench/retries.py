@@ -31,10 +31,13 @@ import uvloop
 from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.app import STATE
+from proxy.config import schema as cfg
+from proxy.config.base import WILDCARD
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model, Timeouts
 from proxy.exchange import Exchange
 from proxy.serve import start
+from proxy.state import STATE
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -107,12 +110,12 @@ async def serving(
     upstream_url: str, first_byte: float, workdir: Path
 ) -> AsyncIterator[tuple[str, _Attempts]]:
     """The proxy in its quick-start shape in front of ``upstream_url``."""
-    deployment = cfg.Deployment(
-        base_url=upstream_url, name="upstream", timeouts=cfg.Timeouts(first_byte=first_byte)
+    deployment = Deployment(
+        base_url=upstream_url, name="upstream", timeouts=Timeouts(first_byte=first_byte)
     )
-    config = cfg.resolve(
+    config = resolve(
         cfg.Config(
-            models=[cfg.Model(name=cfg.WILDCARD, deployments=[deployment])],
+            models=[Model(name=WILDCARD, deployments=[deployment])],
             server=cfg.Server(port=0, workers=1, access_log="off", grace_period=1.0),
             auth=cfg.Auth(enabled=False),
             database=cfg.Database(sqlite_path=str(workdir / "bench.db")),

@@ -21,11 +21,13 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import config as cfg
-from proxy import tracing
+from proxy.config import schema as cfg
+from proxy.config.upstreams import Deployment
 from proxy.exchange import Exchange
-from proxy.upstream import Upstream
-from proxy.wire import RequestView, Usage
+from proxy.http.upstream import Upstream
+from proxy.http.wire import RequestView, Usage
+from proxy.ops import tracing
+from proxy.ops.tracer import Tracer
 
 # What the bench clients of bench.run / bench.inproc send, as aiohttp hands it over.
 HEADERS = CIMultiDictProxy(
@@ -54,7 +56,7 @@ def bare_request(upstream: Upstream) -> Exchange:
     return exchange
 
 
-def one_request(tracer: tracing.Tracer | None, upstream: Upstream) -> Exchange:
+def one_request(tracer: Tracer | None, upstream: Upstream) -> Exchange:
     """The tracing calls of one streamed, one-attempt request, in the proxy's order."""
     exchange = Exchange("req_bench", "chat/completions")
     if tracer is not None:  # app.proxy
@@ -87,11 +89,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    deployment = cfg.Deployment(base_url="http://127.0.0.1:9000/v1", name="d1", api_key="k")
+    deployment = Deployment(base_url="http://127.0.0.1:9000/v1", name="d1", api_key="k")
     upstream = Upstream(deployment, "m")
     endpoint = "http://127.0.0.1:9/v1/traces"  # never contacted: the thread is not started
-    out = tracing.Tracer(cfg.Tracing(endpoint=endpoint, sample_ratio=0.0))
-    kept = tracing.Tracer(cfg.Tracing(endpoint=endpoint, sample_ratio=1.0))
+    out = Tracer(cfg.Tracing(endpoint=endpoint, sample_ratio=0.0))
+    kept = Tracer(cfg.Tracing(endpoint=endpoint, sample_ratio=1.0))
     batch = kept.exporter.config.batch_size
 
     def sampled() -> None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from . import accesslog, console, ingress, metrics, tracing
 from .admin import api as admin
-from .config import Config
-from .db import DB, Db, open_db
+from .admin import console
+from .admin.common import Admin
+from .admin.oidc import OidcLogin
+from .config.schema import Config
+from .db import DB, open_db
 from .errors import (
     BodyTooLarge,
     HeadersTooLarge,
@@ -39,25 +40,22 @@ from .exchange import (
     Exchange,
     Gate,
     Grant,
-    OpenGate,
-    Sinks,
     may_use,
     unique_hex,
 )
-from .failover import Outbound, dispatch
-from .gate import open_gate
-from .h1 import Client
-from .identity import Authenticator
-from .oidc import OidcLogin
-from .ops import metrics_endpoint, protect
-from .pricing import Prices
-from .ratelimit.limiter import open_limiter
-from .ratelimit.shared import open_redis
-from .relay import relay_body, relay_stream
-from .routing import Router
-from .upstream import forward_headers, make_client, open_request
+from .governance.gate import open_gate
+from .governance.ratelimit.limiter import open_limiter
+from .governance.ratelimit.shared import open_redis
+from .http import ingress
+from .http.relay import relay_body, relay_stream
+from .http.upstream import forward_headers, make_client, open_request
+from .http.wire import RequestView, decode_request
+from .ops import accesslog, metrics, tracing
+from .ops.endpoints import metrics_endpoint, protect
+from .ops.metrics_sink import MetricsSink
+from .routing.failover import Outbound, dispatch
+from .state import STATE, State
 from .usage.writer import open_ledger
-from .wire import RequestView, decode_request
 
 log = logging.getLogger("proxy")
 
@@ -66,32 +64,6 @@ _USAGE_OPTION = frozenset(("chat/completions", "completions"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
 _RETRY_SOON = {"Retry-After": "1"}
-
-
-class State:
-    """Per-worker state shared by the handlers."""
-
-    def __init__(self, config: Config, gate: Gate | None = None) -> None:
-        self.config = config
-        self.router = Router(config)
-        self.prices = Prices(config)
-        self.gate: Gate = gate or OpenGate()
-        self.sinks = Sinks()
-        self.draining = False
-        self.session: Client | None = None
-        self.tracer = tracing.Tracer(config.tracing) if config.tracing.endpoint else None
-        # Proxied requests being served, and the most allowed at once (server.max_inflight).
-        self.inflight = 0
-        self.max_inflight = config.server.max_inflight or sys.maxsize
-        self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
-        # The worker's database handle, for the admin API on the ops listener.
-        self.db: Db | None = None
-        # Credentials → Principal for the admin API (identity.py); the gate replaces it
-        # with one that knows the keys when auth is on.
-        self.authenticator = Authenticator(None, config.server.ops_token)
-
-
-STATE = web.AppKey("state", State)
 
 
 def build_app(config: Config, gate: Gate | None = None) -> web.Application:
@@ -134,7 +106,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
 def _observe(app: web.Application, state: State) -> None:
     """Metrics, the tracer and the access log see every finished exchange."""
     metrics.declare(state.config)
-    state.sinks.sinks.append(metrics.MetricsSink(state.config))
+    state.sinks.sinks.append(MetricsSink(state.config))
     if state.tracer is not None:  # before the access log: it decides what is exported
         app.cleanup_ctx.append(state.tracer.running)
         state.sinks.sinks.append(state.tracer)
@@ -158,7 +130,7 @@ def add_ops_routes(app: web.Application) -> None:
         login.add_routes(app.router)  # before the console's own catch-all route
     admin.add_routes(
         app,
-        admin.Admin(
+        Admin(
             state.config,
             lambda: state.db,
             lambda: state.inflight,

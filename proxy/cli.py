@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from . import config as cfg
-from .keys import cli as keys_cli
+from .config import schema as cfg
+from .config.base import ConfigError
+from .config.load import load, quick_start, resolve
+from .governance.keys import cli as keys_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,14 +68,11 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def load_config(args: argparse.Namespace) -> cfg.Config:
-    if args.config:
-        config = cfg.load(args.config)
-    else:
-        config = cfg.quick_start(args.upstream, args.upstream_key)
+    config = load(args.config) if args.config else quick_start(args.upstream, args.upstream_key)
     overrides = _server_overrides(args)
     if overrides:
         server = msgspec.structs.replace(config.server, **overrides)
-        config = cfg.resolve(msgspec.structs.replace(config, server=server))
+        config = resolve(msgspec.structs.replace(config, server=server))
     return config
 
 
@@ -98,7 +97,7 @@ def _auth_choice(config: cfg.Config, no_auth: bool) -> cfg.Config:
             config, auth=msgspec.structs.replace(config.auth, enabled=False)
         )
     if not config.auth.enabled:
-        raise cfg.ConfigError("auth.enabled is false: pass --no-auth to serve without API keys")
+        raise ConfigError("auth.enabled is false: pass --no-auth to serve without API keys")
     return config
 
 
@@ -106,22 +105,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            config = cfg.load(args.file)
+            config = load(args.file)
             deployments = sum(len(m.deployments) for m in config.models)
             print(f"ok: {len(config.models)} models, {deployments} deployments")
             return 0
         if args.command == "migrate":
-            return _migrate(cfg.load(args.config) if args.config else None)
+            return _migrate(load(args.config) if args.config else None)
         if args.command == "usage":
             from .usage import report
 
-            database = cfg.load(args.config).database if args.config else cfg.Database()
+            database = load(args.config).database if args.config else cfg.Database()
             return report.run(database, args.since, args.by)
         if args.command in ("keys", "teams"):
             given = getattr(args, "config", None)  # `keys update` omits absent options
-            return keys_cli.run(args, cfg.load(given).database if given else cfg.Database())
+            return keys_cli.run(args, load(given).database if given else cfg.Database())
         config = _auth_choice(load_config(args), args.no_auth)
-    except cfg.ConfigError as exc:
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from .serve import serve  # the server stack is only imported when serving

@@ -36,7 +36,7 @@ import asyncpg
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from .config import Config, Database
+from .config.schema import Config, Database
 
 log = logging.getLogger("proxy.db")
 _FILE = re.compile(r"(\d{4})_(\w+)\.sql")

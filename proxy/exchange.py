@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from .wire import RequestView, Usage
+from .http.wire import RequestView, Usage
 
 if TYPE_CHECKING:
-    from .tracing import Trace
+    from .ops.tracing import Trace
 
 # This process's random half of ``unique_hex``: 64 bits, so that no two processes
 # (workers, replicas, restarts) share one in practice.

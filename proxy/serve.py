@@ -32,15 +32,14 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
-from . import ingress, metrics, redact
-from .app import STATE, build_app, build_ops_app
-from .config import Config, Server
+from .app import build_app, build_ops_app
+from .config.load import worker_count
+from .config.schema import Config, Server
+from .http import ingress
+from .ops import metrics, redact
+from .state import STATE
 
 log = logging.getLogger("proxy")
-
-
-def worker_count(config: Config) -> int:
-    return config.server.workers or len(os.sched_getaffinity(0))
 
 
 def serve(config: Config) -> int:

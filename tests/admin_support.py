@@ -16,8 +16,10 @@ from openapi_schema_validator import OAS31Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from proxy import config as cfg
 from proxy.admin.openapi import document
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Price
 
 from .conftest import SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, free_port
 
@@ -31,9 +33,9 @@ _REGISTRY = Registry().with_resource("urn:admin", DRAFT202012.create_resource(DO
 def admin_config(upstream_url: str, monkeypatch: Any) -> cfg.Config:
     monkeypatch.setenv("MORNGPT_TEST_MASTER", MASTER)
     monkeypatch.setenv("MORNGPT_TEST_OPS", OPS)
-    base = cfg.quick_start(upstream_url, UPSTREAM_KEY)
+    base = quick_start(upstream_url, UPSTREAM_KEY)
     priced = [
-        msgspec.structs.replace(m, price=cfg.Price(Decimal("1000"), Decimal("2000")))
+        msgspec.structs.replace(m, price=Price(Decimal("1000"), Decimal("2000")))
         for m in base.models
     ]
     config = msgspec.structs.replace(
@@ -45,7 +47,7 @@ def admin_config(upstream_url: str, monkeypatch: Any) -> cfg.Config:
         auth=cfg.Auth(master_key_env="MORNGPT_TEST_MASTER", cache_ttl=0.05, negative_ttl=0.05),
         usage=cfg.Ledger(flush_interval=0.05),
     )
-    return cfg.resolve(config)
+    return resolve(config)
 
 
 def _template(path: str) -> str:

@@ -27,10 +27,11 @@ from aiohttp import web
 from hypothesis import settings
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.app import STATE, State
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start
 from proxy.exchange import Exchange
 from proxy.serve import start
+from proxy.state import STATE, State
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
@@ -145,7 +146,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
 
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream) -> Proxy:
-    return await make_proxy(cfg.quick_start(upstream.url, UPSTREAM_KEY))
+    return await make_proxy(quick_start(upstream.url, UPSTREAM_KEY))
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import aiohttp
 import msgspec
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start, resolve
 from proxy.db import DB
-from proxy.keys import secret
-from proxy.keys.store import KeyStore
-from proxy.ratelimit.limiter import LIMITER, Limiter
+from proxy.governance.keys import secret
+from proxy.governance.keys.store import KeyStore
+from proxy.governance.ratelimit.limiter import LIMITER, Limiter
 
 from .conftest import SECRETS, UPSTREAM_KEY, Proxy
 
@@ -42,8 +43,8 @@ def keyed(
     Tests that are not about a slow Redis pass a generous ``redis_timeout``: on a busy
     machine a 0.25 s call can time out and fail over, which is right but not their
     subject."""
-    config = cfg.quick_start(upstream_url, UPSTREAM_KEY)
-    return cfg.resolve(
+    config = quick_start(upstream_url, UPSTREAM_KEY)
+    return resolve(
         msgspec.structs.replace(
             config,
             keys=list(keys),

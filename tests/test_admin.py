@@ -17,8 +17,8 @@ import pytest
 from openapi_spec_validator import validate
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.oidc import SESSION_COOKIE
+from proxy.admin.oidc import SESSION_COOKIE
+from proxy.config import schema as cfg
 
 from .admin_support import DOC, MASTER, OPS, admin_config, admin_of, admin_of_port, check, start
 from .conftest import SECRETS, MakeProxy, Proxy, free_port

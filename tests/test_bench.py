@@ -17,7 +17,7 @@ from bench import streams
 from bench.fake_upstream import FakeUpstream
 from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
-from proxy import config as cfg
+from proxy.config.load import quick_start
 
 from .conftest import ROOT, MakeProxy
 
@@ -28,7 +28,7 @@ async def test_probe_sees_every_paced_event_and_no_stall(
 ) -> None:
     base = upstream.url
     if through_proxy:
-        base = (await make_proxy(cfg.quick_start(upstream.url, None))).base
+        base = (await make_proxy(quick_start(upstream.url, None))).base
     target = streams.Target.of(base, "sk-unused")
     request = target.request(PROBE_BODY, chunks=6, gap_ms=20)
     traces = await streams.concurrent(target, request, count=3, ramp=0.05)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.ratelimit.bucket import (
+from proxy.governance.ratelimit.bucket import (
     UNIT,
     Call,
     KeyState,
@@ -23,7 +23,7 @@ from proxy.ratelimit.bucket import (
     check_all,
     take,
 )
-from proxy.ratelimit.shared import RedisBuckets
+from proxy.governance.ratelimit.shared import RedisBuckets
 
 from .conftest import REDIS_URL, ROOT
 
@@ -424,4 +424,4 @@ def test_the_lua_script_ships_in_the_package() -> None:
     """A wheel (the Docker image) must carry bucket.lua: it is package data."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = data["tool"]["setuptools"]["package-data"]["proxy"]
-    assert any(fnmatch.fnmatch("ratelimit/bucket.lua", p) for p in patterns)
+    assert any(fnmatch.fnmatch("governance/ratelimit/bucket.lua", p) for p in patterns)

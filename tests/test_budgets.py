@@ -28,18 +28,20 @@ import yaml
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config import schema as cfg
+from proxy.config.upstreams import Price
 from proxy.db import DB, Db
 from proxy.errors import QuotaExceeded
 from proxy.exchange import Exchange
-from proxy.keys.record import Key
-from proxy.periods import period_of, zone
-from proxy.ratelimit.limiter import Ask, Limiter
-from proxy.ratelimit.shared import connect
+from proxy.governance.keys.record import Key
+from proxy.governance.periods import period_of, zone
+from proxy.governance.ratelimit.limiter import Limiter
+from proxy.governance.ratelimit.shared import connect
+from proxy.governance.ratelimit.ticket import Ask
+from proxy.http.wire import RequestView
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
-from proxy.wire import RequestView
 
 from .conftest import (
     PYTHON,
@@ -58,7 +60,7 @@ D = Decimal
 MESSAGES = [{"role": "user", "content": "hi"}]
 # 0.001 per prompt token, 0.002 per completion token. The fake upstream counts "hi" as
 # one prompt token and answers 8 tokens: every plain request costs 0.017 exactly.
-PRICE = cfg.Price(prompt=D(1000), completion=D(2000))
+PRICE = Price(prompt=D(1000), completion=D(2000))
 COST = D("0.017")
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config.load import load
 
 from .conftest import ROOT
 
@@ -69,7 +69,7 @@ def test_upstream_key_comes_from_the_environment(
         '{"models": [{"name": "a", "deployments": '
         '[{"base_url": "http://x/v1/", "api_key_env": "MORNGPT_TEST_KEY"}]}]}'
     )
-    config = cfg.load(path)
+    config = load(path)
     deployment = config.models[0].deployments[0]
     assert deployment.api_key == "sk-from-env"
     assert deployment.base_url == "http://x/v1"

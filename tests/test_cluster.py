@@ -24,10 +24,12 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.ratelimit.bucket import KeyState, check, check_all
-from proxy.ratelimit.limiter import team_scope
-from proxy.ratelimit.shared import RedisBuckets, connect
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import load
+from proxy.governance.ratelimit.bucket import KeyState, check, check_all
+from proxy.governance.ratelimit.shared import RedisBuckets, connect
+from proxy.governance.ratelimit.ticket import team_scope
 
 from .conftest import REDIS_URL, MakeProxy, free_port
 from .keyhelp import declare, keyed, limiter
@@ -228,5 +230,5 @@ async def test_cluster_mode_needs_a_redis_url(tmp_path: Path) -> None:
         "redis: {url: 'unix:///tmp/redis.sock', cluster: true}\n"
         "models: [{name: a, deployments: [{base_url: 'http://x'}]}]\n"
     )
-    with pytest.raises(cfg.ConfigError, match=r"redis\.cluster"):
-        cfg.load(path)
+    with pytest.raises(ConfigError, match=r"redis\.cluster"):
+        load(path)

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy.console import DIST
+from proxy.admin.console import DIST
 
 from .admin_support import start
 from .conftest import MakeProxy, Proxy

@@ -9,8 +9,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config import schema as cfg
 from proxy.db import Db, SchemaError, migrate, migrations
 
 

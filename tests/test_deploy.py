@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import load
 
 from .conftest import (
     PYTHON,
@@ -153,7 +154,7 @@ def load_config(text: str, tmp_path: Path) -> cfg.Config:
     """``text`` loaded the way ``serve --config`` loads a file (env must be set)."""
     path = tmp_path / "loaded.yaml"
     path.write_text(text)
-    return cfg.load(path)
+    return load(path)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (proxy/h1.py) against scripted raw upstreams: pooling,
+"""The upstream HTTP/1.1 client (proxy/http/h1.py) against scripted raw upstreams: pooling,
 framing, cuts, the keep-alive race, back-pressure, limits and closing. What the
 proxy makes of it end to end is in test_proxy.py and adversity/test_upstream_faults.py."""
 
@@ -10,7 +10,8 @@ import functools
 
 import pytest
 
-from proxy import h1
+from proxy.http import h1
+from proxy.http.h1_conn import ConnectFailed, Disconnected, Origin
 from tests.adversity.rawhttp import RawServer, closed_by_peer, read_request, response
 from tests.conftest import free_port
 
@@ -18,8 +19,8 @@ OK = response(b'{"ok":true}')
 
 
 @functools.cache  # one per server, as one per deployment in the proxy
-def origin(server: RawServer) -> h1.Origin:
-    return h1.Origin(f"http://127.0.0.1:{server.port}")
+def origin(server: RawServer) -> Origin:
+    return Origin(f"http://127.0.0.1:{server.port}")
 
 
 async def get(client: h1.Client, server: RawServer, body: bytes | None = None) -> bytes:
@@ -121,7 +122,7 @@ async def test_pump_hands_each_read_over_until_declined_or_ended() -> None:
         async with await client.request(origin(server), "POST", "/", [], b"") as answer:
             step.set()
             await answer.pump(relay)  # declined at b"b"
-            with pytest.raises(h1.Disconnected):
+            with pytest.raises(Disconnected):
                 await answer.pump(lambda data: relay(data) or True)
             assert got == [b"a", b"b", b"c", b"d"]
         await client.close()
@@ -150,7 +151,7 @@ async def test_a_cut_body_delivers_what_came_then_raises() -> None:
         client = h1.Client(limit=8)
         async with await client.request(origin(server), "POST", "/", [], b"") as answer:
             assert await answer.read_chunk() == b"part"
-            with pytest.raises(h1.Disconnected) as cut:
+            with pytest.raises(Disconnected) as cut:
                 await answer.read_chunk()
             assert cut.value.answered
         await client.close()
@@ -181,7 +182,7 @@ async def test_a_new_connection_closed_without_an_answer_is_not_retried() -> Non
 
     async with RawServer(handler) as server:
         client = h1.Client(limit=8)
-        with pytest.raises(h1.Disconnected) as closed:
+        with pytest.raises(Disconnected) as closed:
             await get(client, server)
         assert not closed.value.answered
         assert server.accepted == 1
@@ -196,7 +197,7 @@ async def test_garbage_is_a_disconnect_and_the_connection_is_dropped() -> None:
 
     async with RawServer(handler) as server:
         client = h1.Client(limit=8)
-        with pytest.raises(h1.Disconnected):
+        with pytest.raises(Disconnected):
             await get(client, server)
         await client.close()
     assert client.in_use == 0
@@ -251,7 +252,7 @@ async def test_the_pool_limit_makes_requests_wait_for_a_connection() -> None:
         assert await first == await second == b'{"ok":true}'
         assert server.accepted == 1
         # An idle connection to one origin does not hold the room another one needs.
-        other = h1.Origin(f"http://localhost:{server.port}")
+        other = Origin(f"http://localhost:{server.port}")
         async with await client.request(other, "POST", "/", [], b"") as answer:
             assert answer.status == 200
         await client.close()
@@ -308,9 +309,9 @@ async def test_closing_the_client_closes_busy_connections() -> None:
         await client.close()
         await asyncio.wait_for(upstream.gone.wait(), 5)
         assert await answer.read_chunk() == b"a"  # what came before the close
-        with pytest.raises(h1.Disconnected):
+        with pytest.raises(Disconnected):
             await answer.read_chunk()
-        with pytest.raises(h1.ConnectFailed):
+        with pytest.raises(ConnectFailed):
             await get(client, server)
 
 
@@ -328,8 +329,8 @@ async def test_line_breaks_in_headers_never_go_out() -> None:
 
 async def test_a_refused_connection_is_a_connect_failure() -> None:
     client = h1.Client(limit=8)
-    with pytest.raises(h1.ConnectFailed):
-        await client.request(h1.Origin(f"http://127.0.0.1:{free_port()}"), "GET", "/", [], None)
+    with pytest.raises(ConnectFailed):
+        await client.request(Origin(f"http://127.0.0.1:{free_port()}"), "GET", "/", [], None)
     assert client.in_use == 0
     await client.close()
 
@@ -381,6 +382,6 @@ async def test_endless_headers_are_cut_off() -> None:
 
     async with RawServer(handler) as server:
         client = h1.Client(limit=8)
-        with pytest.raises(h1.Disconnected, match="exceeded"):
+        with pytest.raises(Disconnected, match="exceeded"):
             await get(client, server)
         await client.close()

@@ -1,4 +1,4 @@
-"""JWTs at the API (proxy/tokens.py) against a real issuer built here (tests/issuer.py):
+"""JWTs at the API (proxy/governance/tokens.py) against a real issuer built here (tests/issuer.py):
 every algorithm, every refusal, key rotation and a JWKS that fails or hangs."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
 from proxy.db import DB
-from proxy.keys.teams import TeamStore
+from proxy.governance.keys.teams import TeamStore
 
 from .conftest import MakeProxy, Proxy
 from .issuer import Issuer

@@ -16,13 +16,15 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config import schema as cfg
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model
 from proxy.db import DB, Db
 from proxy.errors import ServiceUnavailable
-from proxy.keys import secret
-from proxy.keys.lookup import KeyCache
-from proxy.keys.store import KeyStore
+from proxy.governance.keys import secret
+from proxy.governance.keys.lookup import KeyCache
+from proxy.governance.keys.store import KeyStore
 
 from .conftest import PYTHON, SECRETS, MakeProxy, Proxy, free_port, proxy_env
 from .keyhelp import declare, issue, keyed
@@ -252,10 +254,10 @@ async def test_a_key_works_as_bearer_and_as_azure_api_key(
 async def test_model_permissions_403_and_filtered_model_list(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url)
-    models = [cfg.Model(name=n, deployments=[deployment]) for n in ("a", "b", "c")]
+    deployment = Deployment(base_url=upstream.url)
+    models = [Model(name=n, deployments=[deployment]) for n in ("a", "b", "c")]
     value, key = declare(models=["a", "c"])
-    config = cfg.resolve(cfg.Config(models=models, keys=[key]))
+    config = resolve(cfg.Config(models=models, keys=[key]))
     proxy = await make_proxy(config, auth=True)
     assert await chat(proxy, value, model="a")
     with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -326,7 +328,7 @@ async def test_declared_key_from_the_environment_and_the_master_key(
         cfg.DeclaredKey(id="app", key_env="MORNGPT_TEST_APP_KEY", rpm=100),
         auth=cfg.Auth(master_key_env="MORNGPT_TEST_MASTER"),
     )
-    assert cfg.resolve(config) == config  # resolving again (CLI overrides) changes nothing
+    assert resolve(config) == config  # resolving again (CLI overrides) changes nothing
     assert from_env not in repr(config)
     assert master not in repr(config)
     proxy = await make_proxy(config, auth=True)

@@ -18,10 +18,13 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model
 from proxy.db import Db, migrate, migrations
 from proxy.errors import DatabaseUnavailable
-from proxy.metrics import USAGE_REJECTED
+from proxy.ops.metrics import USAGE_REJECTED
 from proxy.usage import report, rollup
 from proxy.usage.partitions import DAY, LOCK, name
 from proxy.usage.poison import Sifting
@@ -291,16 +294,16 @@ async def test_0005_converts_a_populated_ledger_without_losing_a_row(
 
 def test_retention_settings_are_checked() -> None:
     def config(**usage: str) -> cfg.Config:
-        return cfg.resolve(
+        return resolve(
             cfg.Config(
-                models=[cfg.Model(name="a", deployments=[cfg.Deployment(base_url="http://x")])],
+                models=[Model(name="a", deployments=[Deployment(base_url="http://x")])],
                 usage=cfg.Ledger(**usage),  # type: ignore[arg-type]
             )
         )
 
-    with pytest.raises(cfg.ConfigError, match="at least 32d"):
+    with pytest.raises(ConfigError, match="at least 32d"):
         config(retention="7d")
-    with pytest.raises(cfg.ConfigError, match="shorter than retention"):
+    with pytest.raises(ConfigError, match="shorter than retention"):
         config(retention="90d", rollup_retention="60d")
     assert config(retention="90d", rollup_retention="400d").usage.rollup_retention == "400d"
 

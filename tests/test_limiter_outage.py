@@ -17,8 +17,8 @@ import redis.exceptions
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
-from proxy.ratelimit.bucket import Call
-from proxy.ratelimit.shared import SERVER_TIME, RedisBuckets
+from proxy.governance.ratelimit.bucket import Call
+from proxy.governance.ratelimit.shared import SERVER_TIME, RedisBuckets
 
 from .conftest import MakeProxy, Proxy, RedisServer
 from .keyhelp import declare, keyed, limiter

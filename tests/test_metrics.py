@@ -25,11 +25,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream
-from proxy import accesslog, metrics
-from proxy import config as cfg
-from proxy.accesslog import JsonFormatter
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError, Secret
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model
 from proxy.exchange import Exchange
-from proxy.wire import Usage
+from proxy.http.wire import Usage
+from proxy.ops import accesslog, metrics
+from proxy.ops.accesslog import JsonFormatter
+from proxy.ops.metrics_sink import MetricsSink, _Observations
 
 from .conftest import (
     CAPTURED,
@@ -75,9 +79,9 @@ def total(samples: Samples, name: str) -> float:
 
 def one_model(upstream: FakeUpstream, **server: object) -> cfg.Config:
     """Model m1 served by deployment d1 (no wildcard: other names are unknown)."""
-    deployment = cfg.Deployment(base_url=upstream.url, name="d1", api_key=UPSTREAM_KEY)
-    config = cfg.Config(models=[cfg.Model(name="m1", deployments=[deployment])])
-    return cfg.resolve(with_server(config, **server))
+    deployment = Deployment(base_url=upstream.url, name="d1", api_key=UPSTREAM_KEY)
+    config = cfg.Config(models=[Model(name="m1", deployments=[deployment])])
+    return resolve(with_server(config, **server))
 
 
 # 1. /metrics in one process ----------------------------------------------------------
@@ -175,7 +179,7 @@ def test_folded_observations_equal_observe() -> None:
     registry = CollectorRegistry()
     direct = Histogram("direct", "d", buckets=metrics.OVERHEAD_BUCKETS, registry=registry)
     folded = Histogram("folded", "f", buckets=metrics.OVERHEAD_BUCKETS, registry=registry)
-    gathered = metrics._Observations(folded)
+    gathered = _Observations(folded)
     values = [0.0, -0.001, 0.0001, 0.00011, 0.3, 1.0, 7.5, *(i / 997 for i in range(300))]
     for n, v in enumerate(values):
         direct.observe(v)
@@ -200,10 +204,8 @@ def test_folded_observations_equal_observe() -> None:
 
 
 async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
-    config = cfg.Config(
-        models=[cfg.Model(name="fold", deployments=[cfg.Deployment(base_url="http://x")])]
-    )
-    sink = metrics.MetricsSink(config)
+    config = cfg.Config(models=[Model(name="fold", deployments=[Deployment(base_url="http://x")])])
+    sink = MetricsSink(config)
     exchanges = []
     for n in range(6):
         ex = Exchange(f"r{n}", "chat/completions")
@@ -416,12 +418,12 @@ async def test_readyz_stays_ready_while_the_database_is_down(
 
 
 def test_ops_config_is_checked() -> None:
-    base = cfg.Config(models=[cfg.Model(name="m", deployments=[cfg.Deployment("http://x")])])
-    with pytest.raises(cfg.ConfigError, match="ops_token_env"):
-        cfg.resolve(with_server(base, ops_token_env="MORNGPT_TEST_SURELY_UNSET"))
-    with pytest.raises(cfg.ConfigError, match="ops_port"):
-        cfg.resolve(with_server(base, port=9000, ops_port=9000))
-    assert repr(cfg.Secret("hidden")) == "'***'"
+    base = cfg.Config(models=[Model(name="m", deployments=[Deployment("http://x")])])
+    with pytest.raises(ConfigError, match="ops_token_env"):
+        resolve(with_server(base, ops_token_env="MORNGPT_TEST_SURELY_UNSET"))
+    with pytest.raises(ConfigError, match="ops_port"):
+        resolve(with_server(base, port=9000, ops_port=9000))
+    assert repr(Secret("hidden")) == "'***'"
 
 
 # 5. The access log --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""OpenID Connect login for the console (proxy/oidc.py): the code flow with PKCE against
+"""OpenID Connect login for the console (proxy/admin/oidc.py): the code flow with PKCE against
 the issuer of tests/issuer.py, over real HTTP, cookies handled as a browser would."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from proxy import config as cfg
-from proxy.oidc import LOGIN_COOKIE, SESSION_COOKIE, OidcLogin
+from proxy.admin.oidc import LOGIN_COOKIE, SESSION_COOKIE, OidcLogin
+from proxy.config import schema as cfg
 
 from .issuer import Issuer
 

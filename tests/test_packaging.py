@@ -94,7 +94,7 @@ def test_the_wheel_holds_only_the_proxy_package(wheel: Path) -> None:
     tops = {name.split("/")[0] for name in names}
     assert tops == {"proxy", re.sub(r"-py3.*", "", wheel.name) + ".dist-info"}, tops
     # The package data the proxy loads at run time.
-    assert any(n.startswith("proxy/ratelimit/") and n.endswith(".lua") for n in names)
+    assert any(n.startswith("proxy/governance/ratelimit/") and n.endswith(".lua") for n in names)
     assert any(n.startswith("proxy/migrations/") and n.endswith(".sql") for n in names)
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -10,20 +10,23 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import load, resolve
+from proxy.config.upstreams import Deployment, Model, Price
 from proxy.exchange import Exchange
-from proxy.periods import TOTAL, Period, period_of, zone
-from proxy.pricing import Prices, rate_of, show, units
-from proxy.wire import Usage
+from proxy.governance.periods import TOTAL, Period, period_of, zone
+from proxy.governance.pricing import Prices, rate_of, show, units
+from proxy.http.wire import Usage
 
 D = Decimal
 
 
-def price(prompt: str, completion: str, cached: str | None = None) -> cfg.Price:
-    return cfg.Price(D(prompt), D(completion), None if cached is None else D(cached))
+def price(prompt: str, completion: str, cached: str | None = None) -> Price:
+    return Price(D(prompt), D(completion), None if cached is None else D(cached))
 
 
-def exact(prompt: int, cached: int, completion: int, p: cfg.Price) -> Decimal:
+def exact(prompt: int, cached: int, completion: int, p: Price) -> Decimal:
     """The cost by the definition, in Decimal with ample precision (the reference)."""
     cached_price = p.cached_prompt if p.cached_prompt is not None else p.prompt
     total = (prompt - cached) * p.prompt + cached * cached_price + completion * p.completion
@@ -48,7 +51,7 @@ def exact(prompt: int, cached: int, completion: int, p: cfg.Price) -> Decimal:
     ],
 )
 def test_cost_is_exact_and_rounds_up_per_request(
-    p: cfg.Price, tokens: tuple[int, int, int], expected: str
+    p: Price, tokens: tuple[int, int, int], expected: str
 ) -> None:
     nano = rate_of(p).cost(*tokens)
     assert units(nano) == D(expected)
@@ -72,12 +75,12 @@ def test_amounts_are_shown_in_fixed_point() -> None:
     ]
 
 
-def _config(models: list[cfg.Model]) -> cfg.Config:
-    return cfg.resolve(cfg.Config(models=models))
+def _config(models: list[Model]) -> cfg.Config:
+    return resolve(cfg.Config(models=models))
 
 
-def _model(name: str, *deployments: cfg.Deployment, **fields: object) -> cfg.Model:
-    return cfg.Model(name=name, deployments=list(deployments), **fields)  # type: ignore[arg-type]
+def _model(name: str, *deployments: Deployment, **fields: object) -> Model:
+    return Model(name=name, deployments=list(deployments), **fields)  # type: ignore[arg-type]
 
 
 def _served(prices: Prices, deployment: str, usage: Usage | None) -> int:
@@ -93,15 +96,15 @@ def test_a_request_is_priced_by_the_deployment_that_served_it() -> None:
         [
             _model(
                 "gpt",
-                cfg.Deployment(base_url="http://a", name="cheap"),
-                cfg.Deployment(base_url="http://b", name="dear", price=price("5", "20")),
+                Deployment(base_url="http://a", name="cheap"),
+                Deployment(base_url="http://b", name="dear", price=price("5", "20")),
                 price=price("1", "2"),
                 fallbacks=["mini"],
             ),
             _model(
-                "mini", cfg.Deployment(base_url="http://c", name="mini-d"), price=price("0.1", "30")
+                "mini", Deployment(base_url="http://c", name="mini-d"), price=price("0.1", "30")
             ),
-            _model("free", cfg.Deployment(base_url="http://d", name="free-d")),
+            _model("free", Deployment(base_url="http://d", name="free-d")),
         ]
     )
     prices = Prices(config)
@@ -126,7 +129,7 @@ def test_a_request_is_priced_by_the_deployment_that_served_it() -> None:
 
 
 def test_the_worst_case_counts_prompt_tokens_at_the_dearer_prompt_price() -> None:
-    odd = _model("m", cfg.Deployment(base_url="http://a"), price=price("1", "1", "4"))
+    odd = _model("m", Deployment(base_url="http://a"), price=price("1", "1", "4"))
     assert units(Prices(_config([odd])).worst_case("m", 1_000_000, 0)) == D(4)
 
 
@@ -138,7 +141,7 @@ def test_yaml_prices_are_decoded_exactly(tmp_path: Path) -> None:
         "    price: {prompt: 0.1, completion: '0.30', cached_prompt: '0.05'}\n"
         "    deployments: [{base_url: 'http://x', price: {prompt: '0.7', completion: 0.9}}]\n"
     )
-    model = cfg.load(path).models[0]
+    model = load(path).models[0]
     assert model.price == price("0.1", "0.30", "0.05")
     assert model.deployments[0].price == price("0.7", "0.9")
 
@@ -162,8 +165,8 @@ NAMED_D = "deployments: [{base_url: 'http://x', name: d"
 def test_bad_prices_fail_the_config(tmp_path: Path, models: str, error: str) -> None:
     path = tmp_path / "proxy.yaml"
     path.write_text(f"models: {models}\n")
-    with pytest.raises(cfg.ConfigError, match=error):
-        cfg.load(path)
+    with pytest.raises(ConfigError, match=error):
+        load(path)
 
 
 @pytest.mark.parametrize(
@@ -177,9 +180,9 @@ def test_bad_prices_fail_the_config(tmp_path: Path, models: str, error: str) -> 
 )
 def test_bad_budgets_of_declared_keys_fail_the_config(budget: dict[str, str], error: str) -> None:
     key = msgspec.convert({"id": "k", "sha256": "a" * 64, **budget}, cfg.DeclaredKey)
-    config = cfg.Config(models=[_model("m", cfg.Deployment(base_url="http://x"))], keys=[key])
-    with pytest.raises(cfg.ConfigError, match=error):
-        cfg.resolve(config)
+    config = cfg.Config(models=[_model("m", Deployment(base_url="http://x"))], keys=[key])
+    with pytest.raises(ConfigError, match=error):
+        resolve(config)
 
 
 # --- Periods ---------------------------------------------------------------------------

@@ -19,9 +19,12 @@ import pytest
 from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.app import STATE, build_app
+from proxy.app import build_app
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Deployment, Model, Timeouts
 from proxy.exchange import unique_hex
+from proxy.state import STATE
 
 from .conftest import CLIENT_KEY, UPSTREAM_KEY, MakeProxy, Proxy, Recorder, free_port
 
@@ -71,9 +74,9 @@ async def test_completions_embeddings_and_responses(
 async def test_models_lists_configured_models(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url)
-    config = cfg.resolve(
-        cfg.Config(models=[cfg.Model(name=n, deployments=[deployment]) for n in ("a", "b")])
+    deployment = Deployment(base_url=upstream.url)
+    config = resolve(
+        cfg.Config(models=[Model(name=n, deployments=[deployment]) for n in ("a", "b")])
     )
     proxy = await make_proxy(config)
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
@@ -102,8 +105,8 @@ async def test_unknown_path_is_an_openai_404(proxy: Proxy) -> None:
 async def test_unknown_model_is_model_not_found(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url)
-    config = cfg.resolve(cfg.Config(models=[cfg.Model(name="a", deployments=[deployment])]))
+    deployment = Deployment(base_url=upstream.url)
+    config = resolve(cfg.Config(models=[Model(name="a", deployments=[deployment])]))
     proxy = await make_proxy(config)
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
         with pytest.raises(openai.NotFoundError) as caught:
@@ -129,8 +132,8 @@ async def test_body_is_forwarded_byte_for_byte(proxy: Proxy, upstream: FakeUpstr
 async def test_model_rename_changes_only_the_model(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url, model="upstream-name")
-    config = cfg.resolve(cfg.Config(models=[cfg.Model(name="alias", deployments=[deployment])]))
+    deployment = Deployment(base_url=upstream.url, model="upstream-name")
+    config = resolve(cfg.Config(models=[Model(name="alias", deployments=[deployment])]))
     proxy = await make_proxy(config)
     body = (
         b'{"model": "alias", "temperature": 1.50, "messages": [{"role": "user", "content": "hi"}]}'
@@ -253,7 +256,7 @@ async def _until(condition: object, timeout: float = 2.0) -> None:
 
 
 async def test_refused_connection_is_502(make_proxy: MakeProxy) -> None:
-    proxy = await make_proxy(cfg.quick_start(f"http://127.0.0.1:{free_port()}/v1", None))
+    proxy = await make_proxy(quick_start(f"http://127.0.0.1:{free_port()}/v1", None))
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             await client.chat.completions.create(model="m1", messages=MESSAGES)
@@ -262,9 +265,9 @@ async def test_refused_connection_is_502(make_proxy: MakeProxy) -> None:
 
 
 async def test_no_answer_in_time_is_504(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url, timeouts=cfg.Timeouts(first_byte=0.3))
+    deployment = Deployment(base_url=upstream.url, timeouts=Timeouts(first_byte=0.3))
     proxy = await make_proxy(
-        cfg.resolve(cfg.Config(models=[cfg.Model(name="*", deployments=[deployment])]))
+        resolve(cfg.Config(models=[Model(name="*", deployments=[deployment])]))
     )
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
         with pytest.raises(openai.InternalServerError) as caught:
@@ -314,9 +317,9 @@ async def test_cut_stream_ends_with_an_error_event(
 async def test_stalled_stream_ends_with_an_error_event(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=upstream.url, timeouts=cfg.Timeouts(idle=0.3))
+    deployment = Deployment(base_url=upstream.url, timeouts=Timeouts(idle=0.3))
     proxy = await make_proxy(
-        cfg.resolve(cfg.Config(models=[cfg.Model(name="*", deployments=[deployment])]))
+        resolve(cfg.Config(models=[Model(name="*", deployments=[deployment])]))
     )
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(
@@ -335,11 +338,9 @@ async def test_stalled_stream_ends_with_an_error_event(
 async def test_long_healthy_stream_outlives_the_idle_timeout(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(
-        base_url=upstream.url, timeouts=cfg.Timeouts(first_byte=0.5, idle=0.5)
-    )
+    deployment = Deployment(base_url=upstream.url, timeouts=Timeouts(first_byte=0.5, idle=0.5))
     proxy = await make_proxy(
-        cfg.resolve(cfg.Config(models=[cfg.Model(name="*", deployments=[deployment])]))
+        resolve(cfg.Config(models=[Model(name="*", deployments=[deployment])]))
     )
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(
@@ -391,7 +392,7 @@ async def test_bad_types_raise_bad_request_in_the_sdk(client: openai.AsyncOpenAI
 
 
 async def test_body_over_the_limit_is_413(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
-    config = cfg.quick_start(upstream.url, None)
+    config = quick_start(upstream.url, None)
     from .conftest import with_server
 
     proxy = await make_proxy(with_server(config, max_body_bytes=10_000))
@@ -522,7 +523,7 @@ async def test_a_write_to_a_gone_client_is_a_disconnect_not_an_upstream_failure(
     # Without handler cancellation the relay only learns of the client's departure
     # from a failing write: that must read as the client leaving, quietly.
     config = msgspec.structs.replace(
-        cfg.quick_start(upstream.url, None),
+        quick_start(upstream.url, None),
         auth=cfg.Auth(enabled=False),
         database=cfg.Database(sqlite_path=str(tmp_path / "proxy.db")),
         usage=cfg.Ledger(spool_dir=str(tmp_path / "spool")),

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamProtocolError
 from proxy.exchange import Exchange
-from proxy.relay import _Watch
-from proxy.sse import Cutter, Scanner
+from proxy.http.relay import _Watch
+from proxy.http.sse import Cutter, Scanner
 
 from .conftest import examples
 

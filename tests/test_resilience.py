@@ -22,9 +22,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.board import EJECTED, Board
-from proxy.health import Window
+from proxy.config import schema as cfg
+from proxy.config.base import WILDCARD
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Deployment, Model
+from proxy.routing.board import EJECTED, Board
+from proxy.routing.health import Window
 
 from . import usage_support
 from .conftest import ROOT, UPSTREAM_KEY, MakeProxy, Proxy, free_port
@@ -50,7 +53,7 @@ async def test_a_lone_deployment_keeps_serving_after_one_bad_request(
     make_proxy: MakeProxy, fake: FakeUpstream, kind: str
 ) -> None:
     # The quick start (`serve --upstream URL`) with its default routing policy.
-    proxy = await make_proxy(cfg.quick_start(fake.url, UPSTREAM_KEY))
+    proxy = await make_proxy(quick_start(fake.url, UPSTREAM_KEY))
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="client") as client:  # 2 retries
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(
@@ -149,7 +152,7 @@ async def test_panic_mode_with_two_of_three_deployments_dead(
 
 async def test_panic_threshold_is_per_model(make_proxy: MakeProxy, fake: FakeUpstream) -> None:
     dead = [dep(refused(), "dead1", weight=1e6), dep(refused(), "dead2", weight=1e6)]
-    group = cfg.Model(name="m", deployments=[*dead, dep(fake, "alive")], panic_threshold=0)
+    group = Model(name="m", deployments=[*dead, dep(fake, "alive")], panic_threshold=0)
     proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
     async with sdk(proxy) as client:
         for _ in range(5):
@@ -188,7 +191,7 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
 ) -> None:
     name = "gauges-m"  # the registry is per process: a model no other test uses
     down = f"http://127.0.0.1:{free_port()}/v1"
-    group = cfg.Model(name=name, deployments=[dep(fake, "g-up", weight=1e6), dep(down, "g-down")])
+    group = Model(name=name, deployments=[dep(fake, "g-up", weight=1e6), dep(down, "g-down")])
     proxy = await make_proxy(config(group, failure_threshold=1, cooldown=30))
 
     async def gauge(expected: dict[str, float], metric: str = "inflight") -> None:
@@ -398,9 +401,9 @@ async def test_retries_stay_within_the_models_retry_budget(
 async def test_a_503_names_the_model_the_client_asked_for(
     make_proxy: MakeProxy, fake: FakeUpstream
 ) -> None:
-    deployment = cfg.Deployment(base_url=fake.url, name="upstream", max_concurrent=1)
+    deployment = Deployment(base_url=fake.url, name="upstream", max_concurrent=1)
     proxy = await make_proxy(
-        cfg.resolve(cfg.Config(models=[cfg.Model(name=cfg.WILDCARD, deployments=[deployment])]))
+        resolve(cfg.Config(models=[Model(name=WILDCARD, deployments=[deployment])]))
     )
     async with sdk(proxy) as client:
         held = asyncio.create_task(

@@ -18,12 +18,15 @@ import openai
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.board import Board
-from proxy.failover import backoff, retry_after
-from proxy.health import DeploymentState
-from proxy.routing import pick_weighted
-from proxy.upstream import Upstream
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import load, resolve
+from proxy.config.upstreams import Deployment, Model, Routing, Timeouts
+from proxy.http.upstream import Upstream
+from proxy.routing.board import Board
+from proxy.routing.failover import backoff, retry_after
+from proxy.routing.health import DeploymentState
+from proxy.routing.routes import pick_weighted
 
 from .conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port
 
@@ -35,20 +38,18 @@ FAST = {"backoff_base": 0.01, "backoff_max": 0.05}
 # helpers ---------------------------------------------------------------------------
 
 
-def dep(where: FakeUpstream | str, name: str, **fields: object) -> cfg.Deployment:
+def dep(where: FakeUpstream | str, name: str, **fields: object) -> Deployment:
     url = where if isinstance(where, str) else where.url
-    return cfg.Deployment(base_url=url, name=name, api_key=UPSTREAM_KEY, **fields)  # type: ignore[arg-type]
+    return Deployment(base_url=url, name=name, api_key=UPSTREAM_KEY, **fields)  # type: ignore[arg-type]
 
 
-def model(name: str, *deployments: cfg.Deployment, fallbacks: tuple[str, ...] = ()) -> cfg.Model:
-    return cfg.Model(name=name, deployments=list(deployments), fallbacks=list(fallbacks))
+def model(name: str, *deployments: Deployment, fallbacks: tuple[str, ...] = ()) -> Model:
+    return Model(name=name, deployments=list(deployments), fallbacks=list(fallbacks))
 
 
-def config(*models: cfg.Model, **routing: object) -> cfg.Config:
-    policy = cfg.Routing(**{**FAST, **routing})  # type: ignore[arg-type]
-    return cfg.resolve(
-        cfg.Config(models=list(models), server=cfg.Server(workers=1), routing=policy)
-    )
+def config(*models: Model, **routing: object) -> cfg.Config:
+    policy = Routing(**{**FAST, **routing})  # type: ignore[arg-type]
+    return resolve(cfg.Config(models=list(models), server=cfg.Server(workers=1), routing=policy))
 
 
 def sdk(proxy: Proxy, **options: object) -> openai.AsyncOpenAI:
@@ -133,8 +134,8 @@ async def test_traffic_shifts_to_the_faster_deployment(
 
 
 def state_of(name: str, weight: float = 1.0) -> DeploymentState:
-    upstream = Upstream(cfg.Deployment(base_url="http://x/v1", name=name, weight=weight))
-    return DeploymentState(upstream, "m", Board(1), 0, cfg.Routing())
+    upstream = Upstream(Deployment(base_url="http://x/v1", name=name, weight=weight))
+    return DeploymentState(upstream, "m", Board(1), 0, Routing())
 
 
 def test_power_of_two_choices_prefers_the_less_loaded() -> None:
@@ -171,7 +172,7 @@ async def test_failover_to_another_deployment(
         refused() if kind == "refused" else a,
         "bad",
         weight=HEAVY,
-        timeouts=cfg.Timeouts(first_byte=0.3),
+        timeouts=Timeouts(first_byte=0.3),
     )
     proxy = await make_proxy(config(model("m", bad, dep(b, "good"))))
     async with sdk(proxy) as client:
@@ -428,7 +429,7 @@ async def test_outbound_rpm_cap_is_honoured(
 # 5. Azure OpenAI -----------------------------------------------------------------------
 
 
-def azure(fake: FakeUpstream, name: str, **fields: object) -> cfg.Deployment:
+def azure(fake: FakeUpstream, name: str, **fields: object) -> Deployment:
     root = fake.url.removesuffix("/v1")
     return dep(root, name, kind="azure", model="gpt4o-east", api_version="2024-10-21", **fields)
 
@@ -525,28 +526,28 @@ async def test_deployments_endpoint_shows_routing_state(
     ("models", "message"),
     [
         (
-            [model("m", cfg.Deployment(base_url="https://x", kind="azure", model="d"))],
+            [model("m", Deployment(base_url="https://x", kind="azure", model="d"))],
             "api_version",
         ),
         (
-            [model("m", cfg.Deployment(base_url="https://x", kind="azure", api_version="v"))],
+            [model("m", Deployment(base_url="https://x", kind="azure", api_version="v"))],
             "model",
         ),
-        ([model("m", cfg.Deployment(base_url="https://x"), fallbacks=("m",))], "itself"),
-        ([model("m", cfg.Deployment(base_url="https://x"), fallbacks=("nope",))], "nope"),
+        ([model("m", Deployment(base_url="https://x"), fallbacks=("m",))], "itself"),
+        ([model("m", Deployment(base_url="https://x"), fallbacks=("nope",))], "nope"),
         (
             [
-                model("m", cfg.Deployment(base_url="https://x"), fallbacks=("*",)),
-                model("*", cfg.Deployment(base_url="https://x")),
+                model("m", Deployment(base_url="https://x"), fallbacks=("*",)),
+                model("*", Deployment(base_url="https://x")),
             ],
             re.escape("no model named '*'"),
         ),
     ],
     ids=["azure-no-version", "azure-no-name", "self-fallback", "unknown-fallback", "wildcard"],
 )
-def test_routing_config_errors_name_the_field(models: list[cfg.Model], message: str) -> None:
-    with pytest.raises(cfg.ConfigError, match=message):
-        cfg.resolve(cfg.Config(models=models))
+def test_routing_config_errors_name_the_field(models: list[Model], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(cfg.Config(models=models))
 
 
 def test_routing_config_loads_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -565,7 +566,7 @@ models:
     deployments: [{base_url: "http://127.0.0.1:9/v1", health_url: "http://127.0.0.1:9/up"}]
 """
     )
-    loaded = cfg.load(path)
+    loaded = load(path)
     assert (loaded.routing.max_attempts, loaded.routing.cooldown) == (2, 1.5)
     assert loaded.models[0].fallbacks == ["n"]
     upstream = Upstream(loaded.models[0].deployments[0])
@@ -607,7 +608,7 @@ def test_retry_after_absent_or_unreadable(headers: Mapping[str, str]) -> None:
 
 
 def test_backoff_is_jittered_and_bounded() -> None:
-    policy = cfg.Routing(backoff_base=0.1, backoff_max=0.3)
+    policy = Routing(backoff_base=0.1, backoff_max=0.3)
     waits = [backoff(n, policy) for n in (1, 2, 3, 4, 5) for _ in range(200)]
     assert all(0 <= w <= 0.3 for w in waits)
     assert len(set(waits)) > 900  # jittered, not a fixed schedule

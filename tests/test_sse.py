@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Cutter, Event, Scanner, events_in
+from proxy.http.sse import Cutter, Event, Scanner, events_in
 
 from .conftest import examples
 

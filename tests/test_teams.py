@@ -9,15 +9,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config import schema as cfg
 from proxy.db import Db
 from proxy.errors import Forbidden, Unauthorized
-from proxy.identity import Authenticator, Principal, of_key, require
-from proxy.keys.lookup import KeyLookup
-from proxy.keys.record import MASTER, Key
-from proxy.keys.store import KeyStore
-from proxy.keys.teams import TeamInUse, TeamStore
+from proxy.governance.identity import Authenticator, Principal, of_key, require
+from proxy.governance.keys.lookup import KeyLookup
+from proxy.governance.keys.record import MASTER, Key
+from proxy.governance.keys.store import KeyStore
+from proxy.governance.keys.teams import TeamInUse, TeamStore
 
 from .conftest import SECRETS
 from .keyhelp import declare

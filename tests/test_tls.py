@@ -12,7 +12,9 @@ import pytest
 import trustme
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Deployment, Model
 
 from .conftest import MakeProxy, with_server
 
@@ -33,8 +35,8 @@ async def tls_upstream(ca: trustme.CA) -> AsyncIterator[FakeUpstream]:
 
 
 def one_model(upstream: FakeUpstream, ca_file: str | None) -> cfg.Config:
-    deployment = cfg.Deployment(base_url=upstream.url, ca_file=ca_file)
-    return cfg.resolve(cfg.Config(models=[cfg.Model(name="*", deployments=[deployment])]))
+    deployment = Deployment(base_url=upstream.url, ca_file=ca_file)
+    return resolve(cfg.Config(models=[Model(name="*", deployments=[deployment])]))
 
 
 async def test_https_upstream_with_its_ca_configured(
@@ -73,7 +75,7 @@ async def test_proxy_terminates_tls(
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     config = with_server(
-        cfg.quick_start(upstream.url, None), tls_cert=str(cert_file), tls_key=str(key_file)
+        quick_start(upstream.url, None), tls_cert=str(cert_file), tls_key=str(key_file)
     )
     proxy = await make_proxy(config)
     client_context = ssl.create_default_context()

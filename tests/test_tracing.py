@@ -18,10 +18,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy import tracing
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model, Routing
 from proxy.db import Db
-from proxy.keys.teams import TeamStore
+from proxy.governance.keys.teams import TeamStore
+from proxy.ops import tracing
+from proxy.ops.tracer import Tracer
 
 from .conftest import CLIENT_KEY, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, free_port
 from .keyhelp import declare, keyed
@@ -114,21 +118,21 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 def traced(config: cfg.Config, endpoint: str, **tracing: Any) -> cfg.Config:
     settings = {"export_interval": 0.02, **tracing}
-    return cfg.resolve(
+    return resolve(
         msgspec.structs.replace(config, tracing=cfg.Tracing(endpoint=endpoint, **settings))
     )
 
 
-def one_model(*deployments: cfg.Deployment) -> cfg.Config:
+def one_model(*deployments: Deployment) -> cfg.Config:
     return cfg.Config(
-        models=[cfg.Model(name="m", deployments=list(deployments))],
-        routing=cfg.Routing(backoff_base=0.01, backoff_max=0.02),
+        models=[Model(name="m", deployments=list(deployments))],
+        routing=Routing(backoff_base=0.01, backoff_max=0.02),
     )
 
 
-def dep(up: FakeUpstream | str, name: str, **fields: Any) -> cfg.Deployment:
+def dep(up: FakeUpstream | str, name: str, **fields: Any) -> Deployment:
     url = up if isinstance(up, str) else up.url
-    return cfg.Deployment(base_url=url, name=name, api_key=UPSTREAM_KEY, **fields)
+    return Deployment(base_url=url, name=name, api_key=UPSTREAM_KEY, **fields)
 
 
 def sdk(proxy: Proxy, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
@@ -175,7 +179,7 @@ async def test_a_stream_under_a_client_trace(
     config = keyed(upstream.url, declared)
     config = msgspec.structs.replace(
         config,
-        models=[cfg.Model(name="m", deployments=[dep(upstream, "d1", model="fake-model")])],
+        models=[Model(name="m", deployments=[dep(upstream, "d1", model="fake-model")])],
     )
     proxy = await make_proxy(traced(config, collector.url, sample_ratio=0.0), auth=True)
     context = {
@@ -298,7 +302,7 @@ async def test_an_upstream_failure_is_an_error_span(
     make_proxy: MakeProxy, collector: Collector
 ) -> None:
     config = traced(one_model(dep(f"http://127.0.0.1:{free_port()}/v1", "gone")), collector.url)
-    config = msgspec.structs.replace(config, routing=cfg.Routing(max_attempts=1))
+    config = msgspec.structs.replace(config, routing=Routing(max_attempts=1))
     proxy = await make_proxy(config)
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
@@ -361,7 +365,7 @@ async def test_sampling_is_parent_based_then_by_ratio(
 
 def test_ratio_sampling_follows_the_trace_id() -> None:
     config = cfg.Tracing(endpoint="http://127.0.0.1:9/v1/traces", sample_ratio=0.25)
-    tracer = tracing.Tracer(config)
+    tracer = Tracer(config)
     random.seed(21)  # trace ids come from the random module: the same ones every run
     kept = sum(tracer.start({}).sampled for _ in range(4000))
     assert 800 < kept < 1200  # ~1000: a binomial(4000, 0.25) is outside this 1e-12 of the time
@@ -370,7 +374,7 @@ def test_ratio_sampling_follows_the_trace_id() -> None:
 def test_errors_are_kept_up_to_a_rate() -> None:
     """Beyond ``max_error_traces`` a second, a failed request sampled out stays out."""
     config = cfg.Tracing(endpoint="http://127.0.0.1:9/v1/traces", max_error_traces=3)
-    tracer = tracing.Tracer(config)
+    tracer = Tracer(config)
     kept = [tracer._may_keep_error(now) for now in (10.0, 10.1, 10.5, 10.9, 10.99)]
     assert kept == [True, True, True, False, False]
     assert tracer._may_keep_error(11.0)  # a new second
@@ -455,7 +459,7 @@ async def test_a_hung_collector_breaks_nothing(
 
 
 def test_an_endpoint_must_be_an_http_url() -> None:
-    with pytest.raises(cfg.ConfigError, match=r"tracing\.endpoint"):
+    with pytest.raises(ConfigError, match=r"tracing\.endpoint"):
         traced(one_model(dep("http://127.0.0.1:9/v1", "d1")), "jaeger:4318")
 
 

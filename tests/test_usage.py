@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
 from proxy.cli import main
+from proxy.config import schema as cfg
 from proxy.db import Db
 from proxy.exchange import Exchange
 from proxy.usage.record import Record

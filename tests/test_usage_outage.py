@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
 from proxy.usage.record import Record
 from proxy.usage.spool import Spool
 from proxy.usage.writer import LEDGER

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
 from proxy.db import Db
 from proxy.errors import DatabaseUnavailable
 from proxy.usage.record import Record

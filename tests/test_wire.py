@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, render
-from proxy.wire import Usage, decode_request, find_usage, rewrite
+from proxy.http.wire import Usage, decode_request, find_usage, rewrite
 
 from .conftest import examples
 

@@ -24,7 +24,8 @@ import asyncpg
 import msgspec
 import orjson
 
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start
 from proxy.usage.record import COLUMNS
 from proxy.usage.store import READ_REQUEST_ID
 
@@ -38,7 +39,7 @@ def ledger_config(
 ) -> cfg.Config:
     """Quick-start config with this database and a fast-flushing ledger."""
     settings = cfg.Ledger(spool_dir=str(spool_dir), **{"flush_interval": 0.05, **usage})
-    config = cfg.quick_start(upstream_url, UPSTREAM_KEY)
+    config = quick_start(upstream_url, UPSTREAM_KEY)
     return msgspec.structs.replace(config, database=database, usage=settings)
 
 

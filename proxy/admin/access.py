@@ -26,12 +26,12 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
-from ..config import Config
+from ..config.schema import Config
 from ..errors import Forbidden, Unauthorized
-from ..identity import Authenticator, Principal, of_key
-from ..keys.lookup import presented
-from ..keys.store import KeyStore
-from ..oidc import OidcLogin
+from ..governance.identity import Authenticator, Principal, of_key
+from ..governance.keys.lookup import presented
+from ..governance.keys.store import KeyStore
+from .oidc import OidcLogin
 
 COOKIE = "morngpt_console"
 SESSION_SECONDS = 12 * 3600

@@ -14,10 +14,10 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from ..db import Db
-from ..keys.record import Key
-from ..keys.teams import Team
-from ..periods import period_of, zone
-from ..pricing import show
+from ..governance.keys.record import Key
+from ..governance.keys.teams import Team
+from ..governance.periods import period_of, zone
+from ..governance.pricing import show
 from ..usage import rollup
 from ..usage.spend import spent, team_spent
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgspec
 
-from ..metrics import USAGE_REJECTED
+from ..ops.metrics import USAGE_REJECTED
 from .record import Record
 from .store import Rejected, Store
 

@@ -25,7 +25,7 @@ from decimal import Decimal
 import msgspec
 
 from ..exchange import Exchange
-from ..wire import Usage
+from ..http.wire import Usage
 
 BYTES_PER_TOKEN = 4
 # Bytes of a record besides its free-text fields (uid, numbers, JSON punctuation):

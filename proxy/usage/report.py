@@ -22,10 +22,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-from ..config import Database, seconds
+from ..config.base import seconds
+from ..config.schema import Database
 from ..db import Db, SchemaError
 from ..errors import DatabaseUnavailable
-from ..pricing import show
+from ..governance.pricing import show
 from . import rollup
 from .store import _REJECTED, _UNAVAILABLE
 

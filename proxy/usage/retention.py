@@ -23,7 +23,8 @@ import logging
 import random
 import time
 
-from ..config import Ledger, seconds
+from ..config.base import seconds
+from ..config.schema import Ledger
 from ..db import Db, timestamp
 from .partitions import DAY, Partitions
 from .rollup import TABLES

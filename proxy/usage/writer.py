@@ -41,11 +41,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..config import Config, Ledger
+from ..config.schema import Config, Ledger
 from ..db import DB
 from ..errors import DatabaseUnavailable
 from ..exchange import Exchange, Sinks
-from ..metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
+from ..ops.metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
 from .poison import Sifting
 from .record import Record, record_of, size
 from .retention import upkeep

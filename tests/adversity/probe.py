@@ -23,9 +23,9 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from proxy import config as cfg
-from proxy.app import STATE
+from proxy.config.load import load
 from proxy.serve import start
+from proxy.state import STATE
 
 
 def _memory() -> dict[str, int]:
@@ -58,7 +58,7 @@ def stats(runner: web.AppRunner) -> dict[str, Any]:
 
 
 async def main(path: str) -> None:
-    runner = await start(cfg.load(path))
+    runner = await start(load(path))
     print(json.dumps({"port": runner.addresses[0][1]}), flush=True)
     loop = asyncio.get_running_loop()
     commands = asyncio.StreamReader()

@@ -21,7 +21,9 @@ import msgspec
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
 
@@ -283,9 +285,9 @@ async def test_no_request_can_poison_the_ledger(
     spooled and replayed forever and every row after them waited."""
     url = await fresh_database(pg_cluster)
     async with RawServer(absurd_usage) as liar:
-        model = cfg.Model(name="liar", deployments=[cfg.Deployment(base_url=liar.url)])
+        model = Model(name="liar", deployments=[Deployment(base_url=liar.url)])
         config = ledger_config(upstream.url, cfg.Database(url=url, timeout=1.0), tmp_path)
-        config = cfg.resolve(msgspec.structs.replace(config, models=[model, *config.models]))
+        config = resolve(msgspec.structs.replace(config, models=[model, *config.models]))
         proxy = await make_proxy(config)
         async with aiohttp.ClientSession() as http:
             url_ = proxy.base + "/chat/completions"

@@ -17,7 +17,10 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.base import ConfigError
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Deployment, Model
 
 from ..conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port, with_server
 from ..keyhelp import declare, keyed
@@ -30,7 +33,7 @@ BODY_TIMEOUT = 10.0
 
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream) -> Proxy:
-    config = cfg.quick_start(upstream.url, UPSTREAM_KEY)
+    config = quick_start(upstream.url, UPSTREAM_KEY)
     return await make_proxy(
         with_server(config, body_timeout=BODY_TIMEOUT, max_body_bytes=1024 * 1024)
     )
@@ -220,7 +223,7 @@ async def test_cors_is_off_by_default(proxy: Proxy) -> None:
 
 async def test_cors_when_configured(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
     cors = cfg.Cors(allow_origins=[ORIGIN])
-    proxy = await make_proxy(with_server(cfg.quick_start(upstream.url, UPSTREAM_KEY), cors=cors))
+    proxy = await make_proxy(with_server(quick_start(upstream.url, UPSTREAM_KEY), cors=cors))
     async with aiohttp.ClientSession() as http:
         async with http.options(proxy.base + "/chat/completions", headers=PREFLIGHT) as resp:
             assert resp.status == 204
@@ -274,9 +277,9 @@ async def test_deployments_show_base_urls_only_to_the_ops_token(
     _, key = declare()
     ops_port = free_port()
     config = with_server(keyed(upstream.url, key), ops_token_env="MORNGPT_TEST_OPS_15")
-    guarded = await make_proxy(cfg.resolve(config), auth=True)
+    guarded = await make_proxy(resolve(config), auth=True)
     apart = await make_proxy(
-        with_server(cfg.quick_start(upstream.url, UPSTREAM_KEY), ops_port=ops_port)
+        with_server(quick_start(upstream.url, UPSTREAM_KEY), ops_port=ops_port)
     )
     async with aiohttp.ClientSession() as http:
         async with http.get(guarded.url + "/deployments") as resp:
@@ -318,10 +321,8 @@ async def test_forwarding_headers_from_an_untrusted_client_are_replaced(
 async def test_forwarding_headers_from_a_trusted_proxy_are_extended(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    config = with_server(
-        cfg.quick_start(upstream.url, UPSTREAM_KEY), trusted_proxies=["127.0.0.0/8"]
-    )
-    proxy = await make_proxy(cfg.resolve(config))
+    config = with_server(quick_start(upstream.url, UPSTREAM_KEY), trusted_proxies=["127.0.0.0/8"])
+    proxy = await make_proxy(resolve(config))
     reply = await roundtrip(port_of(proxy), post("/v1/chat/completions", CHAT, *SPOOFED))
     assert reply.status == 200
     [received] = upstream.received
@@ -331,22 +332,22 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended(
 
 
 def test_trusted_proxies_must_be_addresses() -> None:
-    config = with_server(cfg.quick_start("http://u/v1", UPSTREAM_KEY), trusted_proxies=["nope"])
-    with pytest.raises(cfg.ConfigError, match=r"trusted_proxies\[0\]"):
-        cfg.resolve(config)
+    config = with_server(quick_start("http://u/v1", UPSTREAM_KEY), trusted_proxies=["nope"])
+    with pytest.raises(ConfigError, match=r"trusted_proxies\[0\]"):
+        resolve(config)
 
 
 async def test_query_strings_go_upstream(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
-    azure = cfg.Deployment(
+    azure = Deployment(
         base_url=upstream.url.removesuffix("/v1"),
         kind="azure",
         model="dep",
         api_version="2024-10-21",
     )
-    models = [cfg.Model(name="m1", deployments=[cfg.Deployment(base_url=upstream.url)]),
-              cfg.Model(name="az", deployments=[azure])]  # fmt: skip
-    config = msgspec.structs.replace(cfg.quick_start(upstream.url, UPSTREAM_KEY), models=models)
-    proxy = await make_proxy(cfg.resolve(config))
+    models = [Model(name="m1", deployments=[Deployment(base_url=upstream.url)]),
+              Model(name="az", deployments=[azure])]  # fmt: skip
+    config = msgspec.structs.replace(quick_start(upstream.url, UPSTREAM_KEY), models=models)
+    proxy = await make_proxy(resolve(config))
     async with aiohttp.ClientSession() as http:
         for model in ("m1", "az"):
             body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})

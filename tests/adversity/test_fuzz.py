@@ -27,7 +27,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
+from proxy.config.base import WILDCARD
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Deployment, Model
 from proxy.serve import start
 
 from ..conftest import SECRETS, UPSTREAM_KEY, Recorder, examples
@@ -69,7 +72,7 @@ class Target:
         self.errors = Errors()
 
     def _config(self, declared: cfg.DeclaredKey) -> cfg.Config:
-        config = cfg.quick_start("http://127.0.0.1:1/v1", UPSTREAM_KEY)  # url set in run
+        config = quick_start("http://127.0.0.1:1/v1", UPSTREAM_KEY)  # url set in run
         server = cfg.Server(port=0, max_body_bytes=MAX_BODY, body_timeout=2.0, grace_period=1)
         return msgspec.structs.replace(
             config,
@@ -85,11 +88,11 @@ class Target:
     async def _start(self) -> None:
         self.upstream = FakeUpstream()
         await self.upstream.start()
-        deployment = cfg.Deployment(base_url=self.upstream.url, api_key=UPSTREAM_KEY)
-        model = cfg.Model(name=cfg.WILDCARD, deployments=[deployment])
-        self.runner = await start(cfg.resolve(msgspec.structs.replace(self.config, models=[model])))
+        deployment = Deployment(base_url=self.upstream.url, api_key=UPSTREAM_KEY)
+        model = Model(name=WILDCARD, deployments=[deployment])
+        self.runner = await start(resolve(msgspec.structs.replace(self.config, models=[model])))
         self.port = int(self.runner.addresses[0][1])
-        from proxy.app import STATE
+        from proxy.state import STATE
 
         self.runner.app[STATE].sinks.sinks.append(self.recorder)
 

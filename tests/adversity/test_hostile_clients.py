@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config.load import quick_start
 
 from ..conftest import UPSTREAM_KEY, MakeProxy, Proxy, with_server
 from .conftest import count
@@ -38,7 +38,7 @@ BODY_TIMEOUT = 0.5
 
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, upstream: FakeUpstream) -> Proxy:
-    config = cfg.quick_start(upstream.url, UPSTREAM_KEY)
+    config = quick_start(upstream.url, UPSTREAM_KEY)
     return await make_proxy(with_server(config, idle_timeout=IDLE, body_timeout=BODY_TIMEOUT))
 
 
@@ -186,7 +186,7 @@ async def test_a_slow_reader_holds_the_upstream_back_instead_of_the_proxy_buffer
 ) -> None:
     firehose.sent = 0  # type: ignore[attr-defined]
     async with RawServer(firehose) as fire:
-        proxy = await make_proxy(cfg.quick_start(fire.url, None))
+        proxy = await make_proxy(quick_start(fire.url, None))
         reader, writer = await connect(port_of(proxy))
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)

@@ -29,8 +29,9 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.keys import secret
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start
+from proxy.governance.keys import secret
 
 from ..conftest import PG_ADMIN_DSN, UPSTREAM_KEY, MakeProxy, Proxy, RedisServer
 from ..keyhelp import declare, issue, keyed, limiter
@@ -143,7 +144,7 @@ async def test_cached_keys_never_wait_for_a_hung_key_store(
 ) -> None:
     relay = await relays.to(pg_port())
     database = cfg.Database(url=via(relay, migrated_pg), timeout=KEY_DB_TIMEOUT)
-    config = cfg.quick_start(upstream.url, UPSTREAM_KEY)
+    config = quick_start(upstream.url, UPSTREAM_KEY)
     # cache_ttl 0.2 s: entries go stale many times during the fault.
     auth = cfg.Auth(cache_ttl=0.2, negative_ttl=0.2)
     config = msgspec.structs.replace(config, database=database, auth=auth)

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from proxy import config as cfg
+from proxy.config.load import quick_start
 
 from ..conftest import MakeProxy, free_port, with_server
 from .conftest import count, measure
@@ -101,7 +101,7 @@ async def offer(url: str, rate: float, seconds: float) -> Outcome:
 
 
 async def overload(make_proxy: MakeProxy, upstream: QueueingUpstream, seconds: float) -> Outcome:
-    config = with_server(cfg.quick_start(upstream.url, None), max_inflight=SLOTS)
+    config = with_server(quick_start(upstream.url, None), max_inflight=SLOTS)
     proxy = await make_proxy(config)
     outcome = await offer(proxy.base, 2 * CAPACITY, seconds)
     count(faults=1, served=sum(map(len, outcome.latencies.values())))
@@ -140,7 +140,7 @@ async def test_a_long_overload_without_and_with_the_bound(
     check_shed(bounded, "2x for 20 s")
     # Without the bound every request waits in the upstream's line, which grows as
     # long as the overload lasts.
-    unbounded_proxy = await make_proxy(cfg.quick_start(full_upstream.url, None))
+    unbounded_proxy = await make_proxy(quick_start(full_upstream.url, None))
     unbounded = await offer(unbounded_proxy.base, 2 * CAPACITY, 10.0)
     assert set(unbounded.latencies) == {200}
     measure("overload 2x for 10 s, no bound", f"p99 of 200s {unbounded.p99(200):.2f} s")

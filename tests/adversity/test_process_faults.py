@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
+from proxy.config import schema as cfg
 
 from ..usage_support import (
     Load,

@@ -22,8 +22,10 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy.keys.store import KeyStore
+from proxy.config import schema as cfg
+from proxy.config.load import quick_start, resolve
+from proxy.config.upstreams import Routing
+from proxy.governance.keys.store import KeyStore
 
 from ..conftest import REDIS_URL, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, with_server
 from ..keyhelp import declare, issue, keyed
@@ -82,7 +84,7 @@ async def guarded(
     config = keyed(upstream.url, key, auth=cfg.Auth(master_key_env="MORNGPT_TEST_MASTER"))
     config = with_server(config, ops_token_env="MORNGPT_TEST_OPS")
     # One attempt each: the upstream errors asked for here must not eject the upstream.
-    config = cfg.resolve(msgspec.structs.replace(config, routing=cfg.Routing(max_attempts=1)))
+    config = resolve(msgspec.structs.replace(config, routing=Routing(max_attempts=1)))
     return Guarded(await make_proxy(config, auth=True), value)
 
 
@@ -225,7 +227,7 @@ async def canary() -> FakeUpstream:
 async def test_no_client_input_changes_the_upstream_host(
     make_proxy: MakeProxy, upstream: FakeUpstream, canary: FakeUpstream
 ) -> None:
-    proxy = await make_proxy(cfg.quick_start(upstream.url, UPSTREAM_KEY))
+    proxy = await make_proxy(quick_start(upstream.url, UPSTREAM_KEY))
     there = f"127.0.0.1:{canary.port}"
     headers = [
         f"X-Forwarded-Host: {there}",

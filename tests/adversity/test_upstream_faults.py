@@ -21,8 +21,10 @@ import openai
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from proxy import config as cfg
-from proxy import relay
+from proxy.config import schema as cfg
+from proxy.config.load import resolve
+from proxy.config.upstreams import Deployment, Model, Routing, Timeouts
+from proxy.http import relay
 
 from ..conftest import MakeProxy, Proxy, free_port
 from ..usage_support import ledger_rows
@@ -30,7 +32,7 @@ from .conftest import Relays, count
 from .rawhttp import CHAT, CHAT_ANSWER, Handler, RawServer, read_request, response
 
 MESSAGES = [{"role": "user", "content": "a b c"}]
-TIMEOUTS = cfg.Timeouts(connect=2.0, first_byte=0.5, idle=0.5)
+TIMEOUTS = Timeouts(connect=2.0, first_byte=0.5, idle=0.5)
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,12 @@ async def heal(fault: Fault, handle: object, stack: contextlib.AsyncExitStack) -
 
 
 def one_model(url: str) -> cfg.Config:
-    deployment = cfg.Deployment(base_url=url, name="up", timeouts=TIMEOUTS)
+    deployment = Deployment(base_url=url, name="up", timeouts=TIMEOUTS)
     config = cfg.Config(
-        models=[cfg.Model(name="*", deployments=[deployment])],
-        routing=cfg.Routing(max_attempts=1),
+        models=[Model(name="*", deployments=[deployment])],
+        routing=Routing(max_attempts=1),
     )
-    return cfg.resolve(config)
+    return resolve(config)
 
 
 async def provoke(client: openai.AsyncOpenAI, fault: Fault) -> str:
@@ -282,11 +284,11 @@ async def test_a_stream_dripping_one_byte_per_second_is_not_cut(
     the table's ``drip-one-byte-per-second``: first_byte bounds it.)"""
     async with RawServer(unframed_stream) as raw:
         drip = await relays.to(raw.port)
-        deployment = cfg.Deployment(
-            base_url=f"http://127.0.0.1:{drip.port}/v1", timeouts=cfg.Timeouts(idle=1.5)
+        deployment = Deployment(
+            base_url=f"http://127.0.0.1:{drip.port}/v1", timeouts=Timeouts(idle=1.5)
         )
         proxy = await make_proxy(
-            cfg.resolve(cfg.Config(models=[cfg.Model(name="*", deployments=[deployment])]))
+            resolve(cfg.Config(models=[Model(name="*", deployments=[deployment])]))
         )
         body = msgspec.json.encode({"model": "m1", "messages": MESSAGES, "stream": True})
         async with aiohttp.ClientSession() as http:

@@ -1,0 +1,152 @@
+"""The limiter the gate calls: one key's limits, in Redis when it is configured and
+reachable, in process otherwise (the same algorithm, bucket.py).
+
+Invariants:
+- An admission is one round trip (bucket.lua: request bucket, token bucket and
+  parallel slot, all or nothing). Keys without limits never get here.
+- Every Redis call is bounded by ``redis.timeout``. A failure switches this worker to
+  its in-process buckets (logged once, ``morngpt_limiter_backend`` = local); the
+  background task probes Redis every ``limits.flush_interval`` and switches back by
+  itself (logged once).
+- Token reconciliation does not cost a round trip of its own: the difference between
+  the reservation and the real usage is owed by the key and carried into its next
+  admission, or flushed by the background task within ``limits.flush_interval``. So
+  Redis lags the true token count by at most one flush interval of traffic per worker.
+  A key with a parallel limit settles at once (the slot must come back promptly), in
+  the same call that releases its slot.
+- A parallel slot is released on every path, in a background task tracked in
+  ``tasks`` (awaited at close). A release that cannot reach Redis (an outage, or a
+  call whose answer was lost) is owed (``releases``) and sent as soon as Redis
+  answers again, before this worker admits there again: otherwise the slot would
+  count against the key until it expires and its requests would get false 429s. A
+  slot of a crashed process expires after ``limits.slot_ttl``; live slots are renewed
+  by the background task (expiry by this host's clock), so a long stream keeps its
+  slot.
+- Budgets (``Ask``) ride on the same calls: the admission reserves the worst case (a
+  hold, renewed and expiring like a slot). Settlements (hold back, real cost added)
+  are owed like token debts: carried into the key's next admission for that period
+  or flushed within ``limits.flush_interval`` (at once, with the slot, for keys with
+  a parallel limit). So a finished request's hold may linger that long; bucket.py's
+  rule (its own state, or one created before it finished) makes a late settlement
+  count exactly once. Spending admitted in process while Redis was away is owed to
+  Redis the same way, so a Redis that kept its state does not forgive it.
+- Owed settlements per key and period are bounded (``MAX_OWED``): beyond it (a long
+  outage), they are folded into one without holds (those expire in Redis).
+- A hold stays in ``holds`` (renewed with the slots) until its settlement reached
+  Redis, so a settlement delayed by an outage still finds its hold, unless the
+  outage outlasted ``limits.slot_ttl`` (then the spend is dropped and only a rebuild
+  from the ledger would count it: docs/budgets.md).
+"""
+
+from __future__ import annotations
+
+from time import time_ns
+from typing import NamedTuple, Protocol
+
+from ..keys.record import Key
+from .bucket import Call, Settlement, Verdict
+
+
+class Ask(NamedTuple):
+    """A budget to reserve against in one admission, in nano-units (pricing.py)."""
+
+    budget: int  # the key's limit for the period
+    period: int  # ``Period.id``
+    charge: int  # the request's worst case
+    period_ttl: int  # ms the period's state must live on (0: for ever)
+    base: int = -1  # >= 0: the period's spend rebuilt from the ledger
+    epoch: str = ""  # names a state created from ``base``
+
+
+class Ticket(NamedTuple):
+    """An admission: the verdict, the slot taken ("" when none) and where it was
+    decided (Redis or this process), which is where it must be settled; with a
+    budget, what was asked and the hold taken (``"<id>:<charge>"``, "" when none)."""
+
+    verdict: Verdict
+    slot: str
+    shared: bool
+    hold: str = ""
+    ask: Ask | None = None
+    # The key's team's part of the same admission (None: no team with limits).
+    team: Ticket | None = None
+
+
+class Owed(NamedTuple):
+    """Settlements owed to Redis for one key and budget period."""
+
+    budget: int
+    period_ttl: int
+    settlements: list[Settlement]
+
+
+class Limited(Protocol):
+    """What a scope's limits are read from: a ``Key`` or a ``Team``."""
+
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_parallel(self) -> int | None: ...
+
+
+def scope_of(key: Key) -> str:
+    """The name of a key's limiter state: its id, or, in a team, its id under the
+    team's Redis Cluster hash tag (so one call can reach both)."""
+    return key.id if key.team_id is None else f"{team_scope(key.team_id)}:{key.id}"
+
+
+def team_scope(team_id: str) -> str:
+    """The name of a team's limiter state."""
+    return f"{{team:{team_id}}}"
+
+
+def joined(tickets: list[Ticket]) -> Ticket:
+    """The key's ticket, with its team's part when there is one."""
+    return tickets[0] if len(tickets) == 1 else tickets[0]._replace(team=tickets[1])
+
+
+def build_call(
+    key: Limited,
+    now: int,
+    cost: int,
+    debt: int,
+    take: bool,
+    slot: str,
+    release: str,
+    ttl: int,
+    ask: Ask | None = None,
+    hold: str = "",
+    hold_ttl: int = 0,
+) -> Call:
+    call = Call(
+        now, key.rpm or 0, key.tpm or 0, key.max_parallel or 0, cost, debt, take, slot,
+        release, ttl,
+    )  # fmt: skip
+    if ask is None:
+        return call
+    return call._replace(
+        budget=ask.budget,
+        period=ask.period,
+        hold=hold,
+        charge=ask.charge,
+        base=ask.base,
+        epoch=ask.epoch,
+        period_ttl=ask.period_ttl,
+        hold_ttl=hold_ttl,
+    )
+
+
+def fold(settlements: list[Settlement]) -> Settlement:
+    """Many settlements as one without a hold (their holds expire in Redis): the spends
+    summed, judged by when the last of them finished (bucket.py), so they are counted
+    rather than forgiven when a rebuild came in between."""
+    spend = sum(s.spend for s in settlements)
+    return Settlement("", spend, "", max(s.finished for s in settlements))
+
+
+def wall_ms() -> int:
+    """Milliseconds of this host's wall clock: when a request finished, as bucket.lua
+    compares it with the Redis clock that stamped a budget state."""
+    return time_ns() // 1_000_000

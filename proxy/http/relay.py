@@ -1,0 +1,438 @@
+"""The relay: the one loop that reads the upstream and writes the client.
+
+Invariants:
+- A streamed chunk is written to the client as soon as it is read, cut at event
+  boundaries: the complete events it holds go out at once, in one write; only the
+  bytes of an event that is not complete yet wait for its end (a client cannot use
+  half an event anyway). This is what lets the proxy drop the usage chunk it asked
+  for itself (``strip``) and end a broken stream with a clean error event instead of
+  a half-written one.
+- The work is per upstream read, not per event, for the events the proxy does not
+  need to read: a read's complete events are looked at with a few C-speed byte scans
+  (``_Watch.take``); only the events the proxy must read (usage, an error, the end,
+  anything but plain ``data: {...}`` lines) are parsed one by one (``_Watch.keep``).
+  What that leaves unchecked: docs/performance.md, "What the relay checks".
+- A stream ends either with the upstream's own terminal event or with an SSE error
+  event in OpenAI's shape: never silently, so clients can tell a cut from a short
+  answer.
+- The upstream response is closed on every path (the caller's ``async with``); a
+  client that goes away cancels the handler, which closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from time import perf_counter
+
+import msgspec
+from aiohttp import web
+
+from ..errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    error_body,
+    render,
+)
+from ..exchange import OVERHEAD_HEADER, Exchange
+from .h1_conn import Disconnected, Response
+from .sse import Cutter, Event, events_in
+from .upstream import Upstream
+from .wire import find_usage
+
+# Upstream response headers worth passing to the client; everything else (hop-by-hop,
+# the upstream's own rate-limit state, cookies, server banners) stays behind.
+PASS_HEADERS = (
+    "Content-Type",
+    "Retry-After",
+    "Retry-After-Ms",
+    "X-Should-Retry",
+    "OpenAI-Processing-Ms",
+    "OpenAI-Version",
+)
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# Events after which a stream is complete (chat/completions end with [DONE]; the
+# Responses API ends with one of its terminal events).
+_TERMINAL_NAMES = frozenset(
+    (b"response.completed", b"response.failed", b"response.incomplete", b"error")
+)
+_NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+MAX_BODY = 64 * 1024 * 1024
+# The most bytes of one stream event held back waiting for its end: an upstream that
+# never ends an event must not grow the proxy without bound. Generous: the Responses
+# API's last event repeats the whole answer.
+MAX_EVENT = 16 * 1024 * 1024
+_JSON = "application/json"
+
+
+def response_headers(upstream: Response, extra: Mapping[str, str]) -> dict[str, str]:
+    headers = {h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None}
+    headers.update(extra)
+    return headers
+
+
+async def read_body(up: Response, upstream: Upstream) -> bytes:
+    """The whole upstream body, each read bounded by the idle timeout (the response's)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        body = up.body_if_complete()
+        if body is not None:  # all of it came with the headers: nothing to wait for
+            _check_size(len(body))
+            return body
+        while chunk := await up.read_chunk():
+            size += len(chunk)
+            _check_size(size)
+            parts.append(chunk)
+        return b"".join(parts)
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The upstream went silent for {upstream.timeouts.idle:g}s mid-response."
+        ) from None
+    except Disconnected:
+        raise UpstreamError("The upstream connection broke mid-response.") from None
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_BODY:
+        raise UpstreamProtocolError(f"The upstream response exceeded {MAX_BODY} bytes.")
+
+
+async def relay_body(
+    request: web.Request,
+    up: Response,
+    upstream: Upstream,
+    exchange: Exchange,
+    headers: Mapping[str, str],
+) -> web.Response:
+    """A non-streamed answer: read it, take its usage, send it on (sent on return)."""
+    start = perf_counter()
+    body = await read_body(up, upstream)
+    exchange.upstream_time += perf_counter() - start
+    exchange.status = up.status
+    exchange.first_byte = perf_counter()
+    if up.status < 400:
+        _check_answer(up.content_type, body, exchange.stream)
+        exchange.usage = find_usage(body)[0]
+    else:
+        body = upstream_error_body(up.status, body)
+    out = response_headers(up, headers)
+    out[OVERHEAD_HEADER] = exchange.overhead_ms()
+    response = web.Response(body=body, status=up.status, headers=out)
+    # Sent here rather than by aiohttp once the handler returns: the handler's
+    # accounting (ledger, metrics, settlement) then runs after the client has its
+    # answer, off the latency it sees, as it does for streams.
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        exchange.error = "client_disconnected"
+    return response
+
+
+def upstream_error_body(status: int, body: bytes) -> bytes:
+    """Pass an OpenAI-shaped upstream error through; wrap anything else."""
+    if body.lstrip().startswith(b"{") and b'"error"' in body:
+        return body
+    return error_body(
+        f"The upstream answered HTTP {status}.",
+        "server_error" if status >= 500 else "invalid_request_error",
+        "upstream_error",
+    )
+
+
+async def relay_stream(
+    request: web.Request,
+    up: Response,
+    upstream: Upstream,
+    exchange: Exchange,
+    headers: Mapping[str, str],
+    strip: bool,
+) -> web.StreamResponse:
+    """Relay an SSE stream chunk by chunk; see the module invariants."""
+    out = web.StreamResponse(
+        status=up.status,
+        headers={**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()},
+    )
+    exchange.status = up.status
+    await out.prepare(request)
+    # The response's own writer (what ``out.write`` calls): one layer less per write.
+    writer = request.writer
+    relay = _Relay(exchange, strip)
+    kept = relay.kept
+    idle = upstream.timeouts.idle
+    failure: ProxyError | None = None
+    waited = 0.0
+    try:
+        while True:
+            t0 = perf_counter()
+            if relay.transport is not None:
+                # The head is out: reads go to the client from the upstream's
+                # data_received, without waking this task (_Relay.__call__); it is back
+                # for the end, a failure, the last events or a full client buffer.
+                busy = relay.busy
+                await up.pump(relay)  # bounded by the idle timeout (the response's)
+                # The relay's own work in the pump is the proxy's time, not the upstream's.
+                waited += perf_counter() - t0 - (relay.busy - busy)
+                if relay.failure is not None:
+                    raise relay.failure
+            else:
+                chunk = await up.read_chunk()
+                waited += perf_counter() - t0
+                if not chunk:
+                    break
+                relay.cut(chunk)
+            if kept:
+                if relay.watch.finished and up.is_complete():
+                    break  # the upstream's end came with them: one write for both, below
+                try:
+                    await writer.write(kept[0] if len(kept) == 1 else b"".join(kept))
+                except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+                    exchange.error = "client_disconnected"
+                    return out
+                kept.clear()
+                relay.transport = writer.transport  # the head went with the first write
+            elif relay.transport is not None:
+                if up.is_complete():
+                    break
+                try:  # the pump stopped for the client's full buffer
+                    await writer.drain()
+                except ConnectionResetError:
+                    exchange.error = "client_disconnected"
+                    return out
+    except ProxyError as exc:
+        failure = exc
+    except TimeoutError:
+        failure = UpstreamTimeout(f"The upstream stream stalled for more than {idle:g}s.")
+    except Disconnected:
+        failure = UpstreamError("The upstream connection broke mid-stream.")
+    finally:
+        exchange.upstream_time += waited
+    if failure is None and not relay.watch.finished:
+        failure = UpstreamError("The upstream stream ended before it was complete.")
+    # What is left (the last events, or those that came before a failure in the same
+    # read) and the error event go out with the end of the response, in one write.
+    if failure is not None:
+        exchange.error = type(failure).__name__
+        kept.append(b"data: " + render(failure) + b"\n\n")
+    try:
+        await out.write_eof(b"".join(kept))
+    except ConnectionResetError:
+        exchange.error = exchange.error or "client_disconnected"
+    return out
+
+
+# Bytes waiting in the client's socket buffer above which the pump hands over to the
+# handler's task, which waits for them to drain (the upstream's reading is paused
+# meanwhile, by h1's own limit): the transport's default high-water mark.
+_CLIENT_HIGH = 64 * 1024
+
+
+class _Relay:
+    """One stream's state between reads: the cut, the watch, the bytes kept for the
+    client, and (once the head is out) the client transport that reads are written
+    to straight from the upstream connection's ``data_received``."""
+
+    __slots__ = ("busy", "cutter", "exchange", "failure", "kept", "transport", "watch")
+
+    def __init__(self, exchange: Exchange, strip: bool) -> None:
+        self.exchange = exchange
+        self.cutter = Cutter()
+        self.watch = _Watch(exchange, strip)
+        self.kept: list[bytes] = []
+        self.failure: Exception | None = None
+        self.transport: asyncio.WriteTransport | None = None
+        self.busy = 0.0  # seconds spent in __call__
+
+    def cut(self, chunk: bytes) -> None:
+        """Add to ``kept`` what the client gets of this read; raises ``ProxyError``."""
+        block = self.cutter.feed(chunk)
+        if block:
+            self.watch.take(block, self.kept)
+        if self.cutter.pending > MAX_EVENT:
+            raise UpstreamProtocolError(f"A stream event exceeded {MAX_EVENT} bytes.")
+        if self.kept and self.exchange.first_byte is None:
+            self.exchange.first_byte = perf_counter()
+
+    def __call__(self, chunk: bytes) -> bool:
+        """h1's pump: relay one read to the client in a chunked frame. False hands the
+        stream back to the task: a failure (in ``failure``), the stream's end among the
+        events (they go with the terminator), a client gone or its buffer full."""
+        start = perf_counter()
+        try:
+            return self._relay(chunk)
+        except Exception as exc:  # raised again in the task
+            self.failure = exc
+            return False
+        finally:
+            self.busy += perf_counter() - start
+
+    def _relay(self, chunk: bytes) -> bool:
+        self.cut(chunk)
+        kept = self.kept
+        if not kept:
+            return True
+        transport = self.transport
+        if self.watch.finished or transport is None or transport.is_closing():
+            return False
+        data = kept[0] if len(kept) == 1 else b"".join(kept)
+        kept.clear()
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return transport.get_write_buffer_size() <= _CLIENT_HIGH
+
+
+class _Watch:
+    """Reads complete events for the facts the proxy needs (end of stream, usage,
+    errors), refuses those clients could not parse, and decides which bytes of them
+    the client gets."""
+
+    __slots__ = ("exchange", "finished", "strip")
+
+    def __init__(self, exchange: Exchange, strip: bool) -> None:
+        self.exchange = exchange
+        self.strip = strip
+        self.finished = False
+
+    def take(self, block: bytes, kept: list[bytes]) -> None:
+        """Append to ``kept`` what the client gets of ``block``, a run of complete
+        events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
+        of the events before it are in ``kept``."""
+        end, nulls = _unread_end(block)
+        head = block if end == len(block) else block[:end]
+        count = _plain_events(head) if end else 0
+        if count:  # nothing to read in them: relayed as they are
+            self.exchange.events += count
+            kept.append(_without_null_usage(head, nulls) if self.strip else head)
+            if end == len(block):
+                return
+            block = block[end:]
+        for event in events_in(block):
+            raw = self.keep(event)
+            if raw is not None:
+                kept.append(raw)
+
+    def keep(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None:  # comments and keep-alives pass through
+            return event.raw
+        if data == b"[DONE]":
+            self.finished = True
+            return event.raw
+        _check_json(data)
+        self.exchange.events += 1  # the usage ledger's estimate when usage never comes
+        if event.name in _TERMINAL_NAMES:
+            self.finished = True
+        elif data.startswith(b'{"error"'):
+            self.finished = True  # the upstream ended the stream with its own error
+            self.exchange.error = "UpstreamStreamError"
+        usage, usage_only = find_usage(data)
+        if usage is not None:
+            self.exchange.usage = usage
+            if self.strip and usage_only:
+                return None
+        return _without_null_usage(event.raw) if self.strip else event.raw
+
+
+_raw_decoder = msgspec.json.Decoder(msgspec.Raw)
+
+
+def _check_json(data: bytes, what: str = "stream event") -> None:
+    """Refuse to relay JSON the client could not parse (validation only, ~0.2 µs for an
+    event). Nesting deeper than the recursion limit counts: the SDK could not read it."""
+    try:
+        _raw_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        raise UpstreamProtocolError(f"The upstream sent a malformed {what}.") from None
+
+
+def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
+    """Refuse a successful answer the client could not use rather than pass it on as a
+    success: a JSON body that does not parse, or a stream request answered with
+    neither a stream nor JSON (say, an HTML page from something in between)."""
+    if content_type == _JSON:
+        _check_json(body, "response body")
+    elif stream:
+        raise UpstreamProtocolError(
+            f"The upstream answered a stream request with {content_type[:100]!r}."
+        )
+
+
+def _without_null_usage(raw: bytes, nulls: int = -1) -> bytes:
+    """``raw`` without the ``"usage":null`` members the upstream added to each chunk
+    because the proxy asked for usage: every occurrence, since a block of several
+    chunks has one in each. ``nulls``: how many there are, when known (no search for
+    a form once they are all gone)."""
+    for pattern in _NULL_USAGE:
+        if nulls == 0:
+            break
+        if pattern in raw:
+            shorter = raw.replace(pattern, b"")
+            nulls -= (len(raw) - len(shorter)) // len(pattern)
+            raw = shorter
+    return raw
+
+
+_PLAIN_START = b"data: {"
+_PLAIN_END = b"}\n\n"
+_PLAIN_BETWEEN = b"}\n\ndata: {"
+_DONE = b"data: [DONE]\n\n"
+_ERROR = b'data: {"error"'
+_USAGE = (b'"usage":{', b'"usage": {')
+
+
+def _unread_end(block: bytes) -> tuple[int, int]:
+    """Where the events of ``block`` that the proxy must read begin, and how many
+    ``"usage": null`` members the events before them have. Those events are [DONE]
+    (the stream's last), an error and a usage object that is not null (in the chunk
+    before [DONE]), found with byte scans (a false alarm costs a parse). 0 for ``\\r``
+    line ends: those streams are parsed."""
+    if b"\r" in block:
+        return 0, 0
+    end = len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
+    at = block.find(_ERROR, 0, end)
+    if at >= 0:
+        end = _event_start(block, at)
+    usages, nulls = _usages(block, 0, end)
+    if usages != nulls:
+        found = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
+        if not found:
+            return 0, 0  # a usage in some other form: parse it all
+        start = _event_start(block, min(found))
+        after, after_nulls = _usages(block, start, end)
+        if usages - after != nulls - after_nulls:
+            return 0, 0
+        end, nulls = start, nulls - after_nulls
+    return end, nulls
+
+
+def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:
+    """How many ``"usage"`` keys ``block[start:end]`` has, and how many are null."""
+    usages = block.count(b'"usage"', start, end)
+    nulls = block.count(b'"usage":null', start, end) if usages else 0
+    if nulls != usages:
+        nulls += block.count(b'"usage": null', start, end)
+    return usages, nulls
+
+
+def _event_start(block: bytes, at: int) -> int:
+    """The start of the event holding ``block[at]`` (``\\n`` line ends)."""
+    before = block.rfind(b"\n\n", 0, at)
+    return before + 2 if before >= 0 else 0
+
+
+def _plain_events(head: bytes) -> int:
+    """How many events ``head`` holds when they are all plain, else 0 (they are parsed
+    one by one). Plain events are what chat and completion streams are made of: one
+    ``data: {...}`` line each, ``\\n`` line ends. Byte counts only; their JSON is not
+    parsed (docs/performance.md, "What the relay checks")."""
+    if not (head.startswith(_PLAIN_START) and head.endswith(_PLAIN_END)):
+        return 0
+    count = head.count(_PLAIN_BETWEEN) + 1
+    # No \n but the two ending each event: one line each, nothing between them.
+    return count if head.count(b"\n") == 2 * count else 0

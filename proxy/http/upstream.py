@@ -1,0 +1,192 @@
+"""Talking to upstream deployments: header hygiene, and opening a request on the
+worker's pooled client (``h1.py``) with its exceptions translated into the proxy's
+own errors.
+
+Everything per deployment (origin and TLS context, path prefix, auth header,
+timeouts) is built once in ``Upstream.__init__``; per request only the client's
+headers are filtered.
+
+Two kinds share one request path: OpenAI-compatible (``{base}/{path}``, Bearer key)
+and Azure OpenAI (``{base}/openai/deployments/{name}/{path}?api-version=…``,
+``api-key`` header).
+
+An ``Upstream`` is fixed once built: what changes while the proxy runs (requests in
+flight, health, latency) is its ``health.DeploymentState``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from urllib.parse import quote, urlsplit
+
+from ..config.schema import Server
+from ..config.upstreams import Deployment
+from ..errors import UpstreamTimeout, UpstreamUnavailable
+from . import h1
+from .h1_conn import ConnectFailed, ConnectTimeout, Origin, Response, TLSFailed
+
+# Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), the client's credentials
+# (the deployment's key replaces them), and what the client (h1.py) or we set.
+_DROP = frozenset(
+    h.lower()
+    for h in (
+        "Authorization",
+        "Api-Key",
+        "Proxy-Authorization",
+        "Cookie",
+        "Host",
+        "Content-Length",
+        "Content-Type",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Expect",
+        "Accept-Encoding",
+        # The proxy sends the body decoded (ingress.py).
+        "Content-Encoding",
+        "X-Request-Id",
+    )
+)
+_JSON = "application/json"
+
+
+class Upstream:
+    """One deployment, ready to receive requests (fixed; its state is elsewhere)."""
+
+    __slots__ = (
+        "auth",
+        "base",
+        "cap",
+        "deployment",
+        "health_origin",
+        "health_target",
+        "health_url",
+        "model",
+        "name",
+        "origin",
+        "prefix",
+        "query",
+        "target_prefix",
+        "timeouts",
+        "weight",
+    )
+
+    def __init__(self, deployment: Deployment, model: str | None = None) -> None:
+        """``model`` is the name to send upstream when the deployment names none (None:
+        the client's own)."""
+        self.deployment = deployment
+        self.name = deployment.name
+        self.base = deployment.base_url
+        self.model = deployment.model or model
+        key = deployment.api_key
+        if deployment.kind == "azure":
+            name = quote(deployment.model, safe="")
+            self.prefix = f"{self.base}/openai/deployments/{name}/"
+            self.query = f"?api-version={quote(deployment.api_version or '', safe='')}"
+            self.auth: tuple[tuple[str, str], ...] = (("api-key", key),) if key else ()
+            default_health = f"{self.base}/openai/models{self.query}"
+        else:
+            self.prefix, self.query = f"{self.base}/", ""
+            self.auth = (("Authorization", f"Bearer {key}"),) if key else ()
+            default_health = f"{self.base}/models"
+        self.health_url = deployment.health_url or default_health
+        self.origin = Origin(self.base, deployment.ca_file)
+        self.target_prefix = urlsplit(self.prefix).path
+        if urlsplit(self.health_url)[:2] == urlsplit(self.base)[:2]:
+            self.health_origin = self.origin
+        else:
+            self.health_origin = Origin(self.health_url, deployment.ca_file)
+        health = urlsplit(self.health_url)
+        self.health_target = health.path or "/"
+        if health.query:
+            self.health_target += f"?{health.query}"
+        self.weight = deployment.weight
+        self.cap = deployment.max_concurrent or sys.maxsize
+        # Connect and first byte are timed here, idle gaps by the relay.
+        self.timeouts = deployment.timeouts
+
+    def url(self, path: str) -> str:
+        """Upstream URL for a client path below ``/v1/`` (``chat/completions``), which
+        may carry the client's query string."""
+        return f"{self.prefix}{self._with_query(path)}"
+
+    def target(self, path: str) -> str:
+        """The request target (path and query) of ``url(path)``."""
+        return f"{self.target_prefix}{self._with_query(path)}"
+
+    def _with_query(self, path: str) -> str:
+        if self.query and "?" in path:  # the deployment's parameters join the client's
+            return f"{path}&{self.query[1:]}"
+        return f"{path}{self.query}"
+
+
+def make_client(server: Server) -> h1.Client:
+    """The worker's one pooled keep-alive upstream client."""
+    return h1.Client(
+        limit=server.pool_size,
+        limit_per_host=server.pool_per_host,
+        keepalive=server.keepalive_timeout,
+    )
+
+
+def forward_headers(
+    client: Mapping[str, str], upstream: Upstream, request_id: str
+) -> list[tuple[str, str]]:
+    """Client headers minus hop-by-hop and credentials, plus the deployment's key."""
+    drop = _DROP
+    connection = client.get("Connection")
+    if connection:  # headers the client named in Connection are hop-by-hop too
+        drop = _DROP | {h.strip().lower() for h in connection.split(",")}
+    headers = [(k, v) for k, v in client.items() if k.lower() not in drop]
+    headers.extend(upstream.auth)
+    headers.append(("Content-Type", _JSON))
+    headers.append(("Accept-Encoding", "identity"))
+    headers.append(("X-Request-Id", request_id))
+    return headers
+
+
+async def open_request(
+    client: h1.Client,
+    upstream: Upstream,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
+    origin: Origin | None = None,
+) -> Response:
+    """Send the request and wait for the response headers (bounded by first_byte;
+    each later body read by idle). ``target`` is the path and query on ``origin``
+    (default: the deployment's)."""
+    timeouts = upstream.timeouts
+    try:
+        return await client.request(
+            origin or upstream.origin,
+            method,
+            target,
+            headers,
+            body,
+            connect_timeout=timeouts.connect,
+            first_byte=timeouts.first_byte,
+            idle=timeouts.idle,
+        )
+    except ConnectTimeout:
+        raise UpstreamTimeout(
+            f"Could not connect to the upstream within {timeouts.connect:g}s."
+        ) from None
+    except TimeoutError:
+        raise UpstreamTimeout(
+            f"The upstream did not answer within {timeouts.first_byte:g}s."
+        ) from None
+    except TLSFailed:
+        raise UpstreamUnavailable(
+            "TLS handshake with the upstream failed (certificate not trusted?)."
+        ) from None
+    except ConnectFailed:
+        raise UpstreamUnavailable("Could not connect to the upstream.") from None
+    except OSError:  # h1.Disconnected included
+        raise UpstreamUnavailable("The upstream closed the connection before answering.") from None
