@@ -44,9 +44,9 @@ _HUGE = 1_000_000_000
 
 # What governed mode is made of, and where in the tree each part lives.
 _PARTS = {
-    "proxy.gate": "API keys + Redis rate limits (issue #4)",
+    "proxy.governance.gate": "API keys + Redis rate limits (issue #4)",
     "proxy.usage.writer": "usage ledger (issue #5)",
-    "proxy.accesslog": "metrics and access log (issue #6)",
+    "proxy.ops.accesslog": "metrics and access log (issue #6)",
 }
 
 
