@@ -26,8 +26,7 @@ from proxy.config.upstreams import Deployment
 from proxy.exchange import Exchange
 from proxy.http.upstream import Upstream
 from proxy.http.wire import RequestView, Usage
-from proxy.ops import tracing
-from proxy.ops.tracer import Tracer
+from proxy.ops.tracer import Tracer, attempt_ended, attempt_started
 
 # What the bench clients of bench.run / bench.inproc send, as aiohttp hands it over.
 HEADERS = CIMultiDictProxy(
@@ -65,8 +64,8 @@ def one_request(tracer: Tracer | None, upstream: Upstream) -> Exchange:
     if exchange.trace is not None:
         exchange.trace.asked(VIEW)
     headers = [("Content-Type", "application/json"), ("X-Request-Id", "req_bench")]
-    tracing.attempt_started(exchange, upstream, headers)  # failover._send
-    tracing.attempt_ended(exchange, 200)
+    attempt_started(exchange, upstream, headers)  # failover._send
+    attempt_ended(exchange, 200)
     exchange.deployment, exchange.attempts, exchange.status = "d1", 1, 200
     exchange.first_byte, exchange.usage, exchange.events = time.perf_counter(), USAGE, 9
     if tracer is not None:  # the sink

@@ -1,9 +1,11 @@
-"""The aiohttp application: routes, the proxy handler, and resource lifecycles.
+"""The aiohttp application: routes and the proxy handler.
 
-Request path (DESIGN.md): authenticate (Gate seam, headers only) → read body →
-decode view → admit (Gate seam: model permission, limits) → route → forward → relay
-→ settle + record (Sink seam). Each long-lived resource is one
-``cleanup_ctx`` generator under a typed ``AppKey``.
+The request path, as the packages read: authenticate (the ``Gate`` of exchange.py,
+headers only) → read the body (http/ingress.py) → decode its view (http/wire.py) →
+admit (the Gate: model permission, limits, budgets; governance/) → route and forward
+(routing/) → relay (http/relay.py) → settle + record (the ``Sink`` seam: ops/, usage/).
+The worker's resources are opened by state.py, the composition root, in the app's one
+resource context.
 """
 
 from __future__ import annotations
@@ -11,26 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
 from .admin import api as admin
 from .admin import console
 from .admin.common import Admin
 from .admin.oidc import OidcLogin
 from .config.schema import Config
-from .db import DB, open_db
 from .errors import (
-    BodyTooLarge,
-    HeadersTooLarge,
     NotFound,
     NotImplementedByProxy,
     Overloaded,
     ProxyError,
-    RequestTimeout,
     ServiceUnavailable,
     render,
 )
@@ -39,23 +35,17 @@ from .exchange import (
     OVERHEAD_HEADER,
     Exchange,
     Gate,
-    Grant,
     may_use,
     unique_hex,
 )
-from .governance.gate import open_gate
-from .governance.ratelimit.limiter import open_limiter
-from .governance.ratelimit.shared import open_redis
 from .http import ingress
 from .http.relay import relay_body, relay_stream
-from .http.upstream import forward_headers, make_client, open_request
-from .http.wire import RequestView, decode_request
-from .ops import accesslog, metrics, tracing
+from .http.upstream import forward_headers, open_request
+from .http.wire import decode_request
+from .ops import metrics, tracing
 from .ops.endpoints import metrics_endpoint, protect
-from .ops.metrics_sink import MetricsSink
 from .routing.failover import Outbound, dispatch
-from .state import STATE, State
-from .usage.writer import open_ledger
+from .state import STATE, State, open_state
 
 log = logging.getLogger("proxy")
 
@@ -67,21 +57,12 @@ _RETRY_SOON = {"Retry-After": "1"}
 
 
 def build_app(config: Config, gate: Gate | None = None) -> web.Application:
+    """The API app. Its one resource context opens the worker's ``State``
+    (state.open_state) under ``app[STATE]``; ``gate`` replaces the key gate."""
     server = config.server
     app = web.Application(client_max_size=server.max_body_bytes, handler_args={})
-    state = State(config, gate)
-    app[STATE] = state
-    app.cleanup_ctx.append(_client_session)
-    app.cleanup_ctx.append(_health_probes)
-    app.cleanup_ctx.append(lambda app: open_db(app, config))
-    app.cleanup_ctx.append(_share_db)
-    # After open_db: cleanup runs in reverse, so the ledger drains before the Db closes.
-    app.cleanup_ctx.append(lambda app: open_ledger(app, config, state.sinks))
-    if gate is None and config.auth.enabled:  # API keys and their limits (gate.py)
-        app.cleanup_ctx.append(lambda app: open_redis(app, config.redis))
-        app.cleanup_ctx.append(lambda app: open_limiter(app, config))
-        app.cleanup_ctx.append(lambda app: open_gate(app, config, state))
-    _observe(app, state)
+    app.cleanup_ctx.append(_opened(config, gate))
+    metrics.declare(config)
     ingress.install(app, server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -94,7 +75,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
                 "or server.ops_token_env to serve them"
             )
         else:
-            add_ops_routes(app)
+            add_ops_routes(app, config, lambda: app[STATE])
     app.router.add_get("/v1/models", list_models)
     # No segment may start with a dot: upstream URLs are {base}/{path}, and a `..` would
     # climb out of the deployment's prefix to any path of its host, with its key.
@@ -103,52 +84,40 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     return app
 
 
-def _observe(app: web.Application, state: State) -> None:
-    """Metrics, the tracer and the access log see every finished exchange."""
-    metrics.declare(state.config)
-    state.sinks.sinks.append(MetricsSink(state.config))
-    if state.tracer is not None:  # before the access log: it decides what is exported
-        app.cleanup_ctx.append(state.tracer.running)
-        state.sinks.sinks.append(state.tracer)
-    level = state.config.server.access_log
-    if level != "off":
-        app.cleanup_ctx.append(accesslog.listener)
-        state.sinks.sinks.append(accesslog.AccessLog(level))
+def _opened(config: Config, gate: Gate | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """cleanup_ctx: the worker's ``State`` under ``app[STATE]`` while the app runs."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        async with open_state(config, gate) as state:
+            app[STATE] = state
+            yield
+
+    return run
 
 
-def add_ops_routes(app: web.Application) -> None:
+def add_ops_routes(app: web.Application, config: Config, state: Callable[[], State]) -> None:
     """The operator endpoints, behind the ops token when one is configured; the admin
     API and the console, behind their own roles (admin/access.py)."""
-    state = app[STATE]
-    token = state.config.server.ops_token
+    token = config.server.ops_token
     app.router.add_get("/metrics", protect(metrics_endpoint, token))
     app.router.add_get("/deployments", protect(deployments, token))
     login = None
-    if state.config.oidc is not None:  # single sign-on for the console (oidc.py)
-        login = OidcLogin(state.config.oidc)
+    if config.oidc is not None:  # single sign-on for the console (oidc.py)
+        login = OidcLogin(config.oidc)
         app.cleanup_ctx.append(login.context)
         login.add_routes(app.router)  # before the console's own catch-all route
     admin.add_routes(
         app,
         Admin(
-            state.config,
-            lambda: state.db,
-            lambda: state.inflight,
-            lambda: state.authenticator,
+            config,
+            lambda: state().db,
+            lambda: state().traffic.inflight,
+            lambda: state().authenticator,
+            lambda: state().router.snapshot(),
             login,
         ),
     )
     console.add_routes(app)
-
-
-async def _share_db(app: web.Application) -> AsyncIterator[None]:
-    """The Db on the state too, where the ops listener's app finds it."""
-    state = app[STATE]
-    state.db = app[DB]
-    try:
-        yield
-    finally:
-        state.db = None
 
 
 def build_ops_app(state: State) -> web.Application:
@@ -160,29 +129,9 @@ def build_ops_app(state: State) -> web.Application:
     ingress.install(app, state.config.server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    add_ops_routes(app)
+    add_ops_routes(app, state.config, lambda: state)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
-
-
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    state.session = make_client(state.config.server)
-    try:
-        yield
-    finally:
-        await state.session.close()
-
-
-async def _health_probes(app: web.Application) -> AsyncIterator[None]:
-    """Recovery probes of deployments out of rotation; cancelled before the session closes."""
-    state = app[STATE]
-    assert state.session is not None
-    state.router.health.start(state.session)
-    try:
-        yield
-    finally:
-        await state.router.health.close()
 
 
 def request_id(request: web.Request) -> str:
@@ -195,32 +144,6 @@ def request_id(request: web.Request) -> str:
 def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = {}) -> web.Response:
     headers = {**extra, **err.headers, "X-Request-Id": request_id}
     return web.Response(body=render(err), status=err.status, content_type=_JSON, headers=headers)
-
-
-async def read_body(request: web.Request, state: State) -> bytes:
-    """The request body, decoded (ingress.py), within the size and time limits."""
-    server = state.config.server
-    size = sum(len(k) + len(v) for k, v in request.raw_headers)
-    if size > server.max_header_bytes:
-        raise HeadersTooLarge(
-            f"Request headers are too large ({size} bytes; limit {server.max_header_bytes})."
-        )
-    ingress.check_framing(request, server)
-    try:
-        if request.content.is_eof():  # all of it came with the headers: nothing to time
-            return await request.read()
-        async with asyncio.timeout(server.body_timeout):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(
-            f"The request body is larger than {server.max_body_bytes} bytes."
-        ) from None
-    except TimeoutError:
-        raise RequestTimeout(
-            f"The request body did not arrive within {server.body_timeout:g}s."
-        ) from None
-    except (HttpProcessingError, RequestPayloadError) as exc:
-        raise ingress.body_refusal(exc) from None
 
 
 def with_query(path: str, request: web.Request) -> str:
@@ -239,20 +162,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         exchange.trace = state.tracer.start(request.headers)
     grant = OPEN
     metrics.INFLIGHT.inc()
-    state.inflight += 1
+    traffic = state.traffic
+    traffic.inflight += 1
     try:
-        if state.draining:
+        if traffic.draining:
             raise ServiceUnavailable(
                 "The proxy is shutting down; retry shortly.", headers=_RETRY_SOON
             )
-        if state.inflight > state.max_inflight:  # shed before reading anything
+        if traffic.inflight > state.max_inflight:  # shed before reading anything
             raise Overloaded("The proxy is at capacity; retry shortly.", headers=_RETRY_SOON)
         # Who is asking, from the headers: a caller without a valid key costs no body
         # read and learns nothing, not even which models exist.
         caller = await state.gate.authenticate(request)
         exchange.key_id = caller.id
         exchange.team_id = getattr(caller, "team_id", None)
-        body = await read_body(request, state)
+        body = await ingress.read_request_body(request, state.config.server)
         exchange.body_bytes = len(body)
         view = decode_request(body)
         exchange.model = view.model
@@ -267,7 +191,6 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             headers = tracing.ensure_traceparent(headers)
         target = with_query(path, request)
         outbound = Outbound(target, body, headers, exchange.request_id, view.model, strip)
-        assert state.session is not None
         # Retries and failover happen in dispatch, before any byte goes to the client.
         lease = await dispatch(state.session, state.router, route, outbound, exchange)
         upstream = lease.upstream
@@ -296,7 +219,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         )
     finally:
         metrics.INFLIGHT.dec()
-        state.inflight -= 1
+        traffic.inflight -= 1
         exchange.cost = state.prices.cost(exchange)  # before settling: budgets charge it
         grant.settle(exchange)
         state.sinks.record(exchange)
@@ -317,7 +240,6 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         if wildcard is not None and not names:
             upstream = wildcard.pick()
             headers = forward_headers(state.forwarding.headers(request), upstream, rid)
-            assert state.session is not None
             target = upstream.target(with_query("models", request))
             async with await open_request(
                 state.session, upstream, "GET", target, headers, None
@@ -361,11 +283,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready = config loaded, upstream pool open, not draining. The database is not
     asked: while it is down the usage ledger spools, so traffic can still be served."""
     state = request.app[STATE]
-    if state.draining:
+    if state.traffic.draining:
         return web.json_response({"status": "draining"}, status=503)
-    if state.session is None or state.session.closed:
+    if state.session.closed:
         return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ready"})
-
-
-__all__ = ["STATE", "Grant", "RequestView", "State", "build_app"]

@@ -33,10 +33,9 @@ from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import asyncpg
-from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
 
-from .config.schema import Config, Database
+from .config.schema import Database
 
 log = logging.getLogger("proxy.db")
 _FILE = re.compile(r"(\d{4})_(\w+)\.sql")
@@ -440,14 +439,11 @@ async def bounded(pool: asyncpg.Pool, seconds: float) -> AsyncIterator[PoolConne
             watchdog.cancel()
 
 
-DB = web.AppKey("db", Db)
-
-
-async def open_db(app: web.Application, config: Config) -> AsyncIterator[None]:
-    """cleanup_ctx body: one ``Db`` per worker under ``app[DB]``."""
-    db = await Db.open(config.database)
-    app[DB] = db
+@asynccontextmanager
+async def open_db(config: Database) -> AsyncIterator[Db]:
+    """The worker's one ``Db``, closed on the way out."""
+    db = await Db.open(config)
     try:
-        yield
+        yield db
     finally:
         await db.close()

@@ -17,7 +17,7 @@ seams see it:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from os import register_at_fork, urandom
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Protocol
@@ -204,8 +204,8 @@ class Sinks:
 
     __slots__ = ("sinks",)
 
-    def __init__(self) -> None:
-        self.sinks: list[Sink] = []
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+        self.sinks: list[Sink] = list(sinks)
 
     def record(self, exchange: Exchange) -> None:
         for sink in self.sinks:

@@ -121,7 +121,7 @@ def ops_listener(
 async def drain(runner: web.AppRunner) -> None:
     """Fail readiness, stop accepting, let in-flight work finish, close resources."""
     app = runner.app
-    app[STATE].draining = True
+    app[STATE].traffic.draining = True
     log.info(
         "draining: stopped accepting, waiting up to %gs", app[STATE].config.server.grace_period
     )

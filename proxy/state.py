@@ -1,43 +1,128 @@
-"""The worker's state: everything a handler reaches, built once per worker process."""
+"""The composition root: the one place a worker's resources are opened, in order, and
+put together as its ``State``.
+
+``open_state`` opens the upstream session (and the health probes that use it), the
+database, the usage ledger, Redis, the limiter and the gate, then the tracer's and
+the access log's threads, and yields a complete ``State``; on the way out it closes
+them in reverse (so the ledger drains into the database before the database closes).
+Nothing is swapped in later: a ``State`` is frozen, and what changes while the worker
+runs (requests in flight, draining) is its ``Traffic``.
+
+``tracer`` is None when tracing has no endpoint and ``limiter`` when API keys are off
+(the config says so, not the point in the worker's life).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from .config.schema import Config
-from .db import Db
-from .exchange import Gate, OpenGate, Sinks
+from .db import Db, open_db
+from .exchange import Gate, OpenGate, Sink, Sinks
+from .governance.gate import open_gate
 from .governance.identity import Authenticator
 from .governance.pricing import Prices
-from .http import ingress
+from .governance.ratelimit.limiter import Limiter, open_limiter
+from .governance.ratelimit.shared import open_redis
 from .http.h1 import Client
+from .http.ingress import Forwarding
+from .http.upstream import make_client
+from .ops import accesslog
+from .ops.metrics_sink import MetricsSink
 from .ops.tracer import Tracer
 from .routing.routes import Router
+from .usage.writer import Writer, open_ledger
 
 
-class State:
-    """Per-worker state shared by the handlers."""
+class Traffic:
+    """What changes while a worker serves: proxied requests in flight, and whether it
+    is draining (shutting down)."""
 
-    def __init__(self, config: Config, gate: Gate | None = None) -> None:
-        self.config = config
-        self.router = Router(config)
-        self.prices = Prices(config)
-        self.gate: Gate = gate or OpenGate()
-        self.sinks = Sinks()
-        self.draining = False
-        self.session: Client | None = None
-        self.tracer = Tracer(config.tracing) if config.tracing.endpoint else None
-        # Proxied requests being served, and the most allowed at once (server.max_inflight).
+    __slots__ = ("draining", "inflight")
+
+    def __init__(self) -> None:
         self.inflight = 0
-        self.max_inflight = config.server.max_inflight or sys.maxsize
-        self.forwarding = ingress.Forwarding(config.server.trusted_proxies)
-        # The worker's database handle, for the admin API on the ops listener.
-        self.db: Db | None = None
-        # Credentials → Principal for the admin API (identity.py); the gate replaces it
-        # with one that knows the keys when auth is on.
-        self.authenticator = Authenticator(None, config.server.ops_token)
+        self.draining = False
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Per-worker state shared by the handlers; built by ``open_state`` only."""
+
+    config: Config
+    router: Router
+    prices: Prices
+    session: Client
+    db: Db
+    ledger: Writer
+    gate: Gate
+    # Credentials → Principal for the admin API (identity.py): the gate's keys when auth is on.
+    authenticator: Authenticator
+    sinks: Sinks
+    forwarding: Forwarding
+    tracer: Tracer | None
+    limiter: Limiter | None
+    # The most proxied requests served at once (server.max_inflight).
+    max_inflight: int
+    traffic: Traffic
 
 
 STATE = web.AppKey("state", State)
+
+
+@contextlib.asynccontextmanager
+async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[State]:
+    """The worker's resources, opened in order, as one ``State`` (see the module
+    docstring). ``gate`` replaces the key gate (tests, benchmarks)."""
+    router = Router(config)
+    prices = Prices(config)
+    async with contextlib.AsyncExitStack() as stack:
+        session = make_client(config.server)
+        stack.push_async_callback(session.close)
+        # Recovery probes of deployments out of rotation; stopped before the session closes.
+        router.health.start(session)
+        stack.push_async_callback(router.health.close)
+        db = await stack.enter_async_context(open_db(config.database))
+        ledger = await stack.enter_async_context(open_ledger(config, db))
+        authenticator = Authenticator(None, config.server.ops_token)
+        limiter = None
+        if gate is None and config.auth.enabled:  # API keys and their limits (gate.py)
+            redis = await stack.enter_async_context(open_redis(config.redis))
+            limiter = await stack.enter_async_context(open_limiter(config, redis))
+            gate, authenticator = await stack.enter_async_context(
+                open_gate(config, db, limiter, prices)
+            )
+        # Metrics, the tracer and the access log see every finished exchange, then the
+        # ledger; the tracer before the access log: it decides what is exported.
+        sinks: list[Sink] = [MetricsSink(config)]
+        tracer = None
+        if config.tracing.endpoint:
+            tracer = Tracer(config.tracing)
+            await stack.enter_async_context(tracer.running())
+            sinks.append(tracer)
+        level = config.server.access_log
+        if level != "off":
+            await stack.enter_async_context(accesslog.listener())
+            sinks.append(accesslog.AccessLog(level))
+        sinks.append(ledger)
+        yield State(
+            config=config,
+            router=router,
+            prices=prices,
+            session=session,
+            db=db,
+            ledger=ledger,
+            gate=gate or OpenGate(),
+            authenticator=authenticator,
+            sinks=Sinks(sinks),
+            forwarding=Forwarding(config.server.trusted_proxies),
+            tracer=tracer,
+            limiter=limiter,
+            max_inflight=config.server.max_inflight or sys.maxsize,
+            traffic=Traffic(),
+        )

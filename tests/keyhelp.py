@@ -14,10 +14,10 @@ import msgspec
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.config.load import quick_start, resolve
-from proxy.db import DB
 from proxy.governance.keys import secret
 from proxy.governance.keys.store import KeyStore
-from proxy.governance.ratelimit.limiter import LIMITER, Limiter
+from proxy.governance.ratelimit.limiter import Limiter
+from proxy.state import STATE
 
 from .conftest import SECRETS, UPSTREAM_KEY, Proxy
 
@@ -57,13 +57,15 @@ def keyed(
 
 async def issue(proxy: Proxy, name: str = "app", **fields: Any) -> tuple[str, str]:
     """Create a key in the proxy's own database: (key, key id)."""
-    record, value = await KeyStore(proxy.runner.app[DB]).create(name, **fields)
+    record, value = await KeyStore(proxy.runner.app[STATE].db).create(name, **fields)
     SECRETS.add(value)
     return value, record.id
 
 
 def limiter(proxy: Proxy) -> Limiter:
-    return proxy.runner.app[LIMITER]
+    limiter = proxy.runner.app[STATE].limiter
+    assert limiter is not None  # a keyed proxy
+    return limiter
 
 
 async def client_leaves(

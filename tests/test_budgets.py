@@ -31,7 +31,7 @@ from bench.fake_upstream import FakeUpstream
 from proxy.cli import main
 from proxy.config import schema as cfg
 from proxy.config.upstreams import Price
-from proxy.db import DB, Db
+from proxy.db import Db
 from proxy.errors import QuotaExceeded
 from proxy.exchange import Exchange
 from proxy.governance.keys.record import Key
@@ -40,6 +40,7 @@ from proxy.governance.ratelimit.limiter import Limiter
 from proxy.governance.ratelimit.shared import connect
 from proxy.governance.ratelimit.ticket import Ask
 from proxy.http.wire import RequestView
+from proxy.state import STATE
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
 
@@ -453,7 +454,7 @@ async def test_an_unreadable_ledger_refuses_with_503_not_a_free_pass(
     redis_prefix: str, make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
     proxy, key, _ = await budget_proxy(make_proxy, upstream, redis_prefix, "1")
-    await proxy.runner.app[DB].close()  # the ledger is gone (and the key is declared)
+    await proxy.runner.app[STATE].db.close()  # the ledger is gone (and the key is declared)
     async with sdk(proxy, key) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             await client.chat.completions.create(model="m1", messages=MESSAGES)

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
-from proxy.db import DB
 from proxy.governance.keys.teams import TeamStore
+from proxy.state import STATE
 
 from .conftest import MakeProxy, Proxy
 from .issuer import Issuer
@@ -60,7 +60,7 @@ async def start(
     **settings: Any,
 ) -> Proxy:
     proxy = await make_proxy(keyed(upstream.url, auth=jwt_auth(issuer, **settings)), auth=True)
-    teams = TeamStore(proxy.runner.app[DB])
+    teams = TeamStore(proxy.runner.app[STATE].db)
     await teams.create("team one", team_id="t1", models=["m1"], rpm=team_rpm)
     return proxy
 

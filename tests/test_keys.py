@@ -20,11 +20,12 @@ from proxy.cli import main
 from proxy.config import schema as cfg
 from proxy.config.load import resolve
 from proxy.config.upstreams import Deployment, Model
-from proxy.db import DB, Db
+from proxy.db import Db
 from proxy.errors import ServiceUnavailable
 from proxy.governance.keys import secret
 from proxy.governance.keys.lookup import KeyCache
 from proxy.governance.keys.store import KeyStore
+from proxy.state import STATE
 
 from .conftest import PYTHON, SECRETS, MakeProxy, Proxy, free_port, proxy_env
 from .keyhelp import declare, issue, keyed
@@ -274,7 +275,7 @@ async def test_model_permissions_403_and_filtered_model_list(
 async def test_revoked_key_stops_working_within_the_cache_ttl(keyed_proxy: Proxy) -> None:
     value, key_id = await issue(keyed_proxy)
     assert await chat(keyed_proxy, value)
-    store = KeyStore(keyed_proxy.runner.app[DB])
+    store = KeyStore(keyed_proxy.runner.app[STATE].db)
     assert await store.revoke(key_id)
     revoked = time.monotonic()
     with pytest.raises(openai.AuthenticationError, match="revoked"):

@@ -396,7 +396,7 @@ async def test_ops_port_serves_the_ops_endpoints_apart(
         for base in (proxy.url, ops):
             async with http.get(base + "/readyz") as resp:
                 assert resp.status == 200
-        proxy.state.draining = True
+        proxy.state.traffic.draining = True
         for base in (proxy.url, ops):
             async with http.get(base + "/readyz") as resp:
                 assert resp.status == 503

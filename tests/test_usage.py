@@ -20,9 +20,9 @@ from proxy.cli import main
 from proxy.config import schema as cfg
 from proxy.db import Db
 from proxy.exchange import Exchange
+from proxy.state import STATE
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
-from proxy.usage.writer import LEDGER
 
 from .conftest import MakeProxy, Proxy, free_port
 from .usage_support import ledger_config, ledger_rows, until
@@ -180,7 +180,7 @@ async def test_database_down_spools_and_the_next_start_replays(
     async with aiohttp.ClientSession() as http:
         async with http.get(first.url + "/readyz") as resp:
             assert resp.status == 200  # the database is no reason to stop serving
-    writer = first.runner.app[LEDGER]
+    writer = first.runner.app[STATE].ledger
     await first.runner.cleanup()
     assert (writer.written, writer.spooled, writer.dropped) == (0, 10, 0)
     lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
@@ -196,7 +196,7 @@ async def test_database_down_spools_and_the_next_start_replays(
     rows = by_uid(await closed(second), first.recorder.exchanges)
     assert all((r["prompt_tokens"], r["completion_tokens"]) == (3, 8) for r in rows)
     assert list(spool.glob("*.jsonl")) == []
-    assert second.runner.app[LEDGER].dropped == 0
+    assert second.runner.app[STATE].ledger.dropped == 0
 
 
 def _record(n: int, model: str, key: str | None, started_at: float) -> Record:

@@ -15,7 +15,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.db import migrate
-from proxy.usage.writer import LEDGER
+from proxy.state import STATE
 
 from .conftest import MakeProxy
 from .usage_support import (
@@ -51,7 +51,7 @@ async def test_database_restart_mid_load_loses_and_doubles_nothing(
     await migrate(database)
     config = ledger_config(upstream.url, database, tmp_path / "spool", high_water=5)
     proxy = await make_proxy(config)
-    writer = proxy.runner.app[LEDGER]
+    writer = proxy.runner.app[STATE].ledger
     load = Load(proxy.url)
 
     async def written() -> bool:  # pooled connections exist when the database goes

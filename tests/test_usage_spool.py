@@ -18,9 +18,9 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
+from proxy.state import STATE
 from proxy.usage.record import Record
 from proxy.usage.spool import Spool
-from proxy.usage.writer import LEDGER
 
 from .conftest import MakeProxy
 from .usage_support import ledger_config
@@ -137,7 +137,7 @@ async def test_shutdown_spools_what_a_hanging_database_did_not_take_in_bounded_t
             await client.chat.completions.create(
                 model="m1", messages=[{"role": "user", "content": "hi"}]
             )
-    writer = proxy.runner.app[LEDGER]
+    writer = proxy.runner.app[STATE].ledger
     assert len(writer.pending) == 5  # the flush interval has not come yet
     started = time.monotonic()
     await proxy.runner.cleanup()

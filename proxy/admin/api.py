@@ -77,7 +77,7 @@ def add_routes(app: web.Application, admin: Admin) -> None:
     r.add_delete(f"{PREFIX}/teams/{{id}}", admin.route("admin", lambda q, p: delete_team(admin, q)))
     r.add_get(f"{PREFIX}/usage", admin.route("member", lambda q, p: get_usage(admin, q, p)))
     r.add_get(f"{PREFIX}/budgets", admin.route("member", lambda q, p: budgets(admin, q, p)))
-    r.add_get(f"{PREFIX}/deployments", admin.route("viewer", deployments))
+    r.add_get(f"{PREFIX}/deployments", admin.route("viewer", lambda q, p: deployments(admin, p)))
     r.add_get(f"{PREFIX}/overview", admin.route("viewer", lambda q, p: overview(admin)))
     r.add_route("*", PREFIX + "/{tail:.*}", _unknown)
 
@@ -104,7 +104,7 @@ def login(admin: Admin) -> Callable[[web.Request], Awaitable[web.StreamResponse]
 
     async def serve(request: web.Request) -> web.StreamResponse:
         try:
-            given = await read_json(request, Login)
+            given = await read_json(request, Login, admin.config.server)
             principal = await admin.access.from_credential(given.credential)
             cookie = admin.access.cookie(principal)
         except ProxyError as err:
@@ -188,11 +188,9 @@ async def budgets(admin: Admin, request: web.Request, principal: Principal) -> d
     return listing(page, more, following)
 
 
-async def deployments(request: web.Request, principal: Principal) -> dict[str, Any]:
+async def deployments(admin: Admin, principal: Principal) -> dict[str, Any]:
     """Every deployment's routing state; upstream URLs to admins only."""
-    from ..state import STATE
-
-    snapshot = request.app[STATE].router.snapshot()
+    snapshot = admin.deployments()
     for model in snapshot["models"]:
         for deployment in model["deployments"]:
             if not principal.is_admin:

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from ..config.load import check_budget
-from ..config.schema import Config
+from ..config.schema import Config, Server
 from ..db import Db
 from ..errors import BadRequest, DatabaseUnavailable, NotFound, ProxyError, render
 from ..governance.identity import Authenticator, Principal, require
@@ -23,6 +23,7 @@ from ..governance.keys.record import Key
 from ..governance.keys.store import KeyStore
 from ..governance.keys.teams import Team, TeamStore
 from ..governance.periods import PERIODS
+from ..http.ingress import read_request_body
 from .access import Access
 from .oidc import OidcLogin
 from .openapi import document
@@ -49,12 +50,14 @@ class Admin:
         db: Callable[[], Db | None],
         inflight: Callable[[], int],
         authenticator: Callable[[], Authenticator],
+        deployments: Callable[[], dict[str, Any]],
         login: OidcLogin | None = None,
     ) -> None:
         self.config = config
         self.access = Access(config, authenticator, login)
         self._db = db
         self.inflight = inflight
+        self.deployments = deployments  # every deployment's routing state (routes.py)
         self.openapi = msgspec.json.encode(document())
 
     @property
@@ -141,13 +144,10 @@ def check_budget_amount(budget: Decimal | None, period: str, tz: str) -> None:
         raise BadRequest(wrong, param="budget")
 
 
-async def read_json(request: web.Request, kind: type[_T]) -> _T:
-    """The request's JSON body as ``kind``, read within the proxy's body size and time
-    limits (app.read_body: its refusals are OpenAI-shaped 413s, 408s…)."""
-    from ..app import read_body
-    from ..state import STATE
-
-    return decode(await read_body(request, request.app[STATE]), kind)
+async def read_json(request: web.Request, kind: type[_T], server: Server) -> _T:
+    """A JSON body of type ``kind``, read under the proxy's own body limits
+    (ingress.read_request_body: its refusals are OpenAI-shaped 413s, 408s…)."""
+    return decode(await read_request_body(request, server), kind)
 
 
 def decode(body: bytes, kind: type[_T]) -> _T:

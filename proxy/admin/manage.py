@@ -116,7 +116,7 @@ async def get_key(admin: Admin, request: web.Request, principal: Principal) -> d
 
 
 async def create_key(admin: Admin, request: web.Request) -> dict[str, Any]:
-    given = await read_json(request, KeyCreate)
+    given = await read_json(request, KeyCreate, admin.config.server)
     check_budget_amount(given.budget, given.budget_period, given.budget_tz)
     await check_team(admin, given.team_id)
     key, value = await KeyStore(admin.db).create(
@@ -155,7 +155,7 @@ def _changes(given: msgspec.Struct) -> dict[str, Any]:
 
 async def update_key(admin: Admin, request: web.Request) -> dict[str, Any]:
     key_id = path_id(request)
-    changes = _changes(await read_json(request, KeyUpdate))
+    changes = _changes(await read_json(request, KeyUpdate, admin.config.server))
     current = await key_or_404(admin, key_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
         check_budget_amount(
@@ -198,7 +198,7 @@ async def get_team(admin: Admin, request: web.Request, principal: Principal) -> 
 
 
 async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
-    given = await read_json(request, TeamCreate)
+    given = await read_json(request, TeamCreate, admin.config.server)
     check_budget_amount(given.budget, given.budget_period, given.budget_tz)
     if given.id is not None and not TEAM_ID.fullmatch(given.id):
         raise BadRequest("A team id is 1 to 64 of A-Z a-z 0-9 _ . -", param="id")
@@ -225,7 +225,7 @@ async def create_team(admin: Admin, request: web.Request) -> dict[str, Any]:
 
 async def update_team(admin: Admin, request: web.Request) -> dict[str, Any]:
     team_id = path_id(request)
-    changes = _changes(await read_json(request, TeamUpdate))
+    changes = _changes(await read_json(request, TeamUpdate, admin.config.server))
     current = await team_or_404(admin, team_id)
     if {"budget", "budget_period", "budget_tz"} & changes.keys():
         check_budget_amount(

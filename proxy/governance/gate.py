@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import aiohttp
 from aiohttp import web
 
 from ..config.schema import Config, Limits
-from ..db import DB
+from ..db import Db
 from ..errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
 from ..exchange import OPEN, Caller, Exchange, Grant
 from ..http.wire import MAX_COUNT, RequestView
@@ -50,14 +50,11 @@ from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
 from .keys.teams import Team, TeamStore
-from .pricing import show, units
+from .pricing import Prices, show, units
 from .ratelimit.bucket import Verdict
-from .ratelimit.limiter import LIMITER, Limiter
+from .ratelimit.limiter import Limiter
 from .ratelimit.ticket import Ticket
 from .tokens import TokenVerifier
-
-if TYPE_CHECKING:
-    from ..state import State
 
 _REFUSED = {kind: RATELIMITED.labels(kind) for kind in RATELIMIT_KINDS}
 
@@ -285,12 +282,15 @@ def go_duration(ms: int) -> str:
     return f"{seconds}s"
 
 
-async def open_gate(app: web.Application, config: Config, state: State) -> AsyncIterator[None]:
-    """cleanup_ctx body: put a ``KeyGate`` on ``state`` (it needs ``app[DB]`` and
-    ``app[LIMITER]``, so it runs after their contexts)."""
+@contextlib.asynccontextmanager
+async def open_gate(
+    config: Config, db: Db, limiter: Limiter, prices: Prices
+) -> AsyncIterator[tuple[KeyGate, Authenticator]]:
+    """The worker's ``KeyGate`` on its database and limiter, and the ``Authenticator``
+    (identity.py) that knows the same keys, for the admin API."""
     timeout = config.database.timeout
-    cache = KeyCache(KeyStore(app[DB]), config.auth, timeout)
-    teams = KeyCache(TeamStore(app[DB]), config.auth, timeout)
+    cache = KeyCache(KeyStore(db), config.auth, timeout)
+    teams = KeyCache(TeamStore(db), config.auth, timeout)
     async with contextlib.AsyncExitStack() as stack:
         tokens = None
         if config.auth.jwt is not None:  # JWKS fetches: their own small session
@@ -298,7 +298,6 @@ async def open_gate(app: web.Application, config: Config, state: State) -> Async
             tokens = TokenVerifier(config.auth.jwt, session)
         lookup = KeyLookup(cache, config.auth, config.keys, tokens)
         share = config.limits.budget_alert_share
-        budgets = Budgets(state.prices, app[DB], timeout, share)
-        state.gate = KeyGate(lookup, app[LIMITER], config.limits, budgets, teams)
-        state.authenticator = Authenticator(lookup, config.server.ops_token)
-        yield
+        budgets = Budgets(prices, db, timeout, share)
+        gate = KeyGate(lookup, limiter, config.limits, budgets, teams)
+        yield gate, Authenticator(lookup, config.server.ops_token)

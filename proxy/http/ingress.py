@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..errors import (
     LengthRequired,
     NotImplementedByProxy,
     ProxyError,
+    RequestTimeout,
     UnsupportedEncoding,
     UriTooLong,
     render,
@@ -172,6 +174,31 @@ def body_refusal(exc: HttpProcessingError | RequestPayloadError) -> BadRequest:
     if isinstance(exc, ContentEncodingError) or isinstance(exc.__cause__, ContentEncodingError):
         return BadRequest(_NOT_DECODABLE)
     return BadRequest("The request body is not framed as its headers say.")
+
+
+async def read_request_body(request: web.Request, server: Server) -> bytes:
+    """The request body, decoded, within the size and time limits of ``server``."""
+    size = sum(len(k) + len(v) for k, v in request.raw_headers)
+    if size > server.max_header_bytes:
+        raise HeadersTooLarge(
+            f"Request headers are too large ({size} bytes; limit {server.max_header_bytes})."
+        )
+    check_framing(request, server)
+    try:
+        if request.content.is_eof():  # all of it came with the headers: nothing to time
+            return await request.read()
+        async with asyncio.timeout(server.body_timeout):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(
+            f"The request body is larger than {server.max_body_bytes} bytes."
+        ) from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {server.body_timeout:g}s."
+        ) from None
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        raise body_refusal(exc) from None
 
 
 # -- response headers: Server, CORS --------------------------------------------------------

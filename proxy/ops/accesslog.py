@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
-from aiohttp import web
 
 from ..exchange import Exchange
 
@@ -187,8 +186,9 @@ class _Output:
         await asyncio.to_thread(writer.thread.join)  # writes out what is queued
 
 
-async def listener(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the access log's writer thread runs while the app does."""
+@contextlib.asynccontextmanager
+async def listener() -> AsyncIterator[None]:
+    """The access log's writer thread runs inside."""
     _Output.acquire()
     try:
         yield

@@ -19,7 +19,6 @@ from time import perf_counter, sleep
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -28,7 +27,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from .. import __version__
 from ..config.schema import Tracing
 from . import metrics
-from .tracing import HEADER, OPERATIONS, PROVIDERS, TRACESTATE, Attempt, Trace, has_failed, parse
+from .tracing import HEADER, OPERATIONS, PROVIDERS, TRACESTATE, Attempt, Trace, parse
 
 if TYPE_CHECKING:
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -98,14 +97,47 @@ class Tracer:
         self.errors += 1
         return self.errors <= self.max_errors
 
-    async def running(self, app: web.Application) -> AsyncIterator[None]:
-        """cleanup_ctx: the exporter thread runs while the app does; at the end it
-        sends what is queued (bounded by ``export_timeout``)."""
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The exporter thread runs inside; at the end it sends what is queued (bounded
+        by ``export_timeout``)."""
         self.exporter.thread.start()
         try:
             yield
         finally:
             await self.exporter.stop()
+
+
+def attempt_started(exchange: Exchange, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
+    """Failover hook: an attempt of ``exchange`` goes to ``upstream`` with ``headers``
+    now. With tracing on, a CLIENT span starts and ``headers`` carry its context."""
+    trace = exchange.trace
+    if trace is not None:
+        trace.attempt(upstream, headers)
+
+
+def attempt_ended(exchange: Exchange, outcome: int | BaseException) -> None:
+    """Failover hook: the attempt last started got response headers with status
+    ``outcome``, or failed with it (an exception)."""
+    trace = exchange.trace
+    if trace is None or not trace.attempts:
+        return
+    attempt = trace.attempts[-1]
+    attempt.end = perf_counter()
+    if isinstance(outcome, int):
+        attempt.status = outcome
+    else:
+        attempt.error = type(outcome).__name__
+
+
+def has_failed(exchange: Exchange, trace: Trace) -> bool:
+    """Whether a request's trace is kept whatever the sampling: it ended in a 5xx, an
+    upstream attempt was retried or failed over, or its stream broke mid-way. A
+    client's mistake (4xx) or its going away is not an error of the proxy's."""
+    status = exchange.status
+    if status >= 500 or len(trace.attempts) > 1:
+        return True
+    return bool(exchange.error) and status < 400 and exchange.error != "client_disconnected"
 
 
 _NONE: frozenset[str] = frozenset()

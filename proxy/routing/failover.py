@@ -50,7 +50,8 @@ from ..http import h1
 from ..http.h1_conn import Response
 from ..http.upstream import Upstream, forward_headers, open_request
 from ..http.wire import rewrite
-from ..ops import metrics, tracing
+from ..ops import metrics
+from ..ops.tracer import attempt_ended, attempt_started
 from .health import DeploymentState, Health, Slot
 from .routes import Route, Router, claim
 
@@ -339,17 +340,17 @@ async def _send(
     upstream = state.upstream
     body = outbound.body_for(upstream)
     headers = forward_headers(outbound.client_headers, upstream, outbound.request_id)
-    tracing.attempt_started(exchange, upstream, headers)
+    attempt_started(exchange, upstream, headers)
     sent = perf_counter()
     try:
         target = upstream.target(outbound.path)
         response = await open_request(session, upstream, "POST", target, headers, body)
     except BaseException as exc:
-        tracing.attempt_ended(exchange, exc)
+        attempt_ended(exchange, exc)
         raise
     finally:
         exchange.upstream_time += perf_counter() - sent
-    tracing.attempt_ended(exchange, response.status)
+    attempt_ended(exchange, response.status)
     if response.status not in RETRYABLE:
         state.observe_latency(perf_counter() - sent)
     return response

@@ -33,18 +33,17 @@ Invariants (the ledger's promise: nothing lost, nothing doubled):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-
 from ..config.schema import Config, Ledger
-from ..db import DB
+from ..db import Db
 from ..errors import DatabaseUnavailable
-from ..exchange import Exchange, Sinks
+from ..exchange import Exchange
 from ..ops.metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
 from .poison import Sifting
 from .record import Record, record_of, size
@@ -378,23 +377,18 @@ class Writer:
         USAGE_SPOOLED.set(self.spool.records)
 
 
-LEDGER = web.AppKey("ledger", Writer)
-
-
-async def open_ledger(app: web.Application, config: Config, sinks: Sinks) -> AsyncIterator[None]:
-    """cleanup_ctx body: the worker's usage writer under ``app[LEDGER]``, registered as
-    a sink, and the ledger's upkeep (retention.py). Register it after ``open_db``: on
-    the way out it drains into the database, so it must close before the database does
-    (cleanup runs in reverse order)."""
-    store = store_for(app[DB])
+@contextlib.asynccontextmanager
+async def open_ledger(config: Config, db: Db) -> AsyncIterator[Writer]:
+    """The worker's usage writer (the caller registers it as a sink) and the ledger's
+    upkeep (retention.py). Open it after the database: on the way out it drains into
+    the database, so it must close before the database does."""
+    store = store_for(db)
     sifting = Sifting(store, config.usage.spool_dir)  # poison rows set aside (poison.py)
     writer = Writer(config.usage, sifting, Spool(config.usage.spool_dir))
-    app[LEDGER] = writer
     writer.start()
-    sinks.sinks.append(writer)
-    tending = asyncio.create_task(upkeep(app[DB], config.usage, store.partitions))
+    tending = asyncio.create_task(upkeep(db, config.usage, store.partitions))
     try:
-        yield
+        yield writer
     finally:
         tending.cancel()
         await asyncio.gather(tending, return_exceptions=True)

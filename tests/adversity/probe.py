@@ -49,7 +49,7 @@ def stats(runner: web.AppRunner) -> dict[str, Any]:
         "tasks": len(asyncio.all_tasks()) - 1,  # not counting this one
         "fds": len(os.listdir("/proc/self/fd")),
         "connections": len(runner.server.connections),
-        "inflight": state.inflight,
+        "inflight": state.traffic.inflight,
         "upstream_inflight": sum(u.inflight for r in state.router.all() for u in r.upstreams),
         "pooled": state.session.idle(),
         "rss": memory["VmRSS"],

@@ -25,7 +25,7 @@ from proxy.config import schema as cfg
 from proxy.config.load import resolve
 from proxy.config.upstreams import Deployment, Model
 from proxy.db import migrate
-from proxy.usage.writer import LEDGER
+from proxy.state import STATE
 
 from ..conftest import MakeProxy, Proxy, RedisServer
 from ..keyhelp import declare, keyed, limiter
@@ -181,7 +181,7 @@ async def fresh_database(pg: Cluster) -> str:
 
 async def exactly_once(proxy: Proxy, database: cfg.Database, load: Load) -> None:
     """After the outage: every answered request has exactly one row, none dropped."""
-    writer = proxy.runner.app[LEDGER]
+    writer = proxy.runner.app[STATE].ledger
 
     async def all_in() -> bool:  # the spool replays once the backoff lets it try
         return len(await ledger_rows(database)) >= len(load.completed)
@@ -206,7 +206,7 @@ async def test_postgres_killed_or_paused_mid_load(
     proxy, database = await ledger_proxy(
         make_proxy, upstream, await fresh_database(pg_cluster), tmp_path
     )
-    writer = proxy.runner.app[LEDGER]
+    writer = proxy.runner.app[STATE].ledger
     load = Load(proxy.url)
     async with restarted(pg_cluster):
         try:
@@ -252,7 +252,7 @@ async def test_postgres_cut_mid_copy_or_after_commit(
     relay = await relays.to(pg_cluster.port)
     through = url.replace(f":{pg_cluster.port}/", f":{relay.port}/")
     proxy, database = await ledger_proxy(make_proxy, upstream, through, tmp_path)
-    writer = proxy.runner.app[LEDGER]
+    writer = proxy.runner.app[STATE].ledger
     load = Load(proxy.url)
     for _ in range(3):
         await load.reach(len(load.completed) + 20)
@@ -294,7 +294,7 @@ async def test_no_request_can_poison_the_ledger(
             for body in (b'{"model": "m\\u0000"}', b'{"model": "liar"}', b'{"model": "m1"}'):
                 async with http.post(url_, data=body) as resp:
                     await resp.read()
-        writer = proxy.runner.app[LEDGER]
+        writer = proxy.runner.app[STATE].ledger
         await until(holds(lambda: writer.written >= 3))
         await proxy.runner.cleanup()
     rows = sorted(await ledger_rows(cfg.Database(url=url)), key=lambda r: r["started_at"])

@@ -320,7 +320,7 @@ async def test_clients_leaving_at_every_point_leave_nothing_behind(
     await until(lambda: len(proxy.recorder.exchanges) == reached)
     await until(lambda: connections(proxy) == 0)
     state = proxy.state
-    assert state.inflight == 0
+    assert state.traffic.inflight == 0
     assert all(u.inflight == 0 for route in state.router.all() for u in route.upstreams)
     assert len(upstream.disconnects) >= 9  # thinking, after headers, mid-stream (x3)
     errors = sorted(ex.error for ex in proxy.recorder.exchanges)

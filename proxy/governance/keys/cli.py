@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ import msgspec
 from ...config.load import check_budget
 from ...config.schema import Database
 from ..periods import PERIODS
+from .cli_common import budget_errors, changes_of, models_of, now
 from .record import Key
 
 if TYPE_CHECKING:
@@ -164,11 +165,6 @@ def _budget(text: str) -> Decimal | None:
     return amount
 
 
-def _budget_errors(budget: Decimal | None, period: str, tz: str) -> str | None:
-    """Why a key's budget settings cannot be used (the time zone), or None."""
-    return check_budget(budget or Decimal(1), period, tz)
-
-
 def _pair(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -210,7 +206,7 @@ async def _run(args: argparse.Namespace, database: Database) -> int:
 
 async def _create(store: KeyStore, args: argparse.Namespace) -> int:
     period, tz = args.budget_period or "monthly", args.budget_tz or "UTC"
-    wrong = _budget_errors(args.budget, period, tz)
+    wrong = budget_errors(args.budget, period, tz)
     if wrong:
         print(f"error: {wrong}", file=sys.stderr)
         return 1
@@ -223,7 +219,7 @@ async def _create(store: KeyStore, args: argparse.Namespace) -> int:
         rpm=args.rpm or None,
         tpm=args.tpm or None,
         max_parallel=args.max_parallel or None,
-        models=_models(args.models or []),
+        models=models_of(args.models or []),
         expires_at=args.expires_at,
         metadata=dict(args.meta or []),
         budget=args.budget,
@@ -265,7 +261,7 @@ async def _list(store: KeyStore, args: argparse.Namespace) -> int:
 
 def _row(key: Key) -> tuple[str, ...]:
     expires = "never" if key.expires_at is None else _iso(key.expires_at)
-    status = "revoked" if key.revoked else "active" if key.is_usable(_now()) else "expired"
+    status = "revoked" if key.revoked else "active" if key.is_usable(now()) else "expired"
     return (
         key.id,
         key.name,
@@ -295,7 +291,7 @@ async def _spend(store: KeyStore, key: Key) -> Spend | None:
     from ..periods import period_of, zone
 
     tz = zone(key.budget_tz)
-    period = period_of(key.budget_period, tz, _now())
+    period = period_of(key.budget_period, tz, now())
     total = await spent(store.db, key.id, period.start, period.end)
     return Spend(
         datetime.fromtimestamp(period.start, tz).isoformat(),
@@ -369,35 +365,6 @@ async def _revoke(store: KeyStore, args: argparse.Namespace) -> int:
     return 0
 
 
-async def changes_of(
-    args: argparse.Namespace, updatable: tuple[str, ...], current: Callable[[], Awaitable[Any]]
-) -> dict[str, Any] | None:
-    """The ``update`` options given, as store changes (a key's or a team's, whose
-    record ``current`` reads); None after printing why they cannot be applied."""
-    given = vars(args)
-    changes: dict[str, Any] = {c: given[c] for c in updatable if c in given}
-    for limit in ("rpm", "tpm", "max_parallel"):
-        if limit in changes:
-            changes[limit] = changes[limit] or None
-    if "models" in changes:
-        changes["models"] = _models(changes["models"])
-    if {"budget", "budget_period", "budget_tz"} & set(changes):
-        record = await current()
-        period = changes.get("budget_period") or (record.budget_period if record else "")
-        tz = changes.get("budget_tz") or (record.budget_tz if record else "UTC")
-        wrong = _budget_errors(None, period or "monthly", tz)
-        if wrong:
-            print(f"error: {wrong}", file=sys.stderr)
-            return None
-    if "meta" in given:
-        record = await current()
-        changes["metadata"] = {**(record.metadata if record else {}), **dict(given["meta"])}
-    if not changes:
-        print("error: nothing to change", file=sys.stderr)
-        return None
-    return changes
-
-
 async def _update(store: KeyStore, args: argparse.Namespace) -> int:
     from .store import UPDATABLE
 
@@ -416,16 +383,8 @@ async def _update(store: KeyStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(values: list[str]) -> frozenset[str]:
-    return frozenset(m for value in values for m in value.split(",") if m)
-
-
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
-
-
-def _now() -> float:
-    return datetime.now(UTC).timestamp()
 
 
 _COMMANDS: dict[str, Any] = {

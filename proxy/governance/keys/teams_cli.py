@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from .cli import _budget_errors, _models, changes_of
+from .cli_common import budget_errors, changes_of, models_of
 from .store import KeyStore
 from .teams import UPDATABLE, Team, TeamInUse, TeamStore
 
@@ -37,7 +37,7 @@ async def run(keys: KeyStore, args: argparse.Namespace) -> int:
 
 async def _create(store: TeamStore, args: argparse.Namespace) -> int:
     period, tz = args.budget_period or "monthly", args.budget_tz or "UTC"
-    wrong = _budget_errors(args.budget, period, tz)
+    wrong = budget_errors(args.budget, period, tz)
     if wrong:
         print(f"error: {wrong}", file=sys.stderr)
         return 1
@@ -50,7 +50,7 @@ async def _create(store: TeamStore, args: argparse.Namespace) -> int:
         rpm=args.rpm or None,
         tpm=args.tpm or None,
         max_parallel=args.max_parallel or None,
-        models=_models(args.models or []),
+        models=models_of(args.models or []),
         budget=args.budget,
         budget_period=period,
         budget_tz=tz,
@@ -128,9 +128,9 @@ async def _spent(store: TeamStore, team: Team) -> Any:
         return None
     from ...usage.spend import team_spent
     from ..periods import period_of, zone
-    from .cli import _now
+    from .cli_common import now
 
-    period = period_of(team.budget_period, zone(team.budget_tz), _now())
+    period = period_of(team.budget_period, zone(team.budget_tz), now())
     return await team_spent(store.db, team.id, period.start, period.end)
 
 

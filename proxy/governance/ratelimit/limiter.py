@@ -41,14 +41,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Coroutine
 from time import monotonic, time_ns
 from typing import Any
-
-from aiohttp import web
 
 from ...config.schema import Config, Limits
 from ...config.schema import Redis as RedisConfig
@@ -57,7 +56,7 @@ from ..keys.record import Key
 from ..keys.teams import Team
 from .bucket import Call, Settlement
 from .local import LocalBuckets, now_ms
-from .shared import FAILURES, REDIS, SERVER_TIME, Client, RedisBuckets
+from .shared import FAILURES, SERVER_TIME, RedisBuckets, RedisClient
 from .ticket import (
     Ask,
     Limited,
@@ -80,7 +79,7 @@ _LOCAL_HOLD_TTL = 2**62
 class Limiter:
     """Admits and settles requests against API keys' limits; see the module docstring."""
 
-    def __init__(self, limits: Limits, redis: RedisConfig, client: Client | None) -> None:
+    def __init__(self, limits: Limits, redis: RedisConfig, client: RedisClient | None) -> None:
         self.slot_ttl = int(limits.slot_ttl * 1000)
         self.interval = limits.flush_interval
         self.timeout = redis.timeout
@@ -402,15 +401,12 @@ class Limiter:
         set_limiter_backend(self.backend)
 
 
-LIMITER = web.AppKey("limiter", Limiter)
-
-
-async def open_limiter(app: web.Application, config: Config) -> AsyncIterator[None]:
-    """cleanup_ctx body: the worker's ``Limiter`` under ``app[LIMITER]``, on the Redis
-    client of ``app[REDIS]`` when there is one."""
-    limiter = app[LIMITER] = Limiter(config.limits, config.redis, app.get(REDIS))
+@contextlib.asynccontextmanager
+async def open_limiter(config: Config, redis: RedisClient | None) -> AsyncIterator[Limiter]:
+    """The worker's ``Limiter``, on ``redis`` when there is one."""
+    limiter = Limiter(config.limits, config.redis, redis)
     limiter.start()
     try:
-        yield
+        yield limiter
     finally:
         await limiter.close()

@@ -26,7 +26,6 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -53,11 +52,10 @@ _KINDS = {
 }
 
 # One Redis, or a Redis Cluster (``redis.cluster``): the limiter uses either the same way.
-Client = aioredis.Redis | RedisCluster
-REDIS: web.AppKey[Client] = web.AppKey("redis")
+RedisClient = aioredis.Redis | RedisCluster
 
 
-def connect(config: RedisConfig) -> Client:
+def connect(config: RedisConfig) -> RedisClient:
     """A client whose every call is bounded by ``config.timeout`` and never retried
     after a timeout: the limiter falls back at once instead (and probes for recovery
     itself). The one retry is for a dead pooled connection (Redis restarted since it
@@ -72,15 +70,16 @@ def connect(config: RedisConfig) -> Client:
     )
 
 
-async def open_redis(app: web.Application, config: RedisConfig) -> AsyncIterator[None]:
-    """cleanup_ctx body: the worker's Redis client under ``app[REDIS]`` (when a Redis is
-    configured). Connects lazily: a Redis that is down at start stops nothing."""
+@contextlib.asynccontextmanager
+async def open_redis(config: RedisConfig) -> AsyncIterator[RedisClient | None]:
+    """The worker's Redis client, None when no Redis is configured. Connects lazily: a
+    Redis that is down at start stops nothing."""
     if not config.url:
-        yield
+        yield None
         return
-    client = app[REDIS] = connect(config)
+    client = connect(config)
     try:
-        yield
+        yield client
     finally:
         await client.aclose()
 
@@ -241,7 +240,7 @@ class RedisBuckets:
     """``check`` (bucket.py) for one key, run by bucket.lua inside Redis; each call
     waits at most ``timeout`` seconds (then raises TimeoutError)."""
 
-    def __init__(self, client: Client, prefix: str, timeout: float = 0.25) -> None:
+    def __init__(self, client: RedisClient, prefix: str, timeout: float = 0.25) -> None:
         self.client = client
         self.timeout = timeout
         self.script = client.register_script(SCRIPT)
