@@ -23,6 +23,7 @@ from .admin.common import Admin
 from .admin.oidc import OidcLogin
 from .config.schema import Config
 from .errors import (
+    ClientDisconnected,
     NotFound,
     NotImplementedByProxy,
     Overloaded,
@@ -201,17 +202,17 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             return await relay_body(request, up, upstream, exchange, extra)
     except ProxyError as err:
         exchange.status = err.status
-        exchange.error = type(err).__name__
+        exchange.error = type(err)
         extra = {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()}
         return error_response(err, exchange.request_id, extra)
     except (asyncio.CancelledError, ConnectionResetError):
-        exchange.error = "client_disconnected"
+        exchange.error = ClientDisconnected
         exchange.status = exchange.status or 499
         raise
     except Exception as exc:
         log.exception("unexpected error serving %s", exchange.request_id)
         exchange.status = 500
-        exchange.error = type(exc).__name__
+        exchange.error = type(exc)
         return error_response(
             ProxyError("The proxy failed to handle this request."),
             exchange.request_id,

@@ -9,6 +9,7 @@ error event that ends a broken stream.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import orjson
 
@@ -19,6 +20,16 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "server_error"
+    # The request's outcome as the access log, the usage ledger and traces write it:
+    # the class's name unless a class says otherwise (set for each subclass).
+    outcome: ClassVar[str] = "ProxyError"
+    # Its kind in ``morngpt_upstream_errors_total``; None: not the upstream's failure.
+    upstream_kind: ClassVar[str | None] = None
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        if "outcome" not in cls.__dict__:
+            cls.outcome = cls.__name__
 
     def __init__(
         self,
@@ -116,6 +127,13 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class TokensRateLimited(RateLimited):
+    """Refused by the key's (or team's) tokens-per-minute limit: OpenAI's type for it."""
+
+    type = "tokens"
+    outcome = RateLimited.outcome
+
+
 class QuotaExceeded(RateLimited):
     """The key's budget cannot take this request's worst case (what OpenAI sends when
     an account's quota is spent; the SDK raises ``RateLimitError``)."""
@@ -131,21 +149,39 @@ class UpstreamError(ProxyError):
     type = "server_error"
     code = "upstream_error"
     retryable = True
+    upstream_kind = "broken"
 
 
 class UpstreamUnavailable(UpstreamError):
     """Connection refused/reset before any byte of a response arrived."""
 
+    upstream_kind = "unavailable"
+
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+    upstream_kind = "timeout"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered with something that is not what the protocol promises."""
 
     retryable = False
+    upstream_kind = "protocol"
+
+
+class UpstreamStreamError(ProxyError):
+    """Not raised: the outcome of a stream the upstream ended with its own error event
+    (the client got that event as it came; the deployment is not judged broken)."""
+
+    upstream_kind = "stream_error"
+
+
+class ClientDisconnected(Exception):
+    """Not raised: the outcome of a request whose client went away."""
+
+    outcome = "client_disconnected"
 
 
 class ServiceUnavailable(ProxyError):
@@ -174,3 +210,10 @@ def error_body(
 
 def render(err: ProxyError) -> bytes:
     return error_body(err.message, err.type, err.code, err.param)
+
+
+def outcome_of(error: type[BaseException]) -> str:
+    """The name written for an ``Exchange.error``: the class's ``outcome`` (the proxy's
+    own errors), else its name (an unexpected exception)."""
+    outcome = getattr(error, "outcome", None)
+    return outcome if isinstance(outcome, str) else error.__name__

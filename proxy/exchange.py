@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from .errors import outcome_of
 from .http.wire import RequestView, Usage
 
 if TYPE_CHECKING:
@@ -101,8 +102,9 @@ class Exchange:
         self.usage: Usage | None = None
         # True when usage was not reported by the upstream (cut stream, client gone).
         self.estimated = False
-        # Short error class name ("UpstreamTimeout", "client_disconnected"), or "".
-        self.error = ""
+        # How it failed: an error class (errors.py: ``UpstreamTimeout``,
+        # ``ClientDisconnected``...; any class for an unexpected exception), or None.
+        self.error: type[BaseException] | None = None
         # Size of the request body and data events relayed to the client: what the
         # usage ledger estimates tokens from when the upstream never reported usage.
         self.body_bytes = 0
@@ -112,6 +114,11 @@ class Exchange:
         self.cost = 0
         # The request's trace when tracing.endpoint is set (tracing.py), else None.
         self.trace: Trace | None = None
+
+    @property
+    def error_name(self) -> str:
+        """``error`` as the access log, the usage ledger and traces write it ("" for none)."""
+        return "" if self.error is None else outcome_of(self.error)
 
     @property
     def duration(self) -> float:

@@ -14,6 +14,7 @@ from proxy.config import schema as cfg
 from proxy.config.base import ConfigError
 from proxy.config.load import load, resolve
 from proxy.config.upstreams import Deployment, Model, Price
+from proxy.errors import UpstreamError
 from proxy.exchange import Exchange
 from proxy.governance.periods import TOTAL, Period, period_of, zone
 from proxy.governance.pricing import Prices, rate_of, show, units
@@ -118,7 +119,7 @@ def test_a_request_is_priced_by_the_deployment_that_served_it() -> None:
     assert _served(prices, "", None) == 0  # never reached a deployment: nothing
     # Cut before usage came: the ledger's estimate is priced (body bytes / 4, events).
     exchange = Exchange("req", "chat/completions")
-    exchange.deployment, exchange.status, exchange.error = "cheap", 200, "UpstreamError"
+    exchange.deployment, exchange.status, exchange.error = "cheap", 200, UpstreamError
     exchange.body_bytes, exchange.events = 4_000_000, 500_000
     assert units(prices.cost(exchange)) == D(1 + 1)
     # The worst case of "gpt" takes the dearest price of each kind over its deployments

@@ -44,7 +44,7 @@ async def test_chat_completion_passes_through_with_usage(
     [ex] = proxy.recorder.exchanges
     assert ex.usage is not None
     assert (ex.usage.prompt_tokens, ex.usage.completion_tokens, ex.usage.total_tokens) == (3, 8, 11)
-    assert (ex.status, ex.model, ex.stream, ex.error) == (200, "m1", False, "")
+    assert (ex.status, ex.model, ex.stream, ex.error_name) == (200, "m1", False, "")
 
 
 async def test_completions_embeddings_and_responses(
@@ -242,7 +242,7 @@ async def test_client_disconnect_cancels_upstream(
     await upstream.wait_disconnect(timeout=2.0)
     assert upstream.disconnects[0].at - gone < 0.5
     await _until(lambda: len(proxy.recorder.exchanges) == 1)
-    assert proxy.recorder.exchanges[0].error == "client_disconnected"
+    assert proxy.recorder.exchanges[0].error_name == "client_disconnected"
 
 
 async def _until(condition: object, timeout: float = 2.0) -> None:
@@ -311,7 +311,7 @@ async def test_cut_stream_ends_with_an_error_event(
             received += 1
     assert received >= 1
     if "x-fake-cut" in behaviour:
-        assert proxy.recorder.exchanges[-1].error == "UpstreamError"
+        assert proxy.recorder.exchanges[-1].error_name == "UpstreamError"
 
 
 async def test_stalled_stream_ends_with_an_error_event(
@@ -328,7 +328,7 @@ async def test_stalled_stream_ends_with_an_error_event(
         with pytest.raises(openai.APIError, match="stalled"):
             async for _ in stream:
                 pass
-    assert proxy.recorder.exchanges[-1].error == "UpstreamTimeout"
+    assert proxy.recorder.exchanges[-1].error_name == "UpstreamTimeout"
     await upstream.wait_disconnect()
 
 
@@ -513,7 +513,7 @@ async def test_client_leaving_mid_stream_is_no_error(
             async with http.post(url, data=body, headers=behaviour) as resp:
                 await resp.content.readuntil(b"\n\n")
     await _until(lambda: len(proxy.recorder.exchanges) == 5)
-    assert {ex.error for ex in proxy.recorder.exchanges} == {"client_disconnected"}
+    assert {ex.error_name for ex in proxy.recorder.exchanges} == {"client_disconnected"}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
@@ -546,5 +546,5 @@ async def test_a_write_to_a_gone_client_is_a_disconnect_not_an_upstream_failure(
         await _until(lambda: len(recorder.exchanges) == 1, timeout=5.0)
     finally:
         await runner.cleanup()
-    assert recorder.exchanges[0].error == "client_disconnected"
+    assert recorder.exchanges[0].error_name == "client_disconnected"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -52,7 +52,14 @@ def per_event(chunks: list[bytes], strip: bool) -> Outcome:
 
 def outcome(sent: list[bytes], watch: _Watch, failed: bool) -> Outcome:
     exchange = watch.exchange
-    return b"".join(sent), exchange.usage, exchange.events, watch.finished, exchange.error, failed
+    return (
+        b"".join(sent),
+        exchange.usage,
+        exchange.events,
+        watch.finished,
+        exchange.error_name,
+        failed,
+    )
 
 
 def chunk(i: int, usage: str = ',"usage":null') -> bytes:

@@ -179,7 +179,7 @@ async def test_failover_to_another_deployment(
         text = await ask(client, stream=stream)
     assert text.startswith("tok0")
     [ex] = proxy.recorder.exchanges
-    assert (ex.attempts, ex.deployment, ex.status, ex.error) == (2, "good", 200, "")
+    assert (ex.attempts, ex.deployment, ex.status, ex.error_name) == (2, "good", 200, "")
     assert posts(b) == 1
     assert posts(a) == (0 if kind == "refused" else 1)
     state = upstreams(proxy)
@@ -268,7 +268,7 @@ async def test_no_retry_once_the_stream_has_started(
     assert (posts(a), posts(b)) == (1, 0)
     await until(lambda: len(proxy.recorder.exchanges) == 1)
     ex = proxy.recorder.exchanges[0]
-    assert (ex.attempts, ex.error) == (1, "UpstreamError")
+    assert (ex.attempts, ex.error_name) == (1, "UpstreamError")
     assert upstreams(proxy)["a"].failures == 1  # a broken stream counts against it
     assert upstreams(proxy)["a"].inflight == 0
 
@@ -290,7 +290,7 @@ async def test_a_client_that_leaves_counts_against_no_deployment(
     await until(lambda: len(proxy.recorder.exchanges) == 1)
     state = upstreams(proxy)["a"]
     assert (state.failures, state.healthy, state.inflight) == (0, True, 0)
-    assert proxy.recorder.exchanges[0].error == "client_disconnected"
+    assert proxy.recorder.exchanges[0].error_name == "client_disconnected"
 
 
 # 3. Passive health -------------------------------------------------------------------

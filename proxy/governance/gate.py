@@ -39,7 +39,7 @@ from aiohttp import web
 
 from ..config.schema import Config, Limits
 from ..db import Db
-from ..errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
+from ..errors import Forbidden, RateLimited, ServiceUnavailable, TokensRateLimited, Unauthorized
 from ..exchange import OPEN, Caller, Exchange, Grant
 from ..http.wire import MAX_COUNT, RequestView
 from ..ops.metrics import RATELIMIT_KINDS, RATELIMITED
@@ -263,9 +263,8 @@ def refusal(key: Key | Team, verdict: Verdict, cost: int, headers: dict[str, str
         message = message.replace("this API key", "its team").removesuffix(".")
         message = f"{message} (team {key.id}, shared by its keys)."
     _REFUSED[verdict.kind].inc()
-    error = RateLimited(message, headers=headers)
-    error.type = "tokens" if verdict.kind == "tokens" else "requests"
-    return error
+    refused = TokensRateLimited if verdict.kind == "tokens" else RateLimited
+    return refused(message, headers=headers)
 
 
 def go_duration(ms: int) -> str:

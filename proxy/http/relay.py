@@ -29,9 +29,11 @@ import msgspec
 from aiohttp import web
 
 from ..errors import (
+    ClientDisconnected,
     ProxyError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamStreamError,
     UpstreamTimeout,
     error_body,
     render,
@@ -132,7 +134,7 @@ async def relay_body(
         await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
-        exchange.error = "client_disconnected"
+        exchange.error = ClientDisconnected
     return response
 
 
@@ -194,7 +196,7 @@ async def relay_stream(
                 try:
                     await writer.write(kept[0] if len(kept) == 1 else b"".join(kept))
                 except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
-                    exchange.error = "client_disconnected"
+                    exchange.error = ClientDisconnected
                     return out
                 kept.clear()
                 relay.transport = writer.transport  # the head went with the first write
@@ -204,7 +206,7 @@ async def relay_stream(
                 try:  # the pump stopped for the client's full buffer
                     await writer.drain()
                 except ConnectionResetError:
-                    exchange.error = "client_disconnected"
+                    exchange.error = ClientDisconnected
                     return out
     except ProxyError as exc:
         failure = exc
@@ -219,12 +221,12 @@ async def relay_stream(
     # What is left (the last events, or those that came before a failure in the same
     # read) and the error event go out with the end of the response, in one write.
     if failure is not None:
-        exchange.error = type(failure).__name__
+        exchange.error = type(failure)
         kept.append(b"data: " + render(failure) + b"\n\n")
     try:
         await out.write_eof(b"".join(kept))
     except ConnectionResetError:
-        exchange.error = exchange.error or "client_disconnected"
+        exchange.error = exchange.error or ClientDisconnected
     return out
 
 
@@ -330,7 +332,7 @@ class _Watch:
             self.finished = True
         elif data.startswith(b'{"error"'):
             self.finished = True  # the upstream ended the stream with its own error
-            self.exchange.error = "UpstreamStreamError"
+            self.exchange.error = UpstreamStreamError
         usage, usage_only = find_usage(data)
         if usage is not None:
             self.exchange.usage = usage

@@ -87,7 +87,7 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "duration_ms": round(duration * 1000, 3),
         "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
         "overhead_ms": round((duration - exchange.upstream_time) * 1000, 3),
-        "error": exchange.error or None,
+        "error": exchange.error_name or None,
         "attempts": exchange.attempts,  # upstream requests sent: retries show here
     }
     trace = exchange.trace

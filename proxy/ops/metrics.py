@@ -41,7 +41,9 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 
 from ..config.schema import Config
-from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import (
+    ProxyError,
+)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROCESS = ENV in os.environ
@@ -210,33 +212,25 @@ TRACE_SPANS_DROPPED = Counter(
     ("reason",),
 )
 
-# Exchange.error class names → upstream error kind; anything else is not the upstream's.
-_UPSTREAM_KINDS = {
-    UpstreamTimeout.__name__: "timeout",
-    UpstreamUnavailable.__name__: "unavailable",
-    UpstreamProtocolError.__name__: "protocol",
-    UpstreamError.__name__: "broken",
-    "UpstreamStreamError": "stream_error",  # the upstream ended its stream with an error
-}
 
-
-def upstream_error_kind(error: str, status: int) -> str | None:
+def upstream_error_kind(error: type[BaseException] | None, status: int) -> str | None:
     """The ``morngpt_upstream_errors_total`` kind for an attempt's outcome, if it failed
-    because of the upstream (``error`` is an error class name, ``status`` the upstream's
-    HTTP status)."""
-    kind = _UPSTREAM_KINDS.get(error)
-    if kind is None and not error:
-        if status >= 500:
-            kind = "http_5xx"
-        elif status == 429:
-            kind = "http_429"
-    return kind
+    because of the upstream: the error class's ``upstream_kind`` (errors.py), or for
+    an answer without one, by the upstream's HTTP ``status``."""
+    if error is not None:
+        return error.upstream_kind if issubclass(error, ProxyError) else None
+    if status >= 500:
+        return "http_5xx"
+    if status == 429:
+        return "http_429"
+    return None
 
 
-def count_upstream_error(deployment: str, error: Exception | str, status: int = 0) -> None:
+def count_upstream_error(
+    deployment: str, error: type[BaseException] | None, status: int = 0
+) -> None:
     """Count one failed upstream attempt (routing calls this for attempts it retried)."""
-    name = error if isinstance(error, str) else type(error).__name__
-    kind = upstream_error_kind(name, status)
+    kind = upstream_error_kind(error, status)
     if kind is not None:
         UPSTREAM_ERRORS.labels(deployment, kind).inc()
 

@@ -26,6 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from .. import __version__
 from ..config.schema import Tracing
+from ..errors import ClientDisconnected
 from . import metrics
 from .tracing import HEADER, OPERATIONS, PROVIDERS, TRACESTATE, Attempt, Trace, parse
 
@@ -137,7 +138,7 @@ def has_failed(exchange: Exchange, trace: Trace) -> bool:
     status = exchange.status
     if status >= 500 or len(trace.attempts) > 1:
         return True
-    return bool(exchange.error) and status < 400 and exchange.error != "client_disconnected"
+    return exchange.error not in (None, ClientDisconnected) and status < 400
 
 
 _NONE: frozenset[str] = frozenset()
@@ -278,7 +279,7 @@ class _Exporter:
         usage = exchange.usage
         end = at(trace.ended)
         status = exchange.status
-        error = exchange.error or (str(status) if status >= 500 else "")
+        error = exchange.error_name or (str(status) if status >= 500 else "")
         span = spans.add()
         span.MergeFromString(self._server_template(exchange.endpoint, operation, model))
         span.trace_id = trace_id = bytes.fromhex(trace.trace_id)
@@ -309,7 +310,7 @@ class _Exporter:
             span.events.add(time_unix_nano=at(exchange.first_byte), name="first_token")
             event = span.events.add(time_unix_nano=end, name="end_of_stream")
             _put(event.attributes, "morngpt.events", exchange.events)
-        if status >= 500 or (exchange.error and exchange.error != "client_disconnected"):
+        if status >= 500 or exchange.error not in (None, ClientDisconnected):
             span.status.code = Status.STATUS_CODE_ERROR
             span.status.message = error
         last = len(trace.attempts)
@@ -339,8 +340,8 @@ class _Exporter:
         error = attempt.error or (str(status) if status >= 400 else "")
         usage = None
         if final and not attempt.error:
-            if exchange.error and exchange.error != "client_disconnected":
-                error = exchange.error  # the answer broke after its headers
+            if exchange.error not in (None, ClientDisconnected):
+                error = exchange.error_name  # the answer broke after its headers
             usage = exchange.usage
         answered = final and not error and status < 400
         span.MergeFromString(self._client_template(upstream, operation, model))

@@ -44,7 +44,7 @@ from types import TracebackType
 from multidict import CIMultiDictProxy
 
 from ..config.upstreams import Routing
-from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import UpstreamError, UpstreamTimeout
 from ..exchange import Exchange
 from ..http import h1
 from ..http.h1_conn import Response
@@ -64,10 +64,6 @@ NO_RETRY: Mapping[str, str] = {"X-Should-Retry": "false"}
 _NONE: Mapping[str, str] = {}
 # A retryable error body is read (so the connection can be reused) for at most this.
 _DISCARD_TIMEOUT = 1.0
-# ``Exchange.error`` values with which the relay reports an upstream that broke.
-_BROKE = frozenset(
-    c.__name__ for c in (UpstreamError, UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError)
-)
 
 
 class Outbound:
@@ -147,11 +143,16 @@ class Lease:
 
     def _count(self, exc: BaseException | None) -> None:
         state = self.slot.state
-        if isinstance(exc, UpstreamError) or self.exchange.error in _BROKE:
+        if isinstance(exc, UpstreamError) or _broke(self.exchange.error):
             self.health.failed(state)  # broke mid-response
         elif exc is None and not self.exchange.error:
             self.health.succeeded(self.slot)
         # Otherwise the client went away, or the proxy failed: not the deployment's doing.
+
+
+def _broke(error: type[BaseException] | None) -> bool:
+    """Whether the relay reported with ``error`` an upstream that broke mid-answer."""
+    return error is not None and issubclass(error, UpstreamError)
 
 
 class _Tries:
@@ -291,7 +292,7 @@ async def _after_error(exc: UpstreamError, slot: Slot, health: Health, tries: _T
     following = await tries.retry() if exc.retryable else None
     if following is None:
         raise exc
-    metrics.count_upstream_error(state.name, exc)
+    metrics.count_upstream_error(state.name, type(exc))
     return following
 
 
@@ -313,7 +314,7 @@ async def _after_status(
     if following is None:
         return None
     slot.release()
-    metrics.count_upstream_error(state.name, "", status)
+    metrics.count_upstream_error(state.name, None, status)
     try:
         await _discard(response)
     except BaseException:

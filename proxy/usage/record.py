@@ -101,7 +101,7 @@ def record_of(exchange: Exchange) -> Record:
         estimated,
         exchange.status,
         exchange.stream,
-        exchange.error or None,
+        exchange.error_name or None,
         exchange.started_at,
         exchange.duration * 1000.0,
         None if ttft is None else ttft * 1000.0,

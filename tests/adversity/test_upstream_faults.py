@@ -306,5 +306,5 @@ async def test_a_stream_dripping_one_byte_per_second_is_not_cut(
             while not proxy.recorder.exchanges:  # noqa: ASYNC110 - the handler's finally
                 await asyncio.sleep(0.01)
     [exchange] = proxy.recorder.exchanges
-    assert exchange.error == "client_disconnected"
+    assert exchange.error_name == "client_disconnected"
     count(faults=1, served=1)
