@@ -1,5 +1,6 @@
 """Per-key budgets, the gate's side: what a request may cost at worst, which period it
-falls in, the Redis state rebuilt from the usage ledger, the 429 and the alert line.
+falls in, the Redis state rebuilt from the usage ledger, the budget's answer to an
+admission (its headers, its 429 or 503: ``judge``) and the alert line.
 
 A key with a budget is admitted only if its worst case fits: ``limit - spent - held``
 in the key's current period (daily, weekly, monthly or total, from local midnight in
@@ -41,10 +42,10 @@ from ..usage.spend import spent, team_spent
 from .keys.lookup import STORE_FAILURES
 from .keys.record import Key
 from .keys.teams import Team
-from .periods import Period, period_of, zone
+from .periods import Period, go_duration, period_of, zone
 from .pricing import Prices, show, units
 from .ratelimit.bucket import Verdict
-from .ratelimit.ticket import Ask
+from .ratelimit.ticket import Ask, Ticket
 
 log = logging.getLogger("proxy.budget")
 
@@ -146,6 +147,47 @@ class Budgets:
             show(units(used)),
             show(units(ask.budget)),
         )
+
+    def judge(
+        self,
+        key: Key,
+        ask: Ask | None,
+        team: Team | None,
+        team_ask: Ask | None,
+        ticket: Ticket,
+        when: float,
+        headers: dict[str, str],
+    ) -> None:
+        """The budgets' part of an admission's answer (``ask``: the key's, ``team_ask``:
+        its team's, None without a budget): adds ``x-budget-remaining`` and
+        ``x-budget-reset`` to ``headers`` (of the key's budget, else of its team's), or
+        raises the refusal: a 503 when the budget state was lost again at once (Redis is
+        not keeping it), the 429 ``insufficient_quota`` when a budget cannot take the
+        request's worst case."""
+        verdict = ticket.verdict
+        if verdict.kind == "rebuild":  # lost again at once: Redis is not keeping it
+            raise ServiceUnavailable(
+                "The budget of this API key cannot be checked right now; retry shortly.",
+                headers={**headers, "Retry-After": "1"},
+            )
+        if ask is not None:
+            headers.update(self.headers(key, verdict, when))
+        elif team is not None and ticket.team is not None:
+            headers.update(self.headers(team, ticket.team.verdict, when))
+        if verdict.kind == "budget":
+            by_team = verdict.scope == 1 and team_ask is not None and ticket.team is not None
+            if by_team and team is not None and team_ask is not None and ticket.team is not None:
+                raise self.refusal(team, team_ask, ticket.team.verdict, headers)
+            assert ask is not None
+            raise self.refusal(key, ask, verdict, headers)
+
+    def headers(self, key: Key | Team, verdict: Verdict, when: float) -> dict[str, str]:
+        """``x-budget-remaining`` (in the price unit) and ``x-budget-reset``."""
+        headers = {"x-budget-remaining": show(units(max(verdict.budget_left, 0)))}
+        end = self.period(key, when).end
+        if end is not None:
+            headers["x-budget-reset"] = go_duration(max(int((end - when) * 1000), 0))
+        return headers
 
     def refusal(
         self, key: Key | Team, ask: Ask, verdict: Verdict, headers: dict[str, str]

@@ -13,10 +13,10 @@ token count against the reservation and gives the parallel slot back.
 
 Keys with a budget (budgets.py) reserve the request's worst-case cost in the same
 limiter call; a missing budget state is rebuilt from the usage ledger and the call
-retried once. A refusal by the budget is a 429 ``insufficient_quota``; admitted
-requests get ``x-budget-remaining`` (what the budget has left after reserving this
-request's worst case, in the price unit) and ``x-budget-reset`` (time to the next
-period; none for a total budget). Settling adds ``Exchange.cost`` to the spend and
+retried once. The budget's answer is budgets.py's (``Budgets.judge``): a refusal is a
+429 ``insufficient_quota``; admitted requests get ``x-budget-remaining`` (what the
+budget has left after reserving this request's worst case, in the price unit) and
+``x-budget-reset`` (time to the next period; none for a total budget). Settling adds ``Exchange.cost`` to the spend and
 gives the rest of the reservation back.
 
 Token reservation: the request body's bytes / 4, rounded up (the usage ledger's
@@ -39,7 +39,7 @@ from aiohttp import web
 
 from ..config.schema import Config, Limits
 from ..db import Db
-from ..errors import Forbidden, RateLimited, ServiceUnavailable, TokensRateLimited, Unauthorized
+from ..errors import Forbidden, RateLimited, TokensRateLimited, Unauthorized
 from ..exchange import OPEN, Caller, Exchange, Grant
 from ..http.wire import MAX_COUNT, RequestView
 from ..ops.metrics import RATELIMIT_KINDS, RATELIMITED
@@ -50,7 +50,8 @@ from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
 from .keys.store import KeyStore
 from .keys.teams import Team, TeamStore
-from .pricing import Prices, show, units
+from .periods import go_duration
+from .pricing import Prices
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import Limiter
 from .ratelimit.ticket import Ticket
@@ -130,22 +131,8 @@ class KeyGate:
             ticket = await self.limiter.admit(key, cost, ask, team, team_ask)
         verdict = ticket.verdict
         headers = ratelimit_headers(key, verdict)
-        if verdict.kind == "rebuild":  # lost again at once: Redis is not keeping it
-            raise ServiceUnavailable(
-                "The budget of this API key cannot be checked right now; retry shortly.",
-                headers={**headers, "Retry-After": "1"},
-            )
-        # The headers tell of the key's budget, else of its team's.
-        if ask is not None:
-            headers.update(self.budget_headers(key, verdict, when))
-        elif team is not None and ticket.team is not None:
-            headers.update(self.budget_headers(team, ticket.team.verdict, when))
-        if verdict.kind == "budget":
-            by_team = verdict.scope == 1 and team_ask is not None and ticket.team is not None
-            if by_team and team is not None and team_ask is not None and ticket.team is not None:
-                raise self.budgets.refusal(team, team_ask, ticket.team.verdict, headers)
-            assert ask is not None
-            raise self.budgets.refusal(key, ask, verdict, headers)
+        # The budget's answer: its headers, or its refusal (budgets.py).
+        self.budgets.judge(key, ask, team, team_ask, ticket, when, headers)
         if not verdict.allowed:
             raise refusal(_refuser(key, team, verdict), verdict, cost, headers)
         if ask is not None:
@@ -163,14 +150,6 @@ class KeyGate:
         if team is None:
             raise Unauthorized(f"The team `{key.team_id[:64]}` of these credentials is unknown.")
         return team
-
-    def budget_headers(self, key: Key | Team, verdict: Verdict, when: float) -> dict[str, str]:
-        """``x-budget-remaining`` (in the price unit) and ``x-budget-reset``."""
-        headers = {"x-budget-remaining": show(units(max(verdict.budget_left, 0)))}
-        end = self.budgets.period(key, when).end
-        if end is not None:
-            headers["x-budget-reset"] = go_duration(max(int((end - when) * 1000), 0))
-        return headers
 
 
 class KeyGrant(Grant):
@@ -265,20 +244,6 @@ def refusal(key: Key | Team, verdict: Verdict, cost: int, headers: dict[str, str
     _REFUSED[verdict.kind].inc()
     refused = TokensRateLimited if verdict.kind == "tokens" else RateLimited
     return refused(message, headers=headers)
-
-
-def go_duration(ms: int) -> str:
-    """A duration the way OpenAI (Go) writes it: ``12ms``, ``1s``, ``1.5s``, ``6m0s``."""
-    if ms < 1000:
-        return f"{ms}ms" if ms else "0s"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
-    if hours:
-        return f"{hours}h{minutes}m{seconds}s"
-    if minutes:
-        return f"{minutes}m{seconds}s"
-    return f"{seconds}s"
 
 
 @contextlib.asynccontextmanager

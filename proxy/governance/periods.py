@@ -70,3 +70,17 @@ def period_of(kind: str, tz: ZoneInfo, when: float) -> Period:
 
 def _midnight(day: date, tz: ZoneInfo) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+
+
+def go_duration(ms: int) -> str:
+    """A duration the way OpenAI (Go) writes it: ``12ms``, ``1s``, ``1.5s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
