@@ -16,8 +16,8 @@ limiter call; a missing budget state is rebuilt from the usage ledger and the ca
 retried once. The budget's answer is budgets.py's (``Budgets.judge``): a refusal is a
 429 ``insufficient_quota``; admitted requests get ``x-budget-remaining`` (what the
 budget has left after reserving this request's worst case, in the price unit) and
-``x-budget-reset`` (time to the next period; none for a total budget). Settling adds ``Exchange.cost`` to the spend and
-gives the rest of the reservation back.
+``x-budget-reset`` (time to the next period; none for a total budget). Settling adds
+``Exchange.cost`` to the spend and gives the rest of the reservation back.
 
 Token reservation: the request body's bytes / 4, rounded up (the usage ledger's
 estimate of prompt tokens; JSON syntax makes it err high) plus the answer's cap —

@@ -37,7 +37,7 @@ import msgspec
 
 from ..config.schema import Jwt, JwtIssuer
 from ..errors import Unauthorized
-from ..usage.writer import backoff
+from ..usage.writer import failure_backoff
 from .keys.record import Key
 
 log = logging.getLogger("proxy.jwt")
@@ -105,7 +105,7 @@ class Jwks:
             keys = jwt.PyJWKSet.from_json(body.decode()).keys
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, jwt.PyJWTError) as exc:
             self.failures += 1
-            self.retry_at = monotonic() + min(backoff(self.failures), BACKOFF_MAX)
+            self.retry_at = monotonic() + min(failure_backoff(self.failures), BACKOFF_MAX)
             log.warning("JWKS %s unusable (%s); known keys keep working", self.url, _why(exc))
             return
         if self.failures:

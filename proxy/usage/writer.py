@@ -60,7 +60,7 @@ SPOOL_GRACE = 5.0  # what close() allows for spooling, after shutdown_timeout
 PAUSE = 1.0  # after a spool (disk) failure, before trying again
 
 
-def backoff(failures: int) -> float:
+def failure_backoff(failures: int) -> float:
     """Seconds to wait after ``failures`` consecutive failures: exponential, capped,
     with jitter so that workers and replicas do not retry in step."""
     ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** min(failures - 1, 16))
@@ -252,7 +252,7 @@ class Writer:
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
-        delay = backoff(self._failures)
+        delay = failure_backoff(self._failures)
         self._retry_at = asyncio.get_running_loop().time() + delay
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
         log.log(

@@ -34,7 +34,7 @@ import asyncpg
 
 from ...config.schema import Auth, DeclaredKey
 from ...errors import ServiceUnavailable, Unauthorized
-from ...usage.writer import backoff
+from ...usage.writer import failure_backoff
 from . import secret
 from .record import MASTER, Key, declared
 
@@ -138,7 +138,7 @@ class KeyCache(Generic[R]):
                 key = await self.store.find(digest)
         except STORE_FAILURES as exc:
             self.failures += 1
-            self.retry_at = monotonic() + min(backoff(self.failures), BACKOFF_MAX)
+            self.retry_at = monotonic() + min(failure_backoff(self.failures), BACKOFF_MAX)
             if not self.failing:
                 self.failing = True
                 log.warning(

@@ -155,8 +155,10 @@ class Limiter:
             calls = []
             for i, (scope, limits, a) in enumerate(parts):
                 debts[i] = self._take_debt(scope)
-                call = build_call(limits, SERVER_TIME, cost, debts[i], True, slots[i], "", ttl, a,
-                             holds[i], ttl)  # fmt: skip
+                call = build_call(
+                    limits, now=SERVER_TIME, cost=cost, debt=debts[i], take=True, slot=slots[i],
+                    release="", ttl=ttl, ask=a, hold=holds[i], hold_ttl=ttl,
+                )  # fmt: skip
                 if a is not None and self.owed:
                     call = call._replace(settlements=self._take_owed(scope, a.period))
                 calls.append(call)
@@ -177,8 +179,10 @@ class Limiter:
                 return joined(tickets)
         now = now_ms()
         calls = [
-            build_call(limits, now, cost, debts[i], True, slots[i], "", ttl, a, holds[i],
-                  _LOCAL_HOLD_TTL)
+            build_call(
+                limits, now=now, cost=cost, debt=debts[i], take=True, slot=slots[i], release="",
+                ttl=ttl, ask=a, hold=holds[i], hold_ttl=_LOCAL_HOLD_TTL,
+            )
             for i, (_, limits, a) in enumerate(parts)
         ]  # fmt: skip
         verdicts = self.local.check_all([scope for scope, _, _ in parts], calls)
@@ -232,8 +236,9 @@ class Limiter:
             if self.using_redis:
                 debt += self._take_debt(scope)
                 call = build_call(
-                    limits, SERVER_TIME, 0, debt, False, "", ticket.slot, self.slot_ttl, ask
-                )
+                    limits, now=SERVER_TIME, cost=0, debt=debt, take=False, slot="",
+                    release=ticket.slot, ttl=self.slot_ttl, ask=ask,
+                )  # fmt: skip
                 if ask is not None and settled is not None:
                     owed = self._take_owed(scope, ask.period) if self.owed else ()
                     call = call._replace(settlements=(*owed, settled))
@@ -253,7 +258,10 @@ class Limiter:
         ask = ticket.ask
         if not (debt or ticket.slot or ask):
             return
-        call = build_call(limits, now_ms(), 0, debt, False, "", ticket.slot, self.slot_ttl, ask)
+        call = build_call(
+            limits, now=now_ms(), cost=0, debt=debt, take=False, slot="", release=ticket.slot,
+            ttl=self.slot_ttl, ask=ask,
+        )  # fmt: skip
         if ask is not None:
             local = Settlement(ticket.hold, spend, ticket.verdict.epoch, now_ms())
             call = call._replace(settlements=(local,))
@@ -348,11 +356,10 @@ class Limiter:
         await self._release_owed()
         debts, self.debts = self.debts, {}
         owed, self.owed = self.owed, {}
+        settling = self._settling()
         calls = [
-            (key_id, Call(SERVER_TIME, 0, tpm, 0, 0, owed, False, "", "", self.slot_ttl))
-            for key_id, (tpm, owed) in debts.items()
+            (key_id, settling._replace(tpm=tpm, debt=owed)) for key_id, (tpm, owed) in debts.items()
         ]
-        settling = Call(SERVER_TIME, 0, 0, 0, 0, 0, False, "", "", self.slot_ttl)
         calls += [
             (key_id, settling._replace(budget=o.budget, period=period, period_ttl=o.period_ttl,
                                        settlements=tuple(o.settlements)))
@@ -360,10 +367,17 @@ class Limiter:
         ]  # fmt: skip
         await asyncio.gather(*(self._settle_shared(key_id, call) for key_id, call in calls))
 
+    def _settling(self) -> Call:
+        """A call that only settles (takes nothing), stamped by the Redis clock."""
+        return Call(
+            now=SERVER_TIME, rpm=0, tpm=0, parallel=0, cost=0, debt=0, take=False, slot="",
+            release="", slot_ttl=self.slot_ttl,
+        )  # fmt: skip
+
     async def _release_owed(self) -> None:
         """Give back in Redis the slots whose release could not reach it."""
         releases, self.releases = self.releases, {}
-        base = Call(SERVER_TIME, 0, 0, 0, 0, 0, False, "", "", self.slot_ttl)
+        base = self._settling()
         await asyncio.gather(
             *(self._settle_shared(key_id, base._replace(release=slot))
               for slot, key_id in releases.items())

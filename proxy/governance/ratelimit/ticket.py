@@ -109,6 +109,7 @@ def joined(tickets: list[Ticket]) -> Ticket:
 
 def build_call(
     key: Limited,
+    *,
     now: int,
     cost: int,
     debt: int,
@@ -121,9 +122,17 @@ def build_call(
     hold_ttl: int = 0,
 ) -> Call:
     call = Call(
-        now, key.rpm or 0, key.tpm or 0, key.max_parallel or 0, cost, debt, take, slot,
-        release, ttl,
-    )  # fmt: skip
+        now=now,
+        rpm=key.rpm or 0,
+        tpm=key.tpm or 0,
+        parallel=key.max_parallel or 0,
+        cost=cost,
+        debt=debt,
+        take=take,
+        slot=slot,
+        release=release,
+        slot_ttl=ttl,
+    )
     if ask is None:
         return call
     return call._replace(
