@@ -42,7 +42,7 @@ class Key(msgspec.Struct, frozen=True):
 
     @property
     def allowed_models(self) -> frozenset[str] | None:
-        """For ``Grant.models``: None when every model is allowed."""
+        """``Caller.allowed_models`` (exchange.py): None when every model is allowed."""
         return self.models or None
 
     def allows(self, model: str) -> bool:
