@@ -99,7 +99,7 @@ class Authenticator:
 
     ``lookup`` is the API path's key lookup (``KeyLookup``, which also verifies JWTs
     when ``auth.jwt`` is configured); ``ops_token`` the configured ops token ("" when
-    none). Use one per worker: ``app[STATE].authenticator`` once the gate is open."""
+    none). Use one per worker: ``State.authenticator`` (state.py)."""
 
     def __init__(self, lookup: KeyLookup | KeyAuthenticator | None, ops_token: str = "") -> None:
         self.lookup = lookup

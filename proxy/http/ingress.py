@@ -7,7 +7,7 @@ Invariants:
   answers are ``text/plain`` and echo the offending line).
 - Request bodies reach the handler decoded: aiohttp decodes gzip, deflate and br (and
   zstd when its library is installed) as the bytes arrive, in bounded steps, and
-  ``app.read_body`` stops at ``max_body_bytes`` of decoded bytes, so a zip bomb is a
+  ``read_request_body`` stops at ``max_body_bytes`` of decoded bytes, so a zip bomb is a
   413. Upstreams get the decoded body without ``Content-Encoding``.
 - ``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP`` and ``Via`` from a client are kept
   only when it is one of ``server.trusted_proxies``; the peer's address is always

@@ -23,7 +23,7 @@ Invariants:
   and brings it back on a 2xx. A request sent to it while it was out (panic mode)
   and served by it brings it back at once, in whichever worker. If the probing worker
   dies, the cooldown simply ends.
-- Probe tasks start lazily and are all cancelled by ``close`` (an app cleanup_ctx).
+- Probe tasks start lazily and are all cancelled by ``close`` (state.open_state).
 """
 
 from __future__ import annotations
