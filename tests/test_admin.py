@@ -19,13 +19,23 @@ from openapi_spec_validator import validate
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.oidc import SESSION_COOKIE
-
-from .admin_support import DOC, MASTER, OPS, admin_config, admin_of, admin_of_port, check, start
-from .conftest import SECRETS, MakeProxy, Proxy, free_port
-from .issuer import Issuer
-from .test_oidc import SECRET as SSO_SECRET
-from .test_oidc import log_in
-from .usage_support import serve, until
+from tests.support.admin import (
+    DOC,
+    MASTER,
+    OPS,
+    admin_config,
+    admin_of,
+    admin_of_port,
+    check,
+    start,
+)
+from tests.support.env import free_port
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.issuer import Issuer
+from tests.support.leaks import SECRETS
+from tests.support.served import serve
+from tests.support.sso import log_in, oidc_settings
+from tests.support.wait import until
 
 
 @pytest.fixture
@@ -402,45 +412,33 @@ async def test_a_database_that_is_down_or_hung_is_a_503_and_the_overview_stands(
 
 
 async def test_single_sign_on_sessions(
-    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any
+    make_proxy: MakeProxy, upstream: FakeUpstream, monkeypatch: Any, issuer: Issuer
 ) -> None:
     """With ``oidc`` configured, the console's login (oidc.py) is mounted on the ops
     listener and its session is a principal of the admin API, with its claims' role."""
-    issuer = Issuer()
-    await issuer.start()
-    try:
-        config = admin_config(upstream.url, monkeypatch)
-        ops = config.server.ops_port
-        oidc = cfg.Oidc(
-            issuer=issuer.url,
-            redirect_url=f"http://127.0.0.1:{ops}/console/callback",
-            role_map={"proxy-admins": "admin", "proxy-viewers": "viewer"},
-            client_id="console",
-            client_secret="s3cret",
-            session_secret=SSO_SECRET,
-        )
-        await make_proxy(msgspec.structs.replace(config, oidc=oidc), auth=True)
-        signed_in = SimpleNamespace(url=f"http://127.0.0.1:{ops}", issuer=issuer)
-        async with admin_of_port(ops or 0, None) as browser:
-            options = await browser.call("GET", "/session")
-            assert options["oidc"] is True
-            issuer.user = {"sub": "vera", "roles": ["proxy-viewers"]}
-            answer, cookies = await log_in(browser.http, signed_in, "/console/keys")
-            assert answer.status == 302
-            assert answer.headers["Location"] == "/console/keys"
-            session = {"Cookie": f"{SESSION_COOKIE}={cookies[SESSION_COOKIE].value}"}
-            async with browser.http.get(f"{browser.base}/admin/v1/me", headers=session) as r:
-                me = await r.json()
-            check("GET", "/admin/v1/me", r.status, me)
-            assert (me["role"], me["source"], me["user_id"]) == ("viewer", "session", "vera")
-            async with browser.http.post(
-                f"{browser.base}/admin/v1/keys", headers=session, json={"name": "x"}
-            ) as r:
-                assert r.status == 403
-            async with browser.http.get(f"{browser.base}/admin/v1/keys", headers=session) as r:
-                assert r.status == 200
-    finally:
-        await issuer.close()
+    config = admin_config(upstream.url, monkeypatch)
+    ops = config.server.ops_port
+    oidc = oidc_settings(issuer.url, f"http://127.0.0.1:{ops}/console/callback")
+    await make_proxy(msgspec.structs.replace(config, oidc=oidc), auth=True)
+    signed_in = SimpleNamespace(url=f"http://127.0.0.1:{ops}", issuer=issuer)
+    async with admin_of_port(ops or 0, None) as browser:
+        options = await browser.call("GET", "/session")
+        assert options["oidc"] is True
+        issuer.user = {"sub": "vera", "roles": ["proxy-viewers"]}
+        answer, cookies = await log_in(browser.http, signed_in, "/console/keys")
+        assert answer.status == 302
+        assert answer.headers["Location"] == "/console/keys"
+        session = {"Cookie": f"{SESSION_COOKIE}={cookies[SESSION_COOKIE].value}"}
+        async with browser.http.get(f"{browser.base}/admin/v1/me", headers=session) as r:
+            me = await r.json()
+        check("GET", "/admin/v1/me", r.status, me)
+        assert (me["role"], me["source"], me["user_id"]) == ("viewer", "session", "vera")
+        async with browser.http.post(
+            f"{browser.base}/admin/v1/keys", headers=session, json={"name": "x"}
+        ) as r:
+            assert r.status == 403
+        async with browser.http.get(f"{browser.base}/admin/v1/keys", headers=session) as r:
+            assert r.status == 200
 
 
 async def test_hostile_bodies_are_refused_in_shape(proxy: Proxy) -> None:

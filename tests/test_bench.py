@@ -18,8 +18,8 @@ from bench.fake_upstream import FakeUpstream
 from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
 from proxy import config as cfg
-
-from .conftest import ROOT, MakeProxy
+from tests.support.env import ROOT
+from tests.support.inproc import MakeProxy
 
 
 @pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])

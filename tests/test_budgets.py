@@ -40,19 +40,14 @@ from proxy.ratelimit.shared import connect
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
 from proxy.wire import RequestView
-
-from .conftest import (
-    PYTHON,
-    REDIS_URL,
-    SECRETS,
-    MakeProxy,
-    Proxy,
-    RedisServer,
-    free_port,
-    proxy_env,
-)
-from .keyhelp import client_leaves, declare, keyed, limiter
-from .usage_support import Served, ledger_rows, until
+from tests.support.env import PYTHON, REDIS_URL, free_port, proxy_env
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import client_leaves, declare, keyed, limiter
+from tests.support.leaks import SECRETS
+from tests.support.ledger import ledger_rows
+from tests.support.served import Served
+from tests.support.servers import RedisServer
+from tests.support.wait import until
 
 D = Decimal
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -28,10 +28,10 @@ from proxy import config as cfg
 from proxy.ratelimit.bucket import KeyState, check, check_all
 from proxy.ratelimit.limiter import team_scope
 from proxy.ratelimit.shared import RedisBuckets, connect
-
-from .conftest import REDIS_URL, MakeProxy, free_port
-from .keyhelp import declare, keyed, limiter
-from .test_bucket import CASES, TEAM_CASES, Step, TeamStep
+from tests.support.bucket_cases import CASES, TEAM_CASES, Step, TeamStep
+from tests.support.env import REDIS_URL, free_port
+from tests.support.inproc import MakeProxy
+from tests.support.keys import declare, keyed, limiter
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,

@@ -9,9 +9,8 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 from proxy.console import DIST
-
-from .admin_support import start
-from .conftest import MakeProxy, Proxy
+from tests.support.admin import start
+from tests.support.inproc import MakeProxy, Proxy
 
 ASSETS = sorted(p.name for p in (DIST / "assets").iterdir())
 

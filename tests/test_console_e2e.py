@@ -19,9 +19,10 @@ import openai
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-
-from .admin_support import MASTER, start
-from .conftest import ROOT, SECRETS, MakeProxy, Proxy
+from tests.support.admin import MASTER, start
+from tests.support.env import ROOT
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.leaks import SECRETS
 
 CONSOLE = ROOT / "console"
 SCENARIO = CONSOLE / "e2e" / "scenario.mjs"

@@ -59,7 +59,7 @@ async def test_serving_on_an_unmigrated_postgres_is_refused(pg_dsn: str) -> None
 
 
 async def test_unreachable_postgres_does_not_stop_the_start() -> None:
-    from .conftest import free_port
+    from tests.support.env import free_port
 
     db = await Db.open(cfg.Database(url=f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
     try:

@@ -27,17 +27,9 @@ import yaml
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
-
-from .conftest import (
-    PYTHON,
-    REDIS_URL,
-    ROOT,
-    SECRETS,
-    MakeProxy,
-    free_port,
-    proxy_env,
-    with_server,
-)
+from tests.support.env import PYTHON, REDIS_URL, ROOT, free_port, proxy_env
+from tests.support.inproc import MakeProxy, with_server
+from tests.support.leaks import SECRETS
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"

@@ -11,8 +11,8 @@ import functools
 import pytest
 
 from proxy import h1
-from tests.adversity.rawhttp import RawServer, closed_by_peer, read_request, response
-from tests.conftest import free_port
+from tests.support.env import free_port
+from tests.support.rawhttp import RawServer, closed_by_peer, read_request, response
 
 OK = response(b'{"ok":true}')
 

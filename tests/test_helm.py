@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import PYTHON, ROOT
+from tests.support.env import PYTHON, ROOT
 
 CHART_PY = ROOT / "scripts" / "chart.py"
 K8S = ROOT / "deploy" / "k8s"

@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -21,22 +20,11 @@ from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import DB
 from proxy.keys.teams import TeamStore
-
-from .conftest import MakeProxy, Proxy
-from .issuer import Issuer
-from .keyhelp import keyed
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.issuer import Issuer
+from tests.support.keys import keyed
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[Issuer]:
-    issuer = Issuer()
-    await issuer.start()
-    try:
-        yield issuer
-    finally:
-        await issuer.close()
 
 
 def jwt_auth(issuer: Issuer, user_rpm: int | None = None, **settings: Any) -> cfg.Auth:

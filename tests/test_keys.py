@@ -23,9 +23,10 @@ from proxy.errors import ServiceUnavailable
 from proxy.keys import secret
 from proxy.keys.lookup import KeyCache
 from proxy.keys.store import KeyStore
-
-from .conftest import PYTHON, SECRETS, MakeProxy, Proxy, free_port, proxy_env
-from .keyhelp import declare, issue, keyed
+from tests.support.env import PYTHON, free_port, proxy_env
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import config_file_for, declare, issue, keyed
+from tests.support.leaks import SECRETS
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -114,14 +115,6 @@ async def test_store_creates_finds_updates_and_revokes(store: KeyStore) -> None:
 # --- The command line -----------------------------------------------------------------
 
 
-def _config_file(tmp_path: Path, database: str) -> str:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"database: {database}\nmodels: [{{name: a, deployments: [{{base_url: 'http://x'}}]}}]\n"
-    )
-    return str(path)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_keys_command_line(
     backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
@@ -130,7 +123,7 @@ def test_keys_command_line(
         database = f"{{url: '{request.getfixturevalue('migrated_pg')}'}}"
     else:
         database = f"{{sqlite_path: '{tmp_path / 'k.db'}'}}"
-    conf = ["--config", _config_file(tmp_path, database)]
+    conf = ["--config", config_file_for(tmp_path, database)]
 
     assert main(["keys", "create", "--name", "app1", "--rpm", "600", "--tpm", "100000",
                  "--models", "a", "b,c", "--meta", "team=search", *conf]) == 0  # fmt: skip
@@ -172,7 +165,7 @@ async def test_a_key_made_by_the_command_line_works_at_once(
 ) -> None:
     proxy = await make_proxy(keyed(upstream.url), auth=True)
     path = proxy.state.config.database.sqlite_path  # the proxy's own embedded database
-    config_file = _config_file(tmp_path, f"{{sqlite_path: '{path}'}}")
+    config_file = config_file_for(tmp_path, f"{{sqlite_path: '{path}'}}")
     process = await asyncio.create_subprocess_exec(
         *(PYTHON, "-m", "proxy", "keys", "create", "--name", "cli", "--config", config_file),
         stdout=asyncio.subprocess.PIPE,

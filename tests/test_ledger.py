@@ -30,9 +30,10 @@ from proxy.usage.retention import prune, upkeep
 from proxy.usage.spend import spent
 from proxy.usage.spool import Spool
 from proxy.usage.store import store_for
-
-from .conftest import PYTHON, MakeProxy
-from .usage_support import ledger_config, ledger_rows, until
+from tests.support.env import PYTHON
+from tests.support.inproc import MakeProxy
+from tests.support.ledger import ledger_config, ledger_rows
+from tests.support.wait import until
 
 HOUR = 3600
 # A fixed instant: 2026-11-03 00:00 UTC, plus 40 minutes.

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Callable
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -19,50 +17,13 @@ from prometheus_client import REGISTRY
 from bench.fake_upstream import FakeUpstream
 from proxy.ratelimit.bucket import Call
 from proxy.ratelimit.shared import SERVER_TIME, RedisBuckets
-
-from .conftest import MakeProxy, Proxy, RedisServer
-from .keyhelp import declare, keyed, limiter
+from tests.support.inproc import MakeProxy
+from tests.support.keys import declare, keyed, limiter
+from tests.support.load import keyed_load
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 BODY = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-class Load:
-    """Clients sending requests back to back; every answer's status is kept, and
-    every request is bounded so a hang fails the test instead of stalling it."""
-
-    def __init__(self, proxy: Proxy, key: str, clients: int = 4) -> None:
-        self.proxy = proxy
-        self.headers = {"Authorization": f"Bearer {key}"}
-        self.statuses: list[int] = []
-        self.slowest = 0.0
-        self.tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
-
-    async def _client(self) -> None:
-        async with aiohttp.ClientSession() as http:
-            while True:
-                started = time.monotonic()
-                async with asyncio.timeout(5):
-                    async with http.post(
-                        self.proxy.base + "/chat/completions", data=BODY, headers=self.headers
-                    ) as resp:
-                        await resp.read()
-                self.slowest = max(self.slowest, time.monotonic() - started)
-                self.statuses.append(resp.status)
-
-    async def reach(self, count: int, also: Callable[[], bool] = lambda: True) -> None:
-        deadline = time.monotonic() + 15
-        while len(self.statuses) < count or not also():
-            for task in self.tasks:
-                if task.done():
-                    task.result()  # a client failed (timeout): raise it here
-            assert time.monotonic() < deadline, f"load stuck at {len(self.statuses)}"
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def backend_metric(name: str) -> float | None:
@@ -81,7 +42,7 @@ async def test_redis_killed_mid_load_then_restarted(
     config = keyed(upstream.url, key, redis=own_redis.url, redis_timeout=1.0, flush_interval=0.1)
     proxy = await make_proxy(config, auth=True)
     limits = limiter(proxy)
-    load = Load(proxy, value)
+    load = keyed_load(proxy.url, value)
     try:
         await load.reach(30)
         assert limits.backend == "redis"
@@ -108,7 +69,7 @@ async def test_a_slow_redis_costs_a_request_at_most_its_timeout(
     config = keyed(upstream.url, key, redis=own_redis.url, flush_interval=0.1)
     proxy = await make_proxy(config, auth=True)
     limits = limiter(proxy)
-    load = Load(proxy, value, clients=2)
+    load = keyed_load(proxy.url, value, clients=2)
     async with aioredis.Redis.from_url(own_redis.url) as admin:
         try:
             await load.reach(10)

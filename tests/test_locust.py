@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from bench.fake_upstream import FakeUpstream
-
-from .conftest import PYTHON, ROOT, MakeProxy, proxy_env
-from .keyhelp import declare, keyed
+from tests.support.env import PYTHON, ROOT, proxy_env
+from tests.support.inproc import MakeProxy
+from tests.support.keys import declare, keyed
 
 LOCUSTFILE = ROOT / "bench" / "locustfile.py"
 

@@ -30,18 +30,10 @@ from proxy import config as cfg
 from proxy.accesslog import JsonFormatter
 from proxy.exchange import Exchange
 from proxy.wire import Usage
-
-from .conftest import (
-    CAPTURED,
-    CLIENT_KEY,
-    SECRETS,
-    UPSTREAM_KEY,
-    MakeProxy,
-    Proxy,
-    free_port,
-    with_server,
-)
-from .test_serve import serve
+from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
+from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.leaks import CAPTURED, SECRETS
+from tests.support.served import serve_upstream
 
 MESSAGES = [{"role": "user", "content": "say three words"}]
 OVERHEAD = re.compile(r"\d+\.\d{3}")
@@ -257,7 +249,7 @@ async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
 
 
 async def test_two_workers_are_aggregated_in_one_scrape(upstream: FakeUpstream) -> None:
-    async with serve(upstream, "--workers", "2") as served:
+    async with serve_upstream(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
         pids = {line.split("pid ")[1].rstrip(")\n") for line in served.log if "listening" in line}
         [announce] = [line for line in served.log if "metrics aggregated from" in line]

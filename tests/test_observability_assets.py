@@ -15,7 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ROOT, Proxy
+from tests.support.env import ROOT
+from tests.support.inproc import Proxy
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "morngpt-proxy.json"

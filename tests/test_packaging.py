@@ -33,9 +33,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from bench.fake_upstream import FakeUpstream
-
-from .conftest import PYTHON, ROOT, free_port
-from .usage_support import Served
+from tests.support.env import PYTHON, ROOT, free_port
+from tests.support.served import Served
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 COMMAND = "morngpt-proxy"

@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
-
-from .conftest import REDIS_URL, MakeProxy, Proxy, free_port
-from .keyhelp import client_leaves, declare, keyed, limiter
+from tests.support.env import REDIS_URL, free_port
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import client_leaves, declare, keyed, limiter
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 GO_DURATION = re.compile(r"\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s")

@@ -15,8 +15,7 @@ from proxy.errors import UpstreamProtocolError
 from proxy.exchange import Exchange
 from proxy.relay import _Watch
 from proxy.sse import Cutter, Scanner
-
-from .conftest import examples
+from tests.support.properties import examples
 
 Outcome = tuple[bytes, object, int, bool, str, bool]
 

@@ -30,9 +30,10 @@ import yaml
 
 from bench.fake_upstream import FakeUpstream
 from proxy.usage.store import READ_REQUEST_ID
-
-from .conftest import PYTHON, REDIS_URL, SECRETS, free_port, proxy_env, watch_output
-from .usage_support import Served, until
+from tests.support.env import PYTHON, REDIS_URL, free_port, proxy_env
+from tests.support.leaks import SECRETS, watch_output
+from tests.support.served import Served
+from tests.support.wait import until
 
 MESSAGES = [{"role": "user", "content": "one two three"}]
 

@@ -25,10 +25,21 @@ from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.board import EJECTED, Board
 from proxy.health import Window
-
-from . import usage_support
-from .conftest import ROOT, UPSTREAM_KEY, MakeProxy, Proxy, free_port
-from .test_routing import MESSAGES, ask, config, dep, model, posts, refused, sdk, until, upstreams
+from tests.support import served as processes
+from tests.support.env import ROOT, UPSTREAM_KEY, free_port
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.routing import (
+    MESSAGES,
+    ask,
+    config,
+    dep,
+    model,
+    posts,
+    refused,
+    sdk,
+    until_holds,
+    upstreams,
+)
 
 ALERTS = ROOT / "deploy" / "prometheus"
 # What the upstream answers the one failing request, by kind.
@@ -220,7 +231,7 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await until(lambda: upstreams(proxy, name)["g-up"].inflight == 0)
+            await until_holds(lambda: upstreams(proxy, name)["g-up"].inflight == 0)
             await gauge({"g-up": 0, "g-down": 0})
         # Failures: an upstream 500, a stream cut mid-way, a deployment that refuses.
         with pytest.raises(openai.InternalServerError):
@@ -232,7 +243,7 @@ async def test_deployment_gauges_follow_streams_cancels_and_failures(
         fake.default = {"x-fake-status": "503"}
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model=name, messages=MESSAGES)
-    await until(lambda: len(proxy.recorder.exchanges) == 6)
+    await until_holds(lambda: len(proxy.recorder.exchanges) == 6)
     await gauge({"g-up": 0, "g-down": 0})
     await gauge({"g-up": 0, "g-down": 0}, "healthy")  # both taken out, and it says so
 
@@ -338,7 +349,7 @@ async def test_two_workers_share_health_and_the_outage_fires_the_alert(
     }
     path = tmp_path / "proxy.json"
     path.write_bytes(orjson.dumps(config))
-    async with usage_support.serve("--config", str(path)) as served:
+    async with processes.serve("--config", str(path)) as served:
         await served.wait_log("listening", count=2)
         for _ in range(20):  # new connections: the kernel spreads them over both workers
             async with aiohttp.ClientSession() as http:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -24,65 +24,21 @@ from proxy.failover import backoff, retry_after
 from proxy.health import DeploymentState
 from proxy.routing import pick_weighted
 from proxy.upstream import Upstream
-
-from .conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port
-
-MESSAGES = [{"role": "user", "content": "hi"}]
-HEAVY = 1e6  # a weight that makes a deployment the first choice (all but surely)
-FAST = {"backoff_base": 0.01, "backoff_max": 0.05}
-
-
-# helpers ---------------------------------------------------------------------------
-
-
-def dep(where: FakeUpstream | str, name: str, **fields: object) -> cfg.Deployment:
-    url = where if isinstance(where, str) else where.url
-    return cfg.Deployment(base_url=url, name=name, api_key=UPSTREAM_KEY, **fields)  # type: ignore[arg-type]
-
-
-def model(name: str, *deployments: cfg.Deployment, fallbacks: tuple[str, ...] = ()) -> cfg.Model:
-    return cfg.Model(name=name, deployments=list(deployments), fallbacks=list(fallbacks))
-
-
-def config(*models: cfg.Model, **routing: object) -> cfg.Config:
-    policy = cfg.Routing(**{**FAST, **routing})  # type: ignore[arg-type]
-    return cfg.resolve(
-        cfg.Config(models=list(models), server=cfg.Server(workers=1), routing=policy)
-    )
-
-
-def sdk(proxy: Proxy, **options: object) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base, api_key="client", max_retries=0, **options)  # type: ignore[arg-type]
-
-
-def upstreams(proxy: Proxy, model_name: str = "m") -> dict[str, DeploymentState]:
-    return {u.name: u for u in proxy.state.router.routes[model_name].upstreams}
-
-
-def refused() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
-def posts(fake: FakeUpstream) -> int:
-    return sum(r.method == "POST" for r in fake.received)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it holds (fails the test after ``timeout``)."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - proxy state has no event to wait on
-            await asyncio.sleep(0.01)
-
-
-async def ask(client: openai.AsyncOpenAI, stream: bool = False, **extra: object) -> str:
-    """One chat completion; returns the text (streams are read to the end)."""
-    if not stream:
-        reply = await client.chat.completions.create(model="m", messages=MESSAGES, **extra)  # type: ignore[call-overload]
-        return str(reply.choices[0].message.content)
-    chunks = await client.chat.completions.create(
-        model="m", messages=MESSAGES, stream=True, **extra
-    )  # type: ignore[call-overload]
-    return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+from tests.support.env import UPSTREAM_KEY
+from tests.support.inproc import MakeProxy
+from tests.support.routing import (
+    HEAVY,
+    MESSAGES,
+    ask,
+    config,
+    dep,
+    model,
+    posts,
+    refused,
+    sdk,
+    until_holds,
+    upstreams,
+)
 
 
 @pytest.fixture
@@ -186,7 +142,7 @@ async def test_failover_to_another_deployment(
     ill = kind not in ("500", "429-retry-after")
     assert (state["bad"].failures, state["good"].failures) == (int(ill), 0)
     assert state["bad"].is_throttled(time.monotonic()) == (kind == "429-retry-after")
-    await until(lambda: state["bad"].inflight == state["good"].inflight == 0)
+    await until_holds(lambda: state["bad"].inflight == state["good"].inflight == 0)
 
 
 async def test_retry_on_the_same_deployment_waits_for_retry_after(
@@ -265,7 +221,7 @@ async def test_no_retry_once_the_stream_has_started(
                 received += 1
     assert received >= 1
     assert (posts(a), posts(b)) == (1, 0)
-    await until(lambda: len(proxy.recorder.exchanges) == 1)
+    await until_holds(lambda: len(proxy.recorder.exchanges) == 1)
     ex = proxy.recorder.exchanges[0]
     assert (ex.attempts, ex.error) == (1, "UpstreamError")
     assert upstreams(proxy)["a"].failures == 1  # a broken stream counts against it
@@ -286,7 +242,7 @@ async def test_a_client_that_leaves_counts_against_no_deployment(
         with pytest.raises((asyncio.CancelledError, openai.APITimeoutError)):
             await task
     await a.wait_disconnect()
-    await until(lambda: len(proxy.recorder.exchanges) == 1)
+    await until_holds(lambda: len(proxy.recorder.exchanges) == 1)
     state = upstreams(proxy)["a"]
     assert (state.failures, state.healthy, state.inflight) == (0, True, 0)
     assert proxy.recorder.exchanges[0].error == "client_disconnected"
@@ -316,10 +272,10 @@ async def test_cooldown_then_probe_brings_a_deployment_back(
         assert proxy.recorder.exchanges[-1].attempts == 1  # a is skipped, not tried
         first_cooldown = state["a"].ejected_until
         # The probe finds a still down and starts another cooldown.
-        await until(lambda: state["a"].ejected_until > first_cooldown)
+        await until_holds(lambda: state["a"].ejected_until > first_cooldown)
         assert not state["a"].healthy
         await a.start()
-        await until(lambda: state["a"].healthy)
+        await until_holds(lambda: state["a"].healthy)
         assert state["a"].failures == 0
         probes = list(a.received)
         assert probes

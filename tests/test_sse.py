@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.sse import Cutter, Event, Scanner, events_in
-
-from .conftest import examples
+from tests.support.properties import examples
 
 # ---------------------------------------------------------------------------------------
 # Helpers

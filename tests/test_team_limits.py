@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from bench.fake_upstream import FakeUpstream
-
-from .conftest import PYTHON, REDIS_URL, SECRETS, free_port, proxy_env
-from .usage_support import Served, until
+from tests.support.env import PYTHON, REDIS_URL, free_port, proxy_env
+from tests.support.leaks import SECRETS
+from tests.support.served import Served
+from tests.support.wait import until
 
 D = Decimal
 MESSAGES = [{"role": "user", "content": "hi"}]

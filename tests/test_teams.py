@@ -18,10 +18,8 @@ from proxy.keys.lookup import KeyLookup
 from proxy.keys.record import MASTER, Key
 from proxy.keys.store import KeyStore
 from proxy.keys.teams import TeamInUse, TeamStore
-
-from .conftest import SECRETS
-from .keyhelp import declare
-from .test_keys import _config_file
+from tests.support.keys import config_file_for, declare
+from tests.support.leaks import SECRETS
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -83,7 +81,7 @@ def test_teams_command_line(
         database = f"{{url: '{request.getfixturevalue('migrated_pg')}'}}"
     else:
         database = f"{{sqlite_path: '{tmp_path / 'k.db'}'}}"
-    conf = ["--config", _config_file(tmp_path, database)]
+    conf = ["--config", config_file_for(tmp_path, database)]
 
     assert main(["teams", "create", "--name", "Search", "--id", "search", "--rpm", "100",
                  "--models", "a,b", "--budget", "5", *conf]) == 0  # fmt: skip

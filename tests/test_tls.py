@@ -13,8 +13,7 @@ import trustme
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
-
-from .conftest import MakeProxy, with_server
+from tests.support.inproc import MakeProxy, with_server
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -22,9 +22,10 @@ from proxy import config as cfg
 from proxy import tracing
 from proxy.db import Db
 from proxy.keys.teams import TeamStore
-
-from .conftest import CLIENT_KEY, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, free_port
-from .keyhelp import declare, keyed
+from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import declare, keyed
+from tests.support.leaks import SECRETS
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

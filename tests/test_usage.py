@@ -23,9 +23,10 @@ from proxy.exchange import Exchange
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
 from proxy.usage.writer import LEDGER
-
-from .conftest import MakeProxy, Proxy, free_port
-from .usage_support import ledger_config, ledger_rows, until
+from tests.support.env import free_port
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.ledger import ledger_config, ledger_rows
+from tests.support.wait import until
 
 MESSAGES = [{"role": "user", "content": "say three words"}]
 
@@ -293,7 +294,7 @@ def test_usage_report_says_when_the_ledger_is_missing(
 async def test_the_key_id_is_recorded_and_the_key_never(
     make_proxy: MakeProxy, upstream: FakeUpstream
 ) -> None:
-    from .keyhelp import declare, keyed
+    from tests.support.keys import declare, keyed
 
     value, key = declare()
     proxy = await make_proxy(keyed(upstream.url, key), auth=True)

@@ -16,22 +16,17 @@ from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
-
-from .conftest import MakeProxy
-from .usage_support import (
-    Cluster,
-    Load,
+from tests.support.inproc import MakeProxy
+from tests.support.ledger import (
     assert_same_requests,
-    cluster,
     ledger_config,
     ledger_rows,
-    replay_spool,
-    serve,
-    serve_without_database,
     spooled_request_ids,
-    until,
-    write_config,
 )
+from tests.support.load import Load
+from tests.support.served import replay_spool, serve, serve_without_database, write_config
+from tests.support.servers import Cluster, cluster
+from tests.support.wait import until
 
 
 @pytest.fixture(scope="module")

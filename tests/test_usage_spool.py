@@ -21,9 +21,8 @@ from proxy import config as cfg
 from proxy.usage.record import Record
 from proxy.usage.spool import Spool
 from proxy.usage.writer import LEDGER
-
-from .conftest import MakeProxy
-from .usage_support import ledger_config
+from tests.support.inproc import MakeProxy
+from tests.support.ledger import ledger_config
 
 _BASE = Record(
     uid="",

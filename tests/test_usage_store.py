@@ -18,8 +18,7 @@ from proxy.db import Db
 from proxy.errors import DatabaseUnavailable
 from proxy.usage.record import Record
 from proxy.usage.store import Rejected, store_for
-
-from .usage_support import ledger_rows
+from tests.support.ledger import ledger_rows
 
 _BASE = Record(
     uid="",

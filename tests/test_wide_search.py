@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from tests.support.env import ROOT
 
 
 def property_modules() -> list[str]:

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, render
 from proxy.wire import Usage, decode_request, find_usage, rewrite
-
-from .conftest import examples
+from tests.support.properties import examples
 
 
 def raw_fields(body: bytes) -> dict[str, bytes]:

@@ -24,13 +24,14 @@ from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.db import migrate
 from proxy.usage.writer import LEDGER
-
-from ..conftest import MakeProxy, Proxy, RedisServer
-from ..keyhelp import declare, keyed, limiter
-from ..test_limiter_outage import Load as LimiterLoad
-from ..usage_support import Cluster, Load, assert_same_requests, ledger_config, ledger_rows, until
-from .conftest import Relays, count
-from .rawhttp import RawServer, read_request, response
+from tests.support.figures import Relays, count
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import declare, keyed, limiter
+from tests.support.ledger import assert_same_requests, ledger_config, ledger_rows
+from tests.support.load import Load, keyed_load
+from tests.support.rawhttp import RawServer, read_request, response
+from tests.support.servers import Cluster, RedisServer
+from tests.support.wait import until
 
 # Redis ----------------------------------------------------------------------------------
 
@@ -46,8 +47,8 @@ async def limited_proxy(
 
 
 @contextlib.asynccontextmanager
-async def under_load(proxy: Proxy, key: str) -> AsyncIterator[LimiterLoad]:
-    load = LimiterLoad(proxy, key)
+async def under_load(proxy: Proxy, key: str) -> AsyncIterator[Load]:
+    load = keyed_load(proxy.url, key)
     try:
         yield load
     finally:

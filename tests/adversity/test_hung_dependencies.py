@@ -31,13 +31,17 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.keys import secret
-
-from ..conftest import PG_ADMIN_DSN, UPSTREAM_KEY, MakeProxy, Proxy, RedisServer
-from ..keyhelp import declare, issue, keyed, limiter
-from ..usage_support import Load, ledger_rows, serve, spooled_request_ids, until
-from ..usage_support import ledger_config as ledger_config_for
-from .conftest import Relays, count, measure
-from .faultproxy import FaultProxy
+from tests.support.env import PG_ADMIN_DSN, UPSTREAM_KEY
+from tests.support.faultproxy import FaultProxy
+from tests.support.figures import Relays, count, measure
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import declare, issue, keyed, limiter
+from tests.support.ledger import ledger_config as ledger_config_for
+from tests.support.ledger import ledger_rows, spooled_request_ids
+from tests.support.load import Load
+from tests.support.served import serve
+from tests.support.servers import RedisServer
+from tests.support.wait import until
 
 FAULTS = ["pause", "refuse", "cut"]
 
@@ -299,7 +303,7 @@ async def test_sigkill_while_the_ledger_database_hangs_loses_at_most_the_loss_wi
     ledger_config(config, upstream.url, via(relay, migrated_pg), spool)
     async with serve("--config", str(config)) as served:
         await served.wait_log("listening")
-        traffic = Load(served.url, stream_headers={"x-fake-gap-ms": "5"}, keep_going=True)
+        traffic = Load(served.url, stream_headers={"x-fake-gap-ms": "5"}, on_failure="go on")
         await traffic.reach(30)
         faulty = Fault(relay, fault)
         faulty.start()

@@ -24,11 +24,12 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.keys.store import KeyStore
-
-from ..conftest import REDIS_URL, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, with_server
-from ..keyhelp import declare, issue, keyed
-from .conftest import count
-from .rawhttp import CHAT, STREAM, post, roundtrip
+from tests.support.env import REDIS_URL, UPSTREAM_KEY
+from tests.support.figures import count
+from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.keys import declare, issue, keyed
+from tests.support.leaks import SECRETS
+from tests.support.rawhttp import CHAT, STREAM, post, roundtrip
 
 MESSAGES = [{"role": "user", "content": "a b c"}]
 MASTER = "master-" + os.urandom(24).hex()

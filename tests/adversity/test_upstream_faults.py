@@ -23,11 +23,11 @@ import pytest
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy import relay
-
-from ..conftest import MakeProxy, Proxy, free_port
-from ..usage_support import ledger_rows
-from .conftest import Relays, count
-from .rawhttp import CHAT, CHAT_ANSWER, Handler, RawServer, read_request, response
+from tests.support.env import free_port
+from tests.support.figures import Relays, count
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.ledger import ledger_rows
+from tests.support.rawhttp import CHAT, CHAT_ANSWER, Handler, RawServer, read_request, response
 
 MESSAGES = [{"role": "user", "content": "a b c"}]
 TIMEOUTS = cfg.Timeouts(connect=2.0, first_byte=0.5, idle=0.5)

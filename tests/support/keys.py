@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,9 @@ from proxy.keys import secret
 from proxy.keys.store import KeyStore
 from proxy.ratelimit.limiter import LIMITER, Limiter
 
-from .conftest import SECRETS, UPSTREAM_KEY, Proxy
+from .env import UPSTREAM_KEY
+from .inproc import Proxy
+from .leaks import SECRETS
 
 
 def declare(**fields: Any) -> tuple[str, cfg.DeclaredKey]:
@@ -86,3 +89,13 @@ async def client_leaves(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def config_file_for(tmp_path: Path, database: str) -> str:
+    """A config file with this ``database`` (YAML flow text) and one model, for the
+    ``keys`` and ``teams`` commands."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        f"database: {database}\nmodels: [{{name: a, deployments: [{{base_url: 'http://x'}}]}}]\n"
+    )
+    return str(path)

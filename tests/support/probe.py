@@ -1,5 +1,5 @@
 """A proxy worker with a window into it, for the soak and the leak check: run as
-``python -m tests.adversity.probe CONFIG`` in a process of its own (as aiohttp's
+``python -m tests.support.probe CONFIG`` in a process of its own (as aiohttp's
 ``tests/isolated`` do), so what it counts is the proxy alone.
 
 It serves exactly as one ``serve`` worker does (uvloop, ``proxy.serve.start``),

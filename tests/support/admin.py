@@ -19,7 +19,9 @@ from referencing.jsonschema import DRAFT202012
 from proxy import config as cfg
 from proxy.admin.openapi import document
 
-from .conftest import SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, free_port
+from .env import UPSTREAM_KEY, free_port
+from .inproc import MakeProxy, Proxy
+from .leaks import SECRETS
 
 MASTER = "mk-" + secrets.token_urlsafe(32)
 OPS = "ops-" + secrets.token_urlsafe(24)
