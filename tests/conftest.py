@@ -6,6 +6,7 @@ they use, and that tests import, are in tests/support/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -28,7 +30,7 @@ from proxy import config as cfg
 from proxy.serve import start
 from tests.support import leaks, properties
 from tests.support.env import CLIENT_KEY, PG_ADMIN_DSN, REDIS_URL, ROOT, UPSTREAM_KEY
-from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
 from tests.support.issuer import Issuer
 from tests.support.servers import RedisServer
 
@@ -58,9 +60,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
-        yield up
+async def make_upstream() -> AsyncIterator[MakeUpstream]:
+    """Fake upstreams (bench/fake_upstream.py, the one the benchmarks use) with
+    options, each started on a free port and closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**options: Any) -> FakeUpstream:
+            return await stack.enter_async_context(FakeUpstream(**options))
+
+        yield make
+
+
+@pytest.fixture
+async def upstream(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream()
 
 
 @pytest.fixture

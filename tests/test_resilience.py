@@ -10,7 +10,6 @@ import contextlib
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from proxy.board import EJECTED, Board
 from proxy.health import Window
 from tests.support import served as processes
 from tests.support.env import ROOT, UPSTREAM_KEY, free_port
-from tests.support.inproc import MakeProxy, Proxy
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy
 from tests.support.routing import (
     MESSAGES,
     ask,
@@ -51,9 +50,8 @@ ANSWERS = {
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream(name="fake") as up:
-        yield up
+async def fake(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(name="fake")
 
 
 @pytest.mark.parametrize("kind", list(ANSWERS))
@@ -100,33 +98,33 @@ async def test_a_429_from_a_lone_deployment_goes_back_at_once(
 
 
 async def test_a_429_sends_the_request_to_another_deployment_never_the_same(
-    make_proxy: MakeProxy, fake: FakeUpstream
+    make_proxy: MakeProxy, fake: FakeUpstream, make_upstream: MakeUpstream
 ) -> None:
-    async with FakeUpstream(name="other") as other:
-        fake.default = {"x-fake-status": "429", "x-fake-retry-after": "0.1"}
-        proxy = await make_proxy(config(model("m", dep(fake, "busy", weight=1e6), dep(other, "b"))))
-        async with sdk(proxy) as client:
-            assert (await ask(client)).startswith("tok0")
-            await ask(client)  # the busy one is throttled: the other takes it at once
-        assert (posts(fake), posts(other)) == (1, 2)
-        [first, second] = proxy.recorder.exchanges
-        assert (first.attempts, second.attempts) == (2, 1)
+    other = await make_upstream(name="other")
+    fake.default = {"x-fake-status": "429", "x-fake-retry-after": "0.1"}
+    proxy = await make_proxy(config(model("m", dep(fake, "busy", weight=1e6), dep(other, "b"))))
+    async with sdk(proxy) as client:
+        assert (await ask(client)).startswith("tok0")
+        await ask(client)  # the busy one is throttled: the other takes it at once
+    assert (posts(fake), posts(other)) == (1, 2)
+    [first, second] = proxy.recorder.exchanges
+    assert (first.attempts, second.attempts) == (2, 1)
 
 
 async def test_500s_take_a_deployment_out_only_as_a_rate(
-    make_proxy: MakeProxy, fake: FakeUpstream
+    make_proxy: MakeProxy, fake: FakeUpstream, make_upstream: MakeUpstream
 ) -> None:
-    async with FakeUpstream(name="other") as other:
-        fake.default = {"x-fake-status": "500"}
-        group = model("m", dep(fake, "flaky", weight=1e6), dep(other, "b"))
-        proxy = await make_proxy(config(group, error_min_answers=4, error_rate=0.5, cooldown=30))
-        state = upstreams(proxy)["flaky"]
-        async with sdk(proxy) as client:
-            for n in range(1, 5):
-                assert state.healthy, n  # one request's 500 ejects nothing
-                await ask(client)
-        assert not state.healthy  # 4 answers, all 500s: out
-        assert state.failures == 0  # never counted as consecutive failures
+    other = await make_upstream(name="other")
+    fake.default = {"x-fake-status": "500"}
+    group = model("m", dep(fake, "flaky", weight=1e6), dep(other, "b"))
+    proxy = await make_proxy(config(group, error_min_answers=4, error_rate=0.5, cooldown=30))
+    state = upstreams(proxy)["flaky"]
+    async with sdk(proxy) as client:
+        for n in range(1, 5):
+            assert state.healthy, n  # one request's 500 ejects nothing
+            await ask(client)
+    assert not state.healthy  # 4 answers, all 500s: out
+    assert state.failures == 0  # never counted as consecutive failures
 
 
 async def test_panic_mode_with_two_of_three_deployments_dead(

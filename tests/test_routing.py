@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from proxy.health import DeploymentState
 from proxy.routing import pick_weighted
 from proxy.upstream import Upstream
 from tests.support.env import UPSTREAM_KEY
-from tests.support.inproc import MakeProxy
+from tests.support.inproc import MakeProxy, MakeUpstream
 from tests.support.routing import (
     HEAVY,
     MESSAGES,
@@ -42,15 +42,13 @@ from tests.support.routing import (
 
 
 @pytest.fixture
-async def a() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream(name="a") as up:
-        yield up
+async def a(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(name="a")
 
 
 @pytest.fixture
-async def b() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream(name="b") as up:
-        yield up
+async def b(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(name="b")
 
 
 # 1. Selection ----------------------------------------------------------------------

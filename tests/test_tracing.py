@@ -23,7 +23,7 @@ from proxy import tracing
 from proxy.db import Db
 from proxy.keys.teams import TeamStore
 from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
-from tests.support.inproc import MakeProxy, Proxy
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy
 from tests.support.keys import declare, keyed
 from tests.support.leaks import SECRETS
 
@@ -108,9 +108,8 @@ async def collector() -> AsyncIterator[Collector]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream(chunks=4) as up:
-        yield up
+async def upstream(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(chunks=4)
 
 
 def traced(config: cfg.Config, endpoint: str, **tracing: Any) -> cfg.Config:
@@ -259,18 +258,20 @@ async def test_a_stream_under_a_client_trace(
 
 
 async def test_retries_and_failover_are_client_spans_and_always_kept(
-    make_proxy: MakeProxy, collector: Collector, access_lines: list[dict[str, Any]]
+    make_proxy: MakeProxy,
+    make_upstream: MakeUpstream,
+    collector: Collector,
+    access_lines: list[dict[str, Any]],
 ) -> None:
-    async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
-        a.default = {"x-fake-status": "503"}  # the first deployment fails
-        config = one_model(dep(a, "bad", weight=HEAVY), dep(b, "good"))
-        proxy = await make_proxy(traced(config, collector.url, sample_ratio=0.0))
-        async with sdk(proxy) as client:
-            reply = await client.chat.completions.with_raw_response.create(
-                model="m", messages=MESSAGES
-            )
-        assert reply.http_response.status_code == 200
-        [first], [second] = a.received, b.received
+    a = await make_upstream(name="a")
+    b = await make_upstream(name="b")
+    a.default = {"x-fake-status": "503"}  # the first deployment fails
+    config = one_model(dep(a, "bad", weight=HEAVY), dep(b, "good"))
+    proxy = await make_proxy(traced(config, collector.url, sample_ratio=0.0))
+    async with sdk(proxy) as client:
+        reply = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    assert reply.http_response.status_code == 200
+    [first], [second] = a.received, b.received
     # Sampled out at the start (ratio 0, no parent): no trace went upstream...
     assert "traceparent" not in first.headers
     assert "traceparent" not in second.headers

@@ -26,7 +26,7 @@ from proxy import config as cfg
 from proxy.keys.store import KeyStore
 from tests.support.env import REDIS_URL, UPSTREAM_KEY
 from tests.support.figures import count
-from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
 from tests.support.keys import declare, issue, keyed
 from tests.support.leaks import SECRETS
 from tests.support.rawhttp import CHAT, STREAM, post, roundtrip
@@ -218,9 +218,8 @@ async def test_keys_are_compared_as_digests_in_constant_time(
 
 
 @pytest.fixture
-async def canary() -> FakeUpstream:
-    async with FakeUpstream(name="canary") as up:
-        yield up  # type: ignore[misc]
+async def canary(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(name="canary")
 
 
 async def test_no_client_input_changes_the_upstream_host(

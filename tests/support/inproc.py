@@ -4,11 +4,12 @@ and ``proxy`` fixtures build them), and what tests read from it."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
+from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
 from proxy.app import STATE, State
 from proxy.exchange import Exchange
@@ -43,3 +44,10 @@ class MakeProxy(Protocol):
 
 def with_server(config: cfg.Config, **server: object) -> cfg.Config:
     return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, **server))
+
+
+class MakeUpstream(Protocol):
+    """``make_upstream(**options)``: a started ``FakeUpstream(**options)``
+    (bench/fake_upstream.py), closed after the test."""
+
+    def __call__(self, **options: Any) -> Awaitable[FakeUpstream]: ...
