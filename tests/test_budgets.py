@@ -24,7 +24,6 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import yaml
 from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
@@ -40,12 +39,12 @@ from proxy.ratelimit.shared import connect
 from proxy.usage.record import Record
 from proxy.usage.store import store_for
 from proxy.wire import RequestView
-from tests.support.env import PYTHON, REDIS_URL, free_port, proxy_env
+from tests.support.env import REDIS_URL
 from tests.support.inproc import MakeProxy, Proxy
 from tests.support.keys import client_leaves, declare, keyed, limiter
 from tests.support.leaks import SECRETS
 from tests.support.ledger import ledger_rows
-from tests.support.served import Served
+from tests.support.pair import Pair
 from tests.support.servers import RedisServer
 from tests.support.wait import until
 
@@ -600,60 +599,20 @@ def _row(uid: str, key_id: str, started: float, cost: str) -> Record:
 # --- Two proxy processes sharing Redis ------------------------------------------------------
 
 
-async def test_two_processes_never_overshoot_a_small_budget(
-    tmp_path: Path, migrated_pg: str, redis_prefix: str, upstream: FakeUpstream
-) -> None:
+async def test_two_processes_never_overshoot_a_small_budget(pair: Pair, redis_prefix: str) -> None:
     """Sixteen clients over two ``serve`` processes spend a budget of 0.3 (about 17 real
     requests, 7 worst cases at once); each goes on until it gets a hard refusal."""
-    config = {
-        "models": [
-            {
-                "name": "m1",
-                "price": {"prompt": "1000", "completion": "2000"},
-                "deployments": [{"base_url": upstream.url, "name": "fake"}],
-            }
-        ],
-        "server": {"host": "127.0.0.1", "access_log": "off", "grace_period": 5},
-        "database": {"url": migrated_pg},
-        "redis": {"url": REDIS_URL, "key_prefix": redis_prefix, "timeout": 5.0},
-        "limits": {"flush_interval": 0.1},
-        "usage": {"spool_dir": "spool", "flush_interval": 0.05},
-    }
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    made = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "proxy", "keys", "create", "--name", "team", "--budget", "0.3",
-        "--budget-period", "total", "--config", str(path),
-        env=proxy_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await made.communicate()
-    assert made.returncode == 0, err
-    key, key_id = out.decode().strip(), err.decode().split()[1]
+    out, err = await pair.command(
+        "keys", "create", "--name", "team", "--budget", "0.3", "--budget-period", "total"
+    )
+    key, key_id = out.strip(), err.split()[1]
     SECRETS.add(key)
-    servers: list[Served] = []
-    ports = [free_port(), free_port()]
-    try:
-        for i, port in enumerate(ports):
-            home = tmp_path / f"p{i}"
-            home.mkdir()
-            proc = await asyncio.create_subprocess_exec(
-                PYTHON, "-m", "proxy", "serve", "--config", str(path), "--workers", "1",
-                "--port", str(port), env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            servers.append(Served(proc, port))
-        for served in servers:
-            await served.wait_log("listening")
-        outcomes = await _spend_concurrently(ports, key, clients=16)
-    finally:
-        for served in servers:
-            if served.proc.returncode is None:
-                served.proc.terminate()
-        for served in servers:
-            await served.wait_exit()
+    async with pair.serving():
+        outcomes = await _spend_concurrently(pair.ports, key, clients=16)
     assert outcomes["admitted"] >= 5
     assert outcomes["hard"] == 16  # every client ended on a hard refusal
     worst = D("0.039")  # ceil(~76 body bytes / 4) * 0.001 + 10 * 0.002, at most
-    rows = await ledger_rows(cfg.Database(url=migrated_pg))
+    rows = await ledger_rows(cfg.Database(url=pair.dsn))
     spent = sum((D(r["cost"]) for r in rows), D(0))
     assert Counter(r["status"] for r in rows)[200] == outcomes["admitted"]
     assert spent == outcomes["admitted"] * COST
