@@ -30,9 +30,9 @@ import yaml
 
 from bench.fake_upstream import FakeUpstream
 from proxy.usage.store import READ_REQUEST_ID
-from tests.support.env import PYTHON, REDIS_URL, free_port, proxy_env
+from tests.support.env import REDIS_URL, free_port
 from tests.support.leaks import SECRETS, watch_output
-from tests.support.served import Served
+from tests.support.served import Served, command, start_one
 from tests.support.wait import until
 
 MESSAGES = [{"role": "user", "content": "one two three"}]
@@ -55,14 +55,7 @@ class Fleet:
 
     async def command(self, *args: str) -> tuple[str, str]:
         """``python -m proxy ARGS --config F``: (stdout, stderr); fails on an error."""
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "proxy", *args, "--config", str(self.config),
-            env=proxy_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        return out.decode(), err.decode()
+        return await command(self.config, *args)
 
     async def create_key(self, *limits: str) -> tuple[str, str]:
         """A new API key in the shared database, by the CLI: (key, key id)."""
@@ -79,15 +72,7 @@ class Fleet:
         await asyncio.gather(*(self._start(len(self.replicas) + i, key) for i in range(count)))
 
     async def _start(self, index: int, key: str) -> None:
-        home = self.folder / f"replica-{index}"
-        home.mkdir()
-        port = free_port()
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "proxy", "serve", "--config", str(self.config),
-            "--workers", "1", "--port", str(port),
-            env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        served = Served(proc, port)
+        served = await start_one(self.config, free_port(), self.folder / f"replica-{index}")
         base = served.url + "/v1"
         client = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=30)
         self.replicas.append(Replica(served, client))

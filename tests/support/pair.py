@@ -4,7 +4,6 @@ team limit and budget tests)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from .env import PYTHON, REDIS_URL, free_port, proxy_env
+from .env import REDIS_URL, free_port
 from .leaks import SECRETS
-from .served import Served
+from .served import Served, command, start_one
 
 
 def pair_config(upstream_url: str, dsn: str, redis_prefix: str) -> dict[str, Any]:
@@ -53,14 +52,7 @@ class Pair:
 
     async def command(self, *args: str) -> tuple[str, str]:
         """``python -m proxy ARGS --config CONFIG``: (stdout, stderr); it must exit 0."""
-        proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "proxy", *args, "--config", str(self.config),
-            env=proxy_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        return out.decode(), err.decode()
+        return await command(self.config, *args)
 
     async def key(self, *options: str, name: str = "k") -> str:
         """A new key made by the command line (recorded in SECRETS)."""
@@ -74,14 +66,7 @@ class Pair:
         servers: list[Served] = []
         try:
             for i, port in enumerate(self.ports):
-                home = self.folder / f"p{i}"
-                home.mkdir()
-                proc = await asyncio.create_subprocess_exec(
-                    PYTHON, "-m", "proxy", "serve", "--config", str(self.config),
-                    "--workers", "1", "--port", str(port),
-                    env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
-                )  # fmt: skip
-                servers.append(Served(proc, port))
+                servers.append(await start_one(self.config, port, self.folder / f"p{i}"))
             for served in servers:
                 await served.wait_log("listening")
             yield servers

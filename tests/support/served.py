@@ -106,6 +106,30 @@ async def serve(*args: str, port: int = 0) -> AsyncIterator[Served]:
             await asyncio.wait_for(served._reader, 5)
 
 
+async def command(config: Path, *args: str) -> tuple[str, str]:
+    """``python -m proxy ARGS --config CONFIG``: (stdout, stderr); it must exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "proxy", *args, "--config", str(config),
+        env=proxy_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode(), err.decode()
+
+
+async def start_one(config: Path, port: int, home: Path) -> Served:
+    """``serve --config CONFIG --workers 1 --port PORT`` run in ``home`` (a new folder:
+    its own spool); the caller waits for it to listen and stops it."""
+    home.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "proxy", "serve", "--config", str(config),
+        "--workers", "1", "--port", str(port),
+        env=proxy_env(), cwd=home, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    return Served(proc, port)
+
+
 def serve_upstream(
     upstream: FakeUpstream, *args: str, port: int = 0
 ) -> contextlib.AbstractAsyncContextManager[Served]:
