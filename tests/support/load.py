@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import aiohttp
 import orjson
@@ -20,6 +20,14 @@ PLAIN = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "a
 OnFailure = Literal["stop", "go on", "raise"]
 
 
+class Answer(NamedTuple):
+    """One answered request: the ``phase`` it started in, how long it took, its status."""
+
+    phase: str
+    latency: float
+    status: int
+
+
 class Load:
     """``clients`` concurrent clients sending chat requests to ``url`` (the proxy's
     address, without ``/v1``) until stopped, each request with its own X-Request-Id
@@ -28,7 +36,8 @@ class Load:
     It keeps ``statuses`` (every answer's status, in order), ``completed`` (each
     request whose whole answer arrived, to when it did), ``failed`` (each request cut
     off, by a connection error or no answer within the deadline, to why) and
-    ``slowest`` (the longest an answer took).
+    ``slowest`` (the longest an answer took), and each ``Answer`` under the ``phase`` (a
+    label the test sets) current when its request started.
 
     ``streams``: every other request is streamed (``stream_headers`` added to those);
     else all are plain. ``fresh_connections``: each request on a new connection (so a
@@ -53,6 +62,8 @@ class Load:
         self.completed: dict[str, float] = {}
         self.failed: dict[str, str] = {}
         self.slowest = 0.0
+        self.phase = ""
+        self.answers: list[Answer] = []
         self.headers = headers or {}
         self.streams = streams
         self.stream_headers = stream_headers or {}
@@ -90,7 +101,7 @@ class Load:
                 headers = {"X-Request-Id": rid, **self.headers}
                 if stream:
                     headers.update(self.stream_headers)
-                started = time.monotonic()
+                phase, started = self.phase, time.monotonic()
                 try:
                     async with asyncio.timeout(self.deadline):
                         async with http.post(
@@ -106,11 +117,13 @@ class Load:
                     await asyncio.sleep(0.05)  # (a refused connect is instant)
                     continue
                 self.completed[rid] = time.monotonic()
-                self.slowest = max(self.slowest, self.completed[rid] - started)
+                latency = self.completed[rid] - started
+                self.slowest = max(self.slowest, latency)
+                self.answers.append(Answer(phase, latency, resp.status))
                 self.statuses.append(resp.status)
 
 
-def keyed_load(url: str, key: str, clients: int = 4) -> Load:
+def keyed_load(url: str, key: str, clients: int = 4, deadline: float = 5.0) -> Load:
     """Clients sending plain requests with ``key`` back to back on kept-alive
     connections; a request that hangs or fails fails the test."""
     return Load(
@@ -119,6 +132,6 @@ def keyed_load(url: str, key: str, clients: int = 4) -> Load:
         headers={"Authorization": f"Bearer {key}"},
         streams=False,
         fresh_connections=False,
-        deadline=5.0,
+        deadline=deadline,
         on_failure="raise",
     )
