@@ -1,4 +1,4 @@
-"""JWTs at the API (proxy/tokens.py) against a real issuer built here (tests/issuer.py):
+"""JWTs at the API (proxy/tokens.py) against a real issuer built here (tests/support/issuer.py):
 every algorithm, every refusal, key rotation and a JWKS that fails or hangs."""
 
 from __future__ import annotations

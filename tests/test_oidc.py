@@ -1,5 +1,5 @@
 """OpenID Connect login for the console (proxy/oidc.py): the code flow with PKCE against
-the issuer of tests/issuer.py, over real HTTP, cookies handled as a browser would."""
+the issuer of tests/support/issuer.py, over real HTTP, cookies handled as a browser would."""
 
 from __future__ import annotations
 

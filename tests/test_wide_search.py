@@ -1,6 +1,6 @@
 """The wide random search (``-m slow``): every property test of the suite again, with
 random seeds and twenty times the examples (``MORNGPT_HYPOTHESIS=wide``, see
-conftest.py). The default run stays derandomized; a failure found here is kept as an
+tests/support/properties.py). The default run stays derandomized; a failure found here is kept as an
 explicit ``@example`` on the test that found it, so the default run checks it forever."""
 
 from __future__ import annotations

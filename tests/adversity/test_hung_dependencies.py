@@ -1,6 +1,6 @@
 """A dependency that hangs (accepts, never answers) costs at most one bounded wait per
 backoff window, never one per request (issue #15). Each fault goes through the fault
-relay (faultproxy.py) in three kinds: ``pause`` (a black hole), ``refuse`` (every
+relay (tests/support/faultproxy.py) in three kinds: ``pause`` (a black hole), ``refuse`` (every
 connection reset, as a server that is down) and ``cut`` (whatever is sent resets its
 connection mid-message, again and again).
 

@@ -1,6 +1,6 @@
 """A bounded soak: a steady rate of mixed traffic (streams, plain answers, upstream
 errors, cut streams, clients leaving mid-stream and before the answer) against one
-proxy worker in a process of its own (probe.py). Afterwards nothing may be left
+proxy worker in a process of its own (tests/support/probe.py). Afterwards nothing may be left
 behind: no unclosed upstream response, no extra task, connection or file
 descriptor; memory is flat after warm-up (RSS at start, peak and end are reported).
 
