@@ -32,7 +32,6 @@ from tests.support import leaks, properties
 from tests.support.env import CLIENT_KEY, PG_ADMIN_DSN, REDIS_URL, ROOT, UPSTREAM_KEY
 from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
 from tests.support.issuer import Issuer
-from tests.support.pair import Pair
 from tests.support.servers import RedisServer
 
 
@@ -189,12 +188,6 @@ async def issuer() -> AsyncIterator[Issuer]:
         yield issuer
     finally:
         await issuer.close()
-
-
-@pytest.fixture
-async def pair(tmp_path: Path, migrated_pg: str, redis_prefix: str, upstream: FakeUpstream) -> Pair:
-    """Two ``serve`` processes' config: one Redis prefix, one database (tests/support/pair.py)."""
-    return Pair.write(tmp_path, upstream.url, migrated_pg, redis_prefix)
 
 
 @pytest.fixture

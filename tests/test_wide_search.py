@@ -24,9 +24,11 @@ def property_modules() -> list[str]:
 
 
 def test_the_suite_has_property_tests() -> None:
-    assert {"tests/test_sse.py", "tests/test_wire.py", "tests/adversity/test_fuzz.py"} <= set(
-        property_modules()
-    )
+    assert {
+        "tests/http/test_sse.py",
+        "tests/http/test_wire.py",
+        "tests/adversity/test_fuzz.py",
+    } <= set(property_modules())
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ with SIGKILL and restarted, and cut by a TCP relay in the middle of a command or
 COPY. Clients must never notice; afterwards the ledger holds exactly one row per
 answered request, and the proxy is back on Redis and the database by itself.
 
-(Redis killed and restarted, and a slow Redis: tests/test_limiter_outage.py;
-PostgreSQL stopped and restarted: tests/test_usage_outage.py.)"""
+(Redis killed and restarted, and a slow Redis: tests/governance/test_limiter_outage.py;
+PostgreSQL stopped and restarted: tests/usage/test_outage.py.)"""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ usage ledger documents: the rows of requests that finished within one flush of t
 kill), and SIGKILL mid-outage followed by a restart that replays the spool the dead
 process left.
 
-(SIGTERM under load — drain, flush, exit 0 — is tests/test_usage_outage.py and
-tests/test_replicas.py.)"""
+(SIGTERM under load — drain, flush, exit 0 — is tests/usage/test_outage.py and
+tests/deploy/test_replicas.py.)"""
 
 from __future__ import annotations
 

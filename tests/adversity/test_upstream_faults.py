@@ -3,7 +3,7 @@ official SDK), what the usage ledger holds (exactly one row, with the error clas
 and that the next request is served again without anyone stepping in.
 
 Retries and failover over several deployments are routing's subject
-(tests/test_routing.py); here each request gets one attempt, so the fault itself is
+(tests/routing/test_routing.py); here each request gets one attempt, so the fault itself is
 what the client sees. A keep-alive connection the upstream closed is the exception:
 that one must never be seen at all.
 """

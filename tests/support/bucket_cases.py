@@ -1,6 +1,6 @@
 """The token-bucket cases: one table of (call, expected verdict) steps that
-tests/test_bucket.py runs against the Python twin and bucket.lua, and
-tests/test_cluster.py against a Redis Cluster."""
+tests/governance/test_bucket.py runs against the Python twin and bucket.lua, and
+tests/governance/test_cluster.py against a Redis Cluster."""
 
 from __future__ import annotations
 

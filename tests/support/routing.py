@@ -1,4 +1,4 @@
-"""Helpers of the routing tests (tests/test_routing.py, tests/test_resilience.py):
+"""Helpers of the routing tests (tests/routing/test_routing.py, tests/routing/test_resilience.py):
 configs of several deployments, the SDK pointed at a proxy, the deployments' state."""
 
 from __future__ import annotations

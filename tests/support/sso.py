@@ -1,4 +1,4 @@
-"""Single sign-on helpers (tests/test_oidc.py, tests/test_admin.py): the login
+"""Single sign-on helpers (tests/admin/test_oidc.py, tests/admin/test_admin.py): the login
 settings against the test issuer (tests/support/issuer.py), a console-like app with
 the login mounted, and a browser's way through the code flow."""
 

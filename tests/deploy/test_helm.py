@@ -2,7 +2,7 @@
 default rendering (one source of truth), every object it renders fits the Kubernetes
 API schemas (kubernetes-validate: kubeconform's job, from PyPI), and each value does
 what values.yaml says. What the rendered manifests mean (probes, shutdown timeline,
-secrets, the config) is checked on deploy/k8s by tests/test_deploy.py.
+secrets, the config) is checked on deploy/k8s by tests/deploy/test_deploy.py.
 
 Rendering is Helm's own Go SDK (helm-python-sdk), run as ``scripts/chart.py`` in a
 subprocess so that the Go runtime stays out of the test process.
@@ -132,7 +132,7 @@ def test_every_rendered_object_fits_the_kubernetes_schemas(tmp_path: Path, varia
 
 
 def test_the_defaults_name_the_objects_as_the_docs_do(tmp_path: Path) -> None:
-    """(Every kind is there: tests/test_deploy.py, on deploy/k8s, which is this.)"""
+    """(Every kind is there: tests/deploy/test_deploy.py, on deploy/k8s, which is this.)"""
     found = kinds(template(tmp_path))
     deployment = found["Deployment"]
     assert deployment["metadata"]["name"] == "morngpt-proxy"

@@ -1,6 +1,6 @@
 """Rate limits on a real Redis Cluster: three ``redis-server --cluster-enabled yes``
 processes on free loopback ports, joined by ``redis-cli --cluster create``. The
-limiter's case table (tests/test_bucket.py) runs against bucket.lua on the cluster,
+limiter's case table (tests/governance/test_bucket.py) runs against bucket.lua on the cluster,
 and a proxy configured with ``redis.cluster`` limits exactly as on one Redis.
 
 The cluster is this module's own throwaway (never the shared Redis), started once for
