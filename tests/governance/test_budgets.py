@@ -608,7 +608,7 @@ async def test_two_processes_never_overshoot_a_small_budget(pair: Pair, redis_pr
     key, key_id = out.strip(), err.split()[1]
     SECRETS.add(key)
     async with pair.serving():
-        outcomes = await _spend_concurrently(pair.ports, key, clients=16)
+        outcomes = await pair.spend_until_refused([key], clients=16)
     assert outcomes["admitted"] >= 5
     assert outcomes["hard"] == 16  # every client ended on a hard refusal
     worst = D("0.039")  # ceil(~76 body bytes / 4) * 0.001 + 10 * 0.002, at most
@@ -619,28 +619,3 @@ async def test_two_processes_never_overshoot_a_small_budget(pair: Pair, redis_pr
     assert spent <= D("0.3")  # never over: at most one worst case was promised
     assert D("0.3") - spent < worst  # and the budget was used up, not left idle
     assert await state(redis_prefix, key_id) == {"spent": int(spent * 10**9), "held": 0}
-
-
-async def _spend_concurrently(ports: list[int], key: str, clients: int) -> Counter[str]:
-    outcomes: Counter[str] = Counter()
-    body = orjson.dumps({"model": "m1", "messages": MESSAGES, "max_tokens": 10})
-    headers = {"Authorization": f"Bearer {key}", "x-fake-delay-ms": "20"}
-
-    async def client(n: int, http: aiohttp.ClientSession) -> None:
-        url = f"http://127.0.0.1:{ports[n % len(ports)]}/v1/chat/completions"
-        while True:
-            async with http.post(url, data=body, headers=headers) as resp:
-                await resp.read()
-                if resp.status == 200:
-                    outcomes["admitted"] += 1
-                    continue
-                assert resp.status == 429, resp.status
-                if resp.headers["x-should-retry"] == "false":
-                    outcomes["hard"] += 1
-                    return
-                outcomes["in flight"] += 1
-                await asyncio.sleep(0.01)  # what the SDK would wait (retry-after-ms) or less
-
-    async with aiohttp.ClientSession() as http:
-        await asyncio.gather(*(client(n, http) for n in range(clients)))
-    return outcomes

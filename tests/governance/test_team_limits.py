@@ -58,26 +58,7 @@ async def test_a_team_budget_its_keys_cannot_overshoot_together(pair: Pair) -> N
                        "--budget-period", "total")  # fmt: skip
     keys = [await pair.key("--team", "t") for _ in range(4)]
     async with pair.serving():
-        outcomes: Counter[str] = Counter()
-        body = orjson.dumps({"model": "m1", "messages": MESSAGES, "max_tokens": 10})
-        async with aiohttp.ClientSession() as http:
-
-            async def client(n: int) -> None:
-                url = f"http://127.0.0.1:{pair.ports[n % 2]}/v1/chat/completions"
-                headers = {"Authorization": f"Bearer {keys[n % 4]}", "x-fake-delay-ms": "20"}
-                while True:
-                    async with http.post(url, data=body, headers=headers) as resp:
-                        await resp.read()
-                        if resp.status == 200:
-                            outcomes["admitted"] += 1
-                            continue
-                        assert resp.status == 429, resp.status
-                        if resp.headers["x-should-retry"] == "false":
-                            outcomes["hard"] += 1
-                            return
-                        await asyncio.sleep(0.01)
-
-            await asyncio.gather(*(client(n) for n in range(16)))
+        outcomes = await pair.spend_until_refused(keys, clients=16)
     assert outcomes["hard"] == 16
     assert outcomes["admitted"] >= 5
 

@@ -4,17 +4,23 @@ team limit and budget tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import yaml
 
 from .env import REDIS_URL, free_port
 from .leaks import SECRETS
 from .served import Served, command, start_one
+
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def pair_config(upstream_url: str, dsn: str, redis_prefix: str) -> dict[str, Any]:
@@ -76,3 +82,31 @@ class Pair:
                     served.proc.terminate()
             for served in servers:
                 await served.wait_exit()
+
+    async def spend_until_refused(self, keys: list[str], clients: int) -> Counter[str]:
+        """``clients`` clients over both processes (client n with ``keys[n % len(keys)]``)
+        send priced chat requests until each gets a hard refusal (a 429 with
+        ``x-should-retry: false``): how many were ``admitted``, refused while others
+        were ``in flight``, and ``hard``."""
+        outcomes: Counter[str] = Counter()
+        body = orjson.dumps({"model": "m1", "messages": MESSAGES, "max_tokens": 10})
+
+        async def client(n: int, http: aiohttp.ClientSession) -> None:
+            url = f"http://127.0.0.1:{self.ports[n % len(self.ports)]}/v1/chat/completions"
+            headers = {"Authorization": f"Bearer {keys[n % len(keys)]}", "x-fake-delay-ms": "20"}
+            while True:
+                async with http.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        outcomes["admitted"] += 1
+                        continue
+                    assert resp.status == 429, resp.status
+                    if resp.headers["x-should-retry"] == "false":
+                        outcomes["hard"] += 1
+                        return
+                    outcomes["in flight"] += 1
+                    await asyncio.sleep(0.01)  # what the SDK would wait (retry-after-ms) or less
+
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(client(n, http) for n in range(clients)))
+        return outcomes
