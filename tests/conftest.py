@@ -27,6 +27,7 @@ from aiohttp import web
 
 from bench.fake_upstream import FakeUpstream
 from proxy import config as cfg
+from proxy.db import Db
 from proxy.serve import start
 from tests.support import leaks, properties
 from tests.support.env import CLIENT_KEY, PG_ADMIN_DSN, REDIS_URL, ROOT, UPSTREAM_KEY
@@ -154,6 +155,24 @@ async def migrated_pg(pg_dsn: str) -> str:
 
     await migrate(cfg.Database(url=pg_dsn))
     return pg_dsn
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
+    """Each backend in turn: a SQLite file, then a fresh migrated PostgreSQL database."""
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
+    return cfg.Database(sqlite_path=str(tmp_path / "backend.db"))
+
+
+@pytest.fixture
+async def db(database: cfg.Database) -> AsyncIterator[Db]:
+    """The database handle the proxy's workers use, open on ``database``."""
+    handle = await Db.open(database)
+    try:
+        yield handle
+    finally:
+        await handle.close()
 
 
 @pytest.fixture(scope="session", autouse=True)

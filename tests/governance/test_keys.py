@@ -59,13 +59,6 @@ def test_keys_are_random_prefixed_and_stored_only_as_a_hash() -> None:
 # --- The store, on both backends -----------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
-    return cfg.Database(sqlite_path=str(tmp_path / "keys.db"))
-
-
 @pytest.fixture
 async def store(database: cfg.Database) -> AsyncIterator[KeyStore]:
     db = await Db.open(database)

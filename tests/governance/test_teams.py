@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,22 +19,6 @@ from proxy.keys.store import KeyStore
 from proxy.keys.teams import TeamInUse, TeamStore
 from tests.support.keys import config_file_for, declare
 from tests.support.leaks import SECRETS
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
-    return cfg.Database(sqlite_path=str(tmp_path / "teams.db"))
-
-
-@pytest.fixture
-async def db(database: cfg.Database) -> AsyncIterator[Db]:
-    db = await Db.open(database)
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 async def test_team_store_and_keys_of_a_team(db: Db) -> None:

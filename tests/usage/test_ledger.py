@@ -8,7 +8,6 @@ import asyncio
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -69,22 +68,6 @@ def record(n: int, started_at: float, **changes: object) -> Record:
 def spread(count: int, start: float = T0, step: float = 97.0) -> list[Record]:
     """``count`` records over several hours and days."""
     return [record(n, start + n * step) for n in range(count)]
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
-    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
-
-
-@pytest.fixture
-async def db(database: cfg.Database) -> AsyncIterator[Db]:
-    handle = await Db.open(database)
-    try:
-        yield handle
-    finally:
-        await handle.close()
 
 
 async def rollups(db: Db, width: int) -> set[tuple[object, ...]]:

@@ -31,13 +31,6 @@ from tests.support.wait import until
 MESSAGES = [{"role": "user", "content": "say three words"}]
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
-    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))  # make_proxy moves it
-
-
 async def closed(proxy: Proxy) -> list[dict[str, Any]]:
     """Stop the proxy (the ledger drains on the way out) and read the ledger back."""
     await proxy.runner.cleanup()
