@@ -165,6 +165,15 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
     return cfg.Database(sqlite_path=str(tmp_path / "backend.db"))
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
+    """Each backend, empty: a fresh PostgreSQL database, then a new SQLite file (for
+    tests of the migrations themselves)."""
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
+    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
+
+
 @pytest.fixture
 async def db(database: cfg.Database) -> AsyncIterator[Db]:
     """The database handle the proxy's workers use, open on ``database``."""

@@ -68,13 +68,6 @@ async def test_unreachable_postgres_does_not_stop_the_start() -> None:
         await db.close()
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
-    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
-
-
 async def test_dropping_ledger_indexes_keeps_the_rows(
     unmigrated: cfg.Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -199,13 +199,6 @@ async def test_postgres_partitions_ahead_and_retention_drops_whole_days(migrated
         await db.close()
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
-    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
-
-
 async def test_0005_converts_a_populated_ledger_without_losing_a_row(
     unmigrated: cfg.Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
