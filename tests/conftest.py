@@ -33,7 +33,7 @@ from tests.support import leaks, properties
 from tests.support.env import CLIENT_KEY, PG_ADMIN_DSN, REDIS_URL, ROOT, UPSTREAM_KEY
 from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
 from tests.support.issuer import Issuer
-from tests.support.servers import RedisServer
+from tests.support.servers import Cluster, RedisServer, cluster
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -216,6 +216,13 @@ async def issuer() -> AsyncIterator[Issuer]:
         yield issuer
     finally:
         await issuer.close()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL server for the module's tests (never the shared one)."""
+    with cluster() as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fixtures and hooks of the adversity suite: throwaway PostgreSQL, fault relays, and
+"""Fixtures and hooks of the adversity suite: fault relays, and
 the run's figures (tests/support/figures.py) printed at the end and, when
 ``MORNGPT_RELIABILITY_JSON`` names a file, written there as JSON (docs/reliability.md
 quotes them)."""
@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.support.figures import FIGURES, MEASURED, NAMES, Relays, count
-from tests.support.servers import Cluster, cluster
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -28,13 +27,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         figures = {name: FIGURES[name] for name in NAMES.values()}
         with open(target, "w") as out:
             json.dump({**figures, "measured": MEASURED}, out, indent=2)
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    """A throwaway PostgreSQL server for the module's tests (never the shared one)."""
-    with cluster() as server:
-        yield server
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -25,14 +24,8 @@ from tests.support.ledger import (
 )
 from tests.support.load import Load
 from tests.support.served import replay_spool, serve, serve_without_database, write_config
-from tests.support.servers import Cluster, cluster
+from tests.support.servers import Cluster
 from tests.support.wait import until
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    with cluster() as server:
-        yield server
 
 
 async def test_database_restart_mid_load_loses_and_doubles_nothing(
