@@ -74,6 +74,14 @@ def test_shared_helpers_live_in_support() -> None:
     assert helpers == []
 
 
+def test_every_folder_is_a_package() -> None:
+    """So that modules of the same name in two folders cannot clash (pytest imports
+    them by their dotted package path)."""
+    folders = {path.parent for path in sources()}
+    bare = [str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()]
+    assert sorted(bare) == []
+
+
 def test_the_checks_see_imports() -> None:
     """The checks above are not vacuous: they see relative and absolute imports."""
     tree = TESTS / "test_layout.py"
