@@ -1,5 +1,5 @@
 """Build the Dockerfile and run the image against the fake upstream, without a Docker
-engine: ``python3 scripts/image_check.py`` (as root; tests/test_packaging.py runs it).
+engine: ``python3 scripts/image_check.py`` (as root; tests/deploy/test_packaging.py runs it).
 
 - The builder is buildah (Debian's `buildah` with `crun`), with ``--isolation chroot``:
   no user namespaces or overlay mounts are needed, which is what works in a sandbox.

@@ -1,5 +1,7 @@
-"""Shared fixtures: a fake upstream, the proxy as a real server on loopback, the
-official OpenAI SDK as the client. Fixtures that start something also stop it."""
+"""Fixtures and hooks of the whole suite: a fake upstream, the proxy as a real server
+on loopback, the official OpenAI SDK as the client, the shared and throwaway backing
+servers, the key-leak scan. Fixtures that start something also stop it. The helpers
+they use, and that tests import, are in tests/support/."""
 
 from __future__ import annotations
 
@@ -10,12 +12,10 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -24,57 +24,23 @@ import pytest
 import redis.asyncio as aioredis
 import uvloop
 from aiohttp import web
-from hypothesis import settings
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.config.load import quick_start
-from proxy.exchange import Exchange
+from proxy.db import Db
 from proxy.serve import start
-from proxy.state import STATE, State
-
-ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM_KEY = "sk-upstream-secret-0123456789"
-CLIENT_KEY = "sk-client-key-should-never-travel"
-# Every key a test hands out: none may ever appear in a log (see ``_no_key_in_logs``).
-# Tests that issue keys add them here.
-SECRETS: set[str] = {UPSTREAM_KEY, CLIENT_KEY}
-
-# Property tests are derandomized by default: every run of the suite tries the same
-# examples, so CI never passes or fails by chance (no example database either). Each
-# failure one of them ever found stays as an explicit ``@example``. The wide random
-# search is ``tests/test_wide_search.py`` (``-m slow``): it runs them all again with
-# MORNGPT_HYPOTHESIS=wide, random seeds and ``examples(n)`` twenty times larger.
-WIDE = os.environ.get("MORNGPT_HYPOTHESIS") == "wide"
-settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
-settings.register_profile("wide", derandomize=False, database=None, print_blob=True)
-settings.load_profile("wide" if WIDE else "fixed")
+from tests.support import leaks, properties
+from tests.support.env import CLIENT_KEY, PG_ADMIN_DSN, REDIS_URL, ROOT, UPSTREAM_KEY
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
+from tests.support.issuer import Issuer
+from tests.support.servers import Cluster, RedisServer, cluster
 
 
-def examples(n: int) -> int:
-    """How many examples a property test tries: ``n``, or twenty times that in the wide search."""
-    return n * 20 if WIDE else n
-
-
-class Recorder:
-    """A sink that keeps every finished exchange, for assertions."""
-
-    def __init__(self) -> None:
-        self.exchanges: list[Exchange] = []
-
-    def record(self, exchange: Exchange) -> None:
-        self.exchanges.append(exchange)
-
-
-class Proxy:
-    def __init__(self, runner: web.AppRunner) -> None:
-        self.runner = runner
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self.base = f"{self.url}/v1"
-        self.state: State = runner.app[STATE]
-        self.recorder = Recorder()
-        self.state.sinks.sinks.append(self.recorder)
+def pytest_configure(config: pytest.Config) -> None:
+    """The hypothesis profile (derandomized unless MORNGPT_HYPOTHESIS=wide), loaded
+    before any test module builds its settings."""
+    properties.load_profile()
 
 
 def pytest_asyncio_loop_factories(
@@ -95,26 +61,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(measured.read_text().strip())
 
 
-class MakeProxy(Protocol):
-    """``make_proxy(config, auth=False)``: auth stays off unless a test is about keys."""
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[MakeUpstream]:
+    """Fake upstreams (bench/fake_upstream.py, the one the benchmarks use) with
+    options, each started on a free port and closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    def __call__(self, config: cfg.Config, *, auth: bool = False) -> Awaitable[Proxy]: ...
+        async def make(**options: Any) -> FakeUpstream:
+            return await stack.enter_async_context(FakeUpstream(**options))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_server(config: cfg.Config, **server: object) -> cfg.Config:
-    return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, **server))
+        yield make
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
-        yield up
+async def upstream(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream()
 
 
 @pytest.fixture
@@ -155,17 +116,11 @@ async def client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
         yield c
 
 
-PG_ADMIN_DSN = os.environ.get("MORNGPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("MORNGPT_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[str]:
     """A Redis key prefix no other test (or test run) uses on the shared Redis; every
     key under it is deleted afterwards. Ask for it before ``make_proxy``, so the
     cleanup runs after the proxies closed (a closing limiter still writes)."""
-    import redis.asyncio as aioredis
-
     prefix = f"test-{os.getpid()}-{secrets.token_hex(4)}"
     yield prefix
     client = aioredis.Redis.from_url(REDIS_URL)
@@ -203,34 +158,39 @@ async def migrated_pg(pg_dsn: str) -> str:
     return pg_dsn
 
 
-# --- Key-leak scan over the whole run ----------------------------------------------
-
-# Formatted log records of the whole test run, and the stderr lines of proxy
-# subprocesses (``watch_output``), scanned for SECRETS when the session ends.
-CAPTURED: list[str] = []
-_OUTPUTS: list[list[str]] = []
-# The test's own clients log what they send (the SDK logs request options, headers
-# included, at debug level): holding a key is their job, not a leak by the proxy.
-_CLIENT_LOGGERS = ("openai", "httpx", "httpcore")
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
+    """Each backend in turn: a SQLite file, then a fresh migrated PostgreSQL database."""
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("migrated_pg"))
+    return cfg.Database(sqlite_path=str(tmp_path / "backend.db"))
 
 
-def watch_output(lines: list[str]) -> list[str]:
-    """Register a subprocess's collected output lines for the end-of-run key scan."""
-    _OUTPUTS.append(lines)
-    return lines
+@pytest.fixture(params=["postgres", "sqlite"])
+def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
+    """Each backend, empty: a fresh PostgreSQL database, then a new SQLite file (for
+    tests of the migrations themselves)."""
+    if request.param == "postgres":
+        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
+    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
 
 
-class _Capture(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        if not record.name.startswith(_CLIENT_LOGGERS):
-            CAPTURED.append(self.format(record))
+@pytest.fixture
+async def db(database: cfg.Database) -> AsyncIterator[Db]:
+    """The database handle the proxy's workers use, open on ``database``."""
+    handle = await Db.open(database)
+    try:
+        yield handle
+    finally:
+        await handle.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_key_in_logs() -> Iterator[None]:
     """Capture every log record of the run (the proxy's at debug level, so nothing is
-    filtered out before it is made) and fail if any known key appears in one."""
-    capture = _Capture()
+    filtered out before it is made) and fail if any known key appears in one, or in
+    the output of a proxy subprocess (tests/support/leaks.py)."""
+    capture = leaks.Capture()
     capture.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     proxy_log = logging.getLogger("proxy")
     access_log = logging.getLogger("proxy.access")  # does not propagate while it runs
@@ -244,49 +204,26 @@ def _no_key_in_logs() -> Iterator[None]:
         access_log.removeHandler(capture)
         logging.getLogger().removeHandler(capture)
         proxy_log.setLevel(level)
-    texts = CAPTURED + [line for lines in _OUTPUTS for line in lines]
-    leaks = [text[:300] for text in texts if any(key in text for key in SECRETS)]
-    assert not leaks, f"a key appeared in the logs: {leaks[:5]}"
+    found = leaks.leaks()
+    assert not found, f"a key appeared in the logs: {found[:5]}"
 
 
-def proxy_env() -> dict[str, str]:
-    """Environment for running ``python -m proxy`` / ``bench`` in a subprocess."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+@pytest.fixture
+async def issuer() -> AsyncIterator[Issuer]:
+    """An OpenID Connect provider and JWT issuer on loopback (tests/support/issuer.py)."""
+    issuer = Issuer()
+    await issuer.start()
+    try:
+        yield issuer
+    finally:
+        await issuer.close()
 
 
-PYTHON = sys.executable
-
-
-class RedisServer:
-    """A redis-server process this test owns: started, killed and restarted at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--enable-debug-command", "yes"),
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        async with aioredis.Redis.from_url(self.url) as client:
-            while True:
-                with contextlib.suppress(OSError, aioredis.ConnectionError):
-                    if await client.ping():
-                        return
-                assert time.monotonic() < deadline, "redis-server did not start"
-                await asyncio.sleep(0.02)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL server for the module's tests (never the shared one)."""
+    with cluster() as server:
+        yield server
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import pytest
 
 from proxy.cli import main
 from proxy.config.load import load
-
-from .conftest import ROOT
+from tests.support.env import ROOT
 
 
 def test_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> None:

@@ -59,20 +59,13 @@ async def test_serving_on_an_unmigrated_postgres_is_refused(pg_dsn: str) -> None
 
 
 async def test_unreachable_postgres_does_not_stop_the_start() -> None:
-    from .conftest import free_port
+    from tests.support.env import free_port
 
     db = await Db.open(cfg.Database(url=f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
     try:
         assert db.pool is not None
     finally:
         await db.close()
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def unmigrated(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
-    if request.param == "postgres":
-        return cfg.Database(url=request.getfixturevalue("pg_dsn"))
-    return cfg.Database(sqlite_path=str(tmp_path / "ledger.db"))
 
 
 async def test_dropping_ledger_indexes_keeps_the_rows(

@@ -25,8 +25,8 @@ from proxy.config.load import quick_start, resolve
 from proxy.config.upstreams import Deployment, Model, Timeouts
 from proxy.exchange import unique_hex
 from proxy.state import STATE
-
-from .conftest import CLIENT_KEY, UPSTREAM_KEY, MakeProxy, Proxy, Recorder, free_port
+from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
+from tests.support.inproc import MakeProxy, Proxy, Recorder
 
 MESSAGES = [{"role": "user", "content": "say three words"}]
 
@@ -393,7 +393,7 @@ async def test_bad_types_raise_bad_request_in_the_sdk(client: openai.AsyncOpenAI
 
 async def test_body_over_the_limit_is_413(make_proxy: MakeProxy, upstream: FakeUpstream) -> None:
     config = quick_start(upstream.url, None)
-    from .conftest import with_server
+    from tests.support.inproc import with_server
 
     proxy = await make_proxy(with_server(config, max_body_bytes=10_000))
     async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -14,24 +13,15 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-
-from . import usage_support
-from .usage_support import Served
+from tests.support.served import serve_upstream
 
 STREAM = orjson.dumps(
     {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 )
 
 
-def serve(
-    upstream: FakeUpstream, *args: str, port: int = 0
-) -> contextlib.AbstractAsyncContextManager[Served]:
-    """``serve`` in front of ``upstream`` (the quick start)."""
-    return usage_support.serve("--upstream", upstream.url, *args, port=port)
-
-
 async def test_sigterm_lets_a_stream_finish_then_exits_0(upstream: FakeUpstream) -> None:
-    async with serve(upstream, "--workers", "1") as served:
+    async with serve_upstream(upstream, "--workers", "1") as served:
         await served.wait_log("listening")
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -54,7 +44,7 @@ async def test_sigterm_lets_a_stream_finish_then_exits_0(upstream: FakeUpstream)
 
 
 async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream: FakeUpstream) -> None:
-    async with serve(upstream, "--workers", "2") as served:
+    async with serve_upstream(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
         pids = set(served.worker_pids())
         assert len(pids) == 2
@@ -68,7 +58,7 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream: FakeUps
 
 
 async def test_killed_worker_is_replaced(upstream: FakeUpstream) -> None:
-    async with serve(upstream, "--workers", "2") as served:
+    async with serve_upstream(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
         os.kill(served.worker_pids()[0], signal.SIGKILL)
         await served.wait_log("starting another")
@@ -84,13 +74,13 @@ async def test_workers_that_cannot_start_make_the_supervisor_give_up(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        async with serve(upstream, "--workers", "2", port=port) as served:
+        async with serve_upstream(upstream, "--workers", "2", port=port) as served:
             assert await served.wait_exit(timeout=40) == 1
     assert any("giving up" in line for line in served.log)
 
 
 async def test_workers_drain_when_the_supervisor_is_killed(upstream: FakeUpstream) -> None:
-    async with serve(upstream, "--workers", "2") as served:
+    async with serve_upstream(upstream, "--workers", "2") as served:
         await served.wait_log("listening", count=2)
         pids = served.worker_pids()
         served.proc.kill()

@@ -1,6 +1,6 @@
 """The wide random search (``-m slow``): every property test of the suite again, with
 random seeds and twenty times the examples (``MORNGPT_HYPOTHESIS=wide``, see
-conftest.py). The default run stays derandomized; a failure found here is kept as an
+tests/support/properties.py). The default run stays derandomized; a failure found here is kept as an
 explicit ``@example`` on the test that found it, so the default run checks it forever."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from tests.support.env import ROOT
 
 
 def property_modules() -> list[str]:
@@ -24,9 +24,11 @@ def property_modules() -> list[str]:
 
 
 def test_the_suite_has_property_tests() -> None:
-    assert {"tests/test_sse.py", "tests/test_wire.py", "tests/adversity/test_fuzz.py"} <= set(
-        property_modules()
-    )
+    assert {
+        "tests/http/test_sse.py",
+        "tests/http/test_wire.py",
+        "tests/adversity/test_fuzz.py",
+    } <= set(property_modules())
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ class _Observations:
     """A histogram child's observations gathered since the last fold: a count per
     bucket and their sum. Folding adds them to the child's bucket and sum values
     directly (``_upper_bounds``, ``_buckets``, ``_sum``: prometheus-client has no
-    public way to add several observations at once; tests/test_metrics.py checks
+    public way to add several observations at once; tests/ops/test_metrics.py checks
     the result against ``observe``)."""
 
     __slots__ = ("bounds", "buckets", "counts", "sum", "total")

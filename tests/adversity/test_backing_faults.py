@@ -4,8 +4,8 @@ with SIGKILL and restarted, and cut by a TCP relay in the middle of a command or
 COPY. Clients must never notice; afterwards the ledger holds exactly one row per
 answered request, and the proxy is back on Redis and the database by itself.
 
-(Redis killed and restarted, and a slow Redis: tests/test_limiter_outage.py;
-PostgreSQL stopped and restarted: tests/test_usage_outage.py.)"""
+(Redis killed and restarted, and a slow Redis: tests/governance/test_limiter_outage.py;
+PostgreSQL stopped and restarted: tests/usage/test_outage.py.)"""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from proxy.config.load import resolve
 from proxy.config.upstreams import Deployment, Model
 from proxy.db import migrate
 from proxy.state import STATE
-
-from ..conftest import MakeProxy, Proxy, RedisServer
-from ..keyhelp import declare, keyed, limiter
-from ..test_limiter_outage import Load as LimiterLoad
-from ..usage_support import Cluster, Load, assert_same_requests, ledger_config, ledger_rows, until
-from .conftest import Relays, count
-from .rawhttp import RawServer, read_request, response
+from tests.support.figures import Relays, count
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import declare, keyed, limiter
+from tests.support.ledger import assert_same_requests, ledger_config, ledger_rows
+from tests.support.load import Load, keyed_load
+from tests.support.rawhttp import RawServer, read_request, response
+from tests.support.servers import Cluster, RedisServer
+from tests.support.wait import until
 
 # Redis ----------------------------------------------------------------------------------
 
@@ -48,8 +49,8 @@ async def limited_proxy(
 
 
 @contextlib.asynccontextmanager
-async def under_load(proxy: Proxy, key: str) -> AsyncIterator[LimiterLoad]:
-    load = LimiterLoad(proxy, key)
+async def under_load(proxy: Proxy, key: str) -> AsyncIterator[Load]:
+    load = keyed_load(proxy.url, key)
     try:
         yield load
     finally:

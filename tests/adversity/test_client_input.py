@@ -21,11 +21,11 @@ from proxy.config import schema as cfg
 from proxy.config.base import ConfigError
 from proxy.config.load import quick_start, resolve
 from proxy.config.upstreams import Deployment, Model
-
-from ..conftest import UPSTREAM_KEY, MakeProxy, Proxy, free_port, with_server
-from ..keyhelp import declare, keyed
-from .conftest import count
-from .rawhttp import CHAT, Reply, post, roundtrip
+from tests.support.env import UPSTREAM_KEY, free_port
+from tests.support.figures import count
+from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.keys import declare, keyed
+from tests.support.rawhttp import CHAT, Reply, post, roundtrip
 
 MARK = "Zq9-MARK-7Xw"  # planted in every hostile input: no answer may quote it
 BODY_TIMEOUT = 10.0

@@ -32,11 +32,13 @@ from proxy.config.base import WILDCARD
 from proxy.config.load import quick_start, resolve
 from proxy.config.upstreams import Deployment, Model
 from proxy.serve import start
-
-from ..conftest import SECRETS, UPSTREAM_KEY, Recorder, examples
-from ..keyhelp import declare
-from .conftest import count
-from .rawhttp import CHAT, Reply, roundtrip
+from tests.support.env import UPSTREAM_KEY
+from tests.support.figures import count
+from tests.support.inproc import Recorder
+from tests.support.keys import declare
+from tests.support.leaks import SECRETS
+from tests.support.properties import examples
+from tests.support.rawhttp import CHAT, Reply, roundtrip
 
 T = TypeVar("T")
 encode = msgspec.json.Encoder().encode  # big integers too (orjson stops at 64 bits)

@@ -18,10 +18,10 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config.load import quick_start
-
-from ..conftest import UPSTREAM_KEY, MakeProxy, Proxy, with_server
-from .conftest import count
-from .rawhttp import (
+from tests.support.env import UPSTREAM_KEY
+from tests.support.figures import count
+from tests.support.inproc import MakeProxy, Proxy, with_server
+from tests.support.rawhttp import (
     CHAT,
     STREAM,
     RawServer,

@@ -1,6 +1,6 @@
 """A dependency that hangs (accepts, never answers) costs at most one bounded wait per
 backoff window, never one per request (issue #15). Each fault goes through the fault
-relay (faultproxy.py) in three kinds: ``pause`` (a black hole), ``refuse`` (every
+relay (tests/support/faultproxy.py) in three kinds: ``pause`` (a black hole), ``refuse`` (every
 connection reset, as a server that is down) and ``cut`` (whatever is sent resets its
 connection mid-message, again and again).
 
@@ -32,13 +32,17 @@ from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.config.load import quick_start
 from proxy.governance.keys import secret
-
-from ..conftest import PG_ADMIN_DSN, UPSTREAM_KEY, MakeProxy, Proxy, RedisServer
-from ..keyhelp import declare, issue, keyed, limiter
-from ..usage_support import Load, ledger_rows, serve, spooled_request_ids, until
-from ..usage_support import ledger_config as ledger_config_for
-from .conftest import Relays, count, measure
-from .faultproxy import FaultProxy
+from tests.support.env import PG_ADMIN_DSN, UPSTREAM_KEY
+from tests.support.faultproxy import FaultProxy
+from tests.support.figures import Relays, count, measure
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.keys import declare, issue, keyed, limiter
+from tests.support.ledger import ledger_config as ledger_config_for
+from tests.support.ledger import ledger_rows, spooled_request_ids
+from tests.support.load import Load, keyed_load
+from tests.support.served import serve
+from tests.support.servers import RedisServer
+from tests.support.wait import until
 
 FAULTS = ["pause", "refuse", "cut"]
 
@@ -82,47 +86,41 @@ def pg_port() -> int:
 
 
 class Timed:
-    """Clients sending chat requests back to back, each one's latency and status kept
-    by phase; every request bounded so a hang fails the test instead of stalling it."""
+    """The load (tests/support/load.py) in phases: clients sending chat requests back
+    to back, each one's latency and status kept under the phase it started in; every
+    request bounded so a hang fails the test instead of stalling it."""
 
     def __init__(self, url: str, key: str, clients: int = 4) -> None:
-        self.url = url + "/chat/completions"
-        self.headers = {"Authorization": f"Bearer {key}"}
-        self.phase = "normal"
-        self.latencies: dict[str, list[float]] = {}
-        self.statuses: dict[str, list[int]] = {}
-        self.tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
+        self.load = keyed_load(url, key, clients, deadline=10.0)
 
-    async def _client(self) -> None:
-        body = orjson.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
-        async with aiohttp.ClientSession() as http:
-            while True:
-                phase, started = self.phase, time.monotonic()
-                async with asyncio.timeout(10):
-                    async with http.post(self.url, data=body, headers=self.headers) as resp:
-                        await resp.read()
-                self.latencies.setdefault(phase, []).append(time.monotonic() - started)
-                self.statuses.setdefault(phase, []).append(resp.status)
+    @property
+    def latencies(self) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {}
+        for answer in self.load.answers:
+            found.setdefault(answer.phase, []).append(answer.latency)
+        return found
+
+    @property
+    def statuses(self) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for answer in self.load.answers:
+            found.setdefault(answer.phase, []).append(answer.status)
+        return found
 
     async def run(self, phase: str, requests: int, seconds: float = 0.0) -> None:
         """Switch to ``phase`` and wait until it has ``requests`` answers and lasted
         ``seconds``."""
-        self.phase = phase
+        self.load.phase = phase
         started = time.monotonic()
 
-        async def done() -> bool:
-            for task in self.tasks:
-                if task.done():
-                    task.result()  # a client failed (a hang): raise it here
-            answered = len(self.latencies.get(phase, ()))
+        def done() -> bool:
+            answered = sum(answer.phase == phase for answer in self.load.answers)
             return answered >= requests and time.monotonic() - started >= seconds
 
-        await until(done, timeout=seconds + 30)
+        await self.load.reach(0, done, timeout=seconds + 30)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.load.stop()
 
     def p99(self, phase: str) -> float:
         return statistics.quantiles(self.latencies[phase], n=100)[98]
@@ -150,7 +148,7 @@ async def test_cached_keys_never_wait_for_a_hung_key_store(
     config = msgspec.structs.replace(config, database=database, auth=auth)
     proxy = await make_proxy(config, auth=True)
     value, _ = await issue(proxy)
-    load = Timed(proxy.base, value)
+    load = Timed(proxy.url, value)
     faulty = Fault(relay, fault)
     try:
         await load.run("normal", requests=100)
@@ -300,7 +298,7 @@ async def test_sigkill_while_the_ledger_database_hangs_loses_at_most_the_loss_wi
     ledger_config(config, upstream.url, via(relay, migrated_pg), spool)
     async with serve("--config", str(config)) as served:
         await served.wait_log("listening")
-        traffic = Load(served.url, stream_headers={"x-fake-gap-ms": "5"}, keep_going=True)
+        traffic = Load(served.url, stream_headers={"x-fake-gap-ms": "5"}, on_failure="go on")
         await traffic.reach(30)
         faulty = Fault(relay, fault)
         faulty.start()

@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 
 from proxy.config.load import quick_start
-
-from ..conftest import MakeProxy, free_port, with_server
-from .conftest import count, measure
-from .rawhttp import CHAT, CHAT_ANSWER
+from tests.support.env import free_port
+from tests.support.figures import count, measure
+from tests.support.inproc import MakeProxy, with_server
+from tests.support.rawhttp import CHAT, CHAT_ANSWER
 
 SLOTS = 8
 SERVICE = 0.2  # seconds per request

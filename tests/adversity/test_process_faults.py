@@ -4,8 +4,8 @@ usage ledger documents: the rows of requests that finished within one flush of t
 kill), and SIGKILL mid-outage followed by a restart that replays the spool the dead
 process left.
 
-(SIGTERM under load — drain, flush, exit 0 — is tests/test_usage_outage.py and
-tests/test_replicas.py.)"""
+(SIGTERM under load — drain, flush, exit 0 — is tests/usage/test_outage.py and
+tests/deploy/test_replicas.py.)"""
 
 from __future__ import annotations
 
@@ -16,18 +16,11 @@ from pathlib import Path
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
-
-from ..usage_support import (
-    Load,
-    ledger_rows,
-    replay_spool,
-    serve,
-    serve_without_database,
-    spooled_request_ids,
-    until,
-    write_config,
-)
-from .conftest import count, measure
+from tests.support.figures import count, measure
+from tests.support.ledger import ledger_rows, spooled_request_ids
+from tests.support.load import Load
+from tests.support.served import replay_spool, serve, serve_without_database, write_config
+from tests.support.wait import until
 
 FLUSH = 0.1  # usage.flush_interval in write_config
 DB_TIMEOUT = 1.0  # database.timeout in write_config
@@ -38,7 +31,7 @@ LOSS_WINDOW = FLUSH + DB_TIMEOUT + 0.5  # + scheduling slack on a busy machine
 
 def start_traffic(url: str) -> Load:
     """Clients that keep going whatever happens, as behind a load balancer."""
-    return Load(url, stream_headers={"x-fake-gap-ms": "10"}, keep_going=True)
+    return Load(url, stream_headers={"x-fake-gap-ms": "10"}, on_failure="go on")
 
 
 async def test_sigkill_of_one_worker_under_load(

@@ -26,11 +26,12 @@ from proxy.config import schema as cfg
 from proxy.config.load import quick_start, resolve
 from proxy.config.upstreams import Routing
 from proxy.governance.keys.store import KeyStore
-
-from ..conftest import REDIS_URL, SECRETS, UPSTREAM_KEY, MakeProxy, Proxy, with_server
-from ..keyhelp import declare, issue, keyed
-from .conftest import count
-from .rawhttp import CHAT, STREAM, post, roundtrip
+from tests.support.env import REDIS_URL, UPSTREAM_KEY
+from tests.support.figures import count
+from tests.support.inproc import MakeProxy, MakeUpstream, Proxy, with_server
+from tests.support.keys import declare, issue, keyed
+from tests.support.leaks import SECRETS
+from tests.support.rawhttp import CHAT, STREAM, post, roundtrip
 
 MESSAGES = [{"role": "user", "content": "a b c"}]
 MASTER = "master-" + os.urandom(24).hex()
@@ -219,9 +220,8 @@ async def test_keys_are_compared_as_digests_in_constant_time(
 
 
 @pytest.fixture
-async def canary() -> FakeUpstream:
-    async with FakeUpstream(name="canary") as up:
-        yield up  # type: ignore[misc]
+async def canary(make_upstream: MakeUpstream) -> FakeUpstream:
+    return await make_upstream(name="canary")
 
 
 async def test_no_client_input_changes_the_upstream_host(

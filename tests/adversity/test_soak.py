@@ -1,6 +1,6 @@
 """A bounded soak: a steady rate of mixed traffic (streams, plain answers, upstream
 errors, cut streams, clients leaving mid-stream and before the answer) against one
-proxy worker in a process of its own (probe.py). Afterwards nothing may be left
+proxy worker in a process of its own (tests/support/probe.py). Afterwards nothing may be left
 behind: no unclosed upstream response, no extra task, connection or file
 descriptor; memory is flat after warm-up (RSS at start, peak and end are reported).
 
@@ -23,10 +23,10 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-
-from ..conftest import PYTHON, UPSTREAM_KEY, free_port, proxy_env, watch_output
-from .conftest import count, measure
-from .rawhttp import CHAT, STREAM
+from tests.support.env import PYTHON, UPSTREAM_KEY, free_port, proxy_env
+from tests.support.figures import count, measure
+from tests.support.leaks import watch_output
+from tests.support.rawhttp import CHAT, STREAM
 
 MB = 1024 * 1024
 
@@ -78,7 +78,7 @@ async def probe(folder: Path, upstream: FakeUpstream) -> AsyncIterator[Probe]:
     path = folder / "soak.json"
     path.write_bytes(orjson.dumps(config))
     proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "tests.adversity.probe", str(path),
+        PYTHON, "-m", "tests.support.probe", str(path),
         env=proxy_env(), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

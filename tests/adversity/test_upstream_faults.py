@@ -3,7 +3,7 @@ official SDK), what the usage ledger holds (exactly one row, with the error clas
 and that the next request is served again without anyone stepping in.
 
 Retries and failover over several deployments are routing's subject
-(tests/test_routing.py); here each request gets one attempt, so the fault itself is
+(tests/routing/test_routing.py); here each request gets one attempt, so the fault itself is
 what the client sees. A keep-alive connection the upstream closed is the exception:
 that one must never be seen at all.
 """
@@ -25,11 +25,11 @@ from proxy.config import schema as cfg
 from proxy.config.load import resolve
 from proxy.config.upstreams import Deployment, Model, Routing, Timeouts
 from proxy.http import relay
-
-from ..conftest import MakeProxy, Proxy, free_port
-from ..usage_support import ledger_rows
-from .conftest import Relays, count
-from .rawhttp import CHAT, CHAT_ANSWER, Handler, RawServer, read_request, response
+from tests.support.env import free_port
+from tests.support.figures import Relays, count
+from tests.support.inproc import MakeProxy, Proxy
+from tests.support.ledger import ledger_rows
+from tests.support.rawhttp import CHAT, CHAT_ANSWER, Handler, RawServer, read_request, response
 
 MESSAGES = [{"role": "user", "content": "a b c"}]
 TIMEOUTS = Timeouts(connect=2.0, first_byte=0.5, idle=0.5)

@@ -3,7 +3,7 @@
 ``take`` is one bucket; ``check`` is everything one key's limiter call does (the
 request bucket, the token bucket, the budget and the parallel slots, all or nothing),
 exactly as ``bucket.lua`` does it inside Redis. The in-process limiter runs ``check``; one table
-of cases (tests/test_bucket.py) runs against both, so they cannot drift apart.
+of cases (tests/governance/test_bucket.py) runs against both, so they cannot drift apart.
 ``check_all`` is one call for several scopes at once (a key and its team): admitted
 only when every scope allows it, taken from all or from none.
 

@@ -1,0 +1,1 @@
+"""Tests of bench/: the fake upstream, the benchmarks, the locust run."""

@@ -1,0 +1,132 @@
+"""The benchmark's own parts that can be checked quickly: the stream probe against the
+fake upstream and through the proxy, /proc accounting, and the configs of both modes
+(the benchmark itself runs for minutes: `python -m bench.run --quick`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import governed as modes
+from bench import streams
+from bench.fake_upstream import FakeUpstream
+from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
+from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
+from proxy.config.load import quick_start
+from tests.support.env import ROOT
+from tests.support.inproc import MakeProxy
+
+
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
+async def test_probe_sees_every_paced_event_and_no_stall(
+    upstream: FakeUpstream, make_proxy: MakeProxy, through_proxy: bool
+) -> None:
+    base = upstream.url
+    if through_proxy:
+        base = (await make_proxy(quick_start(upstream.url, None))).base
+    target = streams.Target.of(base, "sk-unused")
+    request = target.request(PROBE_BODY, chunks=6, gap_ms=20)
+    traces = await streams.concurrent(target, request, count=3, ramp=0.05)
+    fidelity = streams.Fidelity.of(traces, 6 + PROBE_EVENTS_EXTRA, gap_ms=20)
+    assert (fidelity.streams, fidelity.broken) == (3, 0)
+    # The gaps are the upstream's 20 ms, give or take scheduling on a busy machine.
+    assert 10 < fidelity.gap_p50 < 40
+
+
+async def test_probe_counts_a_cut_stream_as_broken(upstream: FakeUpstream) -> None:
+    upstream.default["x-fake-cut"] = "3"
+    target = streams.Target.of(upstream.url, "sk-unused")
+    traces = await streams.sequential(target, target.request(PROBE_BODY, 6, 0), 2)
+    fidelity = streams.Fidelity.of(traces, 6 + PROBE_EVENTS_EXTRA, gap_ms=0)
+    assert fidelity.broken == 2
+    assert not fidelity.clean
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert streams.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert streams.percentile([1.0, 2.0], 99) == 2.0
+    assert streams.percentile([], 50) != streams.percentile([], 50)  # NaN
+
+
+def test_proc_accounting_reads_this_process() -> None:
+    pids = [os.getpid()]
+    assert cpu_seconds(pids) > 0
+    assert rss_mb(pids)[0] > 1
+    assert peak_rss_mb(pids)[0] >= rss_mb(pids)[0] * 0.9
+    assert cpu_seconds([2**22 + 7]) == 0  # a process that is not there counts nothing
+
+
+def test_both_modes_write_configs_serve_accepts(tmp_path: Path) -> None:
+    upstream = "http://127.0.0.1:9/v1"
+    bare = modes.write(modes.bare(upstream, 8080, 1), tmp_path / "bare.json")
+    assert not bare.auth.enabled
+    assert bare.server.access_log == "off"
+    governed = modes.write(
+        modes.governed(upstream, 8080, 2, "redis://127.0.0.1:1/0", "postgresql://x@h/db"),
+        tmp_path / "governed.json",
+    )
+    assert governed.auth.enabled
+    assert [k.id for k in governed.keys] == ["bench"]
+    assert governed.database.is_postgres
+    assert modes.missing() == []
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_inproc_measures_the_governed_proxy_in_one_command(tmp_path: Path) -> None:
+    """``bench.inproc --subject governed`` starts its Redis and its ledger database,
+    drives the proxy with the bench key (a refused or failed request stops it with the
+    answer) and drops both afterwards."""
+    out = run_bench("bench.inproc", "--subject", "governed", "--requests", "400", "--repeat", "1")
+    assert "governed, chat, 16 connections:" in out
+
+
+def run_bench(module: str, *argv: str) -> str:
+    """``python -m module argv...`` from the repository root; its stdout."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
+    """``bench.inproc --tracing``: three proxies (tracing off, sampled out, sampled)
+    measured in turn, the sampled one exporting its spans to a local receiver."""
+    out = run_bench("bench.inproc", "--tracing", "--requests", "300", "--repeat", "1")
+    for variant in ("off", "sampled out", "sampled"):
+        assert f"  {variant}: " in out, out
+
+
+def test_trace_calls_measures_each_tracing_mode() -> None:
+    out = run_bench("bench.trace_calls", "--requests", "3000", "--repeat", "1")
+    for mode in ("tracing off: +", "sampled out: +", "sampled, spans built and serialized: +"):
+        assert mode in out, out
+
+
+@pytest.mark.parametrize("paced", [[], ["--paced-ms", "0.2"]], ids=["one-read", "paced"])
+def test_inproc_gives_the_cost_per_relayed_event(paced: list[str]) -> None:
+    """``bench.inproc --stream --events A --events B`` measures streams of two lengths
+    (a stream the proxy strips the usage chunk from, too) and prints the slope."""
+    argv = ["--stream", "--no-usage", "--events", "2", "--events", "6", *paced]
+    out = run_bench("bench.inproc", *argv, "--requests", "200", "--repeat", "1")
+    assert "proxy, chat stream of 4 events" in out
+    assert "proxy, chat stream of 8 events" in out
+    assert "per relayed event: " in out
+
+
+@pytest.mark.timeout(120)
+def test_the_ledger_benchmark_runs_before_and_after() -> None:
+    """``bench.ledger`` (a scratch PostgreSQL database per phase, dropped after): the
+    0004 baseline and today's schema both ingest, and the reads are measured."""
+    out = run_bench("bench.ledger", "--rows", "2000", "--fringe", "100")
+    for field in ("rows_per_s", "heap_index_per_row", "wal_per_row", "report_command_s"):
+        assert field in out, out

@@ -1,0 +1,1 @@
+"""Tests of deploy/, the Dockerfile and the wheel: manifests, chart, packaging, replicas."""

@@ -1,0 +1,162 @@
+"""The relay's reading of a stream (``relay._Watch``): the per-read path over plain
+events must come to what reading event by event comes to, however the stream is split
+into reads — except that a plain event's JSON is not parsed (the tests at the end say
+what is still caught). No sockets: the relay's loop over reads, with the same parts."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.errors import UpstreamProtocolError
+from proxy.exchange import Exchange
+from proxy.http.relay import _Watch
+from proxy.http.sse import Cutter, Scanner
+from tests.support.properties import examples
+
+Outcome = tuple[bytes, object, int, bool, str, bool]
+
+
+def per_read(chunks: list[bytes], strip: bool) -> Outcome:
+    """What the relay does: cut each read at event boundaries, take the block."""
+    watch = _Watch(Exchange("r", "chat/completions"), strip)
+    cutter = Cutter()
+    sent: list[bytes] = []
+    try:
+        for chunk in chunks:
+            block = cutter.feed(chunk)
+            if block:
+                watch.take(block, sent)
+    except UpstreamProtocolError:
+        return outcome(sent, watch, failed=True)
+    return outcome(sent, watch, failed=False)
+
+
+def per_event(chunks: list[bytes], strip: bool) -> Outcome:
+    """The reference: every event parsed and read on its own."""
+    watch = _Watch(Exchange("r", "chat/completions"), strip)
+    sent: list[bytes] = []
+    try:
+        for event in Scanner().feed(b"".join(chunks)):
+            raw = watch.keep(event)
+            if raw is not None:
+                sent.append(raw)
+    except UpstreamProtocolError:
+        return outcome(sent, watch, failed=True)
+    return outcome(sent, watch, failed=False)
+
+
+def outcome(sent: list[bytes], watch: _Watch, failed: bool) -> Outcome:
+    exchange = watch.exchange
+    return (
+        b"".join(sent),
+        exchange.usage,
+        exchange.events,
+        watch.finished,
+        exchange.error_name,
+        failed,
+    )
+
+
+def chunk(i: int, usage: str = ',"usage":null') -> bytes:
+    return (
+        b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":"t%d"},"finish_reason":null}]%s}\n\n' % (i, usage.encode())
+    )
+
+
+USAGE_CHUNK = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],'
+    b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+# Events a stream may hold: plain ones, and every kind the proxy must read or that is
+# not plain (comments, names, no space after the colon, multi-line data, broken JSON).
+EVENTS = [
+    chunk(1),
+    chunk(2),
+    chunk(3, ', "usage": null'),
+    chunk(4, ""),
+    chunk(5, ',"usage":null,"x":"data: {\\"error\\"}"'),
+    USAGE_CHUNK,
+    DONE,
+    b": keep-alive\n\n",
+    b'data:{"no":"space"}\n\n',
+    b'data: {"a":\ndata: 1}\n\n',
+    b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n',
+    b"data: {not json\n\n",
+    b"data: {\n\n",
+    b"data: [1, 2}\n\n",
+    b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":2}}\r\n\r\n',
+    b"event: response.completed\ndata: {}\n\n",
+    b"\n",
+]
+
+
+@st.composite
+def split_streams(draw: st.DrawFn) -> list[bytes]:
+    plain = st.sampled_from(EVENTS[:5])
+    events = draw(st.lists(st.one_of(plain, plain, plain, st.sampled_from(EVENTS)), max_size=14))
+    stream = b"".join(events) + draw(st.sampled_from([b"", b"data: {", b"data: {}\n"]))
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    bounds = [0, *cuts, len(stream)]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=split_streams(), strip=st.booleans())
+def test_reading_per_read_comes_to_reading_per_event(chunks: list[bytes], strip: bool) -> None:
+    assert per_read(chunks, strip) == per_event(chunks, strip)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_a_whole_stream_in_one_read(strip: bool) -> None:
+    stream = b"".join([chunk(i) for i in range(60)]) + USAGE_CHUNK + DONE
+    sent, usage, events, finished, error, failed = per_read([stream], strip)
+    assert (usage is not None, events, finished, error, failed) == (True, 61, True, "", False)
+    if strip:  # the client gets exactly the stream it asked for
+        assert sent == b"".join([chunk(i, "") for i in range(60)]) + DONE
+    else:
+        assert sent == stream
+
+
+def test_events_before_a_malformed_one_in_the_same_read_are_kept() -> None:
+    stream = chunk(1) + chunk(2) + b"data: {not json\n\n" + chunk(3)
+    sent, _, events, _, _, failed = per_read([stream], strip=False)
+    assert failed
+    assert sent == chunk(1) + chunk(2)
+    assert events == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"data: {not json\n\n",  # text that is no object
+        b'data: {"id":"c1","choices":[{"delta":{"content":"x\n\n',  # cut short
+        b"data: {\n\n",
+        b"data: <html>\n\n",
+        b'data: {"a":1}\ndata: {"b":2}\n\n',  # two values in one event
+        b'data: {"choices":[],"usage":{"prompt_tokens":1}} x\n\n',  # the events read
+        b'data: {"error":{"message":"x"}\n\n',
+    ],
+)
+def test_malformed_events_that_are_caught(bad: bytes) -> None:
+    """Any event that does not end with ``}`` on its one line, and any event the proxy
+    reads (usage, errors, anything but plain ``data: {...}`` lines) is checked."""
+    for before, after in [(b"", b""), (chunk(1), b""), (b"", chunk(2)), (chunk(1), chunk(2))]:
+        sent, *_, failed = per_read([before + bad + after], strip=False)
+        assert failed, (before, bad, after)
+        assert sent == before
+
+
+def test_what_a_plain_event_may_hide() -> None:
+    """A plain event's JSON is not parsed (that is what makes the relay cost per read
+    rather than per event): one that starts with ``{`` and ends with ``}`` on its one
+    line goes to the client as the upstream sent it."""
+    odd = b'data: {"a":1,}\n\n'
+    sent, *_, failed = per_read([chunk(1) + odd + chunk(2)], strip=False)
+    assert (sent, failed) == (chunk(1) + odd + chunk(2), False)

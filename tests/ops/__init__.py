@@ -1,0 +1,1 @@
+"""Tests of proxy/ops/: metrics, tracing, and the observability assets in deploy/."""

@@ -1,0 +1,90 @@
+"""The suite's own layout: shared helpers live in tests/support/ (resources are
+fixtures in the conftest.py files), a test module never imports another test module,
+and nothing imports a conftest.py (pytest loads those; importing one runs it twice)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.support.env import ROOT
+
+TESTS = ROOT / "tests"
+
+
+def module_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, absolute (``from . import x`` gives ``pkg.x``)."""
+    package = module_of(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_of(path)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def sources() -> list[Path]:
+    return sorted(TESTS.rglob("*.py"))
+
+
+def test_no_module_imports_a_test_module() -> None:
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(name for name in imported(path) if is_test(name))
+        for path in sources()
+    }
+    assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def is_test(name: str) -> bool:
+    return name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")
+
+
+def test_no_module_imports_a_conftest() -> None:
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(
+            name for name in imported(path) if name.rsplit(".", 1)[-1] == "conftest"
+        )
+        for path in sources()
+    }
+    assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def test_shared_helpers_live_in_support() -> None:
+    """Outside tests/support/, a module under tests/ is a test module, a conftest.py or
+    a package's __init__.py."""
+    helpers = [
+        str(path.relative_to(ROOT))
+        for path in sources()
+        if "support" not in path.relative_to(TESTS).parts
+        and not path.name.startswith("test_")
+        and path.name not in ("conftest.py", "__init__.py")
+    ]
+    assert helpers == []
+
+
+def test_every_folder_is_a_package() -> None:
+    """So that modules of the same name in two folders cannot clash (pytest imports
+    them by their dotted package path)."""
+    folders = {path.parent for path in sources()}
+    bare = [str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()]
+    assert sorted(bare) == []
+
+
+def test_the_checks_see_imports() -> None:
+    """The checks above are not vacuous: they see relative and absolute imports."""
+    tree = TESTS / "test_layout.py"
+    assert "tests.support.env.ROOT" in imported(tree)
+    assert is_test("tests.adversity.test_fuzz")
+    assert not is_test("tests.support.load")

@@ -1,0 +1,1 @@
+"""Tests of proxy/usage/: the ledger, its stores, spool, rollups and outages."""
