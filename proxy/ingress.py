@@ -17,7 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
@@ -194,6 +195,13 @@ class Cross:
     def allows(self, origin: str | None) -> bool:
         return origin is not None and (self.any_origin or origin in self.origins)
 
+    def lines(self, origin: str) -> list[str]:
+        """``decorate``'s headers as head lines (lean.py writes heads itself)."""
+        lines = [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin"]
+        if self.expose:
+            lines.append(f"Access-Control-Expose-Headers: {self.expose}")
+        return lines
+
     def decorate(self, origin: str, headers: CIMultiDict[str]) -> None:
         """The headers every answer to an allowed origin carries."""
         headers["Access-Control-Allow-Origin"] = origin
@@ -219,6 +227,16 @@ class Cross:
         )
 
 
+class Decoration(NamedTuple):
+    """What ``install`` adds to every response of an app (lean.py repeats it)."""
+
+    prepare: Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+    cross: Cross | None
+
+
+DECORATION = web.AppKey("decoration", Decoration)
+
+
 def install(app: web.Application, server: Server) -> None:
     """The ``Server`` header (and, when configured, CORS) on every response of ``app``;
     preflights answered. Call before the catch-all route is added."""
@@ -234,6 +252,7 @@ def install(app: web.Application, server: Server) -> None:
                 cross.decorate(origin, headers)
 
     app.on_response_prepare.append(prepare)
+    app[DECORATION] = Decoration(prepare, cross)
     if cross is not None:
         app.router.add_route("OPTIONS", "/{tail:.*}", cross.preflight)
 

@@ -28,7 +28,7 @@ from time import perf_counter
 import msgspec
 from aiohttp import web
 
-from . import h1
+from . import h1, lean
 from .errors import (
     ProxyError,
     UpstreamError,
@@ -110,7 +110,7 @@ async def relay_body(
     upstream: Upstream,
     exchange: Exchange,
     headers: Mapping[str, str],
-) -> web.Response:
+) -> web.StreamResponse:
     """A non-streamed answer: read it, take its usage, send it on (sent on return)."""
     start = perf_counter()
     body = await read_body(up, upstream)
@@ -124,15 +124,19 @@ async def relay_body(
         body = upstream_error_body(up.status, body)
     out = response_headers(up, headers)
     out[OVERHEAD_HEADER] = exchange.overhead_ms()
-    response = web.Response(body=body, status=up.status, headers=out)
     # Sent here rather than by aiohttp once the handler returns: the handler's
     # accounting (ledger, metrics, settlement) then runs after the client has its
     # answer, off the latency it sees, as it does for streams.
     try:
+        sent = await lean.send(request, up.status, out, body)
+        if sent is not None:  # written below web.Response (lean.py)
+            return sent
+        response = web.Response(body=body, status=up.status, headers=out)
         await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
         exchange.error = "client_disconnected"
+        return lean.Sent(up.status, False)
     return response
 
 
