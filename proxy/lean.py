@@ -27,6 +27,7 @@ Invariants (what the answer has in common with aiohttp's own, checked by the sui
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -72,11 +73,13 @@ def _decoration(request: web.Request) -> tuple[bool, ingress.Cross | None]:
     return True, decoration.cross
 
 
-async def send(
-    request: web.Request, status: int, headers: Mapping[str, str], body: bytes
-) -> Sent | None:
-    """Write the whole answer (head and body, one write) to the client; None when this
-    response must go the ordinary way (see the module invariants)."""
+def head(
+    request: web.Request, status: int, headers: Mapping[str, str], framing: str, typed: bool
+) -> tuple[bytes, bool] | None:
+    """The response head aiohttp would write, and whether the connection stays open;
+    None when this response must go the ordinary way (see the module invariants).
+    ``framing`` is the ``Content-Length`` or ``Transfer-Encoding`` line; ``typed``
+    whether a missing ``Content-Type`` is to be given aiohttp's default."""
     if status < 200 or status in (204, 304) or request.method == "HEAD":
         return None
     alone, cross = _decoration(request)
@@ -86,8 +89,8 @@ async def send(
     keep_alive = request.keep_alive
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"]
     lines.extend(f"{k}: {v}" for k, v in headers.items())
-    lines.append(f"Content-Length: {len(body)}")
-    if body and "Content-Type" not in headers:
+    lines.append(framing)
+    if typed and "Content-Type" not in headers:
         lines.append("Content-Type: application/octet-stream")
     lines.append(f"Date: {rfc822_formatted_time()}")
     lines.append(f"Server: {ingress.SERVER}")
@@ -102,11 +105,93 @@ async def send(
             lines.extend(cross.lines(origin))
     if _CONTROL.search("\t".join(lines)) is not None:
         return None  # aiohttp's serializer refuses it (a 500), as it would have
-    head = "\r\n".join(lines)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode(), keep_alive
+
+
+def _transport(request: web.Request) -> asyncio.Transport:
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("Cannot write to closing transport")
-    transport.write(head.encode() + b"\r\n\r\n" + body)
+    return transport
+
+
+async def send(
+    request: web.Request, status: int, headers: Mapping[str, str], body: bytes
+) -> Sent | None:
+    """Write the whole answer (head and body, one write) to the client; None when this
+    response must go the ordinary way (see the module invariants)."""
+    made = head(request, status, headers, f"Content-Length: {len(body)}", bool(body))
+    if made is None:
+        return None
+    transport = _transport(request)
+    transport.write(made[0] + body)
     if transport.get_write_buffer_size() > _HIGH:
         await request.writer.drain()
-    return Sent(status, keep_alive)
+    return Sent(status, made[1])
+
+
+class Chunked:
+    """A chunked response (a stream) written by the proxy: the head goes out with the
+    first write, each write is one chunk frame, ``write_eof`` the last frame and the
+    terminator together. ``response`` is what the handler returns."""
+
+    __slots__ = ("_head", "_writer", "response", "transport")
+
+    def __init__(self, request: web.Request, head: bytes, status: int, keep_alive: bool):
+        self._head = head
+        self._writer = request.writer
+        self.transport = request.transport
+        self.response: web.StreamResponse = Sent(status, keep_alive)
+
+    @classmethod
+    def start(cls, request: web.Request, status: int, headers: Mapping[str, str]) -> Chunked | None:
+        """None when this response must go the ordinary way (HTTP/1.0, which has no
+        chunked framing, included)."""
+        if request.version != HttpVersion11:
+            return None
+        made = head(request, status, headers, "Transfer-Encoding: chunked", False)
+        return None if made is None else cls(request, made[0], status, made[1])
+
+    def _out(self, frame: bytes) -> asyncio.Transport:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        if self._head:
+            frame = self._head + frame
+            self._head = b""
+        transport.write(frame)
+        return transport
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            transport = self._out(b"%x\r\n%b\r\n" % (len(data), data))
+            if transport.get_write_buffer_size() > _HIGH:
+                await self._writer.drain()
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._out(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+
+
+class Ordinary:
+    """``Chunked``'s interface over aiohttp's own ``StreamResponse`` (prepared), for
+    the responses ``Chunked.start`` leaves to it."""
+
+    __slots__ = ("_writer", "response", "transport")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._writer = request.writer
+        self.transport = request.transport
+        self.response = response
+
+    async def write(self, data: bytes) -> None:
+        await self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await self.response.write_eof(data)

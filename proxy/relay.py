@@ -160,14 +160,16 @@ async def relay_stream(
     strip: bool,
 ) -> web.StreamResponse:
     """Relay an SSE stream chunk by chunk; see the module invariants."""
-    out = web.StreamResponse(
-        status=up.status,
-        headers={**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()},
-    )
+    head = {**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()}
     exchange.status = up.status
-    await out.prepare(request)
-    # The response's own writer (what ``out.write`` calls): one layer less per write.
-    writer = request.writer
+    # The head and the chunk frames written by the proxy (lean.py), or, where it
+    # cannot, by aiohttp's response and its writer: one layer less per write.
+    writer: lean.Chunked | lean.Ordinary | None = lean.Chunked.start(request, up.status, head)
+    if writer is None:
+        response = web.StreamResponse(status=up.status, headers=head)
+        await response.prepare(request)
+        writer = lean.Ordinary(request, response)
+    out = writer.response
     relay = _Relay(exchange, strip)
     kept = relay.kept
     idle = upstream.timeouts.idle
@@ -226,7 +228,7 @@ async def relay_stream(
         exchange.error = type(failure).__name__
         kept.append(b"data: " + render(failure) + b"\n\n")
     try:
-        await out.write_eof(b"".join(kept))
+        await writer.write_eof(b"".join(kept))
     except ConnectionResetError:
         exchange.error = exchange.error or "client_disconnected"
     return out
