@@ -235,8 +235,14 @@ async def read_body(request: web.Request, state: State) -> bytes:
         )
     ingress.check_framing(request, server)
     try:
-        if request.content.is_eof():  # all of it came with the headers: nothing to time
-            return await request.read()
+        content = request.content
+        if content.is_eof():  # all of it came with the headers: nothing to wait for
+            body = content.read_nowait()  # what request.read() would join, at once
+            if len(body) > server.max_body_bytes:
+                raise BodyTooLarge(
+                    f"The request body is larger than {server.max_body_bytes} bytes."
+                )
+            return body
         async with asyncio.timeout(server.body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
