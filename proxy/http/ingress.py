@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
@@ -185,8 +186,14 @@ async def read_request_body(request: web.Request, server: Server) -> bytes:
         )
     check_framing(request, server)
     try:
-        if request.content.is_eof():  # all of it came with the headers: nothing to time
-            return await request.read()
+        content = request.content
+        if content.is_eof():  # all of it came with the headers: nothing to wait for
+            body = content.read_nowait()  # what request.read() would join, at once
+            if len(body) > server.max_body_bytes:
+                raise BodyTooLarge(
+                    f"The request body is larger than {server.max_body_bytes} bytes."
+                )
+            return body
         async with asyncio.timeout(server.body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -221,6 +228,13 @@ class Cross:
     def allows(self, origin: str | None) -> bool:
         return origin is not None and (self.any_origin or origin in self.origins)
 
+    def lines(self, origin: str) -> list[str]:
+        """``decorate``'s headers as head lines (lean.py writes heads itself)."""
+        lines = [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin"]
+        if self.expose:
+            lines.append(f"Access-Control-Expose-Headers: {self.expose}")
+        return lines
+
     def decorate(self, origin: str, headers: CIMultiDict[str]) -> None:
         """The headers every answer to an allowed origin carries."""
         headers["Access-Control-Allow-Origin"] = origin
@@ -246,6 +260,16 @@ class Cross:
         )
 
 
+class Decoration(NamedTuple):
+    """What ``install`` adds to every response of an app (lean.py repeats it)."""
+
+    prepare: Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+    cross: Cross | None
+
+
+DECORATION = web.AppKey("decoration", Decoration)
+
+
 def install(app: web.Application, server: Server) -> None:
     """The ``Server`` header (and, when configured, CORS) on every response of ``app``;
     preflights answered. Call before the catch-all route is added."""
@@ -261,6 +285,7 @@ def install(app: web.Application, server: Server) -> None:
                 cross.decorate(origin, headers)
 
     app.on_response_prepare.append(prepare)
+    app[DECORATION] = Decoration(prepare, cross)
     if cross is not None:
         app.router.add_route("OPTIONS", "/{tail:.*}", cross.preflight)
 

@@ -39,6 +39,7 @@ from ..errors import (
     render,
 )
 from ..exchange import OVERHEAD_HEADER, Exchange
+from . import lean
 from .h1_conn import Disconnected, Response
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
@@ -112,7 +113,7 @@ async def relay_body(
     upstream: Upstream,
     exchange: Exchange,
     headers: Mapping[str, str],
-) -> web.Response:
+) -> web.StreamResponse:
     """A non-streamed answer: read it, take its usage, send it on (sent on return)."""
     start = perf_counter()
     body = await read_body(up, upstream)
@@ -126,15 +127,19 @@ async def relay_body(
         body = upstream_error_body(up.status, body)
     out = response_headers(up, headers)
     out[OVERHEAD_HEADER] = exchange.overhead_ms()
-    response = web.Response(body=body, status=up.status, headers=out)
     # Sent here rather than by aiohttp once the handler returns: the handler's
     # accounting (ledger, metrics, settlement) then runs after the client has its
     # answer, off the latency it sees, as it does for streams.
     try:
+        sent = await lean.send(request, up.status, out, body)
+        if sent is not None:  # written below web.Response (lean.py)
+            return sent
+        response = web.Response(body=body, status=up.status, headers=out)
         await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
         exchange.error = ClientDisconnected
+        return lean.Sent(up.status, False)
     return response
 
 
@@ -158,14 +163,16 @@ async def relay_stream(
     strip: bool,
 ) -> web.StreamResponse:
     """Relay an SSE stream chunk by chunk; see the module invariants."""
-    out = web.StreamResponse(
-        status=up.status,
-        headers={**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()},
-    )
+    head = {**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()}
     exchange.status = up.status
-    await out.prepare(request)
-    # The response's own writer (what ``out.write`` calls): one layer less per write.
-    writer = request.writer
+    # The head and the chunk frames written by the proxy (lean.py), or, where it
+    # cannot, by aiohttp's response and its writer: one layer less per write.
+    writer: lean.Chunked | lean.Ordinary | None = lean.Chunked.start(request, up.status, head)
+    if writer is None:
+        response = web.StreamResponse(status=up.status, headers=head)
+        await response.prepare(request)
+        writer = lean.Ordinary(request, response)
+    out = writer.response
     relay = _Relay(exchange, strip)
     kept = relay.kept
     idle = upstream.timeouts.idle
@@ -224,7 +231,7 @@ async def relay_stream(
         exchange.error = type(failure)
         kept.append(b"data: " + render(failure) + b"\n\n")
     try:
-        await out.write_eof(b"".join(kept))
+        await writer.write_eof(b"".join(kept))
     except ConnectionResetError:
         exchange.error = exchange.error or ClientDisconnected
     return out

@@ -1,0 +1,197 @@
+"""Responses written by the proxy itself, below aiohttp's ``web.Response`` (issue #17).
+
+aiohttp stays the server: it parses the request, runs the handler and keeps the
+connection (keep-alive, pipelining, timeouts, drain). What this module replaces is the
+last step of a proxied answer: instead of a ``web.Response`` (its ``CIMultiDict`` of
+headers, ``prepare``, the ``on_response_prepare`` signal, aiohttp's serializer and
+``write_eof``), the head is formatted once as a string and written to the transport
+with the body in one ``write``; the handler then returns a ``Sent`` marker whose
+``prepare`` and ``write_eof`` do nothing, so aiohttp only reads its ``keep_alive``.
+
+Invariants (what the answer has in common with aiohttp's own, checked by the suite):
+- The same head aiohttp would write for a ``web.Response`` with these headers: the
+  status line in the request's HTTP version, the given headers in order, then
+  ``Content-Length``, ``Content-Type`` (``application/octet-stream`` when none was
+  given and the body is not empty), ``Date``, ``Server: morngpt``, ``Connection``
+  where the version needs it (``close`` for 1.1 without keep-alive, ``keep-alive``
+  for 1.0 with it), and the CORS headers ``ingress.install`` adds for an allowed
+  origin.
+- No header value with a control character is written (the same rule as aiohttp's
+  serializer): such a response goes the ordinary way, which refuses it.
+- Used only where nothing else decorates responses: an app whose
+  ``on_response_prepare`` holds anything but ``ingress``'s own decoration (recorded
+  by ``ingress.install``) gets ``None`` from ``send`` and answers the ordinary way.
+- A client already gone raises ``ConnectionResetError`` as aiohttp's writer does; a
+  large body waits for the client to drain as aiohttp's ``write_eof`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import HttpVersion10, HttpVersion11
+
+from . import ingress
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Bodies above this many bytes wait for the client to take them before the handler
+# goes on (the transport's default high-water mark), as aiohttp's write_eof does.
+_HIGH = 64 * 1024
+
+
+class Sent(web.StreamResponse):
+    """What the handler returns once ``send`` has written the whole answer: aiohttp's
+    ``prepare`` and ``write_eof`` of it do nothing; ``keep_alive`` is the one decided
+    when the head was written."""
+
+    def __init__(self, status: int, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._keep_alive = keep_alive
+        self._eof_sent = True
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def _decoration(request: web.Request) -> tuple[bool, ingress.Cross | None]:
+    """Whether the app's responses are decorated by ``ingress`` alone, and its CORS
+    (None: off)."""
+    app = request.app
+    signal = app.on_response_prepare
+    decoration = app.get(ingress.DECORATION)
+    if decoration is None or len(signal) != 1 or signal[0] is not decoration.prepare:
+        return False, None
+    return True, decoration.cross
+
+
+def head(
+    request: web.Request, status: int, headers: Mapping[str, str], framing: str, typed: bool
+) -> tuple[bytes, bool] | None:
+    """The response head aiohttp would write, and whether the connection stays open;
+    None when this response must go the ordinary way (see the module invariants).
+    ``framing`` is the ``Content-Length`` or ``Transfer-Encoding`` line; ``typed``
+    whether a missing ``Content-Type`` is to be given aiohttp's default."""
+    if status < 200 or status in (204, 304) or request.method == "HEAD":
+        return None
+    alone, cross = _decoration(request)
+    if not alone:
+        return None
+    version = request.version
+    keep_alive = request.keep_alive
+    lines = [f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    lines.append(framing)
+    if typed and "Content-Type" not in headers:
+        lines.append("Content-Type: application/octet-stream")
+    lines.append(f"Date: {rfc822_formatted_time()}")
+    lines.append(f"Server: {ingress.SERVER}")
+    if keep_alive:
+        if version == HttpVersion10:
+            lines.append("Connection: keep-alive")
+    elif version == HttpVersion11:
+        lines.append("Connection: close")
+    if cross is not None:
+        origin = request.headers.get("Origin")
+        if origin is not None and cross.allows(origin):
+            lines.extend(cross.lines(origin))
+    if _CONTROL.search("\t".join(lines)) is not None:
+        return None  # aiohttp's serializer refuses it (a 500), as it would have
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode(), keep_alive
+
+
+def _transport(request: web.Request) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("Cannot write to closing transport")
+    return transport
+
+
+async def send(
+    request: web.Request, status: int, headers: Mapping[str, str], body: bytes
+) -> Sent | None:
+    """Write the whole answer (head and body, one write) to the client; None when this
+    response must go the ordinary way (see the module invariants)."""
+    made = head(request, status, headers, f"Content-Length: {len(body)}", bool(body))
+    if made is None:
+        return None
+    transport = _transport(request)
+    transport.write(made[0] + body)
+    if transport.get_write_buffer_size() > _HIGH:
+        await request.writer.drain()
+    return Sent(status, made[1])
+
+
+class Chunked:
+    """A chunked response (a stream) written by the proxy: the head goes out with the
+    first write, each write is one chunk frame, ``write_eof`` the last frame and the
+    terminator together. ``response`` is what the handler returns."""
+
+    __slots__ = ("_head", "_writer", "response", "transport")
+
+    def __init__(self, request: web.Request, head: bytes, status: int, keep_alive: bool):
+        self._head = head
+        self._writer = request.writer
+        self.transport = request.transport
+        self.response: web.StreamResponse = Sent(status, keep_alive)
+
+    @classmethod
+    def start(cls, request: web.Request, status: int, headers: Mapping[str, str]) -> Chunked | None:
+        """None when this response must go the ordinary way (HTTP/1.0, which has no
+        chunked framing, included)."""
+        if request.version != HttpVersion11:
+            return None
+        made = head(request, status, headers, "Transfer-Encoding: chunked", False)
+        return None if made is None else cls(request, made[0], status, made[1])
+
+    def _out(self, frame: bytes) -> asyncio.Transport:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        if self._head:
+            frame = self._head + frame
+            self._head = b""
+        transport.write(frame)
+        return transport
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            transport = self._out(b"%x\r\n%b\r\n" % (len(data), data))
+            if transport.get_write_buffer_size() > _HIGH:
+                await self._writer.drain()
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._out(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+
+
+class Ordinary:
+    """``Chunked``'s interface over aiohttp's own ``StreamResponse`` (prepared), for
+    the responses ``Chunked.start`` leaves to it."""
+
+    __slots__ = ("_writer", "response", "transport")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._writer = request.writer
+        self.transport = request.transport
+        self.response = response
+
+    async def write(self, data: bytes) -> None:
+        await self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await self.response.write_eof(data)
