@@ -82,6 +82,23 @@ def test_every_folder_is_a_package() -> None:
     assert sorted(bare) == []
 
 
+# Folders of tests that are not about one package of proxy/: the suites that cross
+# every package (hostile clients, faults), the benchmarks, the deployment artefacts.
+CROSS_CUTTING = {"support", "adversity", "bench", "deploy"}
+# Packages without a folder of their own, and why.
+NO_FOLDER = {"config": "each setting is tested with the feature it configures"}
+
+
+def test_folders_mirror_the_packages() -> None:
+    """Each folder under tests/ is named after a package of proxy/ (tests/http/ holds the
+    tests of proxy/http/), or is one of the cross-cutting suites above; and every
+    package of proxy/ has its folder."""
+    packages = {p.parent.name for p in (ROOT / "proxy").glob("*/__init__.py")} - {"migrations"}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert sorted(folders - packages - CROSS_CUTTING) == []
+    assert sorted(packages - folders - NO_FOLDER.keys()) == []
+
+
 def test_the_checks_see_imports() -> None:
     """The checks above are not vacuous: they see relative and absolute imports."""
     tree = TESTS / "test_layout.py"
