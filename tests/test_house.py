@@ -9,42 +9,25 @@ count as importing the package ``proxy.a``."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import proxy
+from tests.support.imports import imports, module_name
 
 ROOT = Path(proxy.__file__).parent
 MAX_LINES = 500
 
 
 def _modules() -> dict[str, Path]:
-    found = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        found[".".join(parts)] = path
-    return found
+    return {module_name(path, ROOT.parent): path for path in sorted(ROOT.rglob("*.py"))}
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules of ``proxy`` that module ``name`` imports, anywhere in it."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            for alias in node.names:
-                sub = f"{module}.{alias.name}"
-                found.add(sub if sub in known else module)
+    found = {
+        f"{module}.{alias}" if f"{module}.{alias}" in known else module
+        for module, alias in imports(path, ROOT.parent)
+    }
     return {m for m in found if m in known and m != name}
 
 

@@ -4,35 +4,18 @@ and nothing imports a conftest.py (pytest loads those; importing one runs it twi
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from tests.support.env import ROOT
+from tests.support.imports import imports
 
 TESTS = ROOT / "tests"
 
 
-def module_of(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-
-
 def imported(path: Path) -> set[str]:
     """Every module ``path`` imports, absolute (``from . import x`` gives ``pkg.x``)."""
-    package = module_of(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_of(path)
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
-    return found
+    pairs = imports(path, ROOT)
+    return {module for module, _ in pairs} | {f"{m}.{name}" for m, name in pairs if name}
 
 
 def sources() -> list[Path]:

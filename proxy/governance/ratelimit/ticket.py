@@ -1,42 +1,7 @@
-"""The limiter the gate calls: one key's limits, in Redis when it is configured and
-reachable, in process otherwise (the same algorithm, bucket.py).
-
-Invariants:
-- An admission is one round trip (bucket.lua: request bucket, token bucket and
-  parallel slot, all or nothing). Keys without limits never get here.
-- Every Redis call is bounded by ``redis.timeout``. A failure switches this worker to
-  its in-process buckets (logged once, ``morngpt_limiter_backend`` = local); the
-  background task probes Redis every ``limits.flush_interval`` and switches back by
-  itself (logged once).
-- Token reconciliation does not cost a round trip of its own: the difference between
-  the reservation and the real usage is owed by the key and carried into its next
-  admission, or flushed by the background task within ``limits.flush_interval``. So
-  Redis lags the true token count by at most one flush interval of traffic per worker.
-  A key with a parallel limit settles at once (the slot must come back promptly), in
-  the same call that releases its slot.
-- A parallel slot is released on every path, in a background task tracked in
-  ``tasks`` (awaited at close). A release that cannot reach Redis (an outage, or a
-  call whose answer was lost) is owed (``releases``) and sent as soon as Redis
-  answers again, before this worker admits there again: otherwise the slot would
-  count against the key until it expires and its requests would get false 429s. A
-  slot of a crashed process expires after ``limits.slot_ttl``; live slots are renewed
-  by the background task (expiry by this host's clock), so a long stream keeps its
-  slot.
-- Budgets (``Ask``) ride on the same calls: the admission reserves the worst case (a
-  hold, renewed and expiring like a slot). Settlements (hold back, real cost added)
-  are owed like token debts: carried into the key's next admission for that period
-  or flushed within ``limits.flush_interval`` (at once, with the slot, for keys with
-  a parallel limit). So a finished request's hold may linger that long; bucket.py's
-  rule (its own state, or one created before it finished) makes a late settlement
-  count exactly once. Spending admitted in process while Redis was away is owed to
-  Redis the same way, so a Redis that kept its state does not forgive it.
-- Owed settlements per key and period are bounded (``MAX_OWED``): beyond it (a long
-  outage), they are folded into one without holds (those expire in Redis).
-- A hold stays in ``holds`` (renewed with the slots) until its settlement reached
-  Redis, so a settlement delayed by an outage still finds its hold, unless the
-  outage outlasted ``limits.slot_ttl`` (then the spend is dropped and only a rebuild
-  from the ledger would count it: docs/budgets.md).
-"""
+"""What the limiter (limiter.py) asks and answers: the budget an admission reserves
+against (``Ask``), the admission itself (``Ticket``), what a key still owes Redis
+(``Owed``), the scope names of a key and a team, and the ``Call`` to bucket.py built
+from them. The invariants they serve are in limiter.py's docstring."""
 
 from __future__ import annotations
 
