@@ -1,13 +1,6 @@
-"""Typed configuration, validated once at start with msgspec.
-
-A config file (YAML or JSON) decodes into ``Config``; the quick-start flags
-(``--upstream URL --upstream-key KEY``) build the same structure with one wildcard
-model. Everything the request path needs per model (URLs, header templates) is
-derived here, once, not per request.
-
-Invariant: a ``Config`` that ``load`` returned is valid; ``ConfigError`` carries one
-line naming the field and what was wrong.
-"""
+"""The building blocks of the config (package docstring: __init__.py): the
+constrained number and span types, ``seconds``, ``Secret`` (a value that never shows
+in a repr) and ``ConfigError``."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Typed configuration, validated once at start with msgspec.
-
-A config file (YAML or JSON) decodes into ``Config``; the quick-start flags
-(``--upstream URL --upstream-key KEY``) build the same structure with one wildcard
-model. Everything the request path needs per model (URLs, header templates) is
-derived here, once, not per request.
-
-Invariant: a ``Config`` that ``load`` returned is valid; ``ConfigError`` carries one
-line naming the field and what was wrong.
-"""
+"""Reading a config: ``load`` (YAML or JSON) and ``quick_start`` build a ``Config``,
+``resolve`` derives what the request path needs per model, once; the checks that
+span fields; ``worker_count`` (package docstring: __init__.py)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Typed configuration, validated once at start with msgspec.
-
-A config file (YAML or JSON) decodes into ``Config``; the quick-start flags
-(``--upstream URL --upstream-key KEY``) build the same structure with one wildcard
-model. Everything the request path needs per model (URLs, header templates) is
-derived here, once, not per request.
-
-Invariant: a ``Config`` that ``load`` returned is valid; ``ConfigError`` carries one
-line naming the field and what was wrong.
-"""
+"""The rest of the config's shape: the server, database, Redis, auth (keys, JWTs,
+OIDC), limits, declared keys, the ledger, tracing, and ``Config`` holding them all
+(package docstring: __init__.py)."""
 
 from __future__ import annotations
 
