@@ -124,7 +124,7 @@ async def serving(
     )
     runner: web.AppRunner = await start(config)
     counter = _Attempts()
-    runner.app[STATE].sinks.sinks.append(counter)
+    runner.app[STATE].sinks.add(counter)
     host, port = runner.addresses[0][:2]
     try:
         yield f"http://{host}:{port}/v1", counter

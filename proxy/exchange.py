@@ -214,6 +214,10 @@ class Sinks:
     def __init__(self, sinks: Iterable[Sink] = ()) -> None:
         self.sinks: list[Sink] = list(sinks)
 
+    def add(self, sink: Sink) -> None:
+        """One more listener (tests and benchmarks count or keep exchanges this way)."""
+        self.sinks.append(sink)
+
     def record(self, exchange: Exchange) -> None:
         for sink in self.sinks:
             sink.record(exchange)

@@ -532,7 +532,7 @@ async def test_a_write_to_a_gone_client_is_a_disconnect_not_an_upstream_failure(
     recorder = Recorder()
     runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
     await runner.setup()  # opens the State (state.open_state)
-    app[STATE].sinks.sinks.append(recorder)
+    app[STATE].sinks.add(recorder)
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:

@@ -96,7 +96,7 @@ class Target:
         self.port = int(self.runner.addresses[0][1])
         from proxy.state import STATE
 
-        self.runner.app[STATE].sinks.sinks.append(self.recorder)
+        self.runner.app[STATE].sinks.add(self.recorder)
 
     async def _stop(self) -> None:
         await self.runner.cleanup()

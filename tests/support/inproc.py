@@ -33,7 +33,7 @@ class Proxy:
         self.base = f"{self.url}/v1"
         self.state: State = runner.app[STATE]
         self.recorder = Recorder()
-        self.state.sinks.sinks.append(self.recorder)
+        self.state.sinks.add(self.recorder)
 
 
 class MakeProxy(Protocol):
