@@ -1,7 +1,7 @@
 -- bucket.lua: one limiter call, atomic in one round trip, for one or more scopes (an
 -- API key, and the key's team: admitted only when every scope allows it). The Redis
 -- twin of `check_all` in bucket.py: read that file's invariants first, and change
--- both or neither (tests/test_bucket.py runs one table of cases against the two).
+-- both or neither (tests/governance/test_bucket.py runs one table of cases against the two).
 --
 -- Per scope, five KEYS (the scope's budget ones are read only when it has a budget):
 --   request bucket (hash: u = level in units, t = stamp in ms)
