@@ -36,7 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "localhost/morngpt-base:bookworm"
+# The tag changes whenever what goes into the stand-in changes (it is made once per
+# machine, then reused).
+BASE = "localhost/morngpt-base:bookworm-2"
 PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates,passwd"
 MIRROR = "http://deb.debian.org/debian"
 RUN = ["buildah", "run", "--isolation", "chroot"]
@@ -82,7 +84,10 @@ def stand_in_base() -> None:
             sh("buildah", "add", ctr, tar, "/", timeout=300)
             bundle = "/etc/ssl/certs/ca-certificates.crt"
             sh("buildah", "copy", ctr, bundle, bundle)
-            sh("buildah", "config", "--env", "PATH=/usr/local/bin:/usr/bin:/bin",
+            # The PATH of the real base (python:3.11-slim): the Dockerfile's groupadd and
+            # useradd live in /usr/sbin.
+            path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            sh("buildah", "config", "--env", f"PATH={path}",
                "--env", f"PIP_CERT={bundle}", ctr)  # fmt: skip
             sh("buildah", "commit", "-q", ctr, BASE, timeout=300)
         finally:
