@@ -21,6 +21,7 @@ buildah, or no way to make the base image); the reason is printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -130,8 +131,9 @@ def container(image: str) -> Iterator[str]:
         subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=120)
 
 
-def pid_serving(port: int) -> int:
-    """The pid of the process (in the container) whose command line serves ``port``."""
+def pid_serving(port: int, command: bytes = b"serve") -> int:
+    """The pid of the process (in the container) whose command line holds ``command``
+    and serves ``port``."""
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
@@ -139,7 +141,7 @@ def pid_serving(port: int) -> int:
             continue
         # The supervisor (`python -m proxy serve ...`), not `buildah run` or a worker.
         python = Path(argv[0].decode()).name.startswith("python")
-        if python and b"serve" in argv and str(port).encode() in argv:
+        if python and command in argv and str(port).encode() in argv:
             return int(entry.name)
     raise AssertionError(f"no process serves port {port}")
 
@@ -183,8 +185,15 @@ def check(image: str) -> None:
             assert proxy.wait(timeout=60) == 0, f"exit {proxy.returncode} after SIGTERM"
             print("SIGTERM: drained and exited 0")
         finally:
-            for proc in (proxy, upstream):
+            # Killing `buildah run` leaves its child running in the chroot: signal the
+            # process itself, then reap `buildah run`.
+            for proc, served, command in (
+                (proxy, port, b"serve"),
+                (upstream, up_port, b"bench.fake_upstream"),
+            ):
                 if proc.poll() is None:
+                    with contextlib.suppress(AssertionError, ProcessLookupError):
+                        os.kill(pid_serving(served, command), signal.SIGKILL)
                     proc.kill()
                     proc.wait()
 
