@@ -39,7 +39,8 @@ from .exchange import (
     may_use,
     unique_hex,
 )
-from .http import ingress
+from .http import front, ingress
+from .http.lean import Incoming, deliver
 from .http.relay import relay_body, relay_stream
 from .http.upstream import forward_headers, open_request
 from .http.wire import decode_request
@@ -55,6 +56,10 @@ _USAGE_OPTION = frozenset(("chat/completions", "completions"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = "application/json"
 _RETRY_SOON = {"Retry-After": "1"}
+# The tails of POST /v1/... that are proxied. No segment may start with a dot: upstream
+# URLs are {base}/{path}, and a `..` would climb out of the deployment's prefix to any
+# path of its host, with its key.
+_PATH = r"[a-z][a-z0-9_.-]*(?:/[a-z0-9_-][a-z0-9_.-]*)*"
 
 
 def build_app(config: Config, gate: Gate | None = None) -> web.Application:
@@ -78,9 +83,8 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
         else:
             add_ops_routes(app, config, lambda: app[STATE])
     app.router.add_get("/v1/models", list_models)
-    # No segment may start with a dot: upstream URLs are {base}/{path}, and a `..` would
-    # climb out of the deployment's prefix to any path of its host, with its key.
-    app.router.add_post("/v1/{path:[a-z][a-z0-9_.-]*(?:/[a-z0-9_-][a-z0-9_.-]*)*}", proxy)
+    app.router.add_post("/v1/{path:" + _PATH + "}", proxy)
+    app[front.HOT] = front.Hot(re.compile(_PATH), _hot, server)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
@@ -135,8 +139,8 @@ def build_ops_app(state: State) -> web.Application:
     return app
 
 
-def request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id")
+def request_id(headers: Mapping[str, str]) -> str:
+    given = headers.get("X-Request-Id")
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return "req_" + unique_hex()
@@ -147,20 +151,34 @@ def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = 
     return web.Response(body=render(err), status=err.status, content_type=_JSON, headers=headers)
 
 
-def with_query(path: str, request: web.Request) -> str:
+def with_query(path: str, query: str) -> str:
     """``path`` with the client's query string, which goes upstream as it came (still
-    percent-encoded: ``query_string`` is the decoded one)."""
-    query = request.rel_url.raw_query_string
+    percent-encoded)."""
     return f"{path}?{query}" if query else path
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """POST /v1/{path}: the hot path."""
+    """POST /v1/{path} on a connection aiohttp serves (front.py hands it those whose
+    requests it does not take)."""
     state = request.app[STATE]
-    path = request.match_info["path"]
-    exchange = Exchange(request_id(request), path)
+    server = state.config.server
+    call = Incoming.of(
+        request, request.match_info["path"], lambda: ingress.read_request_body(request, server)
+    )
+    return await answer(state, call)
+
+
+async def _hot(app: web.Application, call: Incoming) -> web.StreamResponse:
+    """POST /v1/{path} parsed by front.py."""
+    return await answer(app[STATE], call)
+
+
+async def answer(state: State, call: Incoming) -> web.StreamResponse:
+    """The hot path: one proxied request, answered (lean.py writes it)."""
+    path = call.path
+    exchange = Exchange(request_id(call.headers), path)
     if state.tracer is not None:
-        exchange.trace = state.tracer.start(request.headers)
+        exchange.trace = state.tracer.start(call.headers)
     grant = OPEN
     metrics.INFLIGHT.inc()
     traffic = state.traffic
@@ -174,10 +192,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             raise Overloaded("The proxy is at capacity; retry shortly.", headers=_RETRY_SOON)
         # Who is asking, from the headers: a caller without a valid key costs no body
         # read and learns nothing, not even which models exist.
-        caller = await state.gate.authenticate(request)
+        caller = await state.gate.authenticate(call.headers)
         exchange.key_id = caller.id
         exchange.team_id = getattr(caller, "team_id", None)
-        body = await ingress.read_request_body(request, state.config.server)
+        body = await call.read()
         exchange.body_bytes = len(body)
         view = decode_request(body)
         exchange.model = view.model
@@ -185,12 +203,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         grant = await state.gate.admit(caller, view, exchange)
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
-        headers = state.forwarding.headers(request)
+        headers = state.forwarding.headers(call.headers, call.remote)
         if exchange.trace is not None:
             exchange.trace.asked(view)  # and each attempt sends its own traceparent
         elif state.config.server.tracing:
             headers = tracing.ensure_traceparent(headers)
-        target = with_query(path, request)
+        target = with_query(path, call.query)
         outbound = Outbound(target, body, headers, exchange.request_id, view.model, strip)
         # Retries and failover happen in dispatch, before any byte goes to the client.
         lease = await dispatch(state.session, state.router, route, outbound, exchange)
@@ -198,13 +216,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         async with lease as up:
             extra = {**grant.headers, **lease.headers, "X-Request-Id": exchange.request_id}
             if up.status < 400 and up.content_type == "text/event-stream":
-                return await relay_stream(request, up, upstream, exchange, extra, strip)
-            return await relay_body(request, up, upstream, exchange, extra)
+                return await relay_stream(call, up, upstream, exchange, extra, strip)
+            return await relay_body(call, up, upstream, exchange, extra)
     except ProxyError as err:
         exchange.status = err.status
         exchange.error = type(err)
         extra = {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()}
-        return error_response(err, exchange.request_id, extra)
+        return await deliver(call, error_response(err, exchange.request_id, extra))
     except (asyncio.CancelledError, ConnectionResetError):
         exchange.error = ClientDisconnected
         exchange.status = exchange.status or 499
@@ -213,11 +231,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         log.exception("unexpected error serving %s", exchange.request_id)
         exchange.status = 500
         exchange.error = type(exc)
-        return error_response(
-            ProxyError("The proxy failed to handle this request."),
-            exchange.request_id,
-            {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()},
-        )
+        failed = ProxyError("The proxy failed to handle this request.")
+        extra = {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()}
+        return await deliver(call, error_response(failed, exchange.request_id, extra))
     finally:
         metrics.INFLIGHT.dec()
         traffic.inflight -= 1
@@ -230,9 +246,9 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models: configured models in OpenAI's list shape; in wildcard mode the
     upstream's own list is passed through."""
     state = request.app[STATE]
-    rid = request_id(request)
+    rid = request_id(request.headers)
     try:
-        caller = await state.gate.authenticate(request)
+        caller = await state.gate.authenticate(request.headers)
         names = [n for n in state.router.names() if may_use(caller, n)]
         wildcard = state.router.wildcard
         if wildcard is not None and caller.allowed_models is not None:
@@ -240,13 +256,15 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             names = sorted(caller.allowed_models)
         if wildcard is not None and not names:
             upstream = wildcard.pick()
-            headers = forward_headers(state.forwarding.headers(request), upstream, rid)
-            target = upstream.target(with_query("models", request))
+            given = state.forwarding.headers(request.headers, request.remote)
+            headers = forward_headers(given, upstream, rid)
+            target = upstream.target(with_query("models", request.rel_url.raw_query_string))
             async with await open_request(
                 state.session, upstream, "GET", target, headers, None
             ) as up:
+                call = Incoming.of(request, "models", request.read)
                 return await relay_body(
-                    request, up, upstream, Exchange(rid, "models"), {"X-Request-Id": rid}
+                    call, up, upstream, Exchange(rid, "models"), {"X-Request-Id": rid}
                 )
     except ProxyError as err:
         return error_response(err, rid)
@@ -260,7 +278,7 @@ async def not_found(request: web.Request) -> web.Response:
     else:
         # The URL is not quoted back: no refusal echoes what the client sent.
         err = NotFound("Unknown request URL; the API is served under /v1/.")
-    return error_response(err, request_id(request))
+    return error_response(err, request_id(request.headers))
 
 
 async def healthz(request: web.Request) -> web.Response:

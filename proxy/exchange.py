@@ -22,8 +22,6 @@ from os import register_at_fork, urandom
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
-
 from .errors import outcome_of
 from .http.wire import RequestView, Usage
 
@@ -181,7 +179,7 @@ OPEN = Grant()
 
 
 class Gate(Protocol):
-    async def authenticate(self, request: web.Request) -> Caller:
+    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
         """Who is asking, from the headers only: runs before the body is read, so a
         caller without a valid key costs no body read. Raises ``Unauthorized``."""
         ...
@@ -199,7 +197,7 @@ class Sink(Protocol):
 class OpenGate:
     """Lets everyone in: no keys, no limits (the quick-start default)."""
 
-    async def authenticate(self, request: web.Request) -> Caller:
+    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
         return ANONYMOUS
 
     async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:

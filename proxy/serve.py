@@ -35,7 +35,7 @@ from aiohttp import web
 from .app import build_app, build_ops_app
 from .config.load import worker_count
 from .config.schema import Config, Server
-from .http import ingress
+from .http import listener
 from .ops import metrics, redact
 from .state import STATE
 
@@ -67,7 +67,7 @@ async def start(config: Config, reuse_port: bool = False) -> web.AppRunner:
     app = build_app(config)
     if server.ops_port is not None:
         app.cleanup_ctx.append(ops_listener(server, reuse_port))
-    runner = ingress.Runner(
+    runner = listener.Runner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its upstream call
         access_log=None,
@@ -105,7 +105,7 @@ def ops_listener(
     main app, it stays up while the main listener drains (metrics, /readyz = 503)."""
 
     async def listen(app: web.Application) -> AsyncIterator[None]:
-        runner = ingress.Runner(build_ops_app(app[STATE]), access_log=None)
+        runner = listener.Runner(build_ops_app(app[STATE]), access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, server.host, server.ops_port, reuse_port=reuse_port)

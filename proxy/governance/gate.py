@@ -31,11 +31,10 @@ that reached an upstream and did not fail there, else nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import cast
 
 import aiohttp
-from aiohttp import web
 
 from ..config.schema import Config, Limits
 from ..db import Db
@@ -77,8 +76,8 @@ class KeyGate:
         self.budgets = budgets
         self.default_max_tokens = limits.default_max_tokens
 
-    async def authenticate(self, request: web.Request) -> Key:
-        return await self.lookup.authenticate(request.headers)
+    async def authenticate(self, headers: Mapping[str, str]) -> Key:
+        return await self.lookup.authenticate(headers)
 
     async def admit(self, caller: Caller, view: RequestView, exchange: Exchange) -> Grant:
         key = cast(Key, caller)  # this gate's authenticate only ever returns keys

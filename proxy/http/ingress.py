@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
@@ -29,10 +29,8 @@ from aiohttp.http_exceptions import (
     HttpProcessingError,
     LineTooLong,
 )
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from ..config.schema import Cors, Server
 from ..errors import (
@@ -90,7 +88,7 @@ def parse_refusal(exc: HttpProcessingError) -> ProxyError:
     return BadRequest("The request is not valid HTTP/1.1.", code=INVALID_HTTP)
 
 
-class _Handler(RequestHandler):
+class Handler(RequestHandler):
     """aiohttp's connection handler with the proxy's error answers (see module doc)."""
 
     def handle_error(
@@ -117,36 +115,6 @@ class _Handler(RequestHandler):
         return response
 
 
-class _Server(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, **self._kwargs)
-
-
-class Runner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer parser refusals with JSON errors."""
-
-    async def _make_server(self) -> web.Server:
-        made = await super()._make_server()
-        make_request = made.request_factory
-
-        def request_factory(
-            message: RawRequestMessage, *args: Any, **kwargs: Any
-        ) -> web.BaseRequest:
-            if message.method in UNIMPLEMENTED_METHODS:
-                # CONNECT's target (host:port) matches no route, and aiohttp's own 404
-                # is plain text: give the catch-all route a path, it answers 501.
-                message = message._replace(path="/", url=URL("/"))
-            return make_request(message, *args, **kwargs)
-
-        return _Server(
-            made.request_handler,
-            request_factory=request_factory,
-            handler_cancellation=made.handler_cancellation,
-            loop=made._loop,
-            **made._kwargs,
-        )
-
-
 # -- request bodies ------------------------------------------------------------------------
 
 
@@ -168,6 +136,11 @@ def check_framing(request: web.Request, server: Server) -> None:
         raise LengthRequired("The request needs a Content-Length (or chunked encoding).")
     if length is not None and length > server.max_body_bytes and coding in (None, "identity"):
         raise BodyTooLarge(f"The request body is larger than {server.max_body_bytes} bytes.")
+
+
+def late_body(timeout: float) -> RequestTimeout:
+    """The 408 for a body that did not all arrive within ``timeout`` seconds."""
+    return RequestTimeout(f"The request body did not arrive within {timeout:g}s.")
 
 
 def body_refusal(exc: HttpProcessingError | RequestPayloadError) -> BadRequest:
@@ -201,9 +174,7 @@ async def read_request_body(request: web.Request, server: Server) -> bytes:
             f"The request body is larger than {server.max_body_bytes} bytes."
         ) from None
     except TimeoutError:
-        raise RequestTimeout(
-            f"The request body did not arrive within {server.body_timeout:g}s."
-        ) from None
+        raise late_body(server.body_timeout) from None
     except (HttpProcessingError, RequestPayloadError) as exc:
         raise body_refusal(exc) from None
 
@@ -311,12 +282,10 @@ class Forwarding:
             return False
         return any(address in network for network in self.networks)
 
-    def headers(self, request: web.Request) -> CIMultiDictProxy[str]:
-        """The client's headers as they go upstream: forwarding headers believed only
-        from a trusted proxy, the peer's address appended to ``X-Forwarded-For`` and the
-        proxy to ``Via``."""
-        given = request.headers
-        peer = request.remote
+    def headers(self, given: CIMultiDictProxy[str], peer: str | None) -> CIMultiDictProxy[str]:
+        """The client's headers (``given``, from ``peer``) as they go upstream:
+        forwarding headers believed only from a trusted proxy, the peer's address
+        appended to ``X-Forwarded-For`` and the proxy to ``Via``."""
         out = CIMultiDict(given)
         prior = ""
         via = ""

@@ -1,8 +1,9 @@
 """Responses written by the proxy itself, below aiohttp's ``web.Response`` (issue #17).
 
-aiohttp stays the server: it parses the request, runs the handler and keeps the
-connection (keep-alive, pipelining, timeouts, drain). What this module replaces is the
-last step of a proxied answer: instead of a ``web.Response`` (its ``CIMultiDict`` of
+The handlers see a request as an ``Incoming``: one aiohttp parsed (``Incoming.of``),
+whose connection aiohttp keeps (keep-alive, pipelining, timeouts, drain), or one that
+front.py's connection protocol parsed itself. What this module replaces is the last
+step of a proxied answer: instead of a ``web.Response`` (its ``CIMultiDict`` of
 headers, ``prepare``, the ``on_response_prepare`` signal, aiohttp's serializer and
 ``write_eof``), the head is formatted once as a string and written to the transport
 with the body in one ``write``; the handler then returns a ``Sent`` marker whose
@@ -17,7 +18,10 @@ Invariants (what the answer has in common with aiohttp's own, checked by the sui
   for 1.0 with it), and the CORS headers ``ingress.install`` adds for an allowed
   origin.
 - No header value with a control character is written (the same rule as aiohttp's
-  serializer): such a response goes the ordinary way, which refuses it.
+  serializer): such a response goes the ordinary way, which refuses it (a 500; on a
+  front.py connection, a ``ProxyError``, which is a 500 too).
+- Statuses without a body (1xx, 204, 304) and HEAD go the ordinary way; on a front.py
+  connection (POST only) their head is written here, without framing or body.
 - Used only where nothing else decorates responses: an app whose
   ``on_response_prepare`` holds anything but ``ingress``'s own decoration (recorded
   by ``ingress.install``) gets ``None`` from ``send`` and answers the ordinary way.
@@ -29,13 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from multidict import CIMultiDictProxy
 
+from ..errors import ProxyError
 from . import ingress
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -62,36 +68,103 @@ class Sent(web.StreamResponse):
         return None
 
 
-def _decoration(request: web.Request) -> tuple[bool, ingress.Cross | None]:
-    """Whether the app's responses are decorated by ``ingress`` alone, and its CORS
-    (None: off)."""
-    app = request.app
-    signal = app.on_response_prepare
-    decoration = app.get(ingress.DECORATION)
-    if decoration is None or len(signal) != 1 or signal[0] is not decoration.prepare:
-        return False, None
-    return True, decoration.cross
+class Incoming:
+    """A request as the proxy's handlers see it: what they read of it and how they
+    answer it, whether it came through aiohttp (``of``, ``request`` set) or through
+    front.py's own parser (``request`` None: no aiohttp to fall back to, so every
+    answer is written here)."""
+
+    __slots__ = (
+        "cross",
+        "drain",
+        "headers",
+        "keep_alive",
+        "lean",
+        "method",
+        "path",
+        "query",
+        "read",
+        "remote",
+        "request",
+        "transport",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: CIMultiDictProxy[str],
+        remote: str | None,
+        transport: asyncio.Transport | None,
+        drain: Callable[[], Awaitable[None]],
+        read: Callable[[], Awaitable[bytes]],
+        keep_alive: bool,
+        cross: ingress.Cross | None,
+        version: HttpVersion = HttpVersion11,
+        lean: bool = True,
+        request: web.Request | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path  # the route's tail: "chat/completions"
+        self.query = query  # as it came, still percent-encoded
+        self.headers = headers
+        self.remote = remote
+        self.transport = transport
+        self.drain = drain
+        self.read = read  # the body, within the size and time limits
+        self.keep_alive = keep_alive
+        self.cross = cross  # CORS, None: off
+        self.version = version
+        self.lean = lean  # whether answers may be written here at all
+        self.request = request
+
+    @classmethod
+    def of(cls, request: web.Request, path: str, read: Callable[[], Awaitable[bytes]]) -> Incoming:
+        """A request aiohttp parsed; its answers are written here only where nothing
+        but ``ingress``'s own decoration hooks the app's ``on_response_prepare``."""
+        app = request.app
+        signal = app.on_response_prepare
+        decoration = app.get(ingress.DECORATION)
+        alone = decoration is not None and len(signal) == 1 and signal[0] is decoration.prepare
+        return cls(
+            request.method,
+            path,
+            request.rel_url.raw_query_string,
+            request.headers,
+            request.remote,
+            request.transport,
+            request.writer.drain,
+            read,
+            request.keep_alive,
+            decoration.cross if decoration is not None else None,
+            request.version,
+            alone,
+            request,
+        )
 
 
 def head(
-    request: web.Request, status: int, headers: Mapping[str, str], framing: str, typed: bool
+    call: Incoming, status: int, headers: Mapping[str, str], framing: str | None, typed: bool
 ) -> tuple[bytes, bool] | None:
     """The response head aiohttp would write, and whether the connection stays open;
     None when this response must go the ordinary way (see the module invariants).
-    ``framing`` is the ``Content-Length`` or ``Transfer-Encoding`` line; ``typed``
-    whether a missing ``Content-Type`` is to be given aiohttp's default."""
-    if status < 200 or status in (204, 304) or request.method == "HEAD":
+    ``framing`` is the ``Content-Length`` or ``Transfer-Encoding`` line (None: the
+    status has no body); ``typed`` whether a missing ``Content-Type`` is to be given
+    aiohttp's default."""
+    if not call.lean:
         return None
-    alone, cross = _decoration(request)
-    if not alone:
+    if call.request is not None and (_bodiless(status) or call.method == "HEAD"):
         return None
-    version = request.version
-    keep_alive = request.keep_alive
+    version = call.version
+    keep_alive = call.keep_alive
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"]
     lines.extend(f"{k}: {v}" for k, v in headers.items())
-    lines.append(framing)
-    if typed and "Content-Type" not in headers:
-        lines.append("Content-Type: application/octet-stream")
+    if framing is not None:
+        lines.append(framing)
+        if typed and "Content-Type" not in headers:
+            lines.append("Content-Type: application/octet-stream")
     lines.append(f"Date: {rfc822_formatted_time()}")
     lines.append(f"Server: {ingress.SERVER}")
     if keep_alive:
@@ -99,36 +172,57 @@ def head(
             lines.append("Connection: keep-alive")
     elif version == HttpVersion11:
         lines.append("Connection: close")
+    cross = call.cross
     if cross is not None:
-        origin = request.headers.get("Origin")
+        origin = call.headers.get("Origin")
         if origin is not None and cross.allows(origin):
             lines.extend(cross.lines(origin))
     if _CONTROL.search("\t".join(lines)) is not None:
-        return None  # aiohttp's serializer refuses it (a 500), as it would have
+        if call.request is None:  # aiohttp's serializer refuses these (a 500): so do we
+            raise ProxyError("The proxy failed to handle this request.")
+        return None
     lines.append("\r\n")
     return "\r\n".join(lines).encode(), keep_alive
 
 
-def _transport(request: web.Request) -> asyncio.Transport:
-    transport = request.transport
+def _bodiless(status: int) -> bool:
+    return status < 200 or status in (204, 304)
+
+
+def _transport(call: Incoming) -> asyncio.Transport:
+    transport = call.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("Cannot write to closing transport")
     return transport
 
 
-async def send(
-    request: web.Request, status: int, headers: Mapping[str, str], body: bytes
-) -> Sent | None:
+async def send(call: Incoming, status: int, headers: Mapping[str, str], body: bytes) -> Sent | None:
     """Write the whole answer (head and body, one write) to the client; None when this
     response must go the ordinary way (see the module invariants)."""
-    made = head(request, status, headers, f"Content-Length: {len(body)}", bool(body))
+    if _bodiless(status):
+        made = head(call, status, headers, None, False)
+        body = b""
+    else:
+        made = head(call, status, headers, f"Content-Length: {len(body)}", bool(body))
     if made is None:
         return None
-    transport = _transport(request)
+    transport = _transport(call)
     transport.write(made[0] + body)
     if transport.get_write_buffer_size() > _HIGH:
-        await request.writer.drain()
+        await call.drain()
     return Sent(status, made[1])
+
+
+async def deliver(call: Incoming, response: web.Response) -> web.StreamResponse:
+    """``response`` (a ``web.Response`` made whole) written by ``send`` where it can,
+    else returned for aiohttp to send."""
+    body = response.body
+    assert body is None or isinstance(body, bytes)
+    try:
+        sent = await send(call, response.status, response.headers, body or b"")
+    except ConnectionResetError:  # the client is gone: nobody to answer
+        return Sent(response.status, False)
+    return response if sent is None else sent
 
 
 class Chunked:
@@ -136,22 +230,22 @@ class Chunked:
     first write, each write is one chunk frame, ``write_eof`` the last frame and the
     terminator together. ``response`` is what the handler returns."""
 
-    __slots__ = ("_head", "_writer", "response", "transport")
+    __slots__ = ("_drain", "_head", "response", "transport")
 
-    def __init__(self, request: web.Request, head: bytes, status: int, keep_alive: bool):
+    def __init__(self, call: Incoming, head: bytes, status: int, keep_alive: bool):
         self._head = head
-        self._writer = request.writer
-        self.transport = request.transport
+        self._drain = call.drain
+        self.transport = call.transport
         self.response: web.StreamResponse = Sent(status, keep_alive)
 
     @classmethod
-    def start(cls, request: web.Request, status: int, headers: Mapping[str, str]) -> Chunked | None:
+    def start(cls, call: Incoming, status: int, headers: Mapping[str, str]) -> Chunked | None:
         """None when this response must go the ordinary way (HTTP/1.0, which has no
         chunked framing, included)."""
-        if request.version != HttpVersion11:
+        if call.version != HttpVersion11:
             return None
-        made = head(request, status, headers, "Transfer-Encoding: chunked", False)
-        return None if made is None else cls(request, made[0], status, made[1])
+        made = head(call, status, headers, "Transfer-Encoding: chunked", False)
+        return None if made is None else cls(call, made[0], status, made[1])
 
     def _out(self, frame: bytes) -> asyncio.Transport:
         transport = self.transport
@@ -167,10 +261,10 @@ class Chunked:
         if data:
             transport = self._out(b"%x\r\n%b\r\n" % (len(data), data))
             if transport.get_write_buffer_size() > _HIGH:
-                await self._writer.drain()
+                await self._drain()
 
     async def drain(self) -> None:
-        await self._writer.drain()
+        await self._drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         self._out(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")

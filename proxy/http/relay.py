@@ -108,7 +108,7 @@ def _check_size(size: int) -> None:
 
 
 async def relay_body(
-    request: web.Request,
+    call: lean.Incoming,
     up: Response,
     upstream: Upstream,
     exchange: Exchange,
@@ -131,11 +131,12 @@ async def relay_body(
     # accounting (ledger, metrics, settlement) then runs after the client has its
     # answer, off the latency it sees, as it does for streams.
     try:
-        sent = await lean.send(request, up.status, out, body)
+        sent = await lean.send(call, up.status, out, body)
         if sent is not None:  # written below web.Response (lean.py)
             return sent
+        assert call.request is not None  # send answers every front.py request
         response = web.Response(body=body, status=up.status, headers=out)
-        await response.prepare(request)
+        await response.prepare(call.request)
         await response.write_eof()
     except ConnectionResetError:
         exchange.error = ClientDisconnected
@@ -155,7 +156,7 @@ def upstream_error_body(status: int, body: bytes) -> bytes:
 
 
 async def relay_stream(
-    request: web.Request,
+    call: lean.Incoming,
     up: Response,
     upstream: Upstream,
     exchange: Exchange,
@@ -167,11 +168,12 @@ async def relay_stream(
     exchange.status = up.status
     # The head and the chunk frames written by the proxy (lean.py), or, where it
     # cannot, by aiohttp's response and its writer: one layer less per write.
-    writer: lean.Chunked | lean.Ordinary | None = lean.Chunked.start(request, up.status, head)
+    writer: lean.Chunked | lean.Ordinary | None = lean.Chunked.start(call, up.status, head)
     if writer is None:
+        assert call.request is not None  # Chunked starts every front.py stream
         response = web.StreamResponse(status=up.status, headers=head)
-        await response.prepare(request)
-        writer = lean.Ordinary(request, response)
+        await response.prepare(call.request)
+        writer = lean.Ordinary(call.request, response)
     out = writer.response
     relay = _Relay(exchange, strip)
     kept = relay.kept

@@ -465,7 +465,7 @@ async def test_a_daily_budget_rolls_over_at_local_midnight(
     value, declared = declare(budget=D("0.05"), budget_period="daily", budget_tz="Europe/Berlin")
     proxy = await make_proxy(priced(upstream.url, declared, prefix=redis_prefix), auth=True)
     gate = proxy.state.gate
-    key = await gate.authenticate(_request_with(value))
+    key = await gate.authenticate({"Authorization": f"Bearer {value}"})
     midnight = period_of("daily", zone("Europe/Berlin"), time.time()).start
     view = RequestView(model="m1", max_tokens=10)
 
@@ -490,13 +490,6 @@ async def test_a_daily_budget_rolls_over_at_local_midnight(
     yesterday = period_of("daily", zone("Europe/Berlin"), midnight - 1).id
     assert await state(redis_prefix, declared.id, yesterday) == {"spent": 45_000_000, "held": 0}
     assert await state(redis_prefix, declared.id, int(midnight)) == {"spent": 1_000_000, "held": 0}
-
-
-def _request_with(key: str) -> Any:
-    class _Headers:
-        headers = {"Authorization": f"Bearer {key}"}
-
-    return _Headers()
 
 
 # --- Visibility ------------------------------------------------------------------------

@@ -1,0 +1,440 @@
+"""The API listener's connections: the hot path parsed by the proxy, the rest by aiohttp
+(issue #17; docs/performance.md, "The front door").
+
+aiohttp stays the server: its ``AppRunner`` and sites own the listener, its
+``RequestHandler`` serves the ops endpoints, the console, the admin API, preflights
+and anything unusual. ``Front``, the protocol every new connection starts with, takes
+the plain proxied request: ``POST /v1/<route>`` in HTTP/1.1 with a ``Host`` and one
+``Content-Length`` (at most ``max_body_bytes``), no ``Transfer-Encoding``, ``Expect``,
+``Upgrade`` or ``Content-Encoding`` (but ``identity``), none of aiohttp's
+``SINGLETON_HEADERS`` twice, no NUL in a value, at most ``_MAX_HEADERS`` headers, a
+head within ``max_header_bytes``, an ASCII target without ``%`` in its path or a
+fragment. Its head is parsed by llhttp (``httptools``, as h1.py parses answers), and
+the handler runs without aiohttp's ``Request``, routing and response machinery.
+
+At the first request it does not take (or bytes that are not one) the connection is
+handed to aiohttp for good, at a request boundary: a ``RequestHandler`` made as
+aiohttp's server makes one is put on the transport (``set_protocol``) and given every
+byte not consumed yet, so aiohttp's parser, limits and the JSON refusals (ingress.py)
+see that request as if aiohttp had had the connection from the start.
+
+Invariants (aiohttp's server contracts, kept; the suite runs through both):
+- Requests of a connection are served one at a time, in order (pipelined ones wait;
+  reading pauses while more than ``_HELD`` bytes wait).
+- A connection without a complete request head for ``idle_timeout`` is closed.
+- The handler reads the body within ``body_timeout`` (its 408); the socket is not
+  read while more than ``_HELD`` bytes of a body wait that the handler has not asked
+  for (it authenticates first); a connection whose body was not all read is closed
+  after the answer.
+- A client that goes cancels its handler, and so the upstream call.
+- Drain: ``Door.pre_shutdown`` closes idle connections and marks busy ones to close
+  after their answer; ``Door.shutdown`` waits for their handlers up to the grace
+  period, then cancels them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.http_parser import SINGLETON_HEADERS
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..config.schema import Server
+from . import ingress
+from .lean import Incoming
+
+log = logging.getLogger("proxy")
+
+_START = b"POST /v1/"
+_HEAD_END = b"\r\n\r\n"
+# Headers whose presence leaves the request to aiohttp (framing, codings, upgrades).
+_AIOHTTP_HEADERS = frozenset((b"expect", b"upgrade", b"content-encoding"))
+_IDENTITY = b"identity"
+_SINGLETONS = frozenset(h.encode() for h in SINGLETON_HEADERS)
+_MAX_HEADERS = 100  # aiohttp refuses more than 128
+# Bytes a connection holds for requests (or a body) nobody asked for yet before it
+# stops reading from the socket.
+_HELD = 64 * 1024
+
+
+class Hot(NamedTuple):
+    """What an app serves through ``Front`` (``app[HOT]``, set by app.py): the route
+    tails of ``POST /v1/...`` it takes, the handler that answers an ``Incoming``
+    (every answer written by lean.py; it returns lean's ``Sent``) and the limits."""
+
+    route: re.Pattern[str]
+    handler: Callable[[web.Application, Incoming], Coroutine[Any, Any, web.StreamResponse]]
+    settings: Server
+
+
+HOT = web.AppKey("hot", Hot)
+
+
+class Door:
+    """What the ``Front`` connections of one listener share."""
+
+    def __init__(
+        self, aiohttp: Callable[[], RequestHandler], app: web.Application, hot: Hot
+    ) -> None:
+        self.aiohttp = aiohttp  # makes the handler a connection is handed to
+        self.app = app
+        self.hot = hot
+        self.settings = hot.settings
+        self.loop = asyncio.get_running_loop()
+        self.idle_timeout = hot.settings.idle_timeout
+        self.cross = app[ingress.DECORATION].cross
+        self.fronts: set[Front] = set()
+
+    def pre_shutdown(self) -> None:
+        for front in list(self.fronts):
+            front.closing = True
+            if front.task is None and front.transport is not None:
+                front.transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        tasks = [f.task for f in self.fronts if f.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
+        for front in list(self.fronts):
+            if front.transport is not None:
+                front.transport.close()
+
+
+class Front(asyncio.Protocol):
+    """One client connection while its requests are the hot path's (module doc)."""
+
+    __slots__ = (
+        "body",
+        "closing",
+        "door",
+        "drainer",
+        "head_raw",
+        "idle_since",
+        "paused",
+        "peer",
+        "pending",
+        "reading",
+        "scanned",
+        "task",
+        "timer",
+        "transport",
+        "url",
+    )
+
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self.transport: asyncio.Transport | None = None
+        self.pending: bytes | bytearray = b""  # received, not consumed
+        self.scanned = 0  # how far ``pending`` holds no head's end
+        self.task: asyncio.Task[web.StreamResponse] | None = None
+        self.body: _Body | None = None  # of the request being served
+        self.closing = False
+        self.paused = False  # writing (the client's buffer is full)
+        self.reading = True
+        self.drainer: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        self.peer: str | None = None
+        self.url = b""
+        self.head_raw: list[tuple[bytes, bytes]] = []
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, (list, tuple)) else peer
+        door = self.door
+        door.fronts.add(self)
+        self.idle_since = door.loop.time()
+        self.timer = door.loop.call_later(door.idle_timeout, self._idle)
+
+    def data_received(self, data: bytes) -> None:
+        body = self.body
+        if body is not None and body.missing:
+            data = body.feed(data)
+            if not data:
+                return
+        pending = self.pending
+        if not pending:
+            pending = self.pending = data
+        else:  # a head in pieces, or pipelined requests: grown in place, not copied
+            if isinstance(pending, bytes):
+                pending = self.pending = bytearray(pending)
+            pending += data
+        if self.task is None:
+            self._next()
+        elif len(pending) > _HELD:
+            self.pause_reading()
+
+    # eof_received: asyncio's default (the transport closes, as aiohttp's handler lets it)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self.door.fronts.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()  # a client that goes cancels its upstream call
+        if self.body is not None:
+            self.body.lost()
+        drainer = self.drainer
+        if drainer is not None and not drainer.done():
+            drainer.set_exception(ConnectionResetError("Connection lost"))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        drainer = self.drainer
+        if drainer is not None:
+            self.drainer = None
+            if not drainer.done():
+                drainer.set_result(None)
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        if self.paused:
+            drainer = self.drainer
+            if drainer is None or drainer.done():
+                drainer = self.drainer = self.door.loop.create_future()
+            await drainer
+
+    def pause_reading(self) -> None:
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.reading and self.transport is not None:
+            self.reading = True
+            self.transport.resume_reading()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """With no request being served: take the next one, hand the connection to
+        aiohttp, or wait for more bytes."""
+        pending = self.pending
+        if not pending:
+            return
+        if not pending.startswith(_START):
+            if len(pending) < len(_START) and _START.startswith(pending):
+                return
+            return self._hand_over()
+        scanned = self.scanned  # where a head's end may begin, after what was searched
+        end = pending.find(_HEAD_END, scanned)
+        if end < 0:
+            if (
+                len(pending) > self.door.settings.max_header_bytes
+                or pending.find(b"\n\n", scanned) >= 0
+            ):
+                self._hand_over()
+            else:
+                self.scanned = max(0, len(pending) - len(_HEAD_END) + 1)
+            return
+        self.scanned = 0
+        size = end + len(_HEAD_END)
+        call = self._take(bytes(pending[:size]))
+        if call is None:
+            return self._hand_over()
+        assert self.body is not None
+        self.pending = self.body.feed(bytes(pending[size:]))
+        door = self.door
+        self.task = task = door.loop.create_task(door.hot.handler(door.app, call))
+        task.add_done_callback(self._served)
+
+    def _take(self, head: bytes) -> Incoming | None:
+        """The request of this head if the front takes it (module doc), its body
+        (``self.body``) waiting for its bytes."""
+        door = self.door
+        if len(head) > door.settings.max_header_bytes:
+            return None
+        parser = httptools.HttpRequestParser(self)
+        raw: list[tuple[bytes, bytes]] = []
+        self.head_raw = raw
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError:
+            return None
+        if parser.get_http_version() != "1.1" or len(raw) > _MAX_HEADERS:
+            return None
+        length = None
+        seen: set[bytes] = set()  # aiohttp refuses a second one of these (smuggling)
+        for name, value in raw:
+            name = name.lower()
+            if name in _SINGLETONS:
+                if name in seen:
+                    return None
+                seen.add(name)
+                if name == b"content-length":
+                    if not value.isdigit():
+                        return None
+                    length = int(value)
+            elif name in _AIOHTTP_HEADERS and (
+                name != b"content-encoding" or value.strip().lower() != _IDENTITY
+            ):
+                return None
+            if b"\0" in value:
+                return None
+        if length is None or length > door.settings.max_body_bytes:
+            return None
+        if b"host" not in seen or b"transfer-encoding" in seen:
+            return None
+        url = self.url
+        path, _, query = url.partition(b"?")
+        if b"%" in path or b"#" in url or not url.isascii():
+            return None
+        tail = path[len(_START) - len("POST ") :].decode()
+        if door.hot.route.fullmatch(tail) is None:
+            return None
+        body = self.body = _Body(self, length)
+        headers = CIMultiDict(
+            # as aiohttp's parser has them: no whitespace after the value
+            (
+                n.decode("utf-8", "surrogateescape"),
+                v.rstrip(b" \t").decode("utf-8", "surrogateescape"),
+            )
+            for n, v in raw
+        )
+        return Incoming(
+            "POST",
+            tail,
+            query.decode(),
+            CIMultiDictProxy(headers),
+            self.peer,
+            self.transport,
+            self.drain,
+            body.read,
+            parser.should_keep_alive() and not self.closing,
+            door.cross,
+        )
+
+    # httptools' callbacks (the head only)
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_raw.append((name, value))
+
+    def _served(self, task: asyncio.Task[web.StreamResponse]) -> None:
+        self.task = None
+        body, self.body = self.body, None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("unexpected error answering a request", exc_info=exc)
+        transport = self.transport
+        if transport is None:
+            return
+        done = exc is None and body is not None and not body.missing
+        if not done or self.closing or not task.result().keep_alive:
+            transport.close()
+        else:
+            self.idle_since = self.door.loop.time()
+            self.resume_reading()
+            self._next()
+
+    def _idle(self) -> None:
+        """The idle deadline: close a connection that has had no complete request head
+        for ``idle_timeout`` (checked, not re-armed, per request)."""
+        door = self.door
+        self.timer = None
+        if self.transport is None:
+            return
+        if self.task is None and self.body is None:
+            left = self.idle_since + door.idle_timeout - door.loop.time()
+            if left <= 0:
+                self.transport.close()
+                return
+        else:
+            left = door.idle_timeout
+        self.timer = door.loop.call_later(left, self._idle)
+
+    def _hand_over(self) -> None:
+        """Give the connection, and the bytes not consumed, to aiohttp for good."""
+        transport = self.transport
+        assert transport is not None
+        assert self.task is None
+        self.door.fronts.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+        handler = self.door.aiohttp()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.paused:
+            handler.pause_writing()
+        if not self.reading:
+            transport.resume_reading()
+        pending, self.pending = self.pending, b""
+        handler.data_received(bytes(pending))
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class _Body:
+    """The body of the request being served, as it arrives."""
+
+    __slots__ = ("front", "missing", "parts", "waiter")
+
+    def __init__(self, front: Front, length: int) -> None:
+        self.front = front
+        self.missing = length
+        self.parts: list[bytes] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """Take what belongs to the body; returns the rest (the next requests)."""
+        missing = self.missing
+        if not missing:
+            return data
+        if len(data) <= missing:
+            self.parts.append(data)
+            self.missing = missing - len(data)
+            rest = b""
+        else:
+            self.parts.append(data[:missing])
+            self.missing = 0
+            rest = data[missing:]
+        if self.missing:
+            if self.waiter is None and sum(map(len, self.parts)) > _HELD:
+                self.front.pause_reading()  # nobody asked for it yet
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        return rest
+
+    def lost(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError("Connection lost"))
+
+    async def read(self) -> bytes:
+        if self.missing:
+            door = self.front.door
+            self.waiter = door.loop.create_future()
+            self.front.resume_reading()
+            try:
+                async with asyncio.timeout(door.settings.body_timeout):
+                    await self.waiter
+            except TimeoutError:
+                raise ingress.late_body(door.settings.body_timeout) from None
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
