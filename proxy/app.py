@@ -104,7 +104,12 @@ def add_ops_routes(app: web.Application, config: Config, state: Callable[[], Sta
     """The operator endpoints, behind the ops token when one is configured; the admin
     API and the console, behind their own roles (admin/access.py)."""
     token = config.server.ops_token
-    app.router.add_get("/metrics", protect(metrics_endpoint, token))
+
+    async def scrape(request: web.Request) -> web.Response:
+        state().traffic.publish()  # this worker's in-flight count, exact
+        return await metrics_endpoint(request)
+
+    app.router.add_get("/metrics", protect(scrape, token))
     app.router.add_get("/deployments", protect(deployments, token))
     login = None
     if config.oidc is not None:  # single sign-on for the console (oidc.py)
@@ -180,7 +185,6 @@ async def answer(state: State, call: Incoming) -> web.StreamResponse:
     if state.tracer is not None:
         exchange.trace = state.tracer.start(call.headers)
     grant = OPEN
-    metrics.INFLIGHT.inc()
     traffic = state.traffic
     traffic.inflight += 1
     try:
@@ -235,7 +239,6 @@ async def answer(state: State, call: Incoming) -> web.StreamResponse:
         extra = {**grant.headers, OVERHEAD_HEADER: exchange.overhead_ms()}
         return await deliver(call, error_response(failed, exchange.request_id, extra))
     finally:
-        metrics.INFLIGHT.dec()
         traffic.inflight -= 1
         exchange.cost = state.prices.cost(exchange)  # before settling: budgets charge it
         grant.settle(exchange)

@@ -14,6 +14,7 @@ runs (requests in flight, draining) is its ``Traffic``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -32,9 +33,10 @@ from .governance.ratelimit.shared import open_redis
 from .http.h1 import Client
 from .http.ingress import Forwarding
 from .http.upstream import make_client
-from .ops import accesslog
+from .ops import accesslog, metrics
 from .ops.metrics_sink import MetricsSink
 from .ops.tracer import Tracer
+from .routing.health import PUBLISH_INTERVAL
 from .routing.routes import Router
 from .usage.writer import Writer, open_ledger
 
@@ -48,6 +50,29 @@ class Traffic:
     def __init__(self) -> None:
         self.inflight = 0
         self.draining = False
+
+    def publish(self) -> None:
+        """Set the in-flight gauge from the count: at every scrape of this worker and
+        every ``PUBLISH_INTERVAL`` (``publishing``), not twice per request (a locked
+        update each, ~3 % of a bare request)."""
+        metrics.INFLIGHT.set(self.inflight)
+
+    @contextlib.asynccontextmanager
+    async def publishing(self) -> AsyncIterator[None]:
+        async def every_interval() -> None:
+            while True:
+                self.publish()
+                await asyncio.sleep(PUBLISH_INTERVAL)
+
+        task = asyncio.create_task(every_interval(), name="in-flight gauge")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.inflight = 0
+            self.publish()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +135,8 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
             await stack.enter_async_context(accesslog.listener())
             sinks.append(accesslog.AccessLog(level))
         sinks.append(ledger)
+        traffic = Traffic()
+        await stack.enter_async_context(traffic.publishing())
         yield State(
             config=config,
             router=router,
@@ -124,5 +151,5 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
             tracer=tracer,
             limiter=limiter,
             max_inflight=config.server.max_inflight or sys.maxsize,
-            traffic=Traffic(),
+            traffic=traffic,
         )

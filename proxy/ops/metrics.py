@@ -102,7 +102,8 @@ UPSTREAM_ERRORS = Counter(
     "stream_error, http_5xx, http_429).",
     ("deployment", "kind"),
 )
-# Updated by the proxy handler around each request.
+# Set from the worker's in-flight count (state.Traffic.publish): at each scrape of
+# the worker and twice a second.
 INFLIGHT = Gauge(
     "morngpt_inflight_requests",
     "Proxied requests being served now.",
