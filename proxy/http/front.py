@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, cast
 
 import httptools
 from aiohttp import web
-from aiohttp.http_parser import SINGLETON_HEADERS
+from aiohttp.http_parser import SINGLETON_HEADERS as _SINGLETONS
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -55,9 +55,7 @@ log = logging.getLogger("proxy")
 _START = b"POST /v1/"
 _HEAD_END = b"\r\n\r\n"
 # Headers whose presence leaves the request to aiohttp (framing, codings, upgrades).
-_AIOHTTP_HEADERS = frozenset((b"expect", b"upgrade", b"content-encoding"))
-_IDENTITY = b"identity"
-_SINGLETONS = frozenset(h.encode() for h in SINGLETON_HEADERS)
+_AIOHTTP_HEADERS = frozenset(("expect", "upgrade"))  # and Content-Encoding but identity
 _MAX_HEADERS = 100  # aiohttp refuses more than 128
 # Bytes a connection holds for requests (or a body) nobody asked for yet before it
 # stops reading from the socket.
@@ -119,7 +117,6 @@ class Front(asyncio.Protocol):
         "closing",
         "door",
         "drainer",
-        "head_raw",
         "idle_since",
         "paused",
         "peer",
@@ -147,7 +144,6 @@ class Front(asyncio.Protocol):
         self.idle_since = 0.0
         self.peer: str | None = None
         self.url = b""
-        self.head_raw: list[tuple[bytes, bytes]] = []
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -264,36 +260,29 @@ class Front(asyncio.Protocol):
         door = self.door
         if len(head) > door.settings.max_header_bytes:
             return None
-        parser = httptools.HttpRequestParser(self)
-        raw: list[tuple[bytes, bytes]] = []
-        self.head_raw = raw
+        parser = httptools.HttpRequestParser(self)  # it validates; the fields are split here
         try:
             parser.feed_data(head)
         except httptools.HttpParserError:
             return None
-        if parser.get_http_version() != "1.1" or len(raw) > _MAX_HEADERS:
+        # llhttp refused folded lines, bare LFs, controls and "name :": one field a line
+        text = head.decode("utf-8", "surrogateescape")  # per value, as aiohttp decodes
+        fields = [line.partition(":") for line in text.split("\r\n")[1:-2]]
+        if parser.get_http_version() != "1.1" or len(fields) > _MAX_HEADERS or "\0" in text:
             return None
-        length = None
-        seen: set[bytes] = set()  # aiohttp refuses a second one of these (smuggling)
-        for name, value in raw:
-            name = name.lower()
-            if name in _SINGLETONS:
-                if name in seen:
-                    return None
-                seen.add(name)
-                if name == b"content-length":
-                    if not value.isdigit():
-                        return None
-                    length = int(value)
-            elif name in _AIOHTTP_HEADERS and (
-                name != b"content-encoding" or value.strip().lower() != _IDENTITY
-            ):
-                return None
-            if b"\0" in value:
-                return None
-        if length is None or length > door.settings.max_body_bytes:
+        names = [name.lower() for name, _, _ in fields]
+        once = [name for name in names if name in _SINGLETONS]
+        if len(once) != len(set(once)) or "host" not in once or "transfer-encoding" in once:
+            return None  # aiohttp refuses a second one of these (smuggling), or decides
+        if not _AIOHTTP_HEADERS.isdisjoint(names):
             return None
-        if b"host" not in seen or b"transfer-encoding" in seen:
+        # as aiohttp's parser has them: no whitespace around a value
+        headers = CIMultiDict((name, value.strip(" \t")) for name, _, value in fields)
+        coding = headers.get("Content-Encoding")
+        length = headers.get("Content-Length", "")
+        if (coding is not None and coding.lower() != "identity") or not length.isdigit():
+            return None
+        if int(length) > door.settings.max_body_bytes:
             return None
         url = self.url
         path, _, query = url.partition(b"?")
@@ -302,15 +291,7 @@ class Front(asyncio.Protocol):
         tail = path[len(_START) - len("POST ") :].decode()
         if door.hot.route.fullmatch(tail) is None:
             return None
-        body = self.body = _Body(self, length)
-        headers = CIMultiDict(
-            # as aiohttp's parser has them: no whitespace after the value
-            (
-                n.decode("utf-8", "surrogateescape"),
-                v.rstrip(b" \t").decode("utf-8", "surrogateescape"),
-            )
-            for n, v in raw
-        )
+        body = self.body = _Body(self, int(length))
         return Incoming(
             "POST",
             tail,
@@ -324,12 +305,8 @@ class Front(asyncio.Protocol):
             door.cross,
         )
 
-    # httptools' callbacks (the head only)
-    def on_url(self, url: bytes) -> None:
+    def on_url(self, url: bytes) -> None:  # httptools' callback
         self.url = url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_raw.append((name, value))
 
     def _served(self, task: asyncio.Task[web.StreamResponse]) -> None:
         self.task = None
@@ -385,10 +362,6 @@ class Front(asyncio.Protocol):
             transport.resume_reading()
         pending, self.pending = self.pending, b""
         handler.data_received(bytes(pending))
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
 
 
 class _Body:

@@ -69,6 +69,8 @@ HANDED = {
     "Expect": chat("Host: p", "Expect: 100-continue"),
     "escaped path": chat("Host: p", path="/v1/chat%2Fcompletions"),
     "unknown route": chat("Host: p", path="/v1/.hidden"),
+    "folded header": chat("Host: p", "X-A: a", " b"),
+    "space before colon": chat("Host : p"),
     "GET": b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n",
     "not HTTP": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\r\n\r\n",
 }
