@@ -26,6 +26,9 @@ for several), to see what each costs: ``access-log``, ``limits`` (the key keeps 
 limit: no Redis call), ``keys`` (no authentication at all, so no limits either),
 ``postgres`` (the ledger on SQLite, as bare).
 
+*floor* is ``bench/floor.py``'s byte pipe: a read and a write each way per request and
+nothing else, what any proxy on this loop pays at the least (docs/performance.md).
+
 ``--stream --events 8 --events 128`` measures streams of 10 and 130 events (content
 events, the usage chunk, [DONE]), each answer written by the canned upstream at once,
 so one read (or a few) per response whatever its length: the slope between the two
@@ -52,6 +55,7 @@ import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import msgspec
 import uvloop
@@ -61,7 +65,7 @@ from proxy.config import schema as cfg
 from proxy.config.load import quick_start
 from proxy.serve import setup_logging, start
 
-from . import governed, passthrough
+from . import floor, governed, passthrough
 from .run import BODY
 
 _PLAIN_STREAM_BODY = BODY[:-1] + b',"stream":true}'
@@ -236,10 +240,13 @@ async def subject(
     backends: tuple[str, str] | None,
     off: list[str] | None = None,
     tracing: cfg.Tracing | None = None,
-) -> web.AppRunner:
+) -> web.AppRunner | floor.Pipe:
     """The subject's runner, listening on a free port (``backends``: governed's Redis
     URL and PostgreSQL DSN; ``off``: the parts of governed mode switched off;
     ``tracing``: the bare proxy's tracing settings)."""
+    if name == "floor":
+        address = urlsplit(upstream)
+        return await floor.Pipe.start(address.hostname or "127.0.0.1", address.port or 80)
     if name == "passthrough":
         app = web.Application()
         app[passthrough.UPSTREAM] = upstream
@@ -367,7 +374,7 @@ async def measure_tracing(args: argparse.Namespace, workdir: Path) -> None:
         "sampled out": cfg.Tracing(endpoint=endpoint, sample_ratio=0.0),
         "sampled": cfg.Tracing(endpoint=endpoint, sample_ratio=1.0),
     }
-    runners: dict[str, web.AppRunner] = {}
+    runners: dict[str, web.AppRunner | floor.Pipe] = {}
     costs: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for name, tracing in variants.items():
@@ -409,7 +416,9 @@ async def measure_tracing(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
-    parser.add_argument("--subject", choices=("proxy", "governed", "passthrough"), default="proxy")
+    parser.add_argument(
+        "--subject", choices=("proxy", "governed", "passthrough", "floor"), default="proxy"
+    )
     parser.add_argument("--stream", action="store_true", help="streamed chat (10 events)")
     parser.add_argument(
         "--events",

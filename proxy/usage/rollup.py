@@ -64,20 +64,29 @@ def nano(cost: Decimal) -> int:
 
 
 def deltas(records: Iterable[Record], width: int) -> list[tuple[object, ...]]:
-    """What ``records`` add to the rollup of ``width`` seconds (``HOUR`` or ``DAY``):
-        one row per (period start, key, model, deployment, outcome), columns as ``COLUMNS``
-    (the key's team after the group).
-        Raises ``ValueError`` (or ``ArithmeticError``) for a record whose values cannot be
-        summed (NaN or infinite times and costs)."""
-    found: dict[tuple[int, str, str, str, str], list[int]] = {}
-    teams: dict[tuple[int, str, str, str, str], str] = {}
-    for r in records:
-        start = int(r.started_at // width) * width
+    """What ``records`` add to the rollup of ``width`` seconds (``HOUR`` or ``DAY``)."""
+    return changes(records)[width]
+
+
+_Group = tuple[int, str, str, str, str]  # period start, key, model, deployment, outcome
+
+
+def changes(records: Iterable[Record]) -> dict[int, list[tuple[object, ...]]]:
+    """What ``records`` add to each rollup (``TABLES``, by width): one row per (period
+    start, key, model, deployment, outcome), columns as ``COLUMNS``, the team that of
+    the group's last record. One pass over the records for the hours; the days are
+    the hours added up (a day is whole hours). Raises ``ValueError`` (or
+    ``ArithmeticError``) for a record whose values cannot be summed (NaN or infinite
+    times and costs)."""
+    hours: dict[_Group, list[int]] = {}
+    teams: dict[_Group, tuple[int, str]] = {}  # the group's last record: (its index, team)
+    for n, r in enumerate(records):
+        start = int(r.started_at // HOUR) * HOUR
         where = (start, r.key_id or "", r.model, r.deployment, outcome(r.status, r.error))
-        sums = found.get(where)
+        sums = hours.get(where)
         if sums is None:
-            sums = found[where] = [0] * len(SUMS)
-        teams[where] = r.team_id or ""
+            sums = hours[where] = [0] * len(SUMS)
+        teams[where] = (n, r.team_id or "")
         sums[0] += 1
         sums[1] += r.estimated
         sums[2] += r.prompt_tokens
@@ -88,7 +97,20 @@ def deltas(records: Iterable[Record], width: int) -> list[tuple[object, ...]]:
         sums[7 + bucket(_finite(r.duration_ms))] += 1
         if r.ttft_ms is not None:
             sums[7 + BUCKETS + bucket(_finite(r.ttft_ms))] += 1
-    return [(*where, teams[where], *sums) for where, sums in found.items()]
+    days: dict[_Group, list[int]] = {}
+    day_teams: dict[_Group, tuple[int, str]] = {}
+    for where, sums in hours.items():
+        day = (where[0] // DAY * DAY, *where[1:])
+        total = days.get(day)
+        if total is None:
+            days[day] = sums.copy()
+        else:
+            days[day] = [a + b for a, b in zip(total, sums, strict=True)]
+        day_teams[day] = max(day_teams.get(day, (-1, "")), teams[where])
+    return {
+        HOUR: [(*where, teams[where][1], *sums) for where, sums in hours.items()],
+        DAY: [(*where, day_teams[where][1], *sums) for where, sums in days.items()],
+    }
 
 
 def _finite(ms: float) -> float:

@@ -125,8 +125,8 @@ class LedgerStore:
                     await tx.copy("usage_batch", COLUMNS, rows)
                     added = {_uid(u) for (u,) in await tx.fetch(_MERGE)}
                     fresh = [r for r, u in zip(batch, uids, strict=True) if u in added]
-                    for width in rollup.TABLES:
-                        if changes := rollup.deltas(fresh, width):
+                    for width, changes in rollup.changes(fresh).items():
+                        if changes:
                             await tx.stage(rollup.staging(width), rollup.STAGING)
                             await tx.copy(rollup.staging(width), rollup.COLUMNS, changes)
                             await tx.execute(rollup.merge(width))

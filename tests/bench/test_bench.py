@@ -123,6 +123,15 @@ def test_inproc_gives_the_cost_per_relayed_event(paced: list[str]) -> None:
     assert "per relayed event: " in out
 
 
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["chat", "stream"])
+def test_inproc_measures_the_floor_a_byte_pipe(stream: list[str]) -> None:
+    """``bench.inproc --subject floor``: the byte pipe carries every request and answer
+    (the clients stop at the first answer that is not a 200, or never finish)."""
+    out = run_bench("bench.inproc", "--subject", "floor", *stream, "--requests", "300")
+    assert "floor, chat" in out, out
+    assert "CPU per request" in out, out
+
+
 @pytest.mark.timeout(120)
 def test_the_ledger_benchmark_runs_before_and_after() -> None:
     """``bench.ledger`` (a scratch PostgreSQL database per phase, dropped after): the

@@ -93,6 +93,20 @@ async def test_rollups_always_agree_with_the_rows(db: Db) -> None:
         assert await rollups(db, width) == set(rollup.deltas(records, width))
 
 
+def test_a_days_rollup_is_its_records_summed_as_one_hour() -> None:
+    """The days are added up from the hours (rollup.changes): the same as the hours of
+    the same records each moved to the start of its day, team (the last record's) and
+    all, with a key that changes team within a day."""
+    records = [msgspec.structs.replace(r, team_id=f"t{n // 90}") for n, r in enumerate(spread(400))]
+    at_day_start = [
+        msgspec.structs.replace(r, started_at=r.started_at // rollup.DAY * rollup.DAY)
+        for r in records
+    ]
+    days = rollup.changes(records)[rollup.DAY]
+    assert len(days) < len(rollup.changes(records)[HOUR])
+    assert sorted(days) == sorted(rollup.changes(at_day_start)[HOUR])
+
+
 async def test_poison_rows_are_set_aside_and_the_rest_commits(db: Db, tmp_path: Path) -> None:
     records = spread(40)
     bad = {
