@@ -158,6 +158,21 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / _TICKS
 
 
+def preempted(pids: Sequence[int]) -> int:
+    """Times ``pids`` were switched out while they could still run (the kernel's
+    ``nonvoluntary_ctxt_switches``): more processes busy than CPUs."""
+    count = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                count += int(line.split()[1])
+    return count
+
+
 def rss_mb(pids: Sequence[int]) -> list[float]:
     """Resident memory of each process in ``pids``, in MB."""
     sizes = []

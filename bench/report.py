@@ -35,6 +35,8 @@ class Scaling:
 
     name: str
     points: dict[int, dict[int, Point]]
+    # Involuntary context switches per request (procs.preempted), by workers and conns.
+    preempted: dict[int, dict[int, float]]
 
     def ratio(self, conns: int) -> float:
         return self.points[2][conns].rps / self.points[1][conns].rps
@@ -192,16 +194,25 @@ def _scaling(scaling: Sequence[Scaling]) -> list[str]:
     rows = [
         "### (d) Workers: throughput with 2 workers vs 1 (both unpinned, non-streamed chat)",
         "",
-        "| mode | conns | 1 worker req/s | 2 workers req/s | ratio | CPU µs/req 1w | 2w |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | conns | 1 worker req/s | 2 workers req/s | ratio | CPU µs/req 1w | 2w "
+        "| preempted/req 1w | 2w |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in scaling:
         for conns, one in s.points[1].items():
             two = s.points[2][conns]
             rows.append(
                 f"| {s.name} | {conns} | {_f(one.rps)} | {_f(two.rps)} | {s.ratio(conns):.2f}x "
-                f"| {_f(one.cpu_us)} | {_f(two.cpu_us)} |"
+                f"| {_f(one.cpu_us)} | {_f(two.cpu_us)} "
+                f"| {_f(s.preempted[1][conns], 2)} | {_f(s.preempted[2][conns], 2)} |"
             )
+    rows.append(
+        "\nBoth servers up throughout, measured in turn, round after round (medians). "
+        "*preempted/req*: involuntary context switches per request (the kernel's "
+        "`nonvoluntary_ctxt_switches`): a busy worker switched out for another process, "
+        "which costs it its caches; with two workers beside wrk and the upstream on two "
+        "CPUs, more processes are busy than there are CPUs."
+    )
     return rows
 
 

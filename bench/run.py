@@ -10,7 +10,8 @@ same way:
     subject's CPU seconds per request (/proc, all its processes) and its RSS;
 (c) streaming fidelity on paced streams: added time to first event, added gap between
     events, and the most concurrent paced streams served with no stall;
-(d) for the proxy, throughput with two workers against one.
+(d) for the proxy, throughput with two workers against one (both servers up, measured
+    in turn, round after round).
 
 Figures are printed as a Markdown report (``--out FILE`` writes it too): absolutes
 plus ratios to the direct run of the same invocation, and the machine they came from.
@@ -36,7 +37,17 @@ import uvloop
 
 from . import governed as modes
 from . import report, streams, wrk
-from .procs import Layout, Service, cpu_seconds, free_port, peak_rss_mb, pinned, python, rss_mb
+from .procs import (
+    Layout,
+    Service,
+    cpu_seconds,
+    free_port,
+    peak_rss_mb,
+    pinned,
+    preempted,
+    python,
+    rss_mb,
+)
 
 MESSAGES = (
     b'[{"role":"system","content":"You are a helpful assistant."},'
@@ -81,6 +92,9 @@ class Settings:
     paced_gap_ms: float = 20.0
 
 
+# Connection counts of the worker scaling (d), and the fewest rounds it takes turns in.
+SCALING_CONNS = (64, 256)
+SCALING_ROUNDS = 3
 QUICK = Settings(seconds=2, repeat=1, ttft_streams=50, capacity=(100, 250, 500, 1000))
 FULL = Settings(seconds=5, repeat=3, ttft_streams=200, capacity=(100, 250, 500, 1000, 1500, 2000))
 
@@ -191,17 +205,18 @@ class Bench:
 
     def load(self, subject: Subject, kind: str, connections: int) -> tuple[wrk.Result, float]:
         """Median wrk result over the repeats, and the subject's median CPU µs/request."""
-        results, costs = [], []
+        runs = [self.once(subject, kind, connections) for _ in range(self.settings.repeat)]
+        return median_of(runs)
+
+    def once(self, subject: Subject, kind: str, connections: int) -> tuple[wrk.Result, float]:
+        """One wrk run, and the subject's CPU µs per request in it."""
         url = f"{subject.base}/chat/completions"
-        for _ in range(self.settings.repeat):
-            before = cpu_seconds(subject.pids())
-            result = wrk.run(
-                url, self.scripts[kind], connections, self.settings.seconds, self.layout.load
-            )
-            spent = cpu_seconds(subject.pids()) - before
-            results.append(result)
-            costs.append(spent / result.requests * 1e6 if result.requests else float("nan"))
-        return median_result(results), statistics.median(costs)
+        before = cpu_seconds(subject.pids())
+        result = wrk.run(
+            url, self.scripts[kind], connections, self.settings.seconds, self.layout.load
+        )
+        spent = cpu_seconds(subject.pids()) - before
+        return result, spent / result.requests * 1e6 if result.requests else float("nan")
 
     def measure(self, subject: Subject) -> Measured:
         print(f"  {subject.name}: warm-up, latency", flush=True)
@@ -277,18 +292,55 @@ class Bench:
         return measured, self.scaling(name, config)
 
     def scaling(self, name: str, config: MakeConfig) -> report.Scaling:
-        """Throughput with one worker and with two, both free to use every CPU."""
-        points: dict[int, dict[int, report.Point]] = {}
-        for workers in (1, 2):
-            cpus = self.layout.every
-            with self.proxy(f"{name}-{workers}w", config, workers, cpus) as subject:
+        """Throughput with one worker and with two, both free to use every CPU. Both
+        servers run through the whole measurement and take turns, round after round
+        (at least ``SCALING_ROUNDS``): a change in the machine's load moves both alike,
+        where one measured after the other would take it as the workers' doing. Each
+        figure is the median of its rounds."""
+        cpus = self.layout.every
+        rounds = max(SCALING_ROUNDS, self.settings.repeat)
+        with (
+            self.proxy(f"{name}-1w", self.own_ledger(config, "1w"), 1, cpus) as one,
+            self.proxy(f"{name}-2w", self.own_ledger(config, "2w"), 2, cpus) as two,
+        ):
+            subjects = {1: one, 2: two}
+            for subject in subjects.values():
                 url = f"{subject.base}/chat/completions"
                 wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
-                points[workers] = {}
-                for conns in (64, 256):
-                    result, cost = self.load(subject, "chat", conns)
-                    points[workers][conns] = report.Point(result.rps, cost, result.failed)
-        return report.Scaling(name, points)
+            runs: dict[tuple[int, int], list[tuple[wrk.Result, float]]] = {}
+            switches: dict[tuple[int, int], list[float]] = {}
+            for _ in range(rounds):
+                for conns in SCALING_CONNS:
+                    for workers, subject in subjects.items():
+                        before = preempted(subject.pids())
+                        result, cost = self.once(subject, "chat", conns)
+                        after = preempted(subject.pids()) - before
+                        runs.setdefault((workers, conns), []).append((result, cost))
+                        switches.setdefault((workers, conns), []).append(
+                            after / result.requests if result.requests else float("nan")
+                        )
+        points: dict[int, dict[int, report.Point]] = {}
+        per_request: dict[int, dict[int, float]] = {}
+        for (workers, conns), measured in runs.items():
+            result, cost = median_of(measured)
+            points.setdefault(workers, {})[conns] = report.Point(result.rps, cost, result.failed)
+            median = statistics.median(switches[workers, conns])
+            per_request.setdefault(workers, {})[conns] = median
+        return report.Scaling(name, points, per_request)
+
+    def own_ledger(self, config: MakeConfig, tag: str) -> MakeConfig:
+        """``config`` with a ledger database (SQLite) and spool directory of its own, for
+        a server that runs beside another of the same mode."""
+
+        def made(port: int, workers: int) -> dict[str, object]:
+            made = config(port, workers)
+            own = self.workdir / tag
+            if "database" not in made:
+                made["database"] = {"sqlite_path": str(own / "ledger.db")}
+            made["usage"] = {"spool_dir": str(own / "spool")}
+            return made
+
+        return made
 
     def close(self) -> None:
         self.upstream[0].stop()
@@ -296,6 +348,11 @@ class Bench:
 
 _KEY = modes.BENCH_KEY
 _HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {_KEY}"}
+
+
+def median_of(runs: Sequence[tuple[wrk.Result, float]]) -> tuple[wrk.Result, float]:
+    """The median wrk result and the median CPU µs per request of ``runs``."""
+    return median_result([r for r, _ in runs]), statistics.median(c for _, c in runs)
 
 
 def median_result(results: Sequence[wrk.Result]) -> wrk.Result:

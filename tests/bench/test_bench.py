@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from bench import governed as modes
 from bench import streams
 from bench.fake_upstream import FakeUpstream
-from bench.procs import cpu_seconds, peak_rss_mb, rss_mb
+from bench.procs import cpu_seconds, peak_rss_mb, pinned, preempted, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
 from proxy.config.load import quick_start
 from tests.support.env import ROOT
@@ -59,6 +60,21 @@ def test_proc_accounting_reads_this_process() -> None:
     assert rss_mb(pids)[0] > 1
     assert peak_rss_mb(pids)[0] >= rss_mb(pids)[0] * 0.9
     assert cpu_seconds([2**22 + 7]) == 0  # a process that is not there counts nothing
+    assert preempted([2**22 + 7]) == 0
+
+
+def test_preempted_counts_busy_processes_sharing_a_cpu() -> None:
+    """Two processes spinning on one CPU switch each other out (the kernel's time
+    slices are milliseconds long); ``preempted`` reads those switches."""
+    spin = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+    busy = [subprocess.Popen(pinned([sys.executable, "-c", spin], frozenset({0}))) for _ in "ab"]
+    try:
+        time.sleep(1.0)
+        assert preempted([p.pid for p in busy]) > 10
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def test_both_modes_write_configs_serve_accepts(tmp_path: Path) -> None:
