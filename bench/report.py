@@ -42,6 +42,16 @@ class Scaling:
         return self.points[2][conns].rps / self.points[1][conns].rps
 
 
+@dataclass(frozen=True)
+class Turns:
+    """One proxy mode and the thin relay measured in turn, kind by kind, round after
+    round (issue #17's ratios): per kind, the medians of the relay's and the proxy's
+    CPU µs per request and of each round's own ratio."""
+
+    name: str
+    costs: dict[str, tuple[float, float, float]]
+
+
 def machine() -> list[str]:
     cpu = "unknown CPU"
     for line in open("/proc/cpuinfo").read().splitlines():  # noqa: SIM115
@@ -72,6 +82,7 @@ def render(
     results: Sequence[Measured],
     scaling: Sequence[Scaling],
     lacking: Sequence[str],
+    turns: Sequence[Turns] = (),
 ) -> str:
     direct = results[0]
     out = [f"## `{command}` — {time.strftime('%Y-%m-%d %H:%M')}", ""]
@@ -90,7 +101,9 @@ def render(
     if scaling:
         out += ["", *_scaling(scaling)]
     out += ["", *_goals(results, direct, scaling)]
-    out += ["", *_relay_goals(results, scaling)]
+    if turns:
+        out += ["", *_turns(turns)]
+    out += ["", *_relay_goals(results, scaling, turns)]
     return "\n".join(out) + "\n"
 
 
@@ -268,14 +281,35 @@ RELAY_LIMITS = {"bare": 0.45, "governed": 0.6}
 RELAY_KINDS = ("chat", "chat stream", "long stream", "long stream +usage")
 
 
-def _relay_goals(results: Sequence[Measured], scaling: Sequence[Scaling]) -> list[str]:
+def _turns(turns: Sequence[Turns]) -> list[str]:
+    rows = [
+        "### (e) Against the thin relay, in turns (64 connections)",
+        "",
+        "The proxy (one pinned worker) and the thin relay, both up on the proxy's CPU, "
+        "measured one after the other kind by kind, round after round: a change in the "
+        "machine's load between rounds moves both alike. Medians over the rounds; the "
+        "ratio is the median of each round's own ratio.",
+        "",
+        "| mode | kind | relay CPU µs/req | proxy CPU µs/req | ratio |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for t in turns:
+        for kind, (relay, mine, ratio) in t.costs.items():
+            rows.append(f"| {t.name} | {kind} | {_f(relay)} | {_f(mine)} | {ratio:.2f}x |")
+    return rows
+
+
+def _relay_goals(
+    results: Sequence[Measured], scaling: Sequence[Scaling], turns: Sequence[Turns] = ()
+) -> list[str]:
     relay = next((r for r in results if r.name == "passthrough"), None)
     if relay is None:
         return []
     rows = [
         "### Issue #17 goals: against the thin relay (passthrough), same run",
         "",
-        'CPU per request ÷ the thin relay\'s at 64 connections ("long stream": 60 tokens, '
+        "CPU per request ÷ the thin relay's at 64 connections, from table (e) (from "
+        'table (b) where (e) was not run; "long stream": 60 tokens, '
         '63 events per response; "+usage": the client asks for the usage chunk, 64 '
         "events; without it the proxy injects and strips it). TTFT and gap p99 from table "
         "(c), memory per open stream from the RSS slope above, workers from table (d).",
@@ -288,11 +322,15 @@ def _relay_goals(results: Sequence[Measured], scaling: Sequence[Scaling]) -> lis
         if limit is None:
             continue
         checks = []
+        paired = next((t.costs for t in turns if t.name == r.name), {})
         for kind in RELAY_KINDS:
-            mine, base = r.throughput.get((kind, 64)), relay.throughput.get((kind, 64))
-            if mine is None or base is None:
-                continue
-            ratio = mine.cpu_us / base.cpu_us
+            if kind in paired:
+                ratio = paired[kind][2]
+            else:
+                mine, base = r.throughput.get((kind, 64)), relay.throughput.get((kind, 64))
+                if mine is None or base is None:
+                    continue
+                ratio = mine.cpu_us / base.cpu_us
             checks.append((f"CPU/request, {kind}, ≤ {limit}x relay", ratio, ratio <= limit))
         checks += [
             (

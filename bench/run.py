@@ -11,7 +11,9 @@ same way:
 (c) streaming fidelity on paced streams: added time to first event, added gap between
     events, and the most concurrent paced streams served with no stall;
 (d) for the proxy, throughput with two workers against one (both servers up, measured
-    in turn, round after round).
+    in turn, round after round);
+(e) the proxy and the thin relay measured in turn, round after round: issue #17's
+    ratios.
 
 Figures are printed as a Markdown report (``--out FILE`` writes it too): absolutes
 plus ratios to the direct run of the same invocation, and the machine they came from.
@@ -95,6 +97,9 @@ class Settings:
 # Connection counts of the worker scaling (d), and the fewest rounds it takes turns in.
 SCALING_CONNS = (64, 256)
 SCALING_ROUNDS = 3
+# Connections and fewest rounds of the proxy and the relay measured in turns (e).
+TURN_CONNS = 64
+TURN_ROUNDS = 3
 QUICK = Settings(seconds=2, repeat=1, ttft_streams=50, capacity=(100, 250, 500, 1000))
 FULL = Settings(seconds=5, repeat=3, ttft_streams=200, capacity=(100, 250, 500, 1000, 1500, 2000))
 
@@ -284,12 +289,48 @@ class Bench:
                 break
         return ttft, gaps, capacity
 
-    def mode(self, name: str, config: MakeConfig) -> tuple[Measured, report.Scaling]:
-        """Measure the proxy in one mode: one pinned worker, then the worker scaling."""
+    def mode(self, name: str, config: MakeConfig) -> tuple[Measured, report.Scaling, report.Turns]:
+        """Measure the proxy in one mode: one pinned worker, the worker scaling, then
+        the proxy and the thin relay in turns."""
         print(f"measuring {name}", flush=True)
         with self.proxy(name, config, 1, self.layout.proxy) as subject:
             measured = self.measure(subject)
-        return measured, self.scaling(name, config)
+        return measured, self.scaling(name, config), self.turns(name, config)
+
+    def turns(self, name: str, config: MakeConfig) -> report.Turns:
+        """The proxy (one worker) and the thin relay, both up and pinned to the proxy's
+        CPU, measured in turn at 64 connections, kind by kind, round after round (at
+        least ``TURN_ROUNDS``): issue #17's ratios, each the median of the rounds' own
+        ratios, so that the machine's load drifting between subjects does not read as
+        a difference between them."""
+        print(f"  {name}: in turns with the relay", flush=True)
+        rounds = max(TURN_ROUNDS, self.settings.repeat)
+        own = self.own_ledger(config, f"{name}-turns")
+        runs: dict[str, list[tuple[float, float]]] = {}
+        with (
+            self.passthrough() as relay,
+            self.proxy(f"{name}-turns", own, 1, self.layout.proxy) as mine,
+        ):
+            for subject in (relay, mine):
+                url = f"{subject.base}/chat/completions"
+                wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
+            for _ in range(rounds):
+                for kind in report.RELAY_KINDS:
+                    base = self.once(relay, kind, TURN_CONNS)[1]
+                    cost = self.once(mine, kind, TURN_CONNS)[1]
+                    runs.setdefault(kind, []).append((base, cost))
+        med = statistics.median
+        return report.Turns(
+            name,
+            {
+                kind: (
+                    med(b for b, _ in pairs),
+                    med(c for _, c in pairs),
+                    med(c / b for b, c in pairs),
+                )
+                for kind, pairs in runs.items()
+            },
+        )
 
     def scaling(self, name: str, config: MakeConfig) -> report.Scaling:
         """Throughput with one worker and with two, both free to use every CPU. Both
@@ -413,11 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         return modes.governed(up, port, workers, redis, dsn)
 
                     runs.append(bench.mode("governed", config))
-            results += [measured for measured, _ in runs]
-            scaling += [scaled for _, scaled in runs]
+            results += [measured for measured, _, _ in runs]
+            scaling += [scaled for _, scaled, _ in runs]
+            turns = [paired for _, _, paired in runs]
         finally:
             bench.close()
-    text = report.render(command, settings, layout, results, scaling, lacking)
+    text = report.render(command, settings, layout, results, scaling, lacking, turns)
     print(text)
     if args.out:
         args.out.write_text(text)
