@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--quick", action="store_true", help="short runs (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short runs (~3 min a mode)")
     parser.add_argument("--mode", choices=("bare", "governed", "both"), default="both")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = parser.parse_args(argv)
