@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
@@ -47,7 +47,7 @@ from .http.wire import decode_request
 from .ops import metrics, tracing
 from .ops.endpoints import metrics_endpoint, protect
 from .routing.failover import Outbound, dispatch
-from .state import STATE, State, open_state
+from .state import STATE, State, opened
 
 log = logging.getLogger("proxy")
 
@@ -67,7 +67,7 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     (state.open_state) under ``app[STATE]``; ``gate`` replaces the key gate."""
     server = config.server
     app = web.Application(client_max_size=server.max_body_bytes, handler_args={})
-    app.cleanup_ctx.append(_opened(config, gate))
+    app.cleanup_ctx.append(opened(config, gate))
     metrics.declare(config)
     ingress.install(app, server)
     app.router.add_get("/healthz", healthz)
@@ -87,17 +87,6 @@ def build_app(config: Config, gate: Gate | None = None) -> web.Application:
     app[front.HOT] = front.Hot(re.compile(_PATH), _hot, server)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
-
-
-def _opened(config: Config, gate: Gate | None) -> Callable[[web.Application], AsyncIterator[None]]:
-    """cleanup_ctx: the worker's ``State`` under ``app[STATE]`` while the app runs."""
-
-    async def run(app: web.Application) -> AsyncIterator[None]:
-        async with open_state(config, gate) as state:
-            app[STATE] = state
-            yield
-
-    return run
 
 
 def add_ops_routes(app: web.Application, config: Config, state: Callable[[], State]) -> None:

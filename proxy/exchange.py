@@ -163,19 +163,29 @@ def may_use(caller: Caller, model: str) -> bool:
     return models is None or model in models
 
 
-class Grant:
+class Grant(Protocol):
     """What ``Gate.admit`` hands back: response headers and a settle-once callback."""
 
-    __slots__ = ("headers",)
-
-    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
-        self.headers: Mapping[str, str] = headers or {}
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     def settle(self, exchange: Exchange) -> None:
         """Called exactly once when the exchange is over, on every path."""
 
 
-OPEN = Grant()
+class OpenGrant:
+    """The grant of a request that nothing limits: no headers, nothing to settle."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self) -> None:
+        self.headers: Mapping[str, str] = {}
+
+    def settle(self, exchange: Exchange) -> None:
+        pass
+
+
+OPEN: Grant = OpenGrant()
 
 
 class Gate(Protocol):

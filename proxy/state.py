@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -98,6 +98,19 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+
+
+def opened(config: Config, gate: Gate | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's cleanup_ctx: the worker's ``State`` under ``app[STATE]`` while the app
+    runs. (Here, not in app.py: that module is compiled, and mypyc does not compile
+    async generators.)"""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        async with open_state(config, gate) as state:
+            app[STATE] = state
+            yield
+
+    return run
 
 
 @contextlib.asynccontextmanager

@@ -151,10 +151,10 @@ class KeyGate:
         return team
 
 
-class KeyGrant(Grant):
+class KeyGrant:
     """An admitted request of a limited key: settles its limiter ticket once."""
 
-    __slots__ = ("cost", "key", "limiter", "team", "ticket")
+    __slots__ = ("cost", "headers", "key", "limiter", "team", "ticket")
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class KeyGrant(Grant):
         cost: int,
         team: Team | None = None,
     ) -> None:
-        super().__init__(headers)
+        self.headers: Mapping[str, str] = headers
         self.key = key
         self.limiter: Limiter | None = limiter
         self.ticket = ticket

@@ -40,15 +40,8 @@ import asyncio
 import ssl
 from collections import deque
 
-from .h1_conn import (
-    ConnectFailed,
-    Connection,
-    ConnectTimeout,
-    Disconnected,
-    Origin,
-    Response,
-    TLSFailed,
-)
+from .faults import ConnectFailed, ConnectTimeout, Disconnected, TLSFailed
+from .h1_conn import Connection, Origin, Response
 
 
 class Client:
@@ -97,19 +90,20 @@ class Client:
                 await response.started
             except Disconnected as exc:
                 response.close()
-                if reused and not exc.answered:
-                    # The keep-alive race: nobody's failure, nothing seen. The other
-                    # idle connections are as old, so the request goes on a new one.
-                    fresh = True
-                    continue
-                raise
+                # The keep-alive race: nobody's failure, nothing seen. The other idle
+                # connections are as old, so the loop goes round with a new one (no
+                # `continue` here: mypyc does not compile one inside `try`).
+                if not reused or exc.answered:
+                    raise
+                fresh = True
             except BaseException:
                 response.close()
                 raise
+            else:
+                return response
             finally:
                 if timer is not None:
                     timer.cancel()
-            return response
 
     def _has_room(self, origin: Origin) -> bool:
         return self.in_use < self.limit and (

@@ -18,33 +18,14 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from .faults import Disconnected
+
 # Unread body bytes above which reading from the upstream pauses.
 _HIGH_WATER = 256 * 1024
 # The most bytes a response may take before its headers are complete (llhttp itself
 # sets no bound, and an upstream that never ends its headers must not grow us).
 MAX_HEAD = 64 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
-
-
-class ConnectFailed(OSError):
-    """No connection to the upstream could be made."""
-
-
-class TLSFailed(ConnectFailed):
-    """The TLS handshake with the upstream failed."""
-
-
-class ConnectTimeout(ConnectFailed):
-    """Connecting to the upstream took longer than allowed."""
-
-
-class Disconnected(ConnectionError):
-    """The upstream connection ended before the response did (or sent something that
-    is not HTTP). ``answered``: some of the response had arrived."""
-
-    def __init__(self, message: str, *, answered: bool) -> None:
-        super().__init__(message)
-        self.answered = answered
 
 
 class Origin:

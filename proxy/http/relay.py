@@ -40,7 +40,8 @@ from ..errors import (
 )
 from ..exchange import OVERHEAD_HEADER, Exchange
 from . import lean
-from .h1_conn import Disconnected, Response
+from .faults import Disconnected
+from .h1_conn import Response
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
 from .wire import find_usage

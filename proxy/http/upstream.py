@@ -24,7 +24,8 @@ from ..config.schema import Server
 from ..config.upstreams import Deployment
 from ..errors import UpstreamTimeout, UpstreamUnavailable
 from . import h1
-from .h1_conn import ConnectFailed, ConnectTimeout, Origin, Response, TLSFailed
+from .faults import ConnectFailed, ConnectTimeout, TLSFailed
+from .h1_conn import Origin, Response
 
 # Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), the client's credentials
 # (the deployment's key replaces them), and what the client (h1.py) or we set.

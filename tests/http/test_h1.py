@@ -11,7 +11,8 @@ import functools
 import pytest
 
 from proxy.http import h1
-from proxy.http.h1_conn import ConnectFailed, Disconnected, Origin
+from proxy.http.faults import ConnectFailed, Disconnected
+from proxy.http.h1_conn import Origin
 from tests.support.env import free_port
 from tests.support.rawhttp import RawServer, closed_by_peer, read_request, response
 
