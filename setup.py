@@ -2,7 +2,7 @@
 compiled hot path when asked. With the dependencies and mypy (which carries mypyc)
 installed, ``MORNGPT_COMPILE=1 pip install --no-build-isolation --no-deps .`` compiles
 the modules in ``HOT`` with mypyc: C extensions beside their sources, the same
-behaviour, ~25 % less CPU per request (docs/performance.md, "The compiled hot path").
+behaviour, ~25 % less CPU per request in-process (docs/performance.md, "The compiled hot path").
 mypyc type-checks what it compiles against the installed dependencies, hence no build
 isolation; it also needs a C compiler and Python's headers. Without the variable the
 package is plain Python, as before.
