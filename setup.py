@@ -2,7 +2,8 @@
 compiled hot path when asked. With the dependencies and mypy (which carries mypyc)
 installed, ``MORNGPT_COMPILE=1 pip install --no-build-isolation --no-deps .`` compiles
 the modules in ``HOT`` with mypyc: C extensions beside their sources, the same
-behaviour, ~25 % less CPU per request in-process (docs/performance.md, "The compiled hot path").
+behaviour, 8-29 % less CPU per request in-process and not yet shown end to end
+(docs/performance.md, "The compiled hot path").
 mypyc type-checks what it compiles against the installed dependencies, hence no build
 isolation; it also needs a C compiler and Python's headers. Without the variable the
 package is plain Python, as before.
@@ -11,7 +12,7 @@ A module in ``HOT`` must keep to what mypyc compiles: no async generators, no
 ``continue`` inside ``try``, no subclass of an exception type other than ``Exception``
 (the upstream client's are in http/faults.py), no msgspec ``Struct`` (decoders resolve
 their fields from annotations mypyc rewrites; wire.py stays plain), and no class that
-a plain module subclasses. ``bash scripts/compiled pytest`` runs the suite on them.
+a plain module subclasses. ``bash scripts/compiled python -m pytest`` runs the suite on them.
 """
 
 import os
