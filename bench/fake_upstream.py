@@ -55,7 +55,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["Disconnect", "FakeUpstream", "Received", "main"]
+__all__ = ["Disconnect", "FakeUpstream", "Received", "canned_chat", "main"]
 
 MODEL_IDS = ("fake-model", "fake-embed")
 EMBEDDING = (0.1, 0.2, 0.3, 0.4)
@@ -183,6 +183,16 @@ def _usage(prompt: int, completion: int) -> JSONDict:
 
 def _sse(obj: JSONDict) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def canned_chat(tokens: int, stream: bool) -> bytes:
+    """The whole body of an answer to a chat request for ``tokens`` tokens, as a fixed
+    upstream (``bench/nginx.py``) serves it to every request: streams as when the client
+    asked for usage (``"usage":null`` in each chunk, the usage chunk, ``[DONE]``)."""
+    c = _Ctx("chatcmpl-canned", "bench-model", _CREATED, tokens, 17, stream, {})
+    if stream:
+        return b"".join(_chat_stream(c)) + _DONE
+    return orjson.dumps(_chat_full(c))
 
 
 def _chat_full(c: _Ctx) -> JSONDict:

@@ -204,14 +204,17 @@ _FILL = (
 
 
 async def report_and_rebuild(dsn: str, fringe: int) -> dict[str, float]:
-    now = time.time()
-    today = int(now // DAY) * DAY
+    today = int(time.time() // DAY) * DAY
+    # Noon 30 days ago, not "now" less 30 days: the report reads the hours before the
+    # first whole day from the hourly rollups, and in the first hour of a UTC day there
+    # are none, so the rebuilt key (hourly rows only) was missing from 00:00 to 01:00.
+    since = today - 30 * DAY + 12 * HOUR
     conn = await asyncpg.connect(dsn)
     try:
         # 31 days of daily rollups and the two days of hourly ones the report's first
         # partial day reads (the rest of the hourly table is not read: index range).
         await conn.execute(_FILL.format(table="usage_daily"), today - 30 * DAY, today, DAY, KEYS)
-        first = int((now - 30 * DAY) // HOUR) * HOUR
+        first = since
         await conn.execute(_FILL.format(table="usage_hourly"), first - DAY, first + DAY, HOUR, KEYS)
         # The rebuilt key: a month of hourly rollups, two models.
         for model in ("gpt-4o", "gpt-4o-mini"):
@@ -231,7 +234,7 @@ async def report_and_rebuild(dsn: str, fringe: int) -> dict[str, float]:
     query = []
     for _ in range(5):
         began = time.perf_counter()
-        found = await asyncio.to_thread(report.fetch, database, now - 30 * DAY, "key")
+        found = await asyncio.to_thread(report.fetch, database, since, "key")
         query.append(time.perf_counter() - began)
     assert len(found) == KEYS + 1, len(found)  # and the rebuilt key
     command = []

@@ -10,6 +10,7 @@ is. Linux only (/proc).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,6 +184,20 @@ def rss_mb(pids: Sequence[int]) -> list[float]:
             continue
         sizes.append(resident * _PAGE / 1e6)
     return sizes
+
+
+def debian_tool(command: str, package: str) -> str:
+    """Path of ``command``, installing Debian's ``package`` first when it is missing."""
+    found = shutil.which(command)
+    if found:
+        return found
+    print(f"{command} not found: apt-get install -y {package}", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
+    found = shutil.which(command)
+    if not found:
+        raise RuntimeError(f"{command} is still missing after apt-get install {package}")
+    return found
 
 
 def python() -> str:

@@ -286,6 +286,8 @@ def _turns(turns: Sequence[Turns]) -> list[str]:
         "### (e) Against the thin relay, in turns (64 connections)",
         "",
         "The proxy (one pinned worker) and the thin relay, both up on the proxy's CPU, "
+        "in front of nginx serving canned answers (bench/nginx.py: an upstream that is "
+        "not the bottleneck, so most of a stream arrives in one read), "
         "measured one after the other kind by kind, round after round: a change in the "
         "machine's load between rounds moves both alike. Medians over the rounds; the "
         "ratio is the median of each round's own ratio.",

@@ -12,8 +12,9 @@ same way:
     events, and the most concurrent paced streams served with no stall;
 (d) for the proxy, throughput with two workers against one (both servers up, measured
     in turn, round after round);
-(e) the proxy and the thin relay measured in turn, round after round: issue #17's
-    ratios.
+(e) the proxy and the thin relay measured in turn, round after round, in front of
+    nginx serving canned answers (``bench/nginx.py``), an upstream that is never the
+    bottleneck: issue #17's ratios.
 
 Figures are printed as a Markdown report (``--out FILE`` writes it too): absolutes
 plus ratios to the direct run of the same invocation, and the machine they came from.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import statistics
@@ -38,7 +38,7 @@ from pathlib import Path
 import uvloop
 
 from . import governed as modes
-from . import report, streams, wrk
+from . import nginx, report, streams, wrk
 from .procs import (
     Layout,
     Service,
@@ -72,6 +72,8 @@ KINDS = {
     "long stream": STREAM_BODY,
     "long stream +usage": PROBE_BODY,
 }
+# Tokens per streamed answer of each kind (the fake upstream's default for a chat).
+KIND_TOKENS = {"chat stream": 8, "long stream": LONG_TOKENS, "long stream +usage": LONG_TOKENS}
 # The long kinds are measured at 64 connections only (the issue's figure).
 LONG_KINDS = ("long stream", "long stream +usage")
 LONG_CONNS = 64
@@ -104,8 +106,8 @@ QUICK = Settings(seconds=2, repeat=1, ttft_streams=50, capacity=(100, 250, 500, 
 FULL = Settings(seconds=5, repeat=3, ttft_streams=200, capacity=(100, 250, 500, 1000, 1500, 2000))
 
 
-# Builds a proxy config for (port, workers).
-MakeConfig = Callable[[int, int], dict[str, object]]
+# Builds a proxy config for (upstream base URL, port, workers).
+MakeConfig = Callable[[str, int, int], dict[str, object]]
 
 
 @dataclass
@@ -142,16 +144,19 @@ class Bench:
         self.settings = settings
         self.layout = layout
         self.workdir = workdir
-        long = {"x-fake-chunks": str(LONG_TOKENS)}
         self.scripts = {
             kind: wrk.script(
                 workdir,
                 kind.replace(" ", "-").replace("+", ""),
                 body,
-                {**_HEADERS, **(long if kind in LONG_KINDS else {})},
+                {
+                    **_HEADERS,
+                    **({"x-fake-chunks": str(KIND_TOKENS[kind])} if kind != "chat" else {}),
+                },
             )
             for kind, body in KINDS.items()
         }
+        self.canned = nginx.start(workdir, layout.upstream)
         self.upstream = self._start_upstream()
 
     def _start_upstream(self) -> tuple[Service, str]:
@@ -170,18 +175,27 @@ class Bench:
         service, url = self.upstream
         return Subject("direct", url, service.pids)
 
-    def passthrough(self) -> contextlib.AbstractContextManager[Subject]:
+    def passthrough(
+        self, upstream: str | None = None
+    ) -> contextlib.AbstractContextManager[Subject]:
+        """The thin relay, in front of ``upstream`` (default: the fake upstream)."""
         port = free_port()
-        argv = [python(), "-m", "bench.passthrough", "--upstream", self.upstream[1]]
+        argv = [python(), "-m", "bench.passthrough", "--upstream", upstream or self.upstream[1]]
         argv += ["--port", str(port)]
         return self._serving("passthrough", argv, port, self.layout.proxy, 1, "Running on")
 
     def proxy(
-        self, name: str, config: MakeConfig, workers: int, cpus: frozenset[int] | None
+        self,
+        name: str,
+        config: MakeConfig,
+        workers: int,
+        cpus: frozenset[int] | None,
+        upstream: str | None = None,
     ) -> contextlib.AbstractContextManager[Subject]:
+        """The proxy, in front of ``upstream`` (default: the fake upstream)."""
         port = free_port()
         path = self.workdir / f"{name}.json"
-        checked = modes.write(config(port, workers), path)
+        checked = modes.write(config(upstream or self.upstream[1], port, workers), path)
         argv = [python(), "-m", "proxy", "serve", "--config", str(path)]
         if not checked.auth.enabled:
             argv.append("--no-auth")
@@ -299,17 +313,17 @@ class Bench:
 
     def turns(self, name: str, config: MakeConfig) -> report.Turns:
         """The proxy (one worker) and the thin relay, both up and pinned to the proxy's
-        CPU, measured in turn at 64 connections, kind by kind, round after round (at
-        least ``TURN_ROUNDS``): issue #17's ratios, each the median of the rounds' own
-        ratios, so that the machine's load drifting between subjects does not read as
-        a difference between them."""
+        CPU, in front of the canned upstream (nginx), measured in turn at 64
+        connections, kind by kind, round after round (at least ``TURN_ROUNDS``): issue
+        #17's ratios, each the median of the rounds' own ratios, so that the machine's
+        load drifting between subjects does not read as a difference between them."""
         print(f"  {name}: in turns with the relay", flush=True)
         rounds = max(TURN_ROUNDS, self.settings.repeat)
         own = self.own_ledger(config, f"{name}-turns")
         runs: dict[str, list[tuple[float, float]]] = {}
         with (
-            self.passthrough() as relay,
-            self.proxy(f"{name}-turns", own, 1, self.layout.proxy) as mine,
+            self.passthrough(self.canned[1]) as relay,
+            self.proxy(f"{name}-turns", own, 1, self.layout.proxy, self.canned[1]) as mine,
         ):
             for subject in (relay, mine):
                 url = f"{subject.base}/chat/completions"
@@ -373,8 +387,8 @@ class Bench:
         """``config`` with a ledger database (SQLite) and spool directory of its own, for
         a server that runs beside another of the same mode."""
 
-        def made(port: int, workers: int) -> dict[str, object]:
-            made = config(port, workers)
+        def made(upstream: str, port: int, workers: int) -> dict[str, object]:
+            made = config(upstream, port, workers)
             own = self.workdir / tag
             if "database" not in made:
                 made["database"] = {"sqlite_path": str(own / "ledger.db")}
@@ -385,6 +399,7 @@ class Bench:
 
     def close(self) -> None:
         self.upstream[0].stop()
+        self.canned[0].stop()
 
 
 _KEY = modes.BENCH_KEY
@@ -446,12 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(bench.measure(subject))
             runs = []
             if args.mode in ("bare", "both"):
-                runs.append(bench.mode("bare", functools.partial(modes.bare, up)))
+                runs.append(bench.mode("bare", modes.bare))
             if args.mode in ("governed", "both") and not lacking:
                 with modes.backends(bench.workdir, up) as (redis, dsn):
 
-                    def config(port: int, workers: int) -> dict[str, object]:
-                        return modes.governed(up, port, workers, redis, dsn)
+                    def config(upstream: str, port: int, workers: int) -> dict[str, object]:
+                        return modes.governed(upstream, port, workers, redis, dsn)
 
                     runs.append(bench.mode("governed", config))
             results += [measured for measured, _, _ in runs]

@@ -10,14 +10,13 @@ a streamed request counts once it has been relayed completely.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from .procs import pinned
+from .procs import debian_tool, pinned
 
 _MARK = "WRKJSON "
 _DONE = """
@@ -59,16 +58,7 @@ class Result:
 
 def ensure_installed() -> str:
     """Path of wrk, installing Debian's package first when it is missing."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    print("wrk not found: apt-get install -y wrk", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
-    found = shutil.which("wrk")
-    if not found:
-        raise RuntimeError("wrk is still missing after apt-get install")
-    return found
+    return debian_tool("wrk", "wrk")
 
 
 def script(folder: Path, name: str, body: bytes, headers: dict[str, str]) -> Path:

@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from bench import governed as modes
-from bench import streams
+from bench import nginx, streams
 from bench.fake_upstream import FakeUpstream
 from bench.procs import cpu_seconds, peak_rss_mb, pinned, preempted, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
@@ -155,3 +156,37 @@ def test_the_ledger_benchmark_runs_before_and_after() -> None:
     out = run_bench("bench.ledger", "--rows", "2000", "--fringe", "100")
     for field in ("rows_per_s", "heap_index_per_row", "wal_per_row", "report_command_s"):
         assert field in out, out
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (Debian's nginx-light)")
+async def test_the_canned_nginx_upstream_answers_every_kind_through_the_proxy(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    """Table (e)'s upstream: nginx's fixed answers, picked by ``x-fake-chunks``, read by
+    the SDK through the proxy as a chat, as streams with and without usage asked for
+    (the proxy strips the usage it asked for), and the fake upstream's usage."""
+    service, url = nginx.start(tmp_path, None)
+    try:
+        proxy = await make_proxy(quick_start(url, None))
+        async with openai.AsyncOpenAI(base_url=proxy.base, api_key="x", max_retries=0) as client:
+            chat = await client.chat.completions.create(model="bench-model", messages=[])
+            assert chat.choices[0].message.content == " ".join(f"tok{i}" for i in range(8))
+            assert chat.usage is not None
+            assert chat.usage.completion_tokens == 8
+            for tokens in nginx.STREAMS:
+                for usage in (True, False):
+                    stream = await client.chat.completions.create(
+                        model="bench-model",
+                        messages=[],
+                        stream=True,
+                        stream_options={"include_usage": True} if usage else None,
+                        extra_headers={"x-fake-chunks": str(tokens)},
+                    )
+                    chunks = [c async for c in stream]
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                    assert text == "".join(f"tok{i} " for i in range(tokens))
+                    usages = [c.usage for c in chunks if c.usage is not None]
+                    assert [u.completion_tokens for u in usages] == ([tokens] if usage else [])
+                    assert len(chunks) == tokens + 2 + usage
+    finally:
+        service.stop()
