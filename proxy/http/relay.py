@@ -412,15 +412,29 @@ def _unread_end(block: bytes) -> tuple[int, int]:
         end = _event_start(block, at)
     usages, nulls = _usages(block, 0, end)
     if usages != nulls:
-        found = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
-        if not found:
+        # The usage chunk is the last before [DONE]: looked for from the end first, a
+        # few hundred bytes back, not in two scans of the whole read.
+        at = block.rfind(_USAGE[0], 0, end)
+        if at < 0:
+            at = block.rfind(_USAGE[1], 0, end)
+        if at < 0:
             return 0, 0  # a usage in some other form: parse it all
-        start = _event_start(block, min(found))
-        after, after_nulls = _usages(block, start, end)
-        if usages - after != nulls - after_nulls:
-            return 0, 0
+        start, after_nulls = _parsed_from(block, at, end, usages, nulls)
+        if start < 0:  # a non-null usage before it: parsed from the first
+            first = min(at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0)
+            start, after_nulls = _parsed_from(block, first, end, usages, nulls)
+            if start < 0:
+                return 0, 0
         end, nulls = start, nulls - after_nulls
     return end, nulls
+
+
+def _parsed_from(block: bytes, at: int, end: int, usages: int, nulls: int) -> tuple[int, int]:
+    """The start of the event holding ``block[at]`` and how many null usages it and the
+    events up to ``end`` have; -1 if a usage before that event is not null."""
+    start = _event_start(block, at)
+    after, after_nulls = _usages(block, start, end)
+    return (start, after_nulls) if usages - after == nulls - after_nulls else (-1, 0)
 
 
 def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:

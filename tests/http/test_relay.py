@@ -92,6 +92,7 @@ EVENTS = [
     b"data: [1, 2}\n\n",
     b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n',
     b'data: {"choices":[],"usage":{"prompt_tokens":2}}\r\n\r\n',
+    b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":1}}\n\n',
     b"event: response.completed\ndata: {}\n\n",
     b"\n",
 ]
@@ -122,6 +123,31 @@ def test_a_whole_stream_in_one_read(strip: bool) -> None:
         assert sent == b"".join([chunk(i, "") for i in range(60)]) + DONE
     else:
         assert sent == stream
+
+
+SPACED_USAGE = b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":1}}\n\n'
+CONTENT_USAGE = b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n'
+
+
+@pytest.mark.parametrize(
+    "usages",
+    [
+        [USAGE_CHUNK],
+        [SPACED_USAGE],
+        [CONTENT_USAGE, USAGE_CHUNK],  # the last is found first; parsed from the first
+        [SPACED_USAGE, USAGE_CHUNK],
+        [USAGE_CHUNK, SPACED_USAGE],
+        [CONTENT_USAGE, chunk(9), chunk(10, ', "usage": null'), USAGE_CHUNK],
+    ],
+    ids=["last", "spaced", "two", "spaced-first", "spaced-last", "far-apart"],
+)
+@pytest.mark.parametrize("strip", [False, True])
+def test_usage_found_from_the_end_of_a_read(usages: list[bytes], strip: bool) -> None:
+    """The usage chunk is looked for from the end of a read; a usage before it (of
+    either form) moves the parsing back to the first, as reading per event does."""
+    stream = b"".join([chunk(i) for i in range(8)]) + b"".join(usages) + DONE
+    assert per_read([stream], strip) == per_event([stream], strip)
+    assert per_read([stream], strip)[1] is not None
 
 
 def test_events_before_a_malformed_one_in_the_same_read_are_kept() -> None:
