@@ -214,8 +214,7 @@ async def report_and_rebuild(dsn: str, fringe: int) -> dict[str, float]:
         # 31 days of daily rollups and the two days of hourly ones the report's first
         # partial day reads (the rest of the hourly table is not read: index range).
         await conn.execute(_FILL.format(table="usage_daily"), today - 30 * DAY, today, DAY, KEYS)
-        first = since
-        await conn.execute(_FILL.format(table="usage_hourly"), first - DAY, first + DAY, HOUR, KEYS)
+        await conn.execute(_FILL.format(table="usage_hourly"), since - DAY, since + DAY, HOUR, KEYS)
         # The rebuilt key: a month of hourly rollups, two models.
         for model in ("gpt-4o", "gpt-4o-mini"):
             await conn.execute(

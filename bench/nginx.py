@@ -9,7 +9,7 @@ of ``bench.run``).
 
 Every POST to ``/v1/chat/completions`` gets the fake upstream's answer
 (``fake_upstream.canned_chat``) chosen by its ``x-fake-chunks`` header: none, a JSON
-answer of 8 tokens; N (one of ``STREAMS``), a stream of N tokens, written at once
+answer of ``chat`` tokens; N (one of ``streams``), a stream of N tokens, written at once
 with a Content-Length, so most of it arrives in one read. Streams always carry
 ``"usage":null`` in each chunk and the usage chunk, as when the client asked for
 usage: a proxy that asked on the client's behalf strips them, as it would from any
@@ -19,20 +19,18 @@ upstream. Nothing here paces, stalls or fails: those probes use the fake upstrea
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from .fake_upstream import canned_chat
 from .procs import Service, debian_tool, free_port, pinned
 
-# Token counts of the canned streams (bench.run's chat stream and long streams).
-STREAMS = (8, 60)
-CHAT_TOKENS = 8
 
-
-def config(folder: Path, port: int) -> Path:
-    """Write the answers and an nginx config serving them on ``port`` into ``folder``."""
-    answers = {"chat": canned_chat(CHAT_TOKENS, stream=False)}
-    answers.update({f"sse{n}": canned_chat(n, stream=True) for n in STREAMS})
+def config(folder: Path, port: int, chat: int, streams: Iterable[int]) -> Path:
+    """Write the answers (a chat of ``chat`` tokens, a stream of each of ``streams``)
+    and an nginx config serving them on ``port`` into ``folder``."""
+    answers = {"chat": canned_chat(chat, stream=False)}
+    answers.update({f"sse{n}": canned_chat(n, stream=True) for n in set(streams)})
     for name, body in answers.items():
         (folder / name).write_bytes(body)
 
@@ -43,7 +41,7 @@ def config(folder: Path, port: int) -> Path:
             f"alias {folder / name}; error_page 405 =200 $uri; }}\n"
         )
 
-    streams = "".join(served(f"sse{n}", "text/event-stream") for n in STREAMS)
+    sse = "".join(served(name, "text/event-stream") for name in answers if name != "chat")
     path = folder / "nginx.conf"
     # As root, nginx's worker would run as nobody, who cannot read a private workdir.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -63,21 +61,24 @@ http {{
       if ($http_x_fake_chunks) {{ rewrite ^ /sse$http_x_fake_chunks last; }}
       rewrite ^ /chat last;
     }}
-{served("chat", "application/json")}{streams}  }}
+{served("chat", "application/json")}{sse}  }}
 }}
 """
     )
     return path
 
 
-def start(workdir: Path, cpus: frozenset[int] | None) -> tuple[Service, str]:
-    """Start nginx (Debian's ``nginx-light`` if it is missing) on a free port: the
-    service and its base URL ending in /v1."""
+def start(
+    workdir: Path, cpus: frozenset[int] | None, chat: int, streams: Iterable[int]
+) -> tuple[Service, str]:
+    """Start nginx (Debian's ``nginx-light`` if it is missing) on a free port, serving
+    ``config``'s answers: the service and its base URL ending in /v1."""
     nginx = debian_tool("nginx", "nginx-light")
     folder = workdir / "nginx"
     folder.mkdir(exist_ok=True)
     port = free_port()
-    argv = [nginx, "-c", str(config(folder, port)), "-p", str(folder), "-e", "stderr"]
+    conf = config(folder, port, chat, streams)
+    argv = [nginx, "-c", str(conf), "-p", str(folder), "-e", "stderr"]
     service = Service("nginx", pinned(argv, cpus), workdir, workdir / "nginx.log")
     service.wait_for("start worker process")
     return service, f"http://127.0.0.1:{port}/v1"

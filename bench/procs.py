@@ -192,8 +192,9 @@ def debian_tool(command: str, package: str) -> str:
     if found:
         return found
     print(f"{command} not found: apt-get install -y {package}", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
+    # Bounded: a package mirror that accepts and never answers must not hang the bench.
+    subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, timeout=600)
     found = shutil.which(command)
     if not found:
         raise RuntimeError(f"{command} is still missing after apt-get install {package}")

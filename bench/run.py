@@ -72,8 +72,13 @@ KINDS = {
     "long stream": STREAM_BODY,
     "long stream +usage": PROBE_BODY,
 }
-# Tokens per streamed answer of each kind (the fake upstream's default for a chat).
-KIND_TOKENS = {"chat stream": 8, "long stream": LONG_TOKENS, "long stream +usage": LONG_TOKENS}
+# Tokens of a chat answer and of each streamed kind's (x-fake-chunks).
+CHAT_TOKENS = 8
+KIND_TOKENS = {
+    "chat stream": CHAT_TOKENS,
+    "long stream": LONG_TOKENS,
+    "long stream +usage": LONG_TOKENS,
+}
 # The long kinds are measured at 64 connections only (the figure).
 LONG_KINDS = ("long stream", "long stream +usage")
 LONG_CONNS = 64
@@ -151,17 +156,22 @@ class Bench:
                 body,
                 {
                     **_HEADERS,
-                    **({"x-fake-chunks": str(KIND_TOKENS[kind])} if kind != "chat" else {}),
+                    **({"x-fake-chunks": str(KIND_TOKENS[kind])} if kind in KIND_TOKENS else {}),
                 },
             )
             for kind, body in KINDS.items()
         }
-        self.canned = nginx.start(workdir, layout.upstream)
-        self.upstream = self._start_upstream()
+        self.canned = nginx.start(workdir, layout.upstream, CHAT_TOKENS, KIND_TOKENS.values())
+        try:
+            self.upstream = self._start_upstream()
+        except BaseException:
+            self.canned[0].stop()  # close() is only for a Bench that was made
+            raise
 
     def _start_upstream(self) -> tuple[Service, str]:
         port = free_port()
-        argv = [python(), "-m", "bench.fake_upstream", "--port", str(port), "--chunks", "8"]
+        argv = [python(), "-m", "bench.fake_upstream", "--port", str(port)]
+        argv += ["--chunks", str(CHAT_TOKENS)]
         service = Service(
             "upstream", pinned(argv, self.layout.upstream), self.workdir, self._log("upstream")
         )

@@ -73,6 +73,8 @@ USAGE_CHUNK = (
     b'"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}\n\n'
 )
 DONE = b"data: [DONE]\n\n"
+SPACED_USAGE = b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":1}}\n\n'
+CONTENT_USAGE = b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n'
 # Events a stream may hold: plain ones, and every kind the proxy must read or that is
 # not plain (comments, names, no space after the colon, multi-line data, broken JSON).
 EVENTS = [
@@ -90,9 +92,9 @@ EVENTS = [
     b"data: {not json\n\n",
     b"data: {\n\n",
     b"data: [1, 2}\n\n",
-    b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n',
+    CONTENT_USAGE,
     b'data: {"choices":[],"usage":{"prompt_tokens":2}}\r\n\r\n',
-    b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":1}}\n\n',
+    SPACED_USAGE,
     b"event: response.completed\ndata: {}\n\n",
     b"\n",
 ]
@@ -123,10 +125,6 @@ def test_a_whole_stream_in_one_read(strip: bool) -> None:
         assert sent == b"".join([chunk(i, "") for i in range(60)]) + DONE
     else:
         assert sent == stream
-
-
-SPACED_USAGE = b'data: {"choices":[],"usage": {"prompt_tokens":4,"completion_tokens":1}}\n\n'
-CONTENT_USAGE = b'data: {"usage":{"prompt_tokens":1},"choices":[{"x":1}]}\n\n'
 
 
 @pytest.mark.parametrize(
