@@ -34,8 +34,9 @@ class Load:
     and ``headers``, bounded by ``deadline`` seconds.
 
     It keeps ``statuses`` (every answer's status, in order), ``completed`` (each
-    request whose whole answer arrived, to when it did), ``failed`` (each request cut
-    off, by a connection error or no answer within the deadline, to why) and
+    request whose whole answer arrived, to when it did), ``answering`` (the requests
+    whose answer has begun and not yet ended), ``failed`` (each request cut off, by a
+    connection error or no answer within the deadline, to why) and
     ``slowest`` (the longest an answer took), and each ``Answer`` under the ``phase`` (a
     label the test sets) current when its request started.
 
@@ -60,6 +61,7 @@ class Load:
         self.url = url + "/v1/chat/completions"
         self.statuses: list[int] = []
         self.completed: dict[str, float] = {}
+        self.answering: set[str] = set()
         self.failed: dict[str, str] = {}
         self.slowest = 0.0
         self.phase = ""
@@ -107,9 +109,11 @@ class Load:
                         async with http.post(
                             self.url, data=STREAM if stream else PLAIN, headers=headers
                         ) as resp:
+                            self.answering.add(rid)
                             await resp.read()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     self.failed[rid] = repr(exc)
+                    self.answering.discard(rid)
                     if self.on_failure == "raise":
                         raise
                     if self.on_failure == "stop":
@@ -117,6 +121,7 @@ class Load:
                     await asyncio.sleep(0.05)  # (a refused connect is instant)
                     continue
                 self.completed[rid] = time.monotonic()
+                self.answering.discard(rid)
                 latency = self.completed[rid] - started
                 self.slowest = max(self.slowest, latency)
                 self.answers.append(Answer(phase, latency, resp.status))
