@@ -26,7 +26,7 @@ async def test_a_teams_rpm_holds_across_two_processes_and_all_its_keys(pair: Pai
     rpm = 12
     await pair.command("teams", "create", "--name", "search", "--id", "search", "--rpm", str(rpm))
     keys = [await pair.key("--team", "search") for _ in range(3)]  # no limits of their own
-    async with pair.serving():
+    async with pair.serving() as servers:
         body = orjson.dumps({"model": "m1", "messages": MESSAGES})
         statuses: Counter[int] = Counter()
         started = time.monotonic()
@@ -48,7 +48,10 @@ async def test_a_teams_rpm_holds_across_two_processes_and_all_its_keys(pair: Pai
     assert rpm <= statuses[200] <= rpm + math.ceil(rpm * elapsed / 60), (statuses, elapsed)
     out, _ = await pair.command("usage", "--by", "team", "--since", "1h")
     line = next(line for line in out.splitlines() if line.startswith("search"))
-    assert line.split()[1] == "36"  # every request, the refused ones too, under the team
+    # Every request, the refused ones too, under the team. (Failed once in CI with 18,
+    # cause unknown: what the ledgers said is in the message.)
+    ledgers = [line for served in servers for line in served.log if "usage ledger" in line]
+    assert line.split()[1] == "36", (out, ledgers)
 
 
 async def test_a_team_budget_its_keys_cannot_overshoot_together(pair: Pair) -> None:
