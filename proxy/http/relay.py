@@ -44,7 +44,7 @@ from .faults import Disconnected
 from .h1_conn import Response
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
-from .wire import find_usage
+from .wire import find_usage, null_after
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
 # the upstream's own rate-limit state, cookies, server banners) stays behind.
@@ -315,12 +315,19 @@ class _Watch:
         """Append to ``kept`` what the client gets of ``block``, a run of complete
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
-        end, nulls = _unread_end(block)
+        if b"\r" in block:  # \r line ends: every event parsed
+            end = 0
+        else:
+            if self.strip:  # in one pass over the read, not one per event
+                block, maybe = _stripped(block)
+            else:
+                maybe = _maybe_usages(block, 0, len(block), stripped=False)
+            end = _unread_end(block, maybe, self.strip)
         head = block if end == len(block) else block[:end]
         count = _plain_events(head) if end else 0
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
-            kept.append(_without_null_usage(head, nulls) if self.strip else head)
+            kept.append(head)
             if end == len(block):
                 return
             block = block[end:]
@@ -336,6 +343,9 @@ class _Watch:
         if data == b"[DONE]":
             self.finished = True
             return event.raw
+        raw = event.raw
+        if self.strip:  # what is checked is what the client gets
+            data, raw = _without_null_usage(data), _without_null_usage(raw)
         _check_json(data)
         self.exchange.events += 1  # the usage ledger's estimate when usage never comes
         if event.name in _TERMINAL_NAMES:
@@ -348,7 +358,7 @@ class _Watch:
             self.exchange.usage = usage
             if self.strip and usage_only:
                 return None
-        return _without_null_usage(event.raw) if self.strip else event.raw
+        return raw
 
 
 _raw_decoder = msgspec.json.Decoder(msgspec.Raw)
@@ -375,19 +385,28 @@ def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
         )
 
 
-def _without_null_usage(raw: bytes, nulls: int = -1) -> bytes:
+def _without_null_usage(raw: bytes) -> bytes:
     """``raw`` without the ``"usage":null`` members the upstream added to each chunk
-    because the proxy asked for usage: every occurrence, since a block of several
-    chunks has one in each. ``nulls``: how many there are, when known (no search for
-    a form once they are all gone)."""
+    because the proxy asked for usage: every occurrence, of each spelling."""
     for pattern in _NULL_USAGE:
-        if nulls == 0:
-            break
         if pattern in raw:
-            shorter = raw.replace(pattern, b"")
-            nulls -= (len(raw) - len(shorter)) // len(pattern)
-            raw = shorter
+            raw = raw.replace(pattern, b"")
     return raw
+
+
+def _stripped(block: bytes) -> tuple[bytes, int]:
+    """``_without_null_usage(block)``, and how many ``"usage"`` keys it has left. The
+    spellings are removed in turn while a key is left that could be one of them: not
+    once the one left is the last and holds no null (the usage chunk's)."""
+    block = block.replace(_NULL_USAGE[0], b"")
+    left = block.count(_KEY)
+    for pattern in _NULL_USAGE[1:]:
+        if _just_the_last(block, left, 0, len(block)):
+            break
+        shorter = block.replace(pattern, b"")
+        left -= (len(block) - len(shorter)) // len(pattern)  # one key in each
+        block = shorter
+    return block, left
 
 
 _PLAIN_START = b"data: {"
@@ -395,55 +414,55 @@ _PLAIN_END = b"}\n\n"
 _PLAIN_BETWEEN = b"}\n\ndata: {"
 _DONE = b"data: [DONE]\n\n"
 _ERROR = b'data: {"error"'
+_KEY = b'"usage"'
 _USAGE = (b'"usage":{', b'"usage": {')
 
 
-def _unread_end(block: bytes) -> tuple[int, int]:
-    """Where the events of ``block`` that the proxy must read begin, and how many
-    ``"usage": null`` members the events before them have. Those events are [DONE]
-    (the stream's last), an error and a usage object that is not null (in the chunk
-    before [DONE]), found with byte scans (a false alarm costs a parse). 0 for ``\\r``
-    line ends: those streams are parsed."""
-    if b"\r" in block:
-        return 0, 0
+def _unread_end(block: bytes, maybe: int, stripped: bool) -> int:
+    """Where the events of ``block`` (``\\n`` line ends) that the proxy must read
+    begin. Those are [DONE] (the stream's last), an error and a usage that is not null
+    (in the chunk before [DONE]), found with byte scans (a false alarm costs a parse).
+    ``maybe``: ``_maybe_usages`` of the whole block."""
     end = len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
     at = block.find(_ERROR, 0, end)
     if at >= 0:
         end = _event_start(block, at)
-    usages, nulls = _usages(block, 0, end)
-    if usages != nulls:
-        # The usage chunk is the last before [DONE]: looked for from the end first, a
-        # few hundred bytes back, not in two scans of the whole read.
-        at = block.rfind(_USAGE[0], 0, end)
-        if at < 0:
-            at = block.rfind(_USAGE[1], 0, end)
-        if at < 0:
-            return 0, 0  # a usage in some other form: parse it all
-        start, after_nulls = _parsed_from(block, at, end, usages, nulls)
-        if start < 0:  # a non-null usage before it: parsed from the first
-            first = min(at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0)
-            start, after_nulls = _parsed_from(block, first, end, usages, nulls)
-            if start < 0:
-                return 0, 0
-        end, nulls = start, nulls - after_nulls
-    return end, nulls
+    if maybe and end < len(block):  # those in the events read anyway
+        maybe -= _maybe_usages(block, end, len(block), stripped)
+    if not maybe:
+        return end
+    # The usage chunk is the last before [DONE]: looked for from the end first, a few
+    # hundred bytes back, not in scans of the whole read.
+    start = _event_start(block, block.rfind(_KEY, 0, end))
+    if _maybe_usages(block, start, end, stripped) == maybe:
+        return start
+    # A usage before it: parsed from the first (or, in some other form, all of it).
+    firsts = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
+    if not firsts:
+        return 0
+    start = _event_start(block, min(firsts))
+    return start if _maybe_usages(block, start, end, stripped) == maybe else 0
 
 
-def _parsed_from(block: bytes, at: int, end: int, usages: int, nulls: int) -> tuple[int, int]:
-    """The start of the event holding ``block[at]`` and how many null usages it and the
-    events up to ``end`` have; -1 if a usage before that event is not null."""
-    start = _event_start(block, at)
-    after, after_nulls = _usages(block, start, end)
-    return (start, after_nulls) if usages - after == nulls - after_nulls else (-1, 0)
+def _maybe_usages(block: bytes, start: int, end: int, stripped: bool) -> int:
+    """How many ``"usage"`` keys of ``block[start:end]`` may hold a usage: those not
+    null in the usual spellings (all of them once ``stripped``)."""
+    keys = block.count(_KEY, start, end)
+    if stripped or not keys:
+        return keys
+    keys -= block.count(b'"usage":null', start, end)
+    if not _just_the_last(block, keys, start, end):
+        keys -= block.count(b'"usage": null', start, end)
+    return keys
 
 
-def _usages(block: bytes, start: int, end: int) -> tuple[int, int]:
-    """How many ``"usage"`` keys ``block[start:end]`` has, and how many are null."""
-    usages = block.count(b'"usage"', start, end)
-    nulls = block.count(b'"usage":null', start, end) if usages else 0
-    if nulls != usages:
-        nulls += block.count(b'"usage": null', start, end)
-    return usages, nulls
+def _just_the_last(block: bytes, left: int, start: int, end: int) -> bool:
+    """Whether the ``left`` keys of ``block[start:end]`` a count did not account for
+    are none, or only its last, holding no null (the usage chunk's): then there is no
+    other spelling of null to look for."""
+    if left != 1:
+        return left == 0
+    return not null_after(block, block.rfind(_KEY, start, end) + len(_KEY))
 
 
 def _event_start(block: bytes, at: int) -> int:

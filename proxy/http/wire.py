@@ -216,7 +216,7 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
     searches, no decoding."""
     at = payload.find(b'"usage"')
     # A nested `"usage": null` may come before the real one; null only if all are.
-    while at >= 0 and _is_null_after_colon(payload, at + 7):
+    while at >= 0 and null_after(payload, at + 7):
         at = payload.find(b'"usage"', at + 7)
     if at < 0:
         return None, False
@@ -234,8 +234,9 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
     return usage, carrier.choices == []
 
 
-def _is_null_after_colon(payload: bytes, i: int) -> bool:
-    # Skips `: ` after the key; a `"usage": null` on every chunk must stay cheap.
+def null_after(payload: bytes, i: int) -> bool:
+    """Whether the value after the key that ends at ``payload[i]`` is null (skips the
+    colon and spaces; a `"usage": null` on every chunk must stay cheap)."""
     n = len(payload)
     while i < n and payload[i] in b" \t\r\n:":
         i += 1

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from bench import governed as modes
-from bench import nginx, streams
+from bench import nginx, reads, streams
 from bench.fake_upstream import FakeUpstream
 from bench.procs import cpu_seconds, peak_rss_mb, pinned, preempted, rss_mb
 from bench.run import PROBE_BODY, PROBE_EVENTS_EXTRA
@@ -113,6 +113,20 @@ def run_bench(module: str, *argv: str) -> str:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
+
+
+def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
+    """``bench.reads``: each read is complete events (cut as the relay cuts them), the
+    middle one without the usage chunk or [DONE]; every row is measured."""
+    whole, middle = reads.reads()["60 tokens"], reads.reads()["60, middle"]
+    assert whole.endswith(b"data: [DONE]\n\n")
+    assert b'"usage":{' in whole
+    assert middle.endswith(b"}\n\n")
+    assert b'"usage":{' not in middle
+    assert b"[DONE]" not in middle
+    rows = run_bench("bench.reads", "--number", "50", "--repeat", "1").splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["8", "60", "60,"]
+    assert all(float(x) > 0 for row in rows for x in row.split()[-2:])
 
 
 def test_inproc_measures_what_tracing_costs_in_one_run() -> None:

@@ -97,6 +97,7 @@ EVENTS = [
     SPACED_USAGE,
     b"event: response.completed\ndata: {}\n\n",
     b"\n",
+    b'data: {"usage":null}\n\n',  # a null in no spelling that is stripped
 ]
 
 
@@ -146,6 +147,30 @@ def test_usage_found_from_the_end_of_a_read(usages: list[bytes], strip: bool) ->
     stream = b"".join([chunk(i) for i in range(8)]) + b"".join(usages) + DONE
     assert per_read([stream], strip) == per_event([stream], strip)
     assert per_read([stream], strip)[1] is not None
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_a_null_of_another_spelling_last_is_no_usage(strip: bool) -> None:
+    """One key left after counting (or stripping) the usual null, the last: it is a
+    null too, not the usage chunk's, and the client does not get it when stripped."""
+    stream = b"".join([chunk(i) for i in range(8)]) + chunk(8, ', "usage": null') + DONE
+    assert per_read([stream], strip) == per_event([stream], strip)
+    sent, usage, *_ = per_read([stream], strip)
+    assert usage is None
+    assert (b'"usage"' in sent) is not strip
+
+
+def test_an_event_read_is_checked_as_the_client_gets_it() -> None:
+    """With the usage stripped, the check is on the bytes the client gets: the same
+    event is valid stripped and malformed as it came."""
+    odd = b'data: {,"usage":null}\n\n'  # read: it comes after the usage chunk
+    stream = chunk(1) + USAGE_CHUNK + odd + DONE
+    for strip in (False, True):
+        assert per_read([stream], strip) == per_event([stream], strip)
+    sent, *_, failed = per_read([stream], strip=True)
+    assert not failed
+    assert sent == chunk(1, "") + b"data: {}\n\n" + DONE
+    assert per_read([stream], strip=False)[-1] is True
 
 
 def test_events_before_a_malformed_one_in_the_same_read_are_kept() -> None:
