@@ -186,7 +186,8 @@ def _streams(results: Sequence[Measured], direct: Measured, settings: Settings) 
             "",
             f"Memory per open stream: RSS of the subject's processes with {low} and with "
             f"{high} slow paced streams open at once (each stream open for several "
-            "seconds, read once all have started), and the slope between the two.",
+            "seconds, read once all have started), and the slope between the two; "
+            "measured right after the warm-up, before the heavier load grows the heap.",
             "",
             f"| subject | RSS, {low} open (MB) | RSS, {high} open (MB) | KB per open stream |",
             "| --- | ---: | ---: | ---: |",

@@ -251,6 +251,10 @@ class Bench:
         print(f"  {subject.name}: warm-up, latency", flush=True)
         url = f"{subject.base}/chat/completions"
         wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)  # warm pools and caches
+        # Memory per open stream first: the heap does not give back what heavier load
+        # (the 1,000-stream capacity try) took, and the slope from there would read ~0.
+        print(f"  {subject.name}: memory per open stream", flush=True)
+        held = {n: self.open_rss(subject, n) for n in MEMORY_LEVELS}
         latency, cpu_c1 = self.load(subject, "chat", 1)
         print(f"  {subject.name}: throughput", flush=True)
         throughput = {}
@@ -263,8 +267,6 @@ class Bench:
         print(f"  {subject.name}: streams", flush=True)
         ttft, paced, capacity = self.stream_fidelity(subject)
         peak = max(peak_rss_mb(subject.pids()), default=float("nan"))
-        print(f"  {subject.name}: memory per open stream", flush=True)
-        held = {n: self.open_rss(subject, n) for n in MEMORY_LEVELS}
         return Measured(
             subject.name, latency, cpu_c1, throughput, rss, ttft, paced, capacity, peak, held
         )
