@@ -1,12 +1,14 @@
-"""CPU per limiter admission: ``python -m bench.limiter [--callers N]``.
+"""CPU per limiter admission: ``python -m bench.limiter [--callers N] [--lease-share S]``.
 
 What one limited request costs the proxy in its limiter: ``Limiter.admit`` plus
-``settle`` for a key with rpm and tpm limits (one ``bucket.lua`` call each request),
-from ``--callers`` concurrent callers, against a ``redis-server`` of its own on a free
-port, allowed on every CPU (run this under ``taskset -c 1``: Redis then runs beside
-it, as in ``bench.run``). CPU time of this process only; Redis's own is not counted.
-With 16 callers the calls of one loop turn share a write (ratelimit/shared.py); with
-1, each call waits for Redis alone and the loop sleeps and wakes once per call.
+``settle`` for a key with rpm and tpm limits, from ``--callers`` concurrent callers,
+with leases as configured by default (``limits.lease_share``: one ``bucket.lua`` call
+per lease) or, with ``--lease-share 0``, one call per request, against a
+``redis-server`` of its own on a free port, allowed on every CPU (run this under
+``taskset -c 1``: Redis then runs beside it, as in ``bench.run``). CPU time of this
+process only; Redis's own is not counted. With 16 callers the calls of one loop turn
+share a write (ratelimit/shared.py); with 1, each call waits for Redis alone and the
+loop sleeps and wakes once per call.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ _HUGE = 1_000_000_000
 KEY = Key(id="bench", name="bench", rpm=_HUGE, tpm=_HUGE)
 
 
-async def measure(url: str, calls: int, callers: int, repeat: int) -> list[float]:
+async def measure(
+    url: str, calls: int, callers: int, repeat: int, share: float | None = None
+) -> list[float]:
     """CPU µs per admission and settlement, one figure per run."""
     redis = cfg.Redis(url=url)
     client = connect(redis)
-    limiter = Limiter(cfg.Limits(), redis, client)
+    limits = cfg.Limits() if share is None else cfg.Limits(lease_share=share)
+    limiter = Limiter(limits, redis, client)
 
     async def caller(count: int) -> None:
         for _ in range(count):
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best is reported")
+    parser.add_argument("--lease-share", type=float, help="limits.lease_share (0: no leases)")
     args = parser.parse_args()
     port = free_port()
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
@@ -72,12 +78,16 @@ def main() -> None:
         try:
             redis.wait_for("Ready to accept connections")
             url = f"redis://127.0.0.1:{port}/0"
-            costs = uvloop.run(measure(url, args.calls, args.callers, args.repeat))
+            costs = uvloop.run(
+                measure(url, args.calls, args.callers, args.repeat, args.lease_share)
+            )
         finally:
             redis.stop()
     runs = ", ".join(f"{c:.1f}" for c in costs)
     print(
-        f"limiter admission + settlement, {args.callers} callers: {min(costs):.1f} µs CPU "
+        f"limiter admission + settlement, {args.callers} callers, lease share "
+        f"{cfg.Limits().lease_share if args.lease_share is None else args.lease_share:g}: "
+        f"{min(costs):.1f} µs CPU "
         f"(best of {runs})"
     )
 

@@ -218,6 +218,11 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # A key whose spend (settled plus reserved) passes this share of its budget is
     # logged once per period and worker (logger proxy.budget), for alerting.
     budget_alert_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    # The most of a key's per-minute request and token limits a worker takes from
+    # Redis at once, to admit that key's next requests without a round trip (a
+    # lease, given back within ``flush_interval``); 0: every request goes to Redis.
+    # Keys with max_parallel, a budget or a limited team never lease.
+    lease_share: Annotated[float, msgspec.Meta(ge=0, le=0.1)] = 0.01
 
 
 class DeclaredKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

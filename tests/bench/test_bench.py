@@ -204,3 +204,13 @@ async def test_the_canned_nginx_upstream_answers_every_kind_through_the_proxy(
                     assert len(chunks) == tokens + 2 + usage
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("share", ["0", "0.01"])
+def test_the_limiter_bench_measures_leases_and_calls_per_request(share: str) -> None:
+    argv = ["-m", "bench.limiter", "--calls", "400", "--repeat", "1", "--lease-share", share]
+    out = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert f"16 callers, lease share {float(share):g}: " in out
+    assert float(out.split(": ")[1].split(" µs")[0]) > 0

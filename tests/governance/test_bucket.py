@@ -78,6 +78,8 @@ async def test_python_and_lua_agree_on_random_traffic(lua: RedisBuckets, seed: i
             slot=rng.choice(slots),
             release=rng.choice(("", "", *slots)),
             ttl=rng.choice((500, 60_000)),
+            requests=rng.choice((1, 1, 1, 5, 100)),
+            returned=rng.choice((0, 0, 0, 3, 70)),
         )
         assert check(state, step) == await lua.check(key_id, step), f"step {i}: {step}"
 

@@ -106,6 +106,14 @@ CASES: dict[str, list[Step]] = {
         (call(0, tpm=100, debt=300, take=False), ok(0, 0, 0, 180_000)),
         (call(0, tpm=100, cost=1), no("tokens", 120_600, 0, 0, 0, 180_000)),
     ],
+    "a lease takes all it asks for or nothing; what it returns refills, up to full": [
+        (call(0, rpm=10, requests=4), ok(6, 24_000)),
+        (call(0, rpm=10, requests=7), no("requests", 6_000, 6, 24_000)),
+        (call(0, rpm=10, take=False, returned=3), ok(9, 6_000)),
+        (call(0, rpm=10, take=False, returned=5), ok(10, 0)),
+        (call(0, rpm=10, requests=20), ok(0, 120_000)),
+        (call(6_000, rpm=10), no("requests", 60_000, 0, 114_000)),
+    ],
     "debt carried into an admission counts before the check": [
         (call(0, tpm=100, cost=90), ok(0, 0, 10, 54_000)),
         (call(0, tpm=100, cost=20, debt=-50), ok(0, 0, 40, 36_000)),

@@ -14,7 +14,8 @@
 -- ARGV: now ms ('' = the Redis server's clock, one clock for every replica), the
 --       number of scopes, then per scope: rpm, tpm, parallel, cost, debt, take ('1'
 --       or '0'), slot, release, slot_ttl ms, budget, hold, charge, base, epoch,
---       period_ttl ms, hold_ttl ms, the number of settlements, then the settlements,
+--       period_ttl ms, hold_ttl ms, requests (how many a take takes), returned
+--       (requests given back), the number of settlements, then the settlements,
 --       four values each: hold, spend, epoch, finished ms
 -- Returns {allowed (1/0), kind, retry ms, the index (0-based) of the scope that
 --          refused (0 when admitted), then per scope: requests remaining, requests
@@ -72,13 +73,15 @@ for n = 1, tonumber(ARGV[2]) do
     slot = ARGV[at + 6], release = ARGV[at + 7], slot_ttl = tonumber(ARGV[at + 8]),
     budget = tonumber(ARGV[at + 9]), hold = ARGV[at + 10], charge = tonumber(ARGV[at + 11]),
     base = tonumber(ARGV[at + 12]), epoch = ARGV[at + 13], period_ttl = tonumber(ARGV[at + 14]),
-    hold_ttl = tonumber(ARGV[at + 15]),
+    hold_ttl = tonumber(ARGV[at + 15]), requests = tonumber(ARGV[at + 16]),
+    returned = tonumber(ARGV[at + 17]),
   }
-  local settled = tonumber(ARGV[at + 16])
-  local first = at + 17
+  local settled = tonumber(ARGV[at + 18])
+  local first = at + 19
   at = first + settled * 4
   if s.rpm > 0 then
     s.ru, s.rs = refill(s.keys[1], s.rpm)
+    s.ru = math.min(s.rpm * UNIT, s.ru + s.returned * UNIT)
   end
   if s.tpm > 0 then
     s.tu, s.ts = refill(s.keys[2], s.tpm)
@@ -121,10 +124,11 @@ local kind, retry, refused_by = '', 0, 0
 for n, s in ipairs(scopes) do
   if kind == '' and s.take then
     local need = math.min(s.cost, s.tpm) * UNIT
+    local asked = math.min(s.requests, s.rpm) * UNIT
     if s.budget > 0 and not s.bs then
       kind = 'rebuild'
-    elseif s.rpm > 0 and s.ru < UNIT then
-      kind, retry = 'requests', math.ceil((UNIT - s.ru) / s.rpm)
+    elseif s.rpm > 0 and s.ru < asked then
+      kind, retry = 'requests', math.ceil((asked - s.ru) / s.rpm)
     elseif s.tpm > 0 and s.tu < need then
       kind, retry = 'tokens', math.ceil((need - s.tu) / s.tpm)
     elseif s.budget > 0 and s.charge > s.budget - s.bs - s.br then
@@ -149,7 +153,7 @@ for _, s in ipairs(scopes) do
       redis.call('ZADD', s.keys[3], now + s.slot_ttl, s.slot)
       redis.call('PEXPIRE', s.keys[3], s.slot_ttl)
     end
-    if s.rpm > 0 then s.ru = s.ru - UNIT end
+    if s.rpm > 0 then s.ru = s.ru - s.requests * UNIT end
     if s.tpm > 0 then s.tu = s.tu - s.cost * UNIT end
     if s.budget > 0 then
       redis.call('ZADD', s.keys[5], now + s.hold_ttl, s.hold .. ':' .. s.charge)

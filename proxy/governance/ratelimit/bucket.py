@@ -17,6 +17,8 @@ Invariants (shared with bucket.lua):
 - A take needs at most a full bucket (the check caps the cost at ``burst``) but is
   charged in full: what a large request takes beyond the level is debt, and later
   takes wait until refill has repaid it. Reconciliation (``debt``) works the same way.
+  A take of several requests at once (a lease, ``Call.requests``) is the same rule
+  for the request bucket; requests given back (``returned``) refill it, up to full.
 - ``check`` takes from every bucket or from none; only the carried-over ``debt``, a
   ``release`` and the ``settlements`` are applied when it refuses.
 
@@ -142,6 +144,10 @@ class Call(NamedTuple):
     epoch: str = ""  # the epoch of a state created from ``base``
     period_ttl: int = 0  # ms the period's state lives on (0: for ever)
     hold_ttl: int = 0  # ms a hold lives unless renewed
+    # Requests a take takes: 1, or a lease's worth (limiter.py); it needs them all
+    # (at most a full bucket), as a take of tokens needs its ``cost``.
+    requests: int = 1
+    returned: int = 0  # requests given back: a lease's unused ones
     settlements: tuple[Settlement, ...] = ()  # ARGV's tail, four values each
 
 
@@ -238,7 +244,10 @@ def _prepare(state: KeyState, call: Call) -> tuple[Level | None, Level | None, B
     """Phase 1 for one scope: the buckets refilled (and the debt charged), the release
     applied, the budget settled."""
     now, rpm, tpm = call.now, call.rpm, call.tpm
-    requests = refill(state.requests, now, rpm, rpm) if rpm else None
+    requests = None
+    if rpm:
+        requests = refill(state.requests, now, rpm, rpm)
+        requests = Level(min(rpm * UNIT, requests.units + call.returned * UNIT), requests.stamp)
     tokens = None
     if tpm:
         tokens = refill(state.tokens, now, tpm, tpm)
@@ -292,7 +301,7 @@ def _refusal(
     now = call.now
     if call.budget and budget is None:
         return "rebuild", 0
-    by_request = take(requests, now, call.rpm, call.rpm, 1) if requests else None
+    by_request = take(requests, now, call.rpm, call.rpm, call.requests) if requests else None
     if by_request and not by_request.allowed:
         return "requests", by_request.retry_ms
     by_tokens = take(tokens, now, call.tpm, call.tpm, call.cost) if tokens else None
@@ -314,8 +323,8 @@ def _take_all(
     tokens: Level | None,
     budget: Budget | None,
 ) -> tuple[Level | None, Level | None]:
-    """Phase 3 for one scope (every scope allowed it): take one request, ``cost``
-    tokens, the budget's ``charge`` and a slot; the levels afterwards."""
+    """Phase 3 for one scope (every scope allowed it): take ``requests`` requests,
+    ``cost`` tokens, the budget's ``charge`` and a slot; the levels afterwards."""
     now = call.now
     if call.parallel:
         state.slots[call.slot] = now + call.slot_ttl
@@ -323,7 +332,7 @@ def _take_all(
         budget.holds[f"{call.hold}:{call.charge}"] = now + call.hold_ttl
         budget.held += call.charge
     if requests is not None:
-        requests = Level(requests.units - UNIT, requests.stamp)
+        requests = Level(requests.units - call.requests * UNIT, requests.stamp)
     if tokens is not None:
         tokens = Level(tokens.units - call.cost * UNIT, tokens.stamp)
     return requests, tokens

@@ -2,7 +2,7 @@
 reachable, in process otherwise (the same algorithm, bucket.py).
 
 Invariants:
-- An admission is one round trip (bucket.lua: request bucket, token bucket and
+- An admission is one round trip at most (bucket.lua: request bucket, token bucket and
   parallel slot, all or nothing). Keys without limits never get here.
 - Every Redis call is bounded by ``redis.timeout``. A failure switches this worker to
   its in-process buckets (logged once, ``morngpt_limiter_backend`` = local); the
@@ -30,6 +30,8 @@ Invariants:
   rule (its own state, or one created before it finished) makes a late settlement
   count exactly once. Spending admitted in process while Redis was away is owed to
   Redis the same way, so a Redis that kept its state does not forgive it.
+- A key with rpm/tpm limits only is admitted from leases (lease.py); what one did
+  not use is given back at the flush, owed like a token debt (``returns``, ``debts``).
 - Owed settlements per key and period are bounded (``MAX_OWED``): beyond it (a long
   outage), they are folded into one without holds (those expire in Redis).
 - A hold stays in ``holds`` (renewed with the slots) until its settlement reached
@@ -54,6 +56,7 @@ from ...config.schema import Redis as RedisConfig
 from ...ops.metrics import set_limiter_backend
 from ..keys.record import Key
 from ..keys.teams import Team
+from . import lease
 from .bucket import Call, Settlement
 from .local import LocalBuckets, now_ms
 from .shared import FAILURES, SERVER_TIME, RedisBuckets, RedisClient
@@ -82,6 +85,7 @@ class Limiter:
     def __init__(self, limits: Limits, redis: RedisConfig, client: RedisClient | None) -> None:
         self.slot_ttl = int(limits.slot_ttl * 1000)
         self.interval = limits.flush_interval
+        self.share = limits.lease_share
         self.timeout = redis.timeout
         self.local = LocalBuckets()
         self.shared = (
@@ -90,6 +94,12 @@ class Limiter:
         self.using_redis = self.shared is not None
         # Tokens owed to Redis per key id: (the key's tpm, tokens; negative: a refund).
         self.debts: dict[str, tuple[int, int]] = {}
+        # Leases held per key id; an empty one keeps the key's last verdict.
+        self.leases: dict[str, lease.Lease] = {}
+        # Keys whose lease call is in flight: set when it is answered.
+        self.leasing: dict[str, asyncio.Event] = {}
+        # Requests of leases owed back to Redis per key id: (the key's rpm, requests).
+        self.returns: dict[str, tuple[int, int]] = {}
         # Slots taken in Redis and not released yet: slot id → key id.
         self.held: dict[str, str] = {}
         # Budget holds taken in Redis and not released yet: hold → its set's Redis key.
@@ -121,7 +131,7 @@ class Limiter:
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
-        if self.using_redis and (self.debts or self.owed or self.releases):
+        if self.using_redis and (self.debts or self.owed or self.releases or self.leases):
             await self.flush()
         if self.tasks:
             _, late = await asyncio.wait(self.tasks, timeout=self.timeout + 1)
@@ -144,7 +154,14 @@ class Limiter:
         ``team_ask`` for the team's budget) in the same call, or none of them. A
         verdict of kind ``rebuild`` asks the caller to come back with the ``base`` of
         the ask of the scope it names (``Verdict.scope``: 0 the key, 1 the team)."""
-        parts: list[tuple[str, Limited, Ask | None]] = [(scope_of(key), key, ask)]
+        scope = scope_of(key)
+        if self.using_redis and self.share and lease.may(key, ask, team):
+            leased = self.leases.get(scope)
+            admitted = leased.take(cost) if leased else None
+            if admitted is not None:
+                return Ticket(admitted, "", True)
+            return await self._lease(key, scope, cost)
+        parts: list[tuple[str, Limited, Ask | None]] = [(scope, key, ask)]
         if team is not None and team.is_limited:
             parts.append((team_scope(team.id), team, team_ask))
         slots = [self._new_id() if limits.max_parallel else "" for _, limits, _ in parts]
@@ -191,6 +208,53 @@ class Limiter:
             held = f"{hold}:{a.charge}" if a and verdict.allowed else ""
             tickets.append(Ticket(verdict, slot, False, held, a))
         return joined(tickets)
+
+    async def _lease(self, key: Key, scope: str, cost: int, share: bool = True) -> Ticket:
+        """Admit a request of a key that may lease (lease.py) with one call to Redis,
+        taking a lease's worth when there is room (one such call at a time per key:
+        the others wait for its lease); in process when Redis fails."""
+        rpm, tpm = key.rpm or 0, key.tpm or 0
+        count = lease.size(rpm, tpm, cost, self.share, self.leases.get(scope)) if share else 1
+        if count > 1:
+            if scope in self.leasing:
+                await self.leasing[scope].wait()
+                return await self.admit(key, cost)
+            self.leasing[scope] = asyncio.Event()
+        call = build_call(
+            key, now=SERVER_TIME, cost=cost * count, debt=self._take_debt(scope), take=True,
+            slot="", release="", ttl=self.slot_ttl,
+        )._replace(requests=count, returned=self.returns.pop(scope, (0, 0))[1])  # fmt: skip
+        assert self.shared is not None
+        try:
+            verdict = await self.shared.check(scope, call)  # bounded by redis.timeout
+        except FAILURES as exc:
+            self._fall_back(exc)
+            self._owe_again(scope, call)
+            local = call._replace(now=now_ms(), cost=cost, requests=1, returned=0)
+            return Ticket(self.local.check(scope, local), "", False)
+        finally:
+            if count > 1:
+                self.leasing.pop(scope).set()
+        taken = lease.keep(self.leases, scope, lease.Lease(rpm, tpm, 0, 0, verdict))
+        if not verdict.allowed:
+            if count > 1:  # the lease did not fit: this request alone may (one call)
+                return await self._lease(key, scope, cost, share=False)
+            return Ticket(verdict, "", True)
+        taken.requests += count
+        taken.tokens += cost * count
+        admitted = taken.take(cost)
+        assert admitted is not None
+        return Ticket(admitted, "", True)
+
+    def _give_back(self, scope: str, unused: lease.Lease) -> None:
+        """Owe Redis what a lease did not use."""
+        if unused.tpm and unused.tokens:
+            self._owe(scope, unused.tpm, -unused.tokens)
+        if unused.rpm and unused.requests:
+            self._return(scope, unused.rpm, unused.requests)
+
+    def _return(self, scope: str, rpm: int, requests: int) -> None:
+        self.returns[scope] = (rpm, self.returns.get(scope, (rpm, 0))[1] + requests)
 
     def _new_id(self) -> str:
         return f"{self._instance}-{next(self._slot_ids)}"
@@ -304,6 +368,8 @@ class Limiter:
             self._owe(key_id, call.tpm, call.debt)
         if call.release:
             self.releases[call.release] = key_id
+        if call.returned:
+            self._return(key_id, call.rpm, call.returned)
         if call.take and call.slot:  # Redis may have taken it before the answer was lost
             self.releases[call.slot] = key_id
         for settled in call.settlements:
@@ -354,12 +420,19 @@ class Limiter:
     async def flush(self) -> None:
         """Send what is owed (slot releases, token debts, budget settlements) to Redis."""
         await self._release_owed()
+        for scope, unused in self.leases.items():
+            self._give_back(scope, unused)
+        self.leases.clear()
         debts, self.debts = self.debts, {}
+        returns, self.returns = self.returns, {}
         owed, self.owed = self.owed, {}
         settling = self._settling()
-        calls = [
-            (key_id, settling._replace(tpm=tpm, debt=owed)) for key_id, (tpm, owed) in debts.items()
-        ]
+        back = {
+            key_id: settling._replace(tpm=tpm, debt=owed) for key_id, (tpm, owed) in debts.items()
+        }
+        for key_id, (rpm, count) in returns.items():
+            back[key_id] = back.get(key_id, settling)._replace(rpm=rpm, returned=count)
+        calls = list(back.items())
         calls += [
             (key_id, settling._replace(budget=o.budget, period=period, period_ttl=o.period_ttl,
                                        settlements=tuple(o.settlements)))

@@ -339,7 +339,8 @@ def _argv(call: Call) -> tuple[str | int, ...]:
     take = "1" if call.take else "0"
     head = (call.rpm, call.tpm, call.parallel, call.cost, call.debt, take, call.slot,
             call.release, call.slot_ttl, call.budget, call.hold, call.charge, call.base,
-            call.epoch, call.period_ttl, call.hold_ttl, len(call.settlements))  # fmt: skip
+            call.epoch, call.period_ttl, call.hold_ttl, call.requests, call.returned,
+            len(call.settlements))  # fmt: skip
     if not call.settlements:
         return head
     return head + tuple(value for settled in call.settlements for value in settled)

@@ -1,0 +1,162 @@
+"""Leases (proxy/governance/ratelimit/lease.py): a busy key's requests admitted from a
+share of its buckets taken in one Redis call; never past the limit across workers,
+exact near it, and what a lease did not use given back. Real Redis, real limiters
+(one per worker), and real proxies for the limit across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bench.fake_upstream import FakeUpstream
+from proxy.config import schema as cfg
+from proxy.governance.keys.record import Key
+from proxy.governance.ratelimit.bucket import Call, Verdict
+from proxy.governance.ratelimit.limiter import Limiter
+from proxy.governance.ratelimit.shared import SERVER_TIME, connect
+from proxy.governance.ratelimit.ticket import Ticket
+from tests.support.env import REDIS_URL
+from tests.support.inproc import MakeProxy
+from tests.support.keys import declare, keyed, limiter
+
+MakeLimiter = Callable[..., Awaitable[Limiter]]
+
+
+@pytest.fixture
+async def make_limiter(redis_prefix: str) -> AsyncIterator[MakeLimiter]:
+    """Limiters on the shared Redis, one per simulated worker, under one prefix; each
+    counts its calls to Redis in ``calls``."""
+    made: list[Limiter] = []
+
+    async def make(**limits: Any) -> Limiter:
+        redis = cfg.Redis(url=REDIS_URL, key_prefix=redis_prefix, timeout=5.0)
+        limiter = Limiter(cfg.Limits(**limits), redis, connect(redis))
+        shared = limiter.shared
+        assert shared is not None
+        check_all = shared.check_all
+        limiter.calls = 0  # type: ignore[attr-defined]
+
+        async def counted(scopes: Sequence[tuple[str, Call]]) -> list[Verdict]:
+            limiter.calls += 1  # type: ignore[attr-defined]
+            return await check_all(scopes)
+
+        shared.check_all = counted  # type: ignore[method-assign]
+        made.append(limiter)
+        return limiter
+
+    yield make
+    for worker in made:
+        assert worker.shared is not None
+        await worker.close()
+        await worker.shared.client.aclose()
+
+
+def calls(limiter: Limiter) -> int:
+    return int(limiter.calls)  # type: ignore[attr-defined]
+
+
+async def admitted(limiter: Limiter, key: Key, cost: int) -> Ticket:
+    ticket = await limiter.admit(key, cost)
+    assert ticket.shared, "decided in process: Redis failed"
+    return ticket
+
+
+async def test_a_busy_key_makes_one_redis_call_per_lease(make_limiter: MakeLimiter) -> None:
+    worker = await make_limiter()  # lease_share 0.01: 100 of rpm 10 000
+    key = Key(id="busy", name="busy", rpm=10_000, tpm=10_000_000)
+    tickets = [await admitted(worker, key, 100) for _ in range(501)]
+    assert all(t.verdict.allowed for t in tickets)
+    # The first call learns the key's levels; then one call per lease of 100.
+    assert calls(worker) == 1 + 5
+    first = tickets[0].verdict
+    assert (first.requests_remaining, first.tokens_remaining) == (9_999, 10_000_000 - 100)
+    # A leased admission says what this worker knows is left: one less each time.
+    remaining = [t.verdict.requests_remaining for t in tickets]
+    for lease in range(1, 501, 100):
+        assert remaining[lease : lease + 100] == list(
+            range(remaining[lease], remaining[lease] - 100, -1)
+        )
+
+
+async def test_keys_that_need_redis_per_request_never_lease(make_limiter: MakeLimiter) -> None:
+    parallel = Key(id="par", name="par", rpm=10_000, max_parallel=1_000)
+    plain = Key(id="plain", name="plain", rpm=10_000)
+    leasing, never = await make_limiter(), await make_limiter(lease_share=0)
+    for _ in range(20):
+        await admitted(leasing, parallel, 1)
+        await admitted(never, plain, 1)
+    assert (calls(leasing), calls(never)) == (20, 20)
+    for _ in range(20):
+        await admitted(leasing, plain, 1)
+    assert calls(leasing) == 20 + 2  # the same limits without max_parallel do lease
+
+
+async def test_what_a_lease_did_not_use_goes_back_at_the_flush(make_limiter: MakeLimiter) -> None:
+    key = Key(id="back", name="back", rpm=10_000, tpm=1_000_000)
+    worker, other = await make_limiter(), await make_limiter()
+    await admitted(worker, key, 1_000)
+    await admitted(worker, key, 1_000)  # leases 10 (tokens: 1 % of tpm), uses 1
+    assert calls(worker) == 2
+    assert worker.leases["back"].requests == 9
+    await worker.flush()
+    assert not worker.leases
+    # Three requests were used; the nine left and their 9 000 tokens are back.
+    seen = (await admitted(other, key, 1_000)).verdict
+    assert seen.requests_remaining >= 10_000 - 3
+    assert seen.tokens_remaining >= 1_000_000 - 3_000
+
+
+async def test_near_its_limit_every_request_goes_to_redis(make_limiter: MakeLimiter) -> None:
+    key = Key(id="near", name="near", rpm=1_000)  # a lease: 10 requests
+    worker = await make_limiter()
+    await admitted(worker, key, 1)  # sees 999 left: room for leases
+    shared = worker.shared
+    assert shared is not None
+    # Other workers drain the bucket to 5 requests meanwhile.
+    drain = Call(SERVER_TIME, 1_000, 0, 0, 0, 0, True, "", "", 60_000, requests=994)
+    assert (await shared.check("near", drain)).allowed
+    before = calls(worker)
+    ticket = await admitted(worker, key, 1)  # a lease of 10 does not fit; 1 does
+    assert ticket.verdict.allowed
+    assert calls(worker) == before + 2
+    outcomes = [(await admitted(worker, key, 1)).verdict.allowed for _ in range(8)]
+    assert outcomes[:4] == [True] * 4
+    assert not outcomes[-1]
+    assert calls(worker) == before + 2 + 8  # one call each: no lease near the limit
+
+
+async def test_two_proxies_leasing_admit_the_limit_and_no_more(
+    redis_prefix: str, make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    rpm = 600  # leases of 6 requests; one request back every 100 ms
+    value, declared = declare(rpm=rpm)
+    config = keyed(upstream.url, declared, redis=REDIS_URL, prefix=redis_prefix, redis_timeout=5.0)
+    proxies = [await make_proxy(config, auth=True) for _ in range(2)]
+    statuses: list[int] = []
+
+    async def drive(url: str) -> None:
+        refused = 0
+        async with aiohttp.ClientSession() as http:
+            while refused < 3:  # until this client is refused three times in a row
+                async with http.post(
+                    url + "/chat/completions",
+                    json={"model": "m1", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {value}"},
+                ) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+                    refused = refused + 1 if resp.status == 429 else 0
+
+    started = time.monotonic()
+    await asyncio.gather(*(drive(p.base) for p in proxies for _ in range(4)))
+    elapsed = time.monotonic() - started
+    assert set(statuses) == {200, 429}
+    assert all(limiter(p).backend == "redis" for p in proxies)
+    ok = statuses.count(200)
+    # Every unit of the bucket was used (none stranded in a lease), none twice.
+    assert rpm <= ok <= rpm + int(rpm * elapsed / 60) + 1, (ok, elapsed)
