@@ -48,10 +48,12 @@ async def test_a_teams_rpm_holds_across_two_processes_and_all_its_keys(pair: Pai
     assert rpm <= statuses[200] <= rpm + math.ceil(rpm * elapsed / 60), (statuses, elapsed)
     out, _ = await pair.command("usage", "--by", "team", "--since", "1h")
     line = next(line for line in out.splitlines() if line.startswith("search"))
-    # Every request, the refused ones too, under the team. (Failed once in CI with 18,
-    # cause unknown: what the ledgers said is in the message.)
-    ledgers = [line for served in servers for line in served.log if "usage ledger" in line]
-    assert line.split()[1] == "36", (out, ledgers)
+    # Every request, the refused ones too, under the team. (Failed twice in CI's
+    # compiled pass with 18: one process's log said "0 records written, 18 spooled"
+    # and nothing else about its ledger, the other's had no "closed" line at all;
+    # cause unknown. Each process's exit code and log are in the message.)
+    logs = {f"{s.url}, exit {s.proc.returncode}": "".join(s.log[-40:]) for s in servers}
+    assert line.split()[1] == "36", (out, logs)
 
 
 async def test_a_team_budget_its_keys_cannot_overshoot_together(pair: Pair) -> None:
