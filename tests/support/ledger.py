@@ -53,10 +53,15 @@ async def ledger_rows(database: cfg.Database) -> list[dict[str, Any]]:
     return rows
 
 
+def spooled_rows(spool: Path) -> list[dict[str, Any]]:
+    """The rows in the spool files (each line a record's fields, in ``COLUMNS`` order)."""
+    lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    return [dict(zip(COLUMNS, orjson.loads(line), strict=True)) for line in lines if line]
+
+
 def spooled_request_ids(spool: Path) -> list[str]:
     """The request ids of the rows in the spool files, sorted."""
-    lines = [line for f in spool.glob("*.jsonl") for line in f.read_bytes().splitlines()]
-    return sorted(orjson.loads(line)[1] for line in lines if line)  # [uid, request_id, ...]
+    return sorted(row["request_id"] for row in spooled_rows(spool))
 
 
 def assert_same_requests(rows: list[dict[str, Any]], completed: list[str]) -> None:
