@@ -154,6 +154,17 @@ LIMITER_BACKEND = Gauge(
     multiprocess_mode="livemax",
 )
 
+# What each bucket.lua call the limiter made was for (ratelimit/shared.py): a request's
+# admission, a lease for a key's next requests, or a settlement (slot release, token
+# debt, budget, lease given back). Per second, ÷ requests: Redis calls per request.
+LIMITER_CALLS = ("admission", "lease", "settlement")
+LIMITER_REDIS_CALLS = Counter(
+    "morngpt_limiter_redis_calls_total",
+    "Rate limiter calls to Redis (bucket.lua), by what they were for "
+    "(admission, lease, settlement).",
+    ("call",),
+)
+
 # --- Cost and budgets (#10) -----------------------------------------------------------
 
 COST = Counter(
@@ -252,6 +263,8 @@ def declare(config: Config) -> None:
         RATELIMITED.labels(kind)
     for backend in LIMITER_BACKENDS:
         LIMITER_BACKEND.labels(backend)
+    for call in LIMITER_CALLS:
+        LIMITER_REDIS_CALLS.labels(call)
     for reason in TRACE_DROP_REASONS:
         TRACE_SPANS_DROPPED.labels(reason)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
@@ -20,6 +21,7 @@ from proxy.governance.ratelimit.bucket import Call, Verdict
 from proxy.governance.ratelimit.limiter import Limiter
 from proxy.governance.ratelimit.shared import SERVER_TIME, connect
 from proxy.governance.ratelimit.ticket import Ticket
+from proxy.ops.metrics import LIMITER_CALLS
 from tests.support.env import REDIS_URL
 from tests.support.inproc import MakeProxy
 from tests.support.keys import declare, keyed, limiter
@@ -56,6 +58,12 @@ async def make_limiter(redis_prefix: str) -> AsyncIterator[MakeLimiter]:
         await worker.shared.client.aclose()
 
 
+def redis_calls(call: str) -> float:
+    """``morngpt_limiter_redis_calls_total`` of one kind of call, in this process."""
+    sample = REGISTRY.get_sample_value("morngpt_limiter_redis_calls_total", {"call": call})
+    return sample or 0.0
+
+
 def calls(limiter: Limiter) -> int:
     return int(limiter.calls)  # type: ignore[attr-defined]
 
@@ -69,10 +77,14 @@ async def admitted(limiter: Limiter, key: Key, cost: int) -> Ticket:
 async def test_a_busy_key_makes_one_redis_call_per_lease(make_limiter: MakeLimiter) -> None:
     worker = await make_limiter()  # lease_share 0.01: 100 of rpm 10 000
     key = Key(id="busy", name="busy", rpm=10_000, tpm=10_000_000)
+    before = {call: redis_calls(call) for call in LIMITER_CALLS}
     tickets = [await admitted(worker, key, 100) for _ in range(501)]
     assert all(t.verdict.allowed for t in tickets)
     # The first call learns the key's levels; then one call per lease of 100.
     assert calls(worker) == 1 + 5
+    await worker.flush()  # counts the calls into their metric, then gives the rest back
+    made = {call: redis_calls(call) - before[call] for call in LIMITER_CALLS}
+    assert made == {"admission": 1, "lease": 5, "settlement": 0}
     first = tickets[0].verdict
     assert (first.requests_remaining, first.tokens_remaining) == (9_999, 10_000_000 - 100)
     # A leased admission says what this worker knows is left: one less each time.

@@ -235,13 +235,12 @@ class Limiter:
         finally:
             if count > 1:
                 self.leasing.pop(scope).set()
-        taken = lease.keep(self.leases, scope, lease.Lease(rpm, tpm, 0, 0, verdict))
+        got = count if verdict.allowed else 0
+        taken = lease.keep(self.leases, scope, lease.Lease(rpm, tpm, got, cost * got, verdict))
         if not verdict.allowed:
             if count > 1:  # the lease did not fit: this request alone may (one call)
                 return await self._lease(key, scope, cost, share=False)
             return Ticket(verdict, "", True)
-        taken.requests += count
-        taken.tokens += cost * count
         admitted = taken.take(cost)
         assert admitted is not None
         return Ticket(admitted, "", True)
@@ -418,7 +417,9 @@ class Limiter:
                 log.exception("rate limiter maintenance failed")
 
     async def flush(self) -> None:
-        """Send what is owed (slot releases, token debts, budget settlements) to Redis."""
+        """Send what is owed to Redis (releases, debts, settlements, unused leases)."""
+        assert self.shared is not None
+        self.shared.fold()  # the calls made since the last flush, into their metric
         await self._release_owed()
         for scope, unused in self.leases.items():
             self._give_back(scope, unused)

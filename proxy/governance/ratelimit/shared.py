@@ -34,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ...config.schema import Redis as RedisConfig
+from ...ops.metrics import LIMITER_CALLS, LIMITER_REDIS_CALLS
 from .bucket import Call, Verdict
 
 SCRIPT = (resources.files(__package__) / "bucket.lua").read_text()
@@ -247,6 +248,8 @@ class RedisBuckets:
         self.link = _link(client, timeout) if isinstance(client, aioredis.Redis) else None
         self.prefix = prefix
         self._names: dict[str, tuple[str, str, str]] = {}
+        # Calls made since the last ``fold``, by what they were for.
+        self.calls = dict.fromkeys(LIMITER_CALLS, 0)
 
     def names(self, key_id: str) -> tuple[str, str, str]:
         """The request bucket, token bucket and slot set keys of one scope: an API key
@@ -268,6 +271,10 @@ class RedisBuckets:
 
     async def check_all(self, scopes: Sequence[tuple[str, Call]]) -> list[Verdict]:
         """``bucket.check_all`` for (scope, call) pairs, in one round trip."""
+        first = scopes[0][1]
+        self.calls[
+            "lease" if first.requests > 1 else "admission" if first.take else "settlement"
+        ] += 1
         keys: list[str] = []
         args: list[str | int] = ["" if scopes[0][1].now == SERVER_TIME else scopes[0][1].now]
         args.append(len(scopes))
@@ -295,6 +302,14 @@ class RedisBuckets:
         except NoScriptError:  # Redis restarted, or its scripts were flushed
             await self.link.call("SCRIPT", "LOAD", SCRIPT)
             return await self.link.call(*evalsha)
+
+    def fold(self) -> None:
+        """Add the calls counted since the last fold to their metric (the limiter does
+        it every ``limits.flush_interval``: no metric update per call)."""
+        for call, count in self.calls.items():
+            if count:
+                LIMITER_REDIS_CALLS.labels(call).inc(count)
+                self.calls[call] = 0
 
     def drop(self) -> None:
         """A call failed: open a fresh connection for the next one."""
