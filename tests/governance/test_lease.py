@@ -6,6 +6,7 @@ exact near it, and what a lease did not use given back. Real Redis, real limiter
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from proxy.ops.metrics import LIMITER_CALLS
 from tests.support.env import REDIS_URL
 from tests.support.inproc import MakeProxy
 from tests.support.keys import declare, keyed, limiter
+from tests.support.servers import RedisServer
 
 MakeLimiter = Callable[..., Awaitable[Limiter]]
 
@@ -172,3 +174,37 @@ async def test_two_proxies_leasing_admit_the_limit_and_no_more(
     ok = statuses.count(200)
     # Every unit of the bucket was used (none stranded in a lease), none twice.
     assert rpm <= ok <= rpm + int(rpm * elapsed / 60) + 1, (ok, elapsed)
+
+
+async def test_a_lease_admits_while_redis_hangs_and_goes_back_when_it_is_up(
+    own_redis: RedisServer,
+) -> None:
+    """Redis paused (accepts, never answers): the lease in hand keeps admitting with
+    no call; a key without one falls back; once Redis answers again, the flush gives
+    the lease's unused part back."""
+    config = cfg.Redis(url=own_redis.url, timeout=0.3)
+    worker, other = (Limiter(cfg.Limits(), config, connect(config)) for _ in range(2))
+    key, cold = Key(id="k", name="k", rpm=10_000), Key(id="cold", name="cold", rpm=10_000)
+    try:
+        await admitted(worker, key, 1)
+        await admitted(worker, key, 1)  # leases 100, uses 1
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            leased = [await worker.admit(key, 1) for _ in range(10)]
+            assert all(t.shared and t.verdict.allowed for t in leased)
+            assert (await worker.admit(cold, 1)).shared is False  # timed out: fell back
+            assert worker.backend == "local"
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        await worker._probe()
+        assert worker.backend == "redis"
+        await worker.flush()
+        # 12 used (the first call, the lease's 1 and 10); the other 89 are back.
+        seen = (await admitted(other, key, 1)).verdict
+        assert seen.requests_remaining >= 10_000 - 13
+    finally:
+        for each in (worker, other):
+            await each.close()
+            assert each.shared is not None
+            await each.shared.client.aclose()
