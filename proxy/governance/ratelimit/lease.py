@@ -14,10 +14,11 @@ Invariants:
   last saw them, hold ``HEADROOM`` leases' worth. Near its limit every request goes
   to Redis, one call each, exactly as without leases: the last requests of a bucket
   are never parked in one worker while another is refused.
-- What a lease has not used is given back (requests and tokens) with the key's next
-  call, or by the flush every ``limits.flush_interval``: a worker holds a key's units
-  at most that long. What a worker holds and does not use is the only error, bounded
-  by ``lease_share`` per worker and transient.
+- What a lease has not used is given back (requests and tokens) by the flush every
+  ``limits.flush_interval`` (a lease taken before the last one ran out, by a call made
+  at the same time or for a request its tokens did not fit, joins it: ``keep``): a
+  worker holds a key's units at most that long. What a worker holds and does not use
+  is the only error, bounded by ``lease_share`` per worker and transient.
 - Keys with ``max_parallel`` (a slot per request), a budget (a hold per request) or a
   limited team (one call for both scopes) never lease.
 - The rate-limit headers of a leased admission are the lease's verdict plus what is
@@ -57,9 +58,9 @@ class Lease:
         self.requests -= 1
         self.tokens -= cost
         seen = self.verdict
+        tokens = seen.tokens_remaining + self.tokens if self.tpm else 0  # 0: no token bucket
         return seen._replace(
-            requests_remaining=seen.requests_remaining + self.requests,
-            tokens_remaining=seen.tokens_remaining + self.tokens,
+            requests_remaining=seen.requests_remaining + self.requests, tokens_remaining=tokens
         )
 
 

@@ -276,7 +276,7 @@ class RedisBuckets:
             "lease" if first.requests > 1 else "admission" if first.take else "settlement"
         ] += 1
         keys: list[str] = []
-        args: list[str | int] = ["" if scopes[0][1].now == SERVER_TIME else scopes[0][1].now]
+        args: list[str | int] = ["" if first.now == SERVER_TIME else first.now]
         args.append(len(scopes))
         for scope, call in scopes:
             keys += self.names(scope)
