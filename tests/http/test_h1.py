@@ -57,6 +57,30 @@ async def test_connections_are_kept_and_reused() -> None:
     assert seen[0].endswith(b"Content-Length: 2\r\n\r\n{}")
 
 
+async def test_a_body_left_unread_never_reaches_the_next_response() -> None:
+    """A response whose body came whole but was closed unread (a discarded error, say)
+    leaves its connection reusable; the next response on it has only its own body."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        count = 0
+        while await read_request(reader):
+            count += 1
+            writer.write(response(b"first" if count == 1 else b"second"))
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        answer = await client.request(origin(server), "POST", "/v1/x", [], b"")
+        for _ in range(500):  # until the whole body is in (nothing is read of it)
+            if answer._complete:
+                break
+            await asyncio.sleep(0.01)
+        answer.close()
+        assert client.idle() == 1
+        assert await get(client, server) == b"second"
+        assert server.accepted == 1
+        await client.close()
+
+
 async def test_chunks_arrive_as_they_are_sent() -> None:
     sent = asyncio.Event()
     more = asyncio.Event()
