@@ -59,11 +59,16 @@ TAKEN = {
     "plain": chat("Host: p", "Content-Type: application/json"),
     "identity coding": chat("Host: p", "Content-Encoding: identity"),
     "query": chat("Host: p", path="/v1/chat/completions?api-version=2024-06-01"),
+    "lower-case names": b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n"
+    + f"content-length: {len(CHAT)}\r\n\r\n".encode()
+    + CHAT,
 }
 HANDED = {
     "HTTP/1.0": chat("Host: p", version="HTTP/1.0"),
     "no Host": chat(),
     "two Hosts": chat("Host: p", "Host: q"),
+    "two Content-Lengths": chat("Host: p", f"Content-Length: {len(CHAT)}"),
+    "no Content-Length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n\r\n",
     "two Content-Types": chat("Host: p", "Content-Type: a/b", "Content-Type: a/b"),
     "gzip": chat("Host: p", "Content-Encoding: gzip"),
     "Expect": chat("Host: p", "Expect: 100-continue"),
@@ -108,6 +113,30 @@ async def test_a_connection_is_handed_over_between_requests(proxy: Proxy) -> Non
     assert kinds(proxy) == ["aiohttp"]
     assert len(proxy.recorder.exchanges) == 3
     writer.close()
+
+
+async def test_a_client_sending_the_same_headers_has_them_parsed_once(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    """Requests whose headers differ only in Content-Length share one parse of them
+    (``Door.known``); each still gets its own body, length and answer."""
+    bodies = [CHAT, CHAT[:-1] + b', "user": "a longer body"}', STREAM]
+    reader, writer = await connect(port_of(proxy))
+    for n, body in enumerate(bodies):
+        writer.write(post("/v1/chat/completions", body))
+        reply = await read_reply(reader)
+        assert reply.status == 200, reply.body
+        assert (b"data: [DONE]" in reply.body) == (n == 2)
+    writer.write(post("/v1/chat/completions", CHAT, "X-Other: 1"))
+    assert (await read_reply(reader)).status == 200
+    writer.close()
+    got = [r.body for r in upstream.received]
+    assert got[:2] == bodies[:2]
+    assert got[3] == CHAT
+    assert got[2].startswith(STREAM[:-1])  # and the usage option the proxy asks for
+    door = proxy.runner.server.door  # type: ignore[union-attr]
+    assert len(door.known) == 2  # the first three requests' lines, then the fourth's
+    assert all("Content-Length" not in headers for headers in door.known.values())
 
 
 async def test_a_body_that_comes_in_pieces(proxy: Proxy) -> None:
