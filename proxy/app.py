@@ -133,11 +133,14 @@ def build_ops_app(state: State) -> web.Application:
     return app
 
 
-def request_id(headers: Mapping[str, str]) -> str:
+def client_request_id(headers: Mapping[str, str]) -> str | None:
+    """The client's own ``X-Request-Id``, when it is one the proxy passes on."""
     given = headers.get("X-Request-Id")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return "req_" + unique_hex()
+    return given if given and _REQUEST_ID.fullmatch(given) else None
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    return client_request_id(headers) or "req_" + unique_hex()
 
 
 def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = {}) -> web.Response:
@@ -170,7 +173,7 @@ async def _hot(app: web.Application, call: Incoming) -> web.StreamResponse:
 async def answer(state: State, call: Incoming) -> web.StreamResponse:
     """The hot path: one proxied request, answered (lean.py writes it)."""
     path = call.path
-    exchange = Exchange(request_id(call.headers), path)
+    exchange = Exchange(client_request_id(call.headers), path)
     if state.tracer is not None:
         exchange.trace = state.tracer.start(call.headers)
     grant = OPEN

@@ -75,11 +75,12 @@ class Exchange:
         "usage",
     )
 
-    def __init__(self, request_id: str, endpoint: str) -> None:
+    def __init__(self, request_id: str | None, endpoint: str) -> None:
         # Unique per exchange, unlike request_id (a client may send and reuse its own):
         # the usage ledger's idempotency key (32 hex digits, a valid uuid).
-        self.uid = unique_hex()
-        self.request_id = request_id
+        self.uid = uid = unique_hex()
+        # The client's, else made from the uid (PostgreSQL's ledger then stores none).
+        self.request_id = request_id or "req_" + uid
         self.endpoint = endpoint
         self.started = perf_counter()
         self.started_at = time()

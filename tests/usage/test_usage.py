@@ -101,6 +101,16 @@ async def test_every_request_leaves_one_row_with_exact_counts(
         assert row["request_id"] == ex.request_id
         assert row["started_at"] == pytest.approx(ex.started_at, abs=1e-3)
         assert 0 < row["ttft_ms"] <= row["duration_ms"] < 10_000
+    # The ids the proxy made are its uids: PostgreSQL stores them as NULL (READ_REQUEST_ID).
+    made = [ex.request_id == "req_" + ex.uid for ex in proxy.recorder.exchanges]
+    assert made == [True] * 6 + [False, False, True]
+    if database.is_postgres:
+        db = await Db.open(database)
+        try:
+            null = await db.fetchval("SELECT count(*) FROM usage_records WHERE request_id IS NULL")
+        finally:
+            await db.close()
+        assert null == 7
 
 
 async def test_cut_streams_and_vanished_clients_are_estimated(
