@@ -126,7 +126,8 @@ def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
     assert b"[DONE]" not in middle
     rows = run_bench("bench.reads", "--number", "50", "--repeat", "1").splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["8", "60", "60,"]
-    assert all(float(x) > 0 for row in rows for x in row.split()[-2:])
+    assert all(float(x) > 0 for row in rows for x in row.split()[-3:])
+    assert reads.framed(whole).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
 
 
 def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
