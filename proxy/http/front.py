@@ -61,8 +61,11 @@ _MAX_HEADERS = 100  # aiohttp refuses more than 128
 # stops reading from the socket.
 _HELD = 64 * 1024
 # Header blocks whose parse a listener keeps (``Door.known``): the clients of a
-# listener send few kinds; past this many, it starts again.
+# listener send few kinds; past this many, it starts again. Only blocks up to
+# _KNOWN_BYTES are kept (an SDK's are under 1 KB), so that clients sending many large
+# ones cannot make it hold more than a few MB.
 _KNOWN = 256
+_KNOWN_BYTES = 4096
 
 
 class Hot(NamedTuple):
@@ -278,9 +281,10 @@ class Front(asyncio.Protocol):
             headers = _headers(block)
             if headers is None:
                 return None
-            if len(door.known) >= _KNOWN:
-                door.known.clear()
-            door.known[block] = headers
+            if len(block) <= _KNOWN_BYTES:
+                if len(door.known) >= _KNOWN:
+                    door.known.clear()
+                door.known[block] = headers
         if int(length) > door.settings.max_body_bytes:
             return None
         url = self.url

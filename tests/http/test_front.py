@@ -137,6 +137,12 @@ async def test_a_client_sending_the_same_headers_has_them_parsed_once(
     door = proxy.runner.server.door  # type: ignore[union-attr]
     assert len(door.known) == 2  # the first three requests' lines, then the fourth's
     assert all("Content-Length" not in headers for headers in door.known.values())
+    # Large blocks are parsed every time, never kept (what a listener holds is bounded).
+    reader, writer = await connect(port_of(proxy))
+    writer.write(post("/v1/chat/completions", CHAT, f"X-Large: {'a' * 5000}"))
+    assert (await read_reply(reader)).status == 200
+    writer.close()
+    assert len(door.known) == 2
 
 
 async def test_a_body_that_comes_in_pieces(proxy: Proxy) -> None:
