@@ -382,6 +382,10 @@ def _without_length(head: bytes) -> tuple[bytes, bytes] | None:
     value = head[at + len(b"\r\ncontent-length:") : end].strip(b" \t")
     if not value.isdigit():
         return None
+    # llhttp takes any number of leading zeros, int() at most 4300 digits
+    value = value.lstrip(b"0") or b"0"
+    if len(value) > 18:
+        return None  # more than any body limit; aiohttp refuses it
     return head[head.index(b"\r\n") : at] + head[end:], value
 
 

@@ -62,6 +62,12 @@ TAKEN = {
     "lower-case names": b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n"
     + f"content-length: {len(CHAT)}\r\n\r\n".encode()
     + CHAT,
+    # llhttp takes leading zeros without end; int() refuses more than 4300 digits
+    "Content-Length of 5001 digits": b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+    + b"Content-Length: "
+    + f"{len(CHAT):05001d}".encode()
+    + b"\r\n\r\n"
+    + CHAT,
 }
 HANDED = {
     "HTTP/1.0": chat("Host: p", version="HTTP/1.0"),
