@@ -36,6 +36,7 @@ from .exchange import (
     OVERHEAD_HEADER,
     Exchange,
     Gate,
+    made_request_id,
     may_use,
     unique_hex,
 )
@@ -140,7 +141,7 @@ def client_request_id(headers: Mapping[str, str]) -> str | None:
 
 
 def request_id(headers: Mapping[str, str]) -> str:
-    return client_request_id(headers) or "req_" + unique_hex()
+    return client_request_id(headers) or made_request_id(unique_hex())
 
 
 def error_response(err: ProxyError, request_id: str, extra: Mapping[str, str] = {}) -> web.Response:

@@ -42,6 +42,12 @@ def _reseed() -> None:
 register_at_fork(after_in_child=_reseed)  # a forked child must not repeat its parent
 
 
+def made_request_id(uid: str) -> str:
+    """The request id the proxy makes for the exchange with ``uid`` (when the client
+    sent none): the usage ledger on PostgreSQL relies on the form (store.py)."""
+    return "req_" + uid
+
+
 def unique_hex() -> str:
     """32 hex digits no other call of any process returns: the process's random half,
     then a counter. No system call per request (os.urandom costs ~2 µs)."""
@@ -80,7 +86,7 @@ class Exchange:
         # the usage ledger's idempotency key (32 hex digits, a valid uuid).
         self.uid = uid = unique_hex()
         # The client's, else made from the uid (PostgreSQL's ledger then stores none).
-        self.request_id = request_id or "req_" + uid
+        self.request_id = request_id or made_request_id(uid)
         self.endpoint = endpoint
         self.started = perf_counter()
         self.started_at = time()

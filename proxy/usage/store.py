@@ -25,6 +25,7 @@ from msgspec.structs import astuple
 
 from ..db import Db
 from ..errors import DatabaseUnavailable
+from ..exchange import made_request_id
 from . import rollup
 from .partitions import Partitions
 from .record import COLUMNS, Record
@@ -152,7 +153,7 @@ class LedgerStore:
             return rows, [r.uid for r in batch]
         uids = [uuid.UUID(r.uid) for r in batch]
         staged = [
-            (u, None if r.request_id == f"req_{r.uid}" else r.request_id, *row[2:])
+            (u, None if r.request_id == made_request_id(r.uid) else r.request_id, *row[2:])
             for u, r, row in zip(uids, batch, rows, strict=True)
         ]
         return staged, [u.hex for u in uids]
