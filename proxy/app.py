@@ -43,7 +43,7 @@ from .exchange import (
 from .http import front, ingress
 from .http.lean import Incoming, deliver
 from .http.relay import relay_body, relay_stream
-from .http.upstream import forward_headers, open_request
+from .http.upstream import open_request
 from .http.wire import decode_request
 from .ops import metrics, tracing
 from .ops.endpoints import metrics_endpoint, protect
@@ -200,13 +200,16 @@ async def answer(state: State, call: Incoming) -> web.StreamResponse:
         grant = await state.gate.admit(caller, view, exchange)
         route = state.router.route(view.model)
         strip = exchange.stream and path in _USAGE_OPTION and not view.wants_usage
-        headers = state.forwarding.headers(call.headers, call.remote)
-        if exchange.trace is not None:
-            exchange.trace.asked(view)  # and each attempt sends its own traceparent
-        elif state.config.server.tracing:
-            headers = tracing.ensure_traceparent(headers)
+        trace = exchange.trace
+        if trace is not None:
+            trace.asked(view)  # and each attempt sends its own traceparent
+        ensure = trace is None and state.config.server.tracing
+        sent = [("X-Request-Id", exchange.request_id)]
+        sent += tracing.trace_context(call.headers, ensure)
         target = with_query(path, call.query)
-        outbound = Outbound(target, body, headers, exchange.request_id, view.model, strip)
+        outbound = Outbound(
+            target, body, call.headers, call.remote, state.forwarding, sent, view.model, strip
+        )
         # Retries and failover happen in dispatch, before any byte goes to the client.
         lease = await dispatch(state.session, state.router, route, outbound, exchange)
         upstream = lease.upstream
@@ -252,11 +255,11 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             names = sorted(caller.allowed_models)
         if wildcard is not None and not names:
             upstream = wildcard.pick()
-            given = state.forwarding.headers(request.headers, request.remote)
-            headers = forward_headers(given, upstream, rid)
+            block = upstream.block(request.headers, request.remote, state.forwarding)
+            sent = [("X-Request-Id", rid), *tracing.trace_context(request.headers, False)]
             target = upstream.target(with_query("models", request.rel_url.raw_query_string))
             async with await open_request(
-                state.session, upstream, "GET", target, headers, None
+                state.session, upstream, "GET", target, block, sent, None
             ) as up:
                 call = Incoming.of(request, "models", request.read)
                 return await relay_body(

@@ -65,6 +65,7 @@ class Client:
         headers: list[tuple[str, str]],
         body: bytes | None,
         *,
+        block: str = "",
         connect_timeout: float | None = None,
         first_byte: float | None = None,
         idle: float | None = None,
@@ -72,8 +73,10 @@ class Client:
         """Send a request and wait for its response headers. Raises ``ConnectFailed``
         (``ConnectTimeout`` after ``connect_timeout``), ``Disconnected``, or
         ``TimeoutError`` when no response headers came within ``first_byte`` seconds
-        (waiting for a connection included). ``idle``: see ``Response.read_chunk``."""
-        head = _head(method, target, origin.host_header, headers, body)
+        (waiting for a connection included). ``idle``: see ``Response.read_chunk``.
+        ``block``: header lines made once by ``header_lines`` and sent before
+        ``headers``."""
+        head = _head(method, target, origin.host_header, block, headers, body)
         loop = asyncio.get_running_loop()
         deadline = None if first_byte is None else loop.time() + first_byte
         fresh = False  # after the keep-alive race, only a new connection is trusted
@@ -203,15 +206,27 @@ class Client:
         await asyncio.sleep(0)  # let the transports report themselves lost
 
 
-def _head(
-    method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes | None
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+def header_lines(headers: list[tuple[str, str]]) -> str:
+    """``headers`` as the lines of a request head. Raises ``ValueError`` on a line break
+    in a name or value (it would end the head early)."""
+    lines = []
     for name, value in headers:
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             raise ValueError(f"a line break in header {name!r}")
         lines.append(f"{name}: {value}\r\n")
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    return "".join(lines)
+
+
+def _head(
+    method: str,
+    target: str,
+    host: str,
+    block: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
+) -> bytes:
+    length = "" if body is None else f"Content-Length: {len(body)}\r\n"
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}{header_lines(headers)}{length}\r\n"
+    )
+    return head.encode("utf-8", "surrogateescape")

@@ -3,8 +3,11 @@ worker's pooled client (``h1.py``) with its exceptions translated into the proxy
 own errors.
 
 Everything per deployment (origin and TLS context, path prefix, auth header,
-timeouts) is built once in ``Upstream.__init__``; per request only the client's
-headers are filtered.
+timeouts) is built once in ``Upstream.__init__``. The header lines a client's headers
+become are made once per headers object (``Upstream.block``): the front hands every
+request of a keep-alive client that repeats its headers the same object
+(``front.Door.known``). Per request only ``X-Request-Id`` and the trace context are
+added.
 
 Two kinds share one request path: OpenAI-compatible (``{base}/{path}``, Bearer key)
 and Azure OpenAI (``{base}/openai/deployments/{name}/{path}?api-version=…``,
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
+
+from multidict import CIMultiDictProxy
 
 from ..config.schema import Server
 from ..config.upstreams import Deployment
@@ -26,6 +32,10 @@ from ..errors import UpstreamTimeout, UpstreamUnavailable
 from . import h1
 from .faults import ConnectFailed, ConnectTimeout, TLSFailed
 from .h1_conn import Origin, Response
+
+if TYPE_CHECKING:
+    from .ingress import Forwarding
+
 
 # Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), the client's credentials
 # (the deployment's key replaces them), and what the client (h1.py) or we set.
@@ -51,8 +61,14 @@ _DROP = frozenset(
         # The proxy sends the body decoded (ingress.py).
         "Content-Encoding",
         "X-Request-Id",
+        # The trace context goes per request, not in the kept block
+        # (``tracing.trace_context``).
+        "traceparent",
+        "tracestate",
     )
 )
+# Kept header blocks per deployment; when full the table starts again.
+_BLOCKS = 256
 _JSON = "application/json"
 
 
@@ -62,6 +78,7 @@ class Upstream:
     __slots__ = (
         "auth",
         "base",
+        "blocks",
         "cap",
         "deployment",
         "health_origin",
@@ -110,6 +127,22 @@ class Upstream:
         self.cap = deployment.max_concurrent or sys.maxsize
         # Connect and first byte are timed here, idle gaps by the relay.
         self.timeouts = deployment.timeouts
+        self.blocks: dict[tuple[int, str | None], tuple[CIMultiDictProxy[str], str]] = {}
+
+    def block(self, given: CIMultiDictProxy[str], peer: str | None, forwarding: Forwarding) -> str:
+        """The header lines a client's headers (``given``, from ``peer``) become on
+        their way to this deployment (``forward_headers`` after ``forwarding``), made
+        once per headers object and peer. The object is kept beside its lines, so its
+        id is not another's while they are kept."""
+        key = (id(given), peer)
+        kept = self.blocks.get(key)
+        if kept is not None and kept[0] is given:
+            return kept[1]
+        lines = h1.header_lines(forward_headers(forwarding.headers(given, peer), self.auth))
+        if len(self.blocks) >= _BLOCKS:
+            self.blocks.clear()
+        self.blocks[key] = (given, lines)
+        return lines
 
     def url(self, path: str) -> str:
         """Upstream URL for a client path below ``/v1/`` (``chat/completions``), which
@@ -136,18 +169,18 @@ def make_client(server: Server) -> h1.Client:
 
 
 def forward_headers(
-    client: Mapping[str, str], upstream: Upstream, request_id: str
+    client: Mapping[str, str], auth: tuple[tuple[str, str], ...]
 ) -> list[tuple[str, str]]:
-    """Client headers minus hop-by-hop and credentials, plus the deployment's key."""
+    """Client headers minus hop-by-hop, credentials and the trace context, plus the
+    deployment's key (``auth``)."""
     drop = _DROP
     connection = client.get("Connection")
     if connection:  # headers the client named in Connection are hop-by-hop too
         drop = _DROP | {h.strip().lower() for h in connection.split(",")}
     headers = [(k, v) for k, v in client.items() if k.lower() not in drop]
-    headers.extend(upstream.auth)
+    headers.extend(auth)
     headers.append(("Content-Type", _JSON))
     headers.append(("Accept-Encoding", "identity"))
-    headers.append(("X-Request-Id", request_id))
     return headers
 
 
@@ -156,6 +189,7 @@ async def open_request(
     upstream: Upstream,
     method: str,
     target: str,
+    block: str,
     headers: list[tuple[str, str]],
     body: bytes | None,
     origin: Origin | None = None,
@@ -171,6 +205,7 @@ async def open_request(
             target,
             headers,
             body,
+            block=block,
             connect_timeout=timeouts.connect,
             first_byte=timeouts.first_byte,
             idle=timeouts.idle,

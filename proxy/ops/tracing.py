@@ -4,7 +4,7 @@ OpenTelemetry collector.
 
 Without ``tracing.endpoint`` a client's ``traceparent`` and ``tracestate`` go
 upstream unchanged, like any other end-to-end header; with ``server.tracing`` on, a
-request that arrives without a ``traceparent`` gets a new one (``ensure_traceparent``).
+request that arrives without a ``traceparent`` gets a new one (``trace_context``).
 
 With ``tracing.endpoint`` the proxy is a participant in the trace: each request is a
 SERVER span (its parent the client's ``traceparent``, when valid) and each upstream
@@ -42,7 +42,7 @@ from random import getrandbits
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 if TYPE_CHECKING:
     from ..http.upstream import Upstream
@@ -69,15 +69,17 @@ def new_traceparent() -> str:
     return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
-def ensure_traceparent(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
-    """``headers`` as they are when they carry a ``traceparent``, else a copy with a new
-    one (``tracestate`` without a ``traceparent`` is meaningless, so it goes too)."""
-    if HEADER in headers:
-        return headers
-    fresh = CIMultiDict(headers)
-    fresh.popall(TRACESTATE, None)
-    fresh[HEADER] = new_traceparent()
-    return CIMultiDictProxy(fresh)
+def trace_context(headers: CIMultiDictProxy[str], ensure: bool) -> list[tuple[str, str]]:
+    """The client's ``traceparent`` and ``tracestate`` headers, which go upstream per
+    request beside the kept block (``Upstream.block`` leaves them out). With
+    ``ensure``, a client that sent no ``traceparent`` gets a new one (its
+    ``tracestate`` alone means nothing, so it goes)."""
+    parents = headers.getall(HEADER, ())
+    if not parents and ensure:
+        return [(HEADER, new_traceparent())]
+    return [(HEADER, v) for v in parents] + [
+        (TRACESTATE, v) for v in headers.getall(TRACESTATE, ())
+    ]
 
 
 def parse(value: str) -> tuple[str, str, bool] | None:

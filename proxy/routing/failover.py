@@ -48,7 +48,8 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..exchange import Exchange
 from ..http import h1
 from ..http.h1_conn import Response
-from ..http.upstream import Upstream, forward_headers, open_request
+from ..http.ingress import Forwarding
+from ..http.upstream import Upstream, open_request
 from ..http.wire import rewrite
 from ..ops import metrics
 from ..ops.tracer import attempt_ended, attempt_started
@@ -69,21 +70,37 @@ _DISCARD_TIMEOUT = 1.0
 class Outbound:
     """One client request as it goes upstream, whichever deployment takes it."""
 
-    __slots__ = ("_rewritten", "asked", "body", "client_headers", "path", "request_id", "strip")
+    __slots__ = (
+        "_rewritten",
+        "asked",
+        "body",
+        "extra",
+        "forwarding",
+        "headers",
+        "path",
+        "peer",
+        "strip",
+    )
 
     def __init__(
         self,
         path: str,
         body: bytes,
-        client_headers: CIMultiDictProxy[str],
-        request_id: str,
+        headers: CIMultiDictProxy[str],
+        peer: str | None,
+        forwarding: Forwarding,
+        extra: list[tuple[str, str]],
         asked: str,
         strip: bool,
     ) -> None:
         self.path = path
         self.body = body
-        self.client_headers = client_headers
-        self.request_id = request_id
+        # The client's headers as they came, its address, and which forwarding
+        # headers are believed: ``Upstream.block`` makes them the lines sent upstream.
+        self.headers = headers
+        self.peer = peer
+        self.forwarding = forwarding
+        self.extra = extra  # headers every attempt adds: X-Request-Id, trace context
         self.asked = asked  # the model name the client sent
         self.strip = strip  # the proxy asks for stream usage and strips it again
         self._rewritten: tuple[str | None, bytes] | None = None
@@ -228,7 +245,7 @@ class _Tries:
 def attempts_allowed(outbound: Outbound, policy: Routing) -> int:
     """Upstream calls this client request may make: ``max_attempts`` minus the retries
     the client already made of it, and at least one."""
-    value = outbound.client_headers.get("x-stainless-retry-count", "0")
+    value = outbound.headers.get("x-stainless-retry-count", "0")
     retries = int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 0
     return max(1, policy.max_attempts - retries)
 
@@ -340,12 +357,13 @@ async def _send(
     """One attempt: the request out, the response headers in."""
     upstream = state.upstream
     body = outbound.body_for(upstream)
-    headers = forward_headers(outbound.client_headers, upstream, outbound.request_id)
+    block = upstream.block(outbound.headers, outbound.peer, outbound.forwarding)
+    headers = outbound.extra.copy()  # the attempt's traceparent joins them
     attempt_started(exchange, upstream, headers)
     sent = perf_counter()
     try:
         target = upstream.target(outbound.path)
-        response = await open_request(session, upstream, "POST", target, headers, body)
+        response = await open_request(session, upstream, "POST", target, block, headers, body)
     except BaseException as exc:
         attempt_ended(exchange, exc)
         raise

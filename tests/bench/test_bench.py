@@ -130,6 +130,13 @@ def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
     assert reads.framed(whole).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
 
 
+def test_heads_measures_kept_and_made_blocks() -> None:
+    """``bench.heads``: both clients' rows, each measured kept and made."""
+    rows = run_bench("bench.heads", "--number", "300", "--repeat", "1").splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [["SDK", "17"], ["bench", "4"]]
+    assert all(float(x) > 0 for row in rows for x in row.split()[2:])
+
+
 def test_inproc_measures_what_tracing_costs_in_one_run() -> None:
     """``bench.inproc --tracing``: three proxies (tracing off, sampled out, sampled)
     measured in turn, the sampled one exporting its spans to a local receiver."""

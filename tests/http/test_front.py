@@ -151,6 +151,29 @@ async def test_a_client_sending_the_same_headers_has_them_parsed_once(
     assert len(door.known) == 2
 
 
+async def test_a_client_sending_the_same_headers_has_one_upstream_block(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    """What a client's headers become upstream is made once per headers object the
+    front hands out (``Upstream.block``); X-Request-Id and the trace context still go
+    per request, and other headers make another block."""
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    sent = [["X-Custom: a"]] * 3 + [["X-Custom: b"], ["X-Custom: a", f"traceparent: {parent}"]]
+    reader, writer = await connect(port_of(proxy))
+    for headers in sent:
+        writer.write(post("/v1/chat/completions", CHAT, *headers))
+        assert (await read_reply(reader)).status == 200
+    writer.close()
+    got = [r.headers for r in upstream.received]
+    assert [h["X-Custom"] for h in got] == ["a", "a", "a", "b", "a"]
+    assert len({h["X-Request-Id"] for h in got}) == 5
+    assert all(h.getall("X-Forwarded-For") == ["127.0.0.1"] for h in got)
+    assert all(h.getall("Authorization") == [f"Bearer {UPSTREAM_KEY}"] for h in got)
+    assert [h.getall("traceparent", []) for h in got] == [[]] * 4 + [[parent]]
+    [deployment] = proxy.state.router.route("m1").upstreams
+    assert len(deployment.upstream.blocks) == 3
+
+
 async def test_a_body_that_comes_in_pieces(proxy: Proxy) -> None:
     data = post("/v1/chat/completions", CHAT)
     head_end = data.index(b"\r\n\r\n") + 4
