@@ -20,22 +20,36 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: install the proxy and its runtime dependencies into /opt/venv --------
 FROM ${PYTHON_IMAGE} AS build
+# 1 (the default): the modules every request runs through are compiled with mypyc
+# (setup.py's HOT; docs/performance.md, "The compiled hot path"). 0: plain Python.
+ARG MORNGPT_COMPILE=1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+# mypyc's C needs a compiler (the base image has Python's headers). This stage only:
+# the runtime image gets the built venv. The compiler is whatever the base's Debian
+# release ships, hence no pinned versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv && python -m venv /opt/compile
 WORKDIR /src
 # The locked versions first (scripts/lock: every dependency pinned, every file's hash
 # checked), so two builds of one commit install the same bytes, and a change to the
-# code alone reuses this layer. Every dependency ships manylinux wheels: no compiler.
-COPY requirements.lock ./
-RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
-# Then the proxy itself, without resolving anything again. Only what the package
-# build reads is copied. pip and setuptools are not needed at run time, so they
-# leave the venv too.
-COPY pyproject.toml README.md ./
+# code alone reuses these layers. /opt/compile gets the same runtime versions plus
+# mypy and setuptools (requirements-compile.lock): mypyc type-checks against them.
+COPY requirements.lock requirements-compile.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock \
+    && /opt/compile/bin/pip install --require-hashes --no-deps -r requirements-compile.lock
+# Then the proxy itself, built into a wheel in /opt/compile and installed into
+# /opt/venv without resolving anything again; /opt/venv never holds mypy. Only what
+# the package build reads is copied. pip and setuptools are not needed at run time,
+# so they leave the venv too.
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN /opt/compile/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /tmp/wheels . \
+    && /opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 

@@ -4,16 +4,18 @@ engine: ``python3 scripts/image_check.py`` (as root; tests/deploy/test_packaging
 - The builder is buildah (Debian's `buildah` with `crun`), with ``--isolation chroot``:
   no user namespaces or overlay mounts are needed, which is what works in a sandbox.
 - The registry holding python:3.11-slim is not reachable here, so the base image is a
-  stand-in built from Debian bookworm's packages by mmdebstrap (python3, venv, the
-  host's CA bundle so that pip reaches PyPI through this machine's TLS proxy) and
+  stand-in built from Debian bookworm's packages by mmdebstrap (python3, venv,
+  Python's headers as python:3.11-slim has them, the host's CA bundle so that pip
+  reaches PyPI through this machine's TLS proxy) and
   passed as the Dockerfile's PYTHON_IMAGE build argument. Every Dockerfile step runs
   as written on it; what differs is that base.
 - Two containers from the image, sharing the host's network as chroot isolation does:
   the fake upstream (the checkout's bench/ mounted, as in deploy/compose.yaml) and
   the image's own entrypoint serving in front of it with two workers. Checked: the
   image's user and entrypoint, readiness, its HEALTHCHECK command (run by hand: no
-  engine runs it here), a chat completion streamed and not, the default config
-  accepted by check-config, and SIGTERM draining to exit 0.
+  engine runs it here), the hot path compiled (mypyc) and mypy absent, a chat
+  completion streamed and not, the default config accepted by check-config, and
+  SIGTERM draining to exit 0.
 
 Exit 0: all verified. Exit 1: a check failed. Exit 3: could not be tried here (no
 buildah, or no way to make the base image); the reason is printed.
@@ -39,10 +41,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The tag changes whenever what goes into the stand-in changes (it is made once per
 # machine, then reused).
-BASE = "localhost/morngpt-base:bookworm-2"
-PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates,passwd"
+BASE = "localhost/morngpt-base:bookworm-3"
+PACKAGES = "python3,python3-venv,python3-dev,python-is-python3,ca-certificates,passwd"
 MIRROR = "http://deb.debian.org/debian"
 RUN = ["buildah", "run", "--isolation", "chroot"]
+# Run in the image: whether setup.py's HOT modules are C extensions there, without the
+# compiler's own packages.
+COMPILED = """
+import importlib.util, proxy.app, proxy.http.front, proxy.http.relay
+modules = (proxy.app, proxy.http.front, proxy.http.relay)
+built = all(m.__file__.endswith(".so") for m in modules)
+mypy = importlib.util.find_spec("mypy") is not None
+print(("compiled" if built else "plain") + (", mypy" if mypy else ", no mypy"))
+"""
 
 
 class CannotTry(Exception):
@@ -158,6 +169,9 @@ def check(image: str) -> None:
     with container(image) as proxy_ctr, container(image) as upstream_ctr:
         default = [*entrypoint, "check-config", "/etc/morngpt/proxy.yaml"]
         print("check-config of the image's default config:", sh(*RUN, proxy_ctr, "--", *default))
+        compiled = sh(*RUN, proxy_ctr, "--", "python", "-c", COMPILED)
+        assert compiled == "compiled, no mypy", compiled
+        print("the hot path is compiled (mypyc); mypy is not in the image")
         up_port, port = free_port(), free_port()
         upstream = subprocess.Popen(
             [*RUN, "-v", f"{ROOT / 'bench'}:/opt/morngpt/bench:ro", "--workingdir", "/opt/morngpt",

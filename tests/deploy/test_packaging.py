@@ -191,7 +191,12 @@ def requirements(extra: str | None = None) -> list[Requirement]:
 
 
 @pytest.mark.parametrize(
-    ("lock", "extra"), [("requirements.lock", None), ("requirements-dev.lock", "dev")]
+    ("lock", "extra"),
+    [
+        ("requirements.lock", None),
+        ("requirements-dev.lock", "dev"),
+        ("requirements-compile.lock", "compile"),
+    ],
 )
 def test_the_lock_pins_every_dependency_within_its_range(lock: str, extra: str | None) -> None:
     pins = locked(lock)
@@ -209,6 +214,22 @@ def test_the_runtime_lock_is_the_dev_lock_less_the_dev_tools() -> None:
     assert runtime.keys() <= dev.keys()
     for package, pins in runtime.items():
         assert {v for v, _ in pins} <= {v for v, _ in dev[package]}, package
+
+
+def test_the_image_compiles_with_the_versions_ci_compiled_with() -> None:
+    """requirements-compile.lock: the runtime lock, plus mypy and the stubs at the dev
+    lock's versions (and setuptools, which the dev lock does not pin)."""
+    runtime, compile_, dev = (
+        locked(f"requirements{name}.lock") for name in ("", "-compile", "-dev")
+    )
+    assert set(compile_) - set(runtime) - set(dev) == {"setuptools"}
+    for package, pins in compile_.items():
+        versions = {v for v, _ in pins}  # (markers may differ: mypy needs more)
+        if package in runtime:
+            assert versions == {v for v, _ in runtime[package]}, package
+        if package in dev:
+            assert versions <= {v for v, _ in dev[package]}, package
+    assert runtime.keys() <= compile_.keys()
 
 
 def closure(reqs: list[Requirement]) -> Iterator[str]:
@@ -243,7 +264,7 @@ def test_the_runtime_lock_holds_everything_the_runtime_needs() -> None:
 
 
 def test_the_lock_files_say_how_to_regenerate_them() -> None:
-    for lock in ("requirements.lock", "requirements-dev.lock"):
+    for lock in ("requirements.lock", "requirements-dev.lock", "requirements-compile.lock"):
         assert "bash scripts/lock" in (ROOT / lock).read_text().split("\n", 3)[1]
 
 
@@ -251,11 +272,19 @@ def test_the_lock_files_say_how_to_regenerate_them() -> None:
 
 
 def test_the_image_installs_the_lock_with_hashes_then_the_proxy_alone() -> None:
+    """The runtime venv gets the locked runtime, then the proxy's wheel alone, built
+    (compiled) in a venv of its own from the compile lock."""
     text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
-    runs = [ln for ln in text.splitlines() if ln.startswith("RUN ") and "pip install" in ln]
-    assert "--require-hashes --no-deps -r requirements.lock" in runs[0]
-    assert "install --no-deps ." in runs[1]
-    assert "COPY requirements.lock ./" in text
+    runs = [ln for ln in text.splitlines() if ln.startswith("RUN ") and "pip " in ln]
+    assert "/opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock" in runs[0]
+    assert (
+        "/opt/compile/bin/pip install --require-hashes --no-deps -r requirements-compile.lock"
+        in runs[0]
+    )
+    assert "/opt/compile/bin/pip wheel --no-build-isolation --no-deps" in runs[1]
+    assert "/opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl" in runs[1]
+    assert "COPY requirements.lock requirements-compile.lock ./" in text
+    assert "ARG MORNGPT_COMPILE=1" in text
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
