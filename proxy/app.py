@@ -191,7 +191,7 @@ async def answer(state: State, call: Incoming) -> web.StreamResponse:
         # read and learns nothing, not even which models exist.
         caller = await state.gate.authenticate(call.headers)
         exchange.key_id = caller.id
-        exchange.team_id = getattr(caller, "team_id", None)
+        exchange.team_id = caller.team_id
         body = await call.read()
         exchange.body_bytes = len(body)
         view = decode_request(body)

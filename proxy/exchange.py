@@ -154,12 +154,18 @@ class Caller(Protocol):
         """The model names this caller may use; None means all of them."""
         ...
 
+    @property
+    def team_id(self) -> str | None:
+        """The team the caller belongs to (None: none)."""
+        ...
+
 
 class Anonymous:
     """The caller when nobody is checked (``OpenGate``)."""
 
     id = None
     allowed_models = None
+    team_id = None
 
 
 ANONYMOUS = Anonymous()

@@ -265,7 +265,7 @@ class Front(asyncio.Protocol):
         """The request of this head if the front takes it (module doc), its body
         (``self.body``) waiting for its bytes."""
         door = self.door
-        if len(head) > door.settings.max_header_bytes or b"\0" in head:
+        if len(head) > door.settings.max_header_bytes or head.find(b"\0") >= 0:
             return None
         parser = httptools.HttpRequestParser(self)  # it validates; the fields are split here
         try:
@@ -289,7 +289,7 @@ class Front(asyncio.Protocol):
             return None
         url = self.url
         path, _, query = url.partition(b"?")
-        if b"%" in path or b"#" in url or not url.isascii():
+        if path.find(b"%") >= 0 or url.find(b"#") >= 0 or not url.isascii():
             return None
         tail = path[len(_START) - len("POST ") :].decode()
         if door.hot.route.fullmatch(tail) is None:

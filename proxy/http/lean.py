@@ -32,7 +32,6 @@ Invariants (what the answer has in common with aiohttp's own, checked by the sui
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
@@ -45,7 +44,10 @@ from ..errors import ProxyError
 from . import ingress
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The control bytes no head may hold but its own line ends (tab is allowed): what
+# aiohttp's serializer refuses. A head is checked on its bytes, by deleting these
+# (``bytes.translate``) and counting CR and LF, ~3 times cheaper than a regex scan.
+_CONTROL = bytes([*range(0x09), *range(0x0B, 0x0D), *range(0x0E, 0x20), 0x7F])
 # Bodies above this many bytes wait for the client to take them before the handler
 # goes on (the transport's default high-water mark), as aiohttp's write_eof does.
 _HIGH = 64 * 1024
@@ -177,12 +179,18 @@ def head(
         origin = call.headers.get("Origin")
         if origin is not None and cross.allows(origin):
             lines.extend(cross.lines(origin))
-    if _CONTROL.search("\t".join(lines)) is not None:
+    lines.append("\r\n")
+    data = "\r\n".join(lines).encode()
+    ends = len(lines)  # a CR and a LF after each line and the blank one: no others
+    if (
+        data.count(b"\r") != ends
+        or data.count(b"\n") != ends
+        or len(data.translate(None, _CONTROL)) != len(data)
+    ):
         if call.request is None:  # aiohttp's serializer refuses these (a 500): so do we
             raise ProxyError("The proxy failed to handle this request.")
         return None
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode(), keep_alive
+    return data, keep_alive
 
 
 def _bodiless(status: int) -> bool:

@@ -147,7 +147,7 @@ async def relay_body(
 
 def upstream_error_body(status: int, body: bytes) -> bytes:
     """Pass an OpenAI-shaped upstream error through; wrap anything else."""
-    if body.lstrip().startswith(b"{") and b'"error"' in body:
+    if body.lstrip().startswith(b"{") and body.find(b'"error"') >= 0:
         return body
     return error_body(
         f"The upstream answered HTTP {status}.",
@@ -315,7 +315,7 @@ class _Watch:
         """Append to ``kept`` what the client gets of ``block``, a run of complete
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
-        if b"\r" in block:  # \r line ends: every event parsed
+        if block.find(b"\r") >= 0:  # \r line ends: every event parsed
             end = 0
         else:
             if self.strip:  # in one pass over the read, not one per event
@@ -389,7 +389,7 @@ def _without_null_usage(raw: bytes) -> bytes:
     """``raw`` without the ``"usage":null`` members the upstream added to each chunk
     because the proxy asked for usage: every occurrence, of each spelling."""
     for pattern in _NULL_USAGE:
-        if pattern in raw:
+        if raw.find(pattern) >= 0:
             raw = raw.replace(pattern, b"")
     return raw
 

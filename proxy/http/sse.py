@@ -148,7 +148,7 @@ class Cutter:
         return self._scanner.pending if self._scanner is not None else len(self._buf)
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._scanner is None and b"\r" not in chunk:
+        if self._scanner is None and chunk.find(b"\r") < 0:
             # Only \n line ends: an event ends at a blank line, so at a "\n\n" (or at a
             # "\n" that starts the unfinished part: a stray blank line).
             buf = self._buf
@@ -183,11 +183,11 @@ def _simple_events(chunk: bytes) -> list[Event] | None:
     token), and splitting it is several times cheaper than the general scan, with the
     same result. When it fails, ``feed`` scans the chunk again: one extra pass over new
     bytes, never over buffered ones."""
-    if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+    if not chunk.endswith(b"\n\n") or chunk.find(b"\r") >= 0:
         return None
     events = []
     for part in chunk[:-2].split(b"\n\n"):
-        if not part.startswith(b"data:") or b"\n" in part:
+        if not part.startswith(b"data:") or part.find(b"\n") >= 0:
             return None
         value = part[5:]
         events.append(Event(part + b"\n\n", b"", value[1:] if value[:1] == b" " else value))

@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.config.load import quick_start
+from proxy.errors import ProxyError
 from proxy.http import front, lean
 from tests.support.env import UPSTREAM_KEY
 from tests.support.inproc import MakeProxy, Proxy, with_server
@@ -109,3 +111,34 @@ async def test_pipelined_answers_keep_their_order(proxy: Proxy) -> None:
     assert replies[1].body.endswith(b"data: [DONE]\n\n")
     assert replies[2].headers["connection"] == "close"
     assert closed
+
+
+async def _nothing() -> bytes:
+    return b""
+
+
+def _call() -> lean.Incoming:
+    """A request front.py parsed (no aiohttp to fall back to), for ``lean.head`` alone."""
+    headers = CIMultiDictProxy(CIMultiDict[str]())
+    return lean.Incoming(
+        "POST", "chat/completions", "", headers, None, None, _nothing, _nothing, True, None
+    )
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\x01b", "a\x08", "a\rb", "a\nb", "a\x1fb", "\x7f"])
+def test_a_head_with_a_control_character_is_refused(value: str) -> None:
+    # As aiohttp's serializer would (a 500 where aiohttp serves): no such byte goes out,
+    # whichever header (upstream's, the caller's) carried it.
+    with pytest.raises(ProxyError):
+        lean.head(_call(), 200, {"X-From-Upstream": value}, "Content-Length: 0", False)
+
+
+@pytest.mark.parametrize("value", ["a\tb", "café", "\x85\xa0", ""])
+def test_a_head_with_tabs_and_other_text_is_written(value: str) -> None:
+    made = lean.head(_call(), 200, {"X-From-Upstream": value}, "Content-Length: 0", False)
+    assert made is not None
+    data, keep_alive = made
+    assert f"\r\nX-From-Upstream: {value}\r\n".encode() in data
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert data.index(b"\r\n\r\n") == len(data) - 4
+    assert keep_alive

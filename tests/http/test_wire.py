@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, render
+from proxy.http import wire
 from proxy.http.wire import Usage, decode_request, find_usage, rewrite
 from tests.support.properties import examples
 
@@ -530,3 +531,11 @@ def test_a_second_top_level_model_is_refused(body: bytes) -> None:
 )
 def test_nested_models_and_escapes_are_fine(body: bytes) -> None:
     assert decode_request(body).model == "a"
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [(None, 0), (-5, 0), (0, 0), (7, 7), (wire.MAX_COUNT, wire.MAX_COUNT), (2**60, wire.MAX_COUNT)],
+)
+def test_an_upstream_count_is_kept_within_bounds(given: int | None, kept: int) -> None:
+    assert wire._count(given) == kept
