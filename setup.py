@@ -19,7 +19,8 @@ import os
 
 from setuptools import setup
 
-# The modules every proxied request runs through, in the order it meets them.
+# The modules every proxied request runs through, in the order it meets them; then
+# a governed request's (the gate, keys, limits) and the sinks' every request feeds.
 HOT = [
     "proxy/http/front.py",
     "proxy/http/lean.py",
@@ -33,6 +34,12 @@ HOT = [
     "proxy/http/h1_conn.py",
     "proxy/http/relay.py",
     "proxy/http/sse.py",
+    "proxy/governance/gate.py",
+    "proxy/governance/keys/lookup.py",
+    "proxy/governance/ratelimit/limiter.py",
+    "proxy/governance/ratelimit/lease.py",
+    "proxy/ops/metrics_sink.py",
+    "proxy/usage/writer.py",
 ]
 
 

@@ -20,16 +20,22 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from .config.schema import Config
 from .db import Db, open_db
 from .exchange import Gate, OpenGate, Sink, Sinks
-from .governance.gate import open_gate
+from .governance.budgets import Budgets
+from .governance.gate import KeyGate
 from .governance.identity import Authenticator
+from .governance.keys.lookup import KeyCache, KeyLookup
+from .governance.keys.store import KeyStore
+from .governance.keys.teams import TeamStore
 from .governance.pricing import Prices
-from .governance.ratelimit.limiter import Limiter, open_limiter
-from .governance.ratelimit.shared import open_redis
+from .governance.ratelimit.limiter import Limiter
+from .governance.ratelimit.shared import RedisClient, open_redis
+from .governance.tokens import TokenVerifier
 from .http.h1 import Client
 from .http.ingress import Forwarding
 from .http.upstream import make_client
@@ -38,7 +44,11 @@ from .ops.metrics_sink import MetricsSink
 from .ops.tracer import Tracer
 from .routing.health import PUBLISH_INTERVAL
 from .routing.routes import Router
-from .usage.writer import Writer, open_ledger
+from .usage.poison import Sifting
+from .usage.retention import upkeep
+from .usage.spool import Spool
+from .usage.store import store_for
+from .usage.writer import Writer
 
 
 class Traffic:
@@ -166,3 +176,53 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
             max_inflight=config.server.max_inflight or sys.maxsize,
             traffic=traffic,
         )
+
+
+@contextlib.asynccontextmanager
+async def open_gate(
+    config: Config, db: Db, limiter: Limiter, prices: Prices
+) -> AsyncIterator[tuple[KeyGate, Authenticator]]:
+    """The worker's ``KeyGate`` on its database and limiter, and the ``Authenticator``
+    (identity.py) that knows the same keys, for the admin API."""
+    timeout = config.database.timeout
+    cache = KeyCache(KeyStore(db), config.auth, timeout)
+    teams = KeyCache(TeamStore(db), config.auth, timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        tokens = None
+        if config.auth.jwt is not None:  # JWKS fetches: their own small session
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            tokens = TokenVerifier(config.auth.jwt, session)
+        lookup = KeyLookup(cache, config.auth, config.keys, tokens)
+        share = config.limits.budget_alert_share
+        budgets = Budgets(prices, db, timeout, share)
+        gate = KeyGate(lookup, limiter, config.limits, budgets, teams)
+        yield gate, Authenticator(lookup, config.server.ops_token)
+
+
+@contextlib.asynccontextmanager
+async def open_limiter(config: Config, redis: RedisClient | None) -> AsyncIterator[Limiter]:
+    """The worker's ``Limiter``, on ``redis`` when there is one."""
+    limiter = Limiter(config.limits, config.redis, redis)
+    limiter.start()
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(config: Config, db: Db) -> AsyncIterator[Writer]:
+    """The worker's usage writer (the caller registers it as a sink) and the ledger's
+    upkeep (retention.py). Open it after the database: on the way out it drains into
+    the database, so it must close before the database does."""
+    store = store_for(db)
+    sifting = Sifting(store, config.usage.spool_dir)  # poison rows set aside (poison.py)
+    writer = Writer(config.usage, sifting, Spool(config.usage.spool_dir))
+    writer.start()
+    tending = asyncio.create_task(upkeep(db, config.usage, store.partitions))
+    try:
+        yield writer
+    finally:
+        tending.cancel()
+        await asyncio.gather(tending, return_exceptions=True)
+        await writer.close()

@@ -30,31 +30,23 @@ that reached an upstream and did not fail there, else nothing.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import cast
 
-import aiohttp
-
-from ..config.schema import Config, Limits
-from ..db import Db
+from ..config.schema import Limits
 from ..errors import Forbidden, RateLimited, TokensRateLimited, Unauthorized
 from ..exchange import OPEN, Caller, Exchange, Grant
 from ..http.wire import MAX_COUNT, RequestView
 from ..ops.metrics import RATELIMIT_KINDS, RATELIMITED
 from ..usage.record import BYTES_PER_TOKEN, consumed
 from .budgets import Budgets
-from .identity import Authenticator
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key
-from .keys.store import KeyStore
-from .keys.teams import Team, TeamStore
+from .keys.teams import Team
 from .periods import go_duration
-from .pricing import Prices
 from .ratelimit.bucket import Verdict
 from .ratelimit.limiter import Limiter
 from .ratelimit.ticket import Ticket
-from .tokens import TokenVerifier
 
 _REFUSED = {kind: RATELIMITED.labels(kind) for kind in RATELIMIT_KINDS}
 
@@ -243,24 +235,3 @@ def refusal(key: Key | Team, verdict: Verdict, cost: int, headers: dict[str, str
     _REFUSED[verdict.kind].inc()
     refused = TokensRateLimited if verdict.kind == "tokens" else RateLimited
     return refused(message, headers=headers)
-
-
-@contextlib.asynccontextmanager
-async def open_gate(
-    config: Config, db: Db, limiter: Limiter, prices: Prices
-) -> AsyncIterator[tuple[KeyGate, Authenticator]]:
-    """The worker's ``KeyGate`` on its database and limiter, and the ``Authenticator``
-    (identity.py) that knows the same keys, for the admin API."""
-    timeout = config.database.timeout
-    cache = KeyCache(KeyStore(db), config.auth, timeout)
-    teams = KeyCache(TeamStore(db), config.auth, timeout)
-    async with contextlib.AsyncExitStack() as stack:
-        tokens = None
-        if config.auth.jwt is not None:  # JWKS fetches: their own small session
-            session = await stack.enter_async_context(aiohttp.ClientSession())
-            tokens = TokenVerifier(config.auth.jwt, session)
-        lookup = KeyLookup(cache, config.auth, config.keys, tokens)
-        share = config.limits.budget_alert_share
-        budgets = Budgets(prices, db, timeout, share)
-        gate = KeyGate(lookup, limiter, config.limits, budgets, teams)
-        yield gate, Authenticator(lookup, config.server.ops_token)

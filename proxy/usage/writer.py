@@ -33,23 +33,18 @@ Invariants (the ledger's promise: nothing lost, nothing doubled):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator
 
-from ..config.schema import Config, Ledger
-from ..db import Db
+from ..config.schema import Ledger
 from ..errors import DatabaseUnavailable
 from ..exchange import Exchange
 from ..ops.metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
-from .poison import Sifting
 from .record import Record, record_of, size
-from .retention import upkeep
 from .spool import Claimed, Spool
-from .store import Store, store_for
+from .store import Store
 
 log = logging.getLogger("proxy.usage")
 
@@ -375,21 +370,3 @@ class Writer:
     def _report(self) -> None:
         USAGE_QUEUE_DEPTH.set(len(self.pending))
         USAGE_SPOOLED.set(self.spool.records)
-
-
-@contextlib.asynccontextmanager
-async def open_ledger(config: Config, db: Db) -> AsyncIterator[Writer]:
-    """The worker's usage writer (the caller registers it as a sink) and the ledger's
-    upkeep (retention.py). Open it after the database: on the way out it drains into
-    the database, so it must close before the database does."""
-    store = store_for(db)
-    sifting = Sifting(store, config.usage.spool_dir)  # poison rows set aside (poison.py)
-    writer = Writer(config.usage, sifting, Spool(config.usage.spool_dir))
-    writer.start()
-    tending = asyncio.create_task(upkeep(db, config.usage, store.partitions))
-    try:
-        yield writer
-    finally:
-        tending.cancel()
-        await asyncio.gather(tending, return_exceptions=True)
-        await writer.close()

@@ -43,15 +43,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from time import monotonic, time_ns
 from typing import Any
 
-from ...config.schema import Config, Limits
+from ...config.schema import Limits
 from ...config.schema import Redis as RedisConfig
 from ...ops.metrics import set_limiter_backend
 from ..keys.record import Key
@@ -487,14 +486,3 @@ class Limiter:
             state.budgets.clear()
         log.info("rate limiter: Redis is reachable again; limits are shared again")
         set_limiter_backend(self.backend)
-
-
-@contextlib.asynccontextmanager
-async def open_limiter(config: Config, redis: RedisClient | None) -> AsyncIterator[Limiter]:
-    """The worker's ``Limiter``, on ``redis`` when there is one."""
-    limiter = Limiter(config.limits, config.redis, redis)
-    limiter.start()
-    try:
-        yield limiter
-    finally:
-        await limiter.close()
