@@ -84,9 +84,9 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         "stream": exchange.stream,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
-        "duration_ms": round(duration * 1000, 3),
-        "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
-        "overhead_ms": round((duration - exchange.upstream_time) * 1000, 3),
+        "duration_ms": _ms(duration),
+        "ttft_ms": None if ttft is None else _ms(ttft),
+        "overhead_ms": _ms(duration - exchange.upstream_time),
         "error": exchange.error_name or None,
         "attempts": exchange.attempts,  # upstream requests sent: retries show here
     }
@@ -95,6 +95,13 @@ def fields(exchange: Exchange) -> dict[str, Any]:
         line["trace_id"] = trace.trace_id
         line["span_id"] = trace.span_id
     return line
+
+
+def _ms(seconds: float) -> float:
+    """``seconds`` (not negative) in milliseconds, rounded to 3 decimals: a float whose
+    shortest form has at most 3 (~4 times cheaper than ``round``, which goes by way of
+    decimal digits)."""
+    return int(seconds * 1_000_000 + 0.5) / 1000
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,9 +113,22 @@ class JsonFormatter(logging.Formatter):
         return line(record.created, record.msg)
 
 
+# The second last formatted and its text ("2026-12-07T03:31:05"): a batch's lines
+# mostly share it, and formatting a datetime costs ~1.5 µs. Replaced whole, so that
+# threads formatting lines at once read a consistent pair.
+_second = (0, "1970-01-01T00:00:00")
+
+
 def line(created: float, fields: dict[str, Any]) -> str:
-    """One access line: the time, then the fields, as one JSON object."""
-    time = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    """One access line: the time (UTC, to the millisecond, truncated), then the fields,
+    as one JSON object."""
+    global _second
+    whole = int(created)
+    second, text = _second
+    if whole != second:
+        text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (whole, text)
+    time = f"{text}.{int((created - whole) * 1000):03d}+00:00"
     return orjson.dumps({"time": time, **fields}).decode()
 
 
