@@ -46,7 +46,7 @@ from . import ingress
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 # The control bytes no head may hold but its own line ends (tab is allowed): what
 # aiohttp's serializer refuses. A head is checked on its bytes, by deleting these
-# (``bytes.translate``) and counting CR and LF, ~3 times cheaper than a regex scan.
+# (``bytes.translate``) and counting CR and LF, 2-3 times cheaper than a regex scan.
 _CONTROL = bytes([*range(0x09), *range(0x0B, 0x0D), *range(0x0E, 0x20), 0x7F])
 # Bodies above this many bytes wait for the client to take them before the handler
 # goes on (the transport's default high-water mark), as aiohttp's write_eof does.
