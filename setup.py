@@ -33,6 +33,7 @@ HOT = [
     "proxy/http/h1.py",
     "proxy/http/h1_conn.py",
     "proxy/http/relay.py",
+    "proxy/http/scan.py",
     "proxy/http/sse.py",
     "proxy/governance/gate.py",
     "proxy/governance/keys/lookup.py",

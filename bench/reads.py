@@ -4,7 +4,8 @@
 ``"usage":null`` the proxy asked for, the parse of the events it must read) on the
 canned answers nginx serves in ``bench.run``'s table (e) (``fake_upstream.canned_chat``),
 each arriving in one read as they do from nginx: 8 and 60 tokens with the usage chunk
-and [DONE], and a 60-token read without them (one from the middle of a stream). Each
+and [DONE], a 60-token read without them (one from the middle of a stream), and the
+60 tokens as a hosted model's stream reads (ids, model name, words for tokens). Each
 with the client asking for usage and with the usage injected and stripped. Best of
 ``--repeat`` runs of ``--number`` calls, in µs a read.
 
@@ -30,12 +31,33 @@ from proxy.exchange import Exchange
 from proxy.http.h1_conn import Connection, Origin
 from proxy.http.relay import _Relay
 
+# Words for the tokens of "60, prose": a scan's speed depends on the bytes it scans
+# (CPython's ``count`` skips ahead where the next byte is none of the needle's).
+_WORDS = (
+    b"the of and to in is you that it was for on are as with his they at be this have "
+    b"from or one had by word but not what all were we when your can said there use an "
+    b"each which she do how their if will up other about out many then them these so"
+).split()
+
 
 def reads() -> dict[str, bytes]:
     long = canned_chat(60, stream=True)
     middle = long[: long.index(b'"choices":[]')]  # up to the usage chunk ...
     middle = middle[: middle.rindex(b"\n\n") + 2]  # ... without it
-    return {"8 tokens": canned_chat(8, stream=True), "60 tokens": long, "60, middle": middle}
+    # As a hosted model's stream reads: its ids and model name, words for tokens.
+    prose = long.replace(b'"chatcmpl-canned"', b'"chatcmpl-AbCdEfGhIjKlMnOpQrStUvWxYz012"')
+    prose = prose.replace(
+        b'"bench-model"', b'"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_0aa8d3e20b"'
+    )
+    for i in range(60):
+        words = b" ".join(_WORDS[(i * 7 + j) % len(_WORDS)] for j in range(1 + i % 3))
+        prose = prose.replace(b'"tok%d "' % i, b'"%s "' % words)
+    return {
+        "8 tokens": canned_chat(8, stream=True),
+        "60 tokens": long,
+        "60, middle": middle,
+        "60, prose": prose,
+    }
 
 
 def cost(read: bytes, strip: bool, number: int, repeat: int) -> float:

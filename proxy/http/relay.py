@@ -42,9 +42,10 @@ from ..exchange import OVERHEAD_HEADER, Exchange
 from . import lean
 from .faults import Disconnected
 from .h1_conn import Response
+from .scan import NULL_USAGE, plain_events, stripped, unread_end, unstripped
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
-from .wire import find_usage, null_after
+from .wire import find_usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
 # the upstream's own rate-limit state, cookies, server banners) stays behind.
@@ -66,7 +67,6 @@ STREAM_HEADERS = {
 _TERMINAL_NAMES = frozenset(
     (b"response.completed", b"response.failed", b"response.incomplete", b"error")
 )
-_NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
 MAX_BODY = 64 * 1024 * 1024
 # The most bytes of one stream event held back waiting for its end: an upstream that
 # never ends an event must not grow the proxy without bound. Generous: the Responses
@@ -315,21 +315,21 @@ class _Watch:
         """Append to ``kept`` what the client gets of ``block``, a run of complete
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
+        # Byte scans over the whole read, not one per event (scan.py).
         if block.find(b"\r") >= 0:  # \r line ends: every event parsed
-            end = 0
+            end = known = 0
+        elif self.strip:
+            block, maybe, known = stripped(block)
+            end = unread_end(block, maybe, stripped=True)
         else:
-            if self.strip:  # in one pass over the read, not one per event
-                block, maybe = _stripped(block)
-            else:
-                maybe = _maybe_usages(block, 0, len(block), stripped=False)
-            end = _unread_end(block, maybe, self.strip)
-        head = block if end == len(block) else block[:end]
-        count = _plain_events(head) if end else 0
+            end, known = unstripped(block)
+        count = plain_events(block, end, known) if end else 0
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
-            kept.append(head)
             if end == len(block):
+                kept.append(block)
                 return
+            kept.append(block[:end])
             block = block[end:]
         for event in events_in(block):
             raw = self.keep(event)
@@ -388,96 +388,7 @@ def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
 def _without_null_usage(raw: bytes) -> bytes:
     """``raw`` without the ``"usage":null`` members the upstream added to each chunk
     because the proxy asked for usage: every occurrence, of each spelling."""
-    for pattern in _NULL_USAGE:
+    for pattern in NULL_USAGE:
         if raw.find(pattern) >= 0:
             raw = raw.replace(pattern, b"")
     return raw
-
-
-def _stripped(block: bytes) -> tuple[bytes, int]:
-    """``_without_null_usage(block)``, and how many ``"usage"`` keys it has left. The
-    spellings are removed in turn while a key is left that could be one of them: not
-    once the one left is the last and holds no null (the usage chunk's)."""
-    block = block.replace(_NULL_USAGE[0], b"")
-    left = block.count(_KEY)
-    for pattern in _NULL_USAGE[1:]:
-        if _just_the_last(block, left, 0, len(block)):
-            break
-        shorter = block.replace(pattern, b"")
-        left -= (len(block) - len(shorter)) // len(pattern)  # one key in each
-        block = shorter
-    return block, left
-
-
-_PLAIN_START = b"data: {"
-_PLAIN_END = b"}\n\n"
-_PLAIN_BETWEEN = b"}\n\ndata: {"
-_DONE = b"data: [DONE]\n\n"
-_ERROR = b'data: {"error"'
-_KEY = b'"usage"'
-_USAGE = (b'"usage":{', b'"usage": {')
-
-
-def _unread_end(block: bytes, maybe: int, stripped: bool) -> int:
-    """Where the events of ``block`` (``\\n`` line ends) that the proxy must read
-    begin. Those are [DONE] (the stream's last), an error and a usage that is not null
-    (in the chunk before [DONE]), found with byte scans (a false alarm costs a parse).
-    ``maybe``: ``_maybe_usages`` of the whole block."""
-    end = len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
-    at = block.find(_ERROR, 0, end)
-    if at >= 0:
-        end = _event_start(block, at)
-    if maybe and end < len(block):  # those in the events read anyway
-        maybe -= _maybe_usages(block, end, len(block), stripped)
-    if not maybe:
-        return end
-    # The usage chunk is the last before [DONE]: looked for from the end first, a few
-    # hundred bytes back, not in scans of the whole read.
-    start = _event_start(block, block.rfind(_KEY, 0, end))
-    if _maybe_usages(block, start, end, stripped) == maybe:
-        return start
-    # A usage before it: parsed from the first (or, in some other form, all of it).
-    firsts = [at for marker in _USAGE if (at := block.find(marker, 0, end)) >= 0]
-    if not firsts:
-        return 0
-    start = _event_start(block, min(firsts))
-    return start if _maybe_usages(block, start, end, stripped) == maybe else 0
-
-
-def _maybe_usages(block: bytes, start: int, end: int, stripped: bool) -> int:
-    """How many ``"usage"`` keys of ``block[start:end]`` may hold a usage: those not
-    null in the usual spellings (all of them once ``stripped``)."""
-    keys = block.count(_KEY, start, end)
-    if stripped or not keys:
-        return keys
-    keys -= block.count(b'"usage":null', start, end)
-    if not _just_the_last(block, keys, start, end):
-        keys -= block.count(b'"usage": null', start, end)
-    return keys
-
-
-def _just_the_last(block: bytes, left: int, start: int, end: int) -> bool:
-    """Whether the ``left`` keys of ``block[start:end]`` a count did not account for
-    are none, or only its last, holding no null (the usage chunk's): then there is no
-    other spelling of null to look for."""
-    if left != 1:
-        return left == 0
-    return not null_after(block, block.rfind(_KEY, start, end) + len(_KEY))
-
-
-def _event_start(block: bytes, at: int) -> int:
-    """The start of the event holding ``block[at]`` (``\\n`` line ends)."""
-    before = block.rfind(b"\n\n", 0, at)
-    return before + 2 if before >= 0 else 0
-
-
-def _plain_events(head: bytes) -> int:
-    """How many events ``head`` holds when they are all plain, else 0 (they are parsed
-    one by one). Plain events are what chat and completion streams are made of: one
-    ``data: {...}`` line each, ``\\n`` line ends. Byte counts only; their JSON is not
-    parsed (docs/performance.md, "What the relay checks")."""
-    if not (head.startswith(_PLAIN_START) and head.endswith(_PLAIN_END)):
-        return 0
-    count = head.count(_PLAIN_BETWEEN) + 1
-    # No \n but the two ending each event: one line each, nothing between them.
-    return count if head.count(b"\n") == 2 * count else 0

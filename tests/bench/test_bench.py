@@ -117,7 +117,8 @@ def run_bench(module: str, *argv: str) -> str:
 
 def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
     """``bench.reads``: each read is complete events (cut as the relay cuts them), the
-    middle one without the usage chunk or [DONE]; every row is measured."""
+    middle one without the usage chunk or [DONE], the prose one the long one's events
+    with words for tokens; every row is measured."""
     whole, middle = reads.reads()["60 tokens"], reads.reads()["60, middle"]
     assert whole.endswith(b"data: [DONE]\n\n")
     assert b'"usage":{' in whole
@@ -125,7 +126,10 @@ def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
     assert b'"usage":{' not in middle
     assert b"[DONE]" not in middle
     rows = run_bench("bench.reads", "--number", "50", "--repeat", "1").splitlines()[1:]
-    assert [row.split()[0] for row in rows] == ["8", "60", "60,"]
+    assert [row.split()[0] for row in rows] == ["8", "60", "60,", "60,"]
+    prose = reads.reads()["60, prose"]  # the same events, other text
+    assert prose.count(b"\n\n") == whole.count(b"\n\n")
+    assert b'"tok' not in prose
     assert all(float(x) > 0 for row in rows for x in row.split()[-3:])
     assert reads.framed(whole).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
 

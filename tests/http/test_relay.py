@@ -128,6 +128,36 @@ def test_a_whole_stream_in_one_read(strip: bool) -> None:
         assert sent == stream
 
 
+@pytest.mark.parametrize("strip", [False, True])
+def test_boundaries_counted_with_nulls_past_the_plain_events_are_not_theirs(strip: bool) -> None:
+    """The event boundaries counted together with the null usage before each
+    (scan.py) may lie among the events read, here after a malformed one: the plain
+    events before it are not taken to have them (the wide search found this)."""
+    stream = chunk(1) + b"data: [1, 2}\n\n" + USAGE_CHUNK + chunk(1) + chunk(1)
+    assert per_read([stream], strip) == per_event([stream], strip)
+    assert per_read([stream], strip)[-1] is True  # the malformed event is caught
+
+
+@pytest.mark.parametrize(
+    "strip_and_tail",
+    [(False, b""), (True, b""), (False, DONE), (True, DONE)],
+    ids=["mid-stream", "mid-stream-stripped", "last", "last-stripped"],
+)
+def test_nulls_in_the_middle_of_each_event(strip_and_tail: tuple[bool, bytes]) -> None:
+    """Upstreams that do not put usage last: the nulls are counted apart, as before."""
+    strip, tail = strip_and_tail
+    odd = [chunk(i, "").replace(b'"choices"', b'"usage":null,"choices"') for i in range(9)]
+    for reads in ([b"".join(odd) + tail], [*odd, tail], [odd[0] + USAGE_CHUNK + tail]):
+        assert per_read(reads, strip) == per_event(reads, strip)
+    # Still relayed as plain events, one read of them or many: unparsed, as such a
+    # malformed one shows (what_a_plain_event_may_hide).
+    hidden = b'data: {"usage":null,"a":1,}\n\n'
+    for reads in ([hidden], [hidden * 3]):
+        sent = reads[0].replace(b'"usage":null,', b"") if strip else reads[0]
+        events = len(reads[0]) // len(hidden)
+        assert per_read(reads, strip) == (sent, None, events, False, "", False)
+
+
 @pytest.mark.parametrize(
     "usages",
     [
