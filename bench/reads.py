@@ -3,7 +3,8 @@
 ``_Relay.cut`` (the cut at event boundaries, the byte scans, the strip of the
 ``"usage":null`` the proxy asked for, the parse of the events it must read) on the
 canned answers nginx serves in ``bench.run``'s table (e) (``fake_upstream.canned_chat``),
-each arriving in one read as they do from nginx: 8 and 60 tokens with the usage chunk
+each arriving in one read as they do from nginx: one event (what an upstream that
+sends tokens as they come sends in a read), 8 and 60 tokens with the usage chunk
 and [DONE], a 60-token read without them (one from the middle of a stream), and the
 60 tokens as a hosted model's stream reads (ids, model name, words for tokens). Each
 with the client asking for usage and with the usage injected and stripped. Best of
@@ -53,6 +54,7 @@ def reads() -> dict[str, bytes]:
         words = b" ".join(_WORDS[(i * 7 + j) % len(_WORDS)] for j in range(1 + i % 3))
         prose = prose.replace(b'"tok%d "' % i, b'"%s "' % words)
     return {
+        "1 event": long.split(b"\n\n")[2] + b"\n\n",  # one token's chunk
         "8 tokens": canned_chat(8, stream=True),
         "60 tokens": long,
         "60, middle": middle,

@@ -323,13 +323,12 @@ class _Watch:
             end = unread_end(block, maybe, stripped=True)
         else:
             end, known = unstripped(block)
-        count = plain_events(block, end, known) if end else 0
+        head, count = plain_events(block, end, known) if end else (block, 0)
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
+            kept.append(head)
             if end == len(block):
-                kept.append(block)
                 return
-            kept.append(block[:end])
             block = block[end:]
         for event in events_in(block):
             raw = self.keep(event)

@@ -31,11 +31,18 @@ _NULL_BETWEEN = b'"usage":null' + _BETWEEN
 _NULL_END = b'"usage":null' + _PLAIN_END
 _DONE = b"data: [DONE]\n\n"
 _ERROR = b'data: {"error"'
+# The same, stripped (with the comma), and either last or last before [DONE]: suffixes
+# checked as they are, since a start or end argument costs each call more than a
+# short read's scan (the arguments are parsed as a tuple).
+_STRIP_BETWEEN = b"," + _NULL_BETWEEN
+_STRIP_END = b"," + _NULL_END
+_NULL_LAST = (_NULL_END, _NULL_END + _DONE)
+_STRIP_LAST = (_STRIP_END, _STRIP_END + _DONE)
 
 
 def unstripped(block: bytes) -> tuple[int, int]:
     """``unread_end`` of a block the proxy does not strip, and how many event
-    boundaries (``}\n\ndata: {``) it has at least, for ``plain_events``.
+    boundaries (``}\\n\\ndata: {``) it has at least, for ``plain_events``.
 
     The null usages counted are those that end an event, each with the boundary
     after it (one count for both): for upstreams that put usage last (all but one
@@ -45,7 +52,7 @@ def unstripped(block: bytes) -> tuple[int, int]:
     if not keys:
         return unread_end(block, 0, stripped=False), 0
     known = block.count(_NULL_BETWEEN)
-    maybe = keys - known - block.endswith(_NULL_END, 0, _body_end(block))
+    maybe = keys - known - block.endswith(_NULL_LAST)
     end = unread_end(block, maybe, stripped=False) if maybe <= 1 else 0
     if not end and maybe:
         end = unread_end(block, maybe_usages(block, 0, len(block), False), stripped=False)
@@ -61,11 +68,11 @@ def stripped(block: bytes) -> tuple[bytes, int, int]:
     replaced: ``replace`` scans the read once more to count before it copies). Then
     each spelling in turn, while a key is left that could be one of them: not once
     the one left is the last and holds no null (the usage chunk's)."""
-    parts = block.split(b"," + _NULL_BETWEEN)
+    parts = block.split(_STRIP_BETWEEN)
     block = _BETWEEN.join(parts)
-    end = _body_end(block)
-    if block.endswith(b"," + _NULL_END, 0, end):
-        block = block[: end - len(_NULL_END) - 1] + _PLAIN_END + block[end:]
+    if block.endswith(_STRIP_LAST):
+        end = _body_end(block)
+        block = block[: end - len(_STRIP_END)] + _PLAIN_END + block[end:]
     left = block.count(_KEY)
     for pattern in NULL_USAGE:
         if _just_the_last(block, left, 0, len(block)):
@@ -83,7 +90,7 @@ def unread_end(block: bytes, maybe: int, stripped: bool) -> int:
     ``maybe``: ``maybe_usages`` of the whole block, or more (0 is returned, when
     the events that may hold one are not all found together from the end)."""
     end = _body_end(block)
-    at = block.find(_ERROR, 0, end)
+    at = block.find(_ERROR)  # never in the [DONE]
     if at >= 0:
         end = event_start(block, at)
     if maybe and end < len(block):  # those in the events read anyway
@@ -115,25 +122,26 @@ def maybe_usages(block: bytes, start: int, end: int, stripped: bool) -> int:
     return keys
 
 
-def plain_events(block: bytes, end: int, known: int) -> int:
-    """How many events ``block[:end]`` holds when they are all plain, else 0 (they are
-    parsed one by one). Plain events are what chat and completion streams are made
-    of: one ``data: {...}`` line each, ``\\n`` line ends. Byte counts only; their
-    JSON is not parsed (docs/performance.md, "What the relay checks").
+def plain_events(block: bytes, end: int, known: int) -> tuple[bytes, int]:
+    """``block[:end]``, and how many events it holds when they are all plain, else 0
+    (they are parsed one by one). Plain events are what chat and completion streams
+    are made of: one ``data: {...}`` line each, ``\\n`` line ends. Byte counts only;
+    their JSON is not parsed (docs/performance.md, "What the relay checks").
 
     ``known``: how many event boundaries ``block`` has at least, found by an earlier
     scan. When those that lie in ``block[:end]`` account for every line end there,
     they are all its boundaries, and they are not counted again."""
-    if not (block.startswith(_PLAIN_START, 0, end) and block.endswith(_PLAIN_END, 0, end)):
-        return 0
-    lines = block.count(b"\n", 0, end)
+    head = block if end == len(block) else block[:end]
+    if not (head.startswith(_PLAIN_START) and head.endswith(_PLAIN_END)):
+        return head, 0
+    lines = head.count(b"\n")
     if known and end < len(block):  # less those not wholly before end
         known -= block.count(_BETWEEN, max(end - len(_BETWEEN) + 1, 0))
     # Each boundary holds two line ends and the last event's end two more: no other
     # line end in the events, so each is one line, between boundaries.
     if lines != 2 * known + 2:
-        known = block.count(_BETWEEN, 0, end)
-    return known + 1 if lines == 2 * known + 2 else 0
+        known = head.count(_BETWEEN)
+    return head, known + 1 if lines == 2 * known + 2 else 0
 
 
 def event_start(block: bytes, at: int) -> int:

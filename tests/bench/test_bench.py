@@ -126,7 +126,8 @@ def test_reads_measures_the_relay_on_whole_answers_and_a_middle_read() -> None:
     assert b'"usage":{' not in middle
     assert b"[DONE]" not in middle
     rows = run_bench("bench.reads", "--number", "50", "--repeat", "1").splitlines()[1:]
-    assert [row.split()[0] for row in rows] == ["8", "60", "60,", "60,"]
+    assert [row.split()[0] for row in rows] == ["1", "8", "60", "60,", "60,"]
+    assert reads.reads()["1 event"].count(b"\n\n") == 1
     prose = reads.reads()["60, prose"]  # the same events, other text
     assert prose.count(b"\n\n") == whole.count(b"\n\n")
     assert b'"tok' not in prose
