@@ -51,8 +51,10 @@ def unstripped(block: bytes) -> tuple[int, int]:
     keys = block.count(_KEY)
     if not keys:
         return unread_end(block, 0, stripped=False), 0
-    known = block.count(_NULL_BETWEEN)
-    maybe = keys - known - block.endswith(_NULL_LAST)
+    last = block.endswith(_NULL_LAST)
+    # With the last key that null, there is no other to count (one event a read).
+    known = block.count(_NULL_BETWEEN) if keys > last else 0
+    maybe = keys - known - last
     end = unread_end(block, maybe, stripped=False) if maybe <= 1 else 0
     if not end and maybe:
         end = unread_end(block, maybe_usages(block, 0, len(block), False), stripped=False)
@@ -64,23 +66,28 @@ def stripped(block: bytes) -> tuple[bytes, int, int]:
     of each spelling, as ``bytes.replace`` of each in turn makes it; how many
     ``"usage"`` keys it has left; and how many event boundaries it has at least.
 
-    Those ending an event go first, by splitting at them (split and joined, not
-    replaced: ``replace`` scans the read once more to count before it copies). Then
-    each spelling in turn, while a key is left that could be one of them: not once
-    the one left is the last and holds no null (the usage chunk's)."""
-    parts = block.split(_STRIP_BETWEEN)
-    block = _BETWEEN.join(parts)
-    if block.endswith(_STRIP_LAST):
+    Those ending an event go first: the last event's, then those before a boundary,
+    by splitting at them (split and joined, not replaced: ``replace`` scans the read
+    once more to count before it copies). Then each spelling in turn. Each step only
+    while a key is left that could be a null: not once none is, or the one left is
+    the last and holds no null (the usage chunk's)."""
+    if block.endswith(_STRIP_LAST):  # the last event's, where the read ends
         end = _body_end(block)
         block = block[: end - len(_STRIP_END)] + _PLAIN_END + block[end:]
     left = block.count(_KEY)
+    joins = 0
+    if not _just_the_last(block, left, 0, len(block)):
+        parts = block.split(_STRIP_BETWEEN)
+        joins = len(parts) - 1
+        block = _BETWEEN.join(parts)
+        left -= joins
     for pattern in NULL_USAGE:
         if _just_the_last(block, left, 0, len(block)):
             break
         shorter = b"".join(block.split(pattern))
         left -= (len(block) - len(shorter)) // len(pattern)  # one key in each
         block = shorter
-    return block, left, len(parts) - 1
+    return block, left, joins
 
 
 def unread_end(block: bytes, maybe: int, stripped: bool) -> int:
