@@ -144,8 +144,10 @@ def plain_events(block: bytes, end: int, known: int) -> tuple[bytes, int]:
     lines = head.count(b"\n")
     if known and end < len(block):  # less those not wholly before end
         known -= block.count(_BETWEEN, max(end - len(_BETWEEN) + 1, 0))
-    # Each boundary holds two line ends and the last event's end two more: no other
-    # line end in the events, so each is one line, between boundaries.
+    # Each boundary holds two line ends and the last event's end two more, so there
+    # are at most (lines - 2) / 2 boundaries, and ``known`` at most as many as there
+    # are: when it is (lines - 2) / 2, it is all of them and no other line end is
+    # left (each event one line, between boundaries). Otherwise they are counted.
     if lines != 2 * known + 2:
         known = head.count(_BETWEEN)
     return head, known + 1 if lines == 2 * known + 2 else 0
