@@ -70,7 +70,9 @@ def stripped(block: bytes) -> tuple[bytes, int, int]:
     by splitting at them (split and joined, not replaced: ``replace`` scans the read
     once more to count before it copies). Then each spelling in turn. Each step only
     while a key is left that could be a null: not once none is, or the one left is
-    the last and holds no null (the usage chunk's)."""
+    the last and holds no null (the usage chunk's). The result is ``replace``'s: the
+    nulls removed first are among those it removes, and removing one cannot make
+    another (the bytes after it are a ``}``), nor touch a boundary."""
     if block.endswith(_STRIP_LAST):  # the last event's, where the read ends
         end = _body_end(block)
         block = block[: end - len(_STRIP_END)] + _PLAIN_END + block[end:]
