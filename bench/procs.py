@@ -77,10 +77,14 @@ def pinned(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
 class Service:
     """A server subprocess: started in its own process group, stopped with SIGTERM."""
 
-    def __init__(self, name: str, argv: Sequence[str], cwd: Path, log: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], cwd: Path, log: Path, root: Path = ROOT
+    ) -> None:
+        """``root``: the tree whose modules the process imports (another tree's compiled
+        copy, for ``bench.ab``)."""
         self.name = name
         self.log = log
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 list(argv),

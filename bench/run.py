@@ -40,6 +40,7 @@ import uvloop
 from . import governed as modes
 from . import nginx, report, streams, wrk
 from .procs import (
+    ROOT,
     Layout,
     Service,
     cpu_seconds,
@@ -201,15 +202,17 @@ class Bench:
         workers: int,
         cpus: frozenset[int] | None,
         upstream: str | None = None,
+        root: Path = ROOT,
     ) -> contextlib.AbstractContextManager[Subject]:
-        """The proxy, in front of ``upstream`` (default: the fake upstream)."""
+        """The proxy of the tree at ``root``, in front of ``upstream`` (default: the
+        fake upstream)."""
         port = free_port()
         path = self.workdir / f"{name}.json"
         checked = modes.write(config(upstream or self.upstream[1], port, workers), path)
         argv = [python(), "-m", "proxy", "serve", "--config", str(path)]
         if not checked.auth.enabled:
             argv.append("--no-auth")
-        return self._serving(name, argv, port, cpus, workers, "listening on")
+        return self._serving(name, argv, port, cpus, workers, "listening on", root)
 
     @contextlib.contextmanager
     def _serving(
@@ -220,10 +223,11 @@ class Bench:
         cpus: frozenset[int] | None,
         workers: int,
         ready: str,
+        root: Path = ROOT,
     ) -> Iterator[Subject]:
         """Run a server for the duration of the block; ready once its log showed
         ``ready`` once per worker."""
-        service = Service(name, pinned(argv, cpus), self.workdir, self._log(name))
+        service = Service(name, pinned(argv, cpus), self.workdir, self._log(name), root)
         try:
             service.wait_for(ready, count=workers)
             yield Subject(name, f"http://127.0.0.1:{port}/v1", service.pids, workers)
@@ -330,21 +334,29 @@ class Bench:
         #17's ratios, each the median of the rounds' own ratios, so that the machine's
         load drifting between subjects does not read as a difference between them."""
         print(f"  {name}: in turns with the relay", flush=True)
-        rounds = max(TURN_ROUNDS, self.settings.repeat)
         own = self.own_ledger(config, f"{name}-turns")
-        runs: dict[str, list[tuple[float, float]]] = {}
         with (
             self.passthrough(self.canned[1]) as relay,
             self.proxy(f"{name}-turns", own, 1, self.layout.proxy, self.canned[1]) as mine,
         ):
-            for subject in (relay, mine):
-                url = f"{subject.base}/chat/completions"
-                wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
-            for _ in range(rounds):
-                for kind in report.RELAY_KINDS:
-                    base = self.once(relay, kind, TURN_CONNS)[1]
-                    cost = self.once(mine, kind, TURN_CONNS)[1]
-                    runs.setdefault(kind, []).append((base, cost))
+            return self.in_turns(name, relay, mine, report.RELAY_KINDS)
+
+    def in_turns(
+        self, name: str, base: Subject, other: Subject, kinds: Sequence[str]
+    ) -> report.Turns:
+        """``base`` and ``other`` (both up, on the same CPUs) measured one after the
+        other at ``TURN_CONNS`` connections, kind by kind, round after round (at least
+        ``TURN_ROUNDS``; which goes first alternates): per kind, the medians of their CPU
+        µs per request and of each round's own ratio, other ÷ base."""
+        for subject in (base, other):
+            url = f"{subject.base}/chat/completions"
+            wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
+        runs: dict[str, list[tuple[float, float]]] = {}
+        for turn in range(max(TURN_ROUNDS, self.settings.repeat)):
+            for kind in kinds:
+                pair = (base, other) if turn % 2 == 0 else (other, base)
+                cost = {s.name: self.once(s, kind, TURN_CONNS)[1] for s in pair}
+                runs.setdefault(kind, []).append((cost[base.name], cost[other.name]))
         med = statistics.median
         return report.Turns(
             name,

@@ -48,6 +48,11 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream: FakeUps
         await served.wait_log("listening", count=2)
         pids = set(served.worker_pids())
         assert len(pids) == 2
+        # Each froze what start-up made (tens of thousands of objects), out of the
+        # collector's full collections (serve.settle_heap).
+        frozen = [line for line in served.log if "start-up objects frozen" in line]
+        assert {int(line.split("worker ")[1].split(":")[0]) for line in frozen} == pids
+        assert all(int(line.split(": ")[-1].split()[0]) > 10_000 for line in frozen)
         assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
         await served.chat_on_new_connections(20)
         started = time.monotonic()

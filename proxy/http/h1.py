@@ -77,11 +77,11 @@ class Client:
         ``block``: header lines made once by ``header_lines`` and sent before
         ``headers``."""
         head = _head(method, target, origin.host_header, block, headers, body)
-        loop = asyncio.get_running_loop()
+        conn = self._pooled(origin)
+        loop = asyncio.get_running_loop() if conn is None else conn.loop
         deadline = None if first_byte is None else loop.time() + first_byte
         fresh = False  # after the keep-alive race, only a new connection is trusted
         while True:
-            conn = None if fresh else self._pooled(origin)
             if conn is None:
                 async with asyncio.timeout_at(deadline):
                     conn = await self._connection(origin, connect_timeout, fresh)
@@ -99,6 +99,7 @@ class Client:
                 if not reused or exc.answered:
                     raise
                 fresh = True
+                conn = None
             except BaseException:
                 response.close()
                 raise
@@ -121,10 +122,9 @@ class Client:
         if not self._has_room(origin):
             return None
         idle = origin.idle
-        now = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be stale
-            if not conn.closing and now - conn.idle_since < self.keepalive:
+            if not conn.closing and conn.loop.time() - conn.idle_since < self.keepalive:
                 self.in_use += 1
                 origin.in_use += 1
                 conn.leased = True
@@ -187,7 +187,7 @@ class Client:
                 waiter.set_result(None)
 
     def _idle(self, conn: Connection, origin: Origin) -> None:
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         origin.idle.append(conn)
 
     def idle(self) -> int:

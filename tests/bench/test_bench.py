@@ -219,6 +219,33 @@ async def test_the_canned_nginx_upstream_answers_every_kind_through_the_proxy(
         service.stop()
 
 
+@pytest.mark.skipif(
+    shutil.which("nginx") is None or shutil.which("wrk") is None,
+    reason="needs nginx (Debian's nginx-light) and wrk",
+)
+def test_ab_measures_two_trees_proxies_in_turns() -> None:
+    """``bench.ab`` with this tree on both sides: each proxy's CPU a request and the
+    ratio, per kind asked for; a kind it does not know is refused."""
+    argv = [sys.executable, "-m", "bench.ab", "--before", str(ROOT), "--after", str(ROOT)]
+    out = subprocess.run(
+        [*argv, "--kinds", "chat,long stream", "--rounds", "1", "--seconds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in out.splitlines()[-2:]}
+    assert set(rows) == {"chat", "long stream"}, out
+    for before, after, ratio in rows.values():
+        assert float(before) > 0
+        assert float(after) > 0
+        assert float(ratio.rstrip(" |")) > 0
+    refused = subprocess.run([*argv, "--kinds", "chat,lunch"], cwd=ROOT, capture_output=True)
+    assert refused.returncode == 2
+    assert b"unknown kinds ['lunch']" in refused.stderr
+
+
 @pytest.mark.parametrize("share", ["0", "0.01"])
 def test_the_limiter_bench_measures_leases_and_calls_per_request(share: str) -> None:
     argv = ["-m", "bench.limiter", "--calls", "400", "--repeat", "1", "--lease-share", share]
