@@ -15,6 +15,7 @@ batch needs are made before its transaction (partitions.py).
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -65,6 +66,12 @@ _MERGE = (
     f"INSERT INTO {TABLE} ({_LIST}) SELECT "
     + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
     + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING RETURNING uid"
+)
+# PostgreSQL's merge returns the uids of the batch it did not insert (already there,
+# or another writer's since), usually none, rather than every one it did: no UUID
+# decoded (and no object for the collector) per row.
+_MERGE_SKIPPED = (
+    f"WITH added AS ({_MERGE}) SELECT uid FROM usage_batch WHERE uid NOT IN (SELECT uid FROM added)"
 )
 # The request id of a PostgreSQL row (NULL: the proxy made it from the uid, 37 bytes
 # a row saved); SQLite keeps every request id as it is.
@@ -117,15 +124,23 @@ class LedgerStore:
 
     async def write(self, batch: Sequence[Record]) -> None:
         try:
-            rows, uids = self._rows(batch)
+            rows = self._rows(batch)
             async with asyncio.timeout(self.timeout):
                 if self.partitions is not None:
                     await self.partitions.ensure(r.started_at for r in batch)
                 async with self.db.transaction() as tx:
                     await tx.stage("usage_batch", _STAGING)
                     await tx.copy("usage_batch", COLUMNS, rows)
-                    added = {_uid(u) for (u,) in await tx.fetch(_MERGE)}
-                    fresh = [r for r, u in zip(batch, uids, strict=True) if u in added]
+                    if self.partitions is None:
+                        added = {u for (u,) in await tx.fetch(_MERGE)}
+                        fresh = [r for r in batch if r.uid in added]
+                    else:
+                        skipped = {u.hex for (u,) in await tx.fetch(_MERGE_SKIPPED)}
+                        fresh = (
+                            [r for r in batch if _hex(r.uid) not in skipped]
+                            if skipped
+                            else list(batch)
+                        )
                     for width, changes in rollup.changes(fresh).items():
                         if changes:
                             await tx.stage(rollup.staging(width), rollup.STAGING)
@@ -143,20 +158,23 @@ class LedgerStore:
         except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(_describe(exc)) from exc
 
-    def _rows(self, batch: Sequence[Record]) -> tuple[list[tuple[Any, ...]], list[str]]:
-        """The staged rows and each one's uid as the database returns it. Raises
-        ``ValueError`` for a uid that is not a UUID (PostgreSQL only: SQLite keeps any
-        text). PostgreSQL stores a request id the proxy made (``req_<uid>``) as NULL:
+    def _rows(self, batch: Sequence[Record]) -> list[tuple[Any, ...]]:
+        """The staged rows. Raises ``ValueError`` for a uid that is not a UUID
+        (PostgreSQL only: SQLite keeps any text), before anything is sent: asyncpg
+        refusing a value in the middle of a COPY leaves its connection waiting.
+        PostgreSQL stores a request id the proxy made (``req_<uid>``) as NULL:
         ``READ_REQUEST_ID`` gives it back."""
         rows = [astuple(r) for r in batch]
         if self.partitions is None:
-            return rows, [r.uid for r in batch]
-        uids = [uuid.UUID(r.uid) for r in batch]
-        staged = [
-            (u, None if r.request_id == made_request_id(r.uid) else r.request_id, *row[2:])
-            for u, r, row in zip(uids, batch, rows, strict=True)
+            return rows
+        return [
+            (
+                r.uid if _PLAIN_UID(r.uid) else uuid.UUID(r.uid),
+                None if r.request_id == made_request_id(r.uid) else r.request_id,
+                *row[2:],
+            )
+            for r, row in zip(batch, rows, strict=True)
         ]
-        return staged, [u.hex for u in uids]
 
 
 def store_for(db: Db) -> LedgerStore:
@@ -164,8 +182,14 @@ def store_for(db: Db) -> LedgerStore:
     return LedgerStore(db, db.config.timeout)
 
 
-def _uid(value: uuid.UUID | str) -> str:
-    return value.hex if isinstance(value, uuid.UUID) else value
+# The proxy's own uids (``unique_hex``), copied as they are; any other spelling is
+# checked and converted by ``uuid.UUID`` (~1.1 µs, against ~0.17).
+_PLAIN_UID = re.compile("[0-9a-f]{32}").fullmatch
+
+
+def _hex(uid: str) -> str:
+    """``uid`` as PostgreSQL gives it back (``UUID.hex``), whichever way it is written."""
+    return uuid.UUID(uid).hex
 
 
 def _describe(exc: BaseException) -> str:
