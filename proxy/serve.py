@@ -153,7 +153,8 @@ def settle_heap() -> int:
     many objects are frozen.
 
     Measured under load (docs/performance.md, "The collector"), CPython's defaults
-    cost a worker ~3-7 µs a request and a 25-35 ms pause about once a second:
+    cost a worker ~4.5 µs (bare) to ~10 µs (governed) a request and a 25-35 ms pause
+    about once a second:
     - Objects that outlive a few collections (a ledger batch waiting for its flush,
       the access log's queue) are promoted to the oldest generation, and once those
       promoted since the last full collection are a quarter of it, it is collected
@@ -163,7 +164,8 @@ def settle_heap() -> int:
       made than freed. The requests in flight hold about that many (a task, its
       frames, futures and the exchange: ~15 each at 64 connections), so it was
       collected every few requests, each time walking them all. At
-      ``YOUNG_THRESHOLD`` it is collected a few times a second (~3 ms each).
+      ``YOUNG_THRESHOLD``, no collection ran in the same 9 s of load; one costs ~3 ms
+      when it comes.
     Reference counting still frees frozen objects; only a cycle among them that later
     becomes garbage stays, and start-up objects are not replaced."""
     gc.collect()
