@@ -44,7 +44,7 @@ def compare(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
-    parser.add_argument("--before", type=Path, required=True, help="the tree measured first")
+    parser.add_argument("--before", type=Path, required=True, help="the baseline tree")
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--mode", choices=("bare", "governed"), default="bare")
     parser.add_argument("--kinds", default="chat,chat stream,long stream", help="comma-separated")

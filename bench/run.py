@@ -353,10 +353,14 @@ class Bench:
             wrk.run(url, self.scripts["chat"], 16, 1, self.layout.load)
         runs: dict[str, list[tuple[float, float]]] = {}
         for turn in range(max(TURN_ROUNDS, self.settings.repeat)):
+            swapped = turn % 2 == 1
             for kind in kinds:
-                pair = (base, other) if turn % 2 == 0 else (other, base)
-                cost = {s.name: self.once(s, kind, TURN_CONNS)[1] for s in pair}
-                runs.setdefault(kind, []).append((cost[base.name], cost[other.name]))
+                first, second = (other, base) if swapped else (base, other)
+                costs = (
+                    self.once(first, kind, TURN_CONNS)[1],
+                    self.once(second, kind, TURN_CONNS)[1],
+                )
+                runs.setdefault(kind, []).append((costs[1], costs[0]) if swapped else costs)
         med = statistics.median
         return report.Turns(
             name,
