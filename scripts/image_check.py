@@ -45,12 +45,13 @@ BASE = "localhost/morngpt-base:bookworm-3"
 PACKAGES = "python3,python3-venv,python3-dev,python-is-python3,ca-certificates,passwd"
 MIRROR = "http://deb.debian.org/debian"
 RUN = ["buildah", "run", "--isolation", "chroot"]
-# Run in the image: whether setup.py's HOT modules are C extensions there, without the
-# compiler's own packages.
+# Run in the image: whether setup.py's HOT modules and the C scan are C extensions
+# there, without the compiler's own packages.
 COMPILED = """
-import importlib.util, proxy.app, proxy.http.front, proxy.http.relay
+import importlib.util, proxy.app, proxy.http.front, proxy.http.relay, proxy.http.scan
 modules = (proxy.app, proxy.http.front, proxy.http.relay)
 built = all(m.__file__.endswith(".so") for m in modules)
+built = built and proxy.http.scan.plain_run is not proxy.http.scan.run_by_counts
 mypy = importlib.util.find_spec("mypy") is not None
 print(("compiled" if built else "plain") + (", mypy" if mypy else ", no mypy"))
 """

@@ -42,7 +42,7 @@ from ..exchange import OVERHEAD_HEADER, Exchange
 from . import lean
 from .faults import Disconnected
 from .h1_conn import Response
-from .scan import NULL_USAGE, plain_events, stripped, unread_end, unstripped
+from .scan import NULL_USAGE, plain_run
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
 from .wire import find_usage
@@ -315,22 +315,14 @@ class _Watch:
         """Append to ``kept`` what the client gets of ``block``, a run of complete
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
-        # Byte scans over the whole read, not one per event (scan.py).
-        if block.find(b"\r") >= 0:  # \r line ends: every event parsed
-            end = known = 0
-        elif self.strip:
-            block, maybe, known = stripped(block)
-            end = unread_end(block, maybe, stripped=True)
-        else:
-            end, known = unstripped(block)
-        head, count = plain_events(block, end, known) if end else (block, 0)
+        # A pass over the whole read, not one per event (scan.py).
+        head, count, rest = plain_run(block, self.strip)
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
             kept.append(head)
-            if end == len(block):
-                return
-            block = block[end:]
-        for event in events_in(block):
+        if not rest:
+            return
+        for event in events_in(rest):
             raw = self.keep(event)
             if raw is not None:
                 kept.append(raw)

@@ -3,7 +3,15 @@ parses any (``relay._Watch.take``): which events it must read, which it relays a
 they are, and (where the proxy asked for usage itself) the read without the
 ``"usage":null`` members the upstream added. Bytes in, counts and offsets out.
 
-Invariants:
+``plain_run`` is what the relay calls: in C where it was built (proxy/http/_plain.c,
+with the compiled hot path: one pass over the read, memchr and memmem, event by
+event), else ``run_by_counts``, the scans below. Both come to what parsing every
+event comes to (tests/http/test_relay.py); they may split a read differently: the C
+scan stops at the first event that is not plain and leaves the rest to be parsed,
+and takes an event with a null usage only where it ends the object (``,"usage":null}``
+or ``, "usage": null}``: OpenAI, Azure, vLLM), parsing any other.
+
+Invariants of the Python scans:
 - Exact, never a guess: an event that may hold a usage (a ``"usage"`` key not
   followed by null), an error, or anything but a plain ``data: {...}`` line is among
   the events read; a false alarm costs a parse, never a missed usage.
@@ -15,6 +23,8 @@ Invariants:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .wire import null_after
 
@@ -38,6 +48,42 @@ _STRIP_BETWEEN = b"," + _NULL_BETWEEN
 _STRIP_END = b"," + _NULL_END
 _NULL_LAST = (_NULL_END, _NULL_END + _DONE)
 _STRIP_LAST = (_STRIP_END, _STRIP_END + _DONE)
+
+
+def run_by_counts(block: bytes, strip: bool) -> tuple[bytes, int, bytes]:
+    """``plain_run`` in Python: the plain events of ``block`` as the client gets them,
+    how many they are, and the bytes to read one by one; when they are not all plain
+    up to the events the proxy must read, all of the read is to be read."""
+    if block.find(b"\r") >= 0:  # \r line ends: every event parsed
+        return b"", 0, block
+    if strip:
+        block, maybe, known = stripped(block)
+        end = unread_end(block, maybe, stripped=True)
+    else:
+        end, known = unstripped(block)
+    head, count = plain_events(block, end, known) if end else (block, 0)
+    if not count:
+        return b"", 0, block
+    return head, count, block[end:] if end < len(block) else b""
+
+
+PlainRun = Callable[[bytes, bool], tuple[bytes, int, bytes]]
+
+
+def _fastest() -> PlainRun:
+    """The C scan (proxy/http/_plain.c, built with the compiled hot path), else
+    ``run_by_counts``."""
+    try:
+        from ._plain import plain_run as in_c
+    except ImportError:
+        return run_by_counts
+    return in_c
+
+
+# ``plain_run(block, strip) -> (head, count, rest)``: ``block``'s plain events as the
+# client gets them (the ``"usage":null`` the proxy asked for stripped), how many, and
+# the bytes left to parse one by one (empty when none).
+plain_run: PlainRun = _fastest()
 
 
 def unstripped(block: bytes) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamProtocolError
 from proxy.exchange import Exchange
-from proxy.http.relay import _Watch
+from proxy.http import scan
+from proxy.http.relay import _Watch, _without_null_usage
 from proxy.http.sse import Cutter, Scanner
 from tests.support.properties import examples
 
@@ -144,18 +145,26 @@ def test_boundaries_counted_with_nulls_past_the_plain_events_are_not_theirs(stri
     ids=["mid-stream", "mid-stream-stripped", "last", "last-stripped"],
 )
 def test_nulls_in_the_middle_of_each_event(strip_and_tail: tuple[bool, bytes]) -> None:
-    """Upstreams that do not put usage last: the nulls are counted apart, as before."""
+    """Upstreams that do not put usage last: the nulls are counted apart (Python's
+    scan) or the events parsed (the C scan), and either comes to reading per event."""
     strip, tail = strip_and_tail
     odd = [chunk(i, "").replace(b'"choices"', b'"usage":null,"choices"') for i in range(9)]
     for reads in ([b"".join(odd) + tail], [*odd, tail], [odd[0] + USAGE_CHUNK + tail]):
         assert per_read(reads, strip) == per_event(reads, strip)
-    # Still relayed as plain events, one read of them or many: unparsed, as such a
-    # malformed one shows (what_a_plain_event_may_hide).
-    hidden = b'data: {"usage":null,"a":1,}\n\n'
-    for reads in ([hidden], [hidden * 3]):
-        sent = reads[0].replace(b'"usage":null,', b"") if strip else reads[0]
-        events = len(reads[0]) // len(hidden)
-        assert per_read(reads, strip) == (sent, None, events, False, "", False)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+@pytest.mark.parametrize("null", [b',"usage":null', b', "usage": null'])
+def test_events_with_the_null_usage_last_are_plain(strip: bool, null: bytes) -> None:
+    """Relayed as plain events by either scan, one read of them or many: unparsed, as
+    such a malformed one shows (what_a_plain_event_may_hide), the null stripped."""
+    hidden = b'data: {"a":1,%b}\n\n' % null
+    sent = hidden.replace(null, b"") if strip else hidden
+    for count in (1, 3):
+        assert per_read([hidden * count], strip) == (sent * count, None, count, False, "", False)
+    then_usage = per_read([hidden * 2 + USAGE_CHUNK], strip)
+    assert then_usage[0] == sent * 2 + (b"" if strip else USAGE_CHUNK)
+    assert then_usage[1:] == (per_event([USAGE_CHUNK], strip)[1], 3, False, "", False)
 
 
 @pytest.mark.parametrize(
@@ -239,3 +248,34 @@ def test_what_a_plain_event_may_hide() -> None:
     odd = b'data: {"a":1,}\n\n'
     sent, *_, failed = per_read([chunk(1) + odd + chunk(2)], strip=False)
     assert (sent, failed) == (chunk(1) + odd + chunk(2), False)
+
+
+@st.composite
+def blocks(draw: st.DrawFn) -> bytes:
+    """Events of every kind and stray bytes, mostly ``\\n``-heavy."""
+    part = st.one_of(
+        st.sampled_from(EVENTS),
+        st.sampled_from([b"\n", b"\n\n", b"}", b"data: {", b'"usage"', b"null}", b"\r"]),
+        st.binary(max_size=12),
+    )
+    return b"".join(draw(st.lists(part, max_size=12)))
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(block=blocks(), strip=st.booleans())
+def test_a_plain_run_is_a_prefix_of_the_read(block: bytes, strip: bool) -> None:
+    """Whatever the bytes (the C scan reads them by pointer): the plain events and
+    the rest are the read, the head less its stripped nulls; each plain event one
+    ``data: {...}`` line. (Python's scan may strip the rest too; keep strips it
+    again, to the same bytes.)"""
+    strip_if = _without_null_usage if strip else bytes
+    for plain_run in (scan.plain_run, scan.run_by_counts):
+        head, count, rest = plain_run(block, strip)
+        assert strip_if(head + rest) == strip_if(block)
+        assert head == strip_if(head)
+        if plain_run is not scan.run_by_counts:  # the C scan's rest is the read's
+            assert block.endswith(rest)
+        if count:
+            assert head.count(b"\n\n") == count == head.count(b"\ndata: {") + 1
+        else:
+            assert head == b""
