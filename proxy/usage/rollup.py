@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from .record import Record
 
@@ -60,7 +60,8 @@ def bucket(ms: float) -> int:
 
 def nano(cost: Decimal) -> int:
     """A cost in whole nano-units (rounded up; exact for ledger costs)."""
-    return int(cost.scaleb(9).to_integral_value(rounding=ROUND_CEILING))
+    numerator, denominator = cost.as_integer_ratio()  # exact (~0.45 µs, scaleb ~0.7)
+    return -(-numerator * 1_000_000_000 // denominator)
 
 
 def deltas(records: Iterable[Record], width: int) -> list[tuple[object, ...]]:
@@ -93,7 +94,9 @@ def changes(records: Iterable[Record]) -> dict[int, list[tuple[object, ...]]]:
         sums[3] += r.completion_tokens
         sums[4] += r.cached_tokens
         sums[5] += r.reasoning_tokens
-        sums[6] += nano(r.cost)
+        cost = r.cost
+        if cost:  # most often none (no price configured): no Decimal arithmetic
+            sums[6] += nano(cost)
         sums[7 + bucket(_finite(r.duration_ms))] += 1
         if r.ttft_ms is not None:
             sums[7 + BUCKETS + bucket(_finite(r.ttft_ms))] += 1

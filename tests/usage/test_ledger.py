@@ -309,6 +309,22 @@ def test_histogram_percentiles_merge_and_interpolate() -> None:
     assert rollup.percentile(counts, 1.0) == 200.0
 
 
+@pytest.mark.parametrize(
+    ("cost", "nanos"),
+    [("0", 0), ("0.00105", 1_050_000), ("1.50E-7", 150), ("1E-12", 1),
+     ("1.0000000001", 1_000_000_001), ("123456789.123456789123", 123_456_789_123_456_790),
+     ("-1E-10", 0)],
+)  # fmt: skip
+def test_costs_are_rounded_up_to_whole_nano_units(cost: str, nanos: int) -> None:
+    assert rollup.nano(Decimal(cost)) == nanos
+
+
+def test_a_cost_that_is_no_number_is_refused() -> None:
+    for bad in ("NaN", "Infinity"):
+        with pytest.raises(ArithmeticError if bad == "Infinity" else ValueError):
+            rollup.nano(Decimal(bad))
+
+
 async def test_a_spooled_record_the_database_refuses_is_set_aside_not_replayed_for_ever(
     make_proxy: MakeProxy, upstream: FakeUpstream, migrated_pg: str, tmp_path: Path
 ) -> None:
