@@ -9,6 +9,7 @@ Responses are scanned for their ``usage`` object the same way.
 from __future__ import annotations
 
 import json
+import re
 
 import msgspec
 
@@ -164,7 +165,9 @@ class _WireUsage(msgspec.Struct):
     input_tokens_details: _Details | None = None
     output_tokens_details: _Details | None = None
 
-    def normalise(self) -> Usage:
+    def normalise(self, model: str | None = None) -> Usage:
+        """The counts in ``Usage``'s terms, bounded, with the answer's ``model`` (bounded
+        too: an upstream's string)."""
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
         completion = (
             self.completion_tokens if self.completion_tokens is not None else self.output_tokens
@@ -179,6 +182,7 @@ class _WireUsage(msgspec.Struct):
             total_tokens=_count(self.total_tokens or prompt + completion),
             cached_tokens=_count(cached.cached_tokens) if cached else 0,
             reasoning_tokens=_count(reasoning.reasoning_tokens) if reasoning else 0,
+            model=model[:MAX_MODEL] if model else None,
         )
 
 
@@ -230,16 +234,15 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
     if wire is None:
         return None, False
     model = carrier.model or (carrier.response.model if carrier.response else None)
-    usage = wire.normalise()
-    if model:  # an upstream's string: bounded before it goes anywhere
-        usage = msgspec.structs.replace(usage, model=model[:MAX_MODEL])
-    return usage, carrier.choices == []
+    return wire.normalise(model), carrier.choices == []
+
+
+# The colon and any spaces after a key, then null (a C match: a loop over the bytes in
+# Python cost ~3x as much).
+_NULL_AFTER = re.compile(rb"[ \t\r\n:]*null").match
 
 
 def null_after(payload: bytes, i: int) -> bool:
     """Whether the value after the key that ends at ``payload[i]`` is null (skips the
     colon and spaces; a `"usage": null` on every chunk must stay cheap)."""
-    n = len(payload)
-    while i < n and payload[i] in b" \t\r\n:":
-        i += 1
-    return payload.startswith(b"null", i)
+    return _NULL_AFTER(payload, i) is not None

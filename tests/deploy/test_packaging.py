@@ -176,7 +176,9 @@ def locked(name: str) -> dict[str, list[tuple[Version, str]]]:
     """A lock file's pins: package -> [(version, marker text)] (one per marker branch)."""
     pins: dict[str, list[tuple[Version, str]]] = {}
     for line in (ROOT / name).read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9._-]+)==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
+        match = re.match(
+            r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line
+        )
         if match:
             package, version, marker = match.groups()
             pins.setdefault(canonicalize_name(package), []).append((Version(version), marker or ""))
