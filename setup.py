@@ -34,6 +34,7 @@ HOT = [
     "proxy/http/h1.py",
     "proxy/http/h1_conn.py",
     "proxy/http/relay.py",
+    "proxy/http/reported.py",
     "proxy/http/scan.py",
     "proxy/http/sse.py",
     "proxy/governance/gate.py",

@@ -42,10 +42,10 @@ from ..exchange import OVERHEAD_HEADER, Exchange
 from . import lean
 from .faults import Disconnected
 from .h1_conn import Response
+from .reported import find_usage
 from .scan import NULL_USAGE, plain_run
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
-from .wire import find_usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
 # the upstream's own rate-limit state, cookies, server banners) stays behind.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .wire import null_after
+from .reported import null_after
 
 # The null usage members an upstream adds to each chunk when asked for usage, each
 # spelling with the comma that goes with it (stripped, the JSON stays valid).

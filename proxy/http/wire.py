@@ -9,7 +9,6 @@ Responses are scanned for their ``usage`` object the same way.
 from __future__ import annotations
 
 import json
-import re
 
 import msgspec
 
@@ -154,7 +153,7 @@ class _Details(msgspec.Struct):
     reasoning_tokens: int | None = None
 
 
-class _WireUsage(msgspec.Struct):
+class WireUsage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     input_tokens: int | None = None
@@ -165,26 +164,6 @@ class _WireUsage(msgspec.Struct):
     input_tokens_details: _Details | None = None
     output_tokens_details: _Details | None = None
 
-    def normalise(self, model: str | None = None) -> Usage:
-        """The counts in ``Usage``'s terms, bounded, with the answer's ``model`` (bounded
-        too: an upstream's string)."""
-        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
-        completion = (
-            self.completion_tokens if self.completion_tokens is not None else self.output_tokens
-        )
-        prompt = _count(prompt)
-        completion = _count(completion)
-        cached = self.prompt_tokens_details or self.input_tokens_details
-        reasoning = self.completion_tokens_details or self.output_tokens_details
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=_count(self.total_tokens or prompt + completion),
-            cached_tokens=_count(cached.cached_tokens) if cached else 0,
-            reasoning_tokens=_count(reasoning.reasoning_tokens) if reasoning else 0,
-            model=model[:MAX_MODEL] if model else None,
-        )
-
 
 # The most tokens one count may say. An upstream's numbers are not trusted: they go
 # into the ledger's integer columns and into bucket arithmetic that is exact only below
@@ -193,19 +172,13 @@ MAX_COUNT = 2**31 - 1
 MAX_MODEL = 256  # characters of an answer's model name kept
 
 
-def _count(value: int | None) -> int:
-    if not value or value < 0:  # (a comparison, not min/max: 6 times cheaper)
-        return 0
-    return MAX_COUNT if value > MAX_COUNT else value
-
-
 class _Nested(msgspec.Struct):
-    usage: _WireUsage | None = None
+    usage: WireUsage | None = None
     model: str | None = None
 
 
-class _UsageCarrier(msgspec.Struct):
-    usage: _WireUsage | None = None
+class UsageCarrier(msgspec.Struct):
+    usage: WireUsage | None = None
     # Present (as a list) on chat/completions stream chunks; [] on the usage chunk.
     choices: list[msgspec.Raw] | None = None
     # Responses API: the final event nests the response object.
@@ -213,36 +186,5 @@ class _UsageCarrier(msgspec.Struct):
     model: str | None = None
 
 
-_carrier_decoder = msgspec.json.Decoder(_UsageCarrier)
-
-
-def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
-    """Usage in a JSON body or stream event, and whether the payload is a chat-style
-    usage-only chunk (``choices: []``). Cheap when there is no usage: substring
-    searches, no decoding."""
-    at = payload.find(b'"usage"')
-    # A nested `"usage": null` may come before the real one; null only if all are.
-    while at >= 0 and null_after(payload, at + 7):
-        at = payload.find(b'"usage"', at + 7)
-    if at < 0:
-        return None, False
-    try:
-        carrier = _carrier_decoder.decode(payload)
-    except (msgspec.DecodeError, RecursionError):  # an upstream's payload: no usage in it
-        return None, False
-    wire = carrier.usage or (carrier.response.usage if carrier.response else None)
-    if wire is None:
-        return None, False
-    model = carrier.model or (carrier.response.model if carrier.response else None)
-    return wire.normalise(model), carrier.choices == []
-
-
-# The colon and any spaces after a key, then null (a C match: a loop over the bytes in
-# Python cost ~3x as much).
-_NULL_AFTER = re.compile(rb"[ \t\r\n:]*null").match
-
-
-def null_after(payload: bytes, i: int) -> bool:
-    """Whether the value after the key that ends at ``payload[i]`` is null (skips the
-    colon and spaces; a `"usage": null` on every chunk must stay cheap)."""
-    return _NULL_AFTER(payload, i) is not None
+# Decodes an answer or event for its usage (reported.py reads it).
+CARRIER = msgspec.json.Decoder(UsageCarrier)

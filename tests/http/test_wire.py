@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, render
-from proxy.http import wire
-from proxy.http.wire import Usage, decode_request, find_usage, rewrite
+from proxy.http import reported, wire
+from proxy.http.reported import find_usage
+from proxy.http.wire import Usage, decode_request, rewrite
 from tests.support.properties import examples
 
 
@@ -538,4 +539,4 @@ def test_nested_models_and_escapes_are_fine(body: bytes) -> None:
     [(None, 0), (-5, 0), (0, 0), (7, 7), (wire.MAX_COUNT, wire.MAX_COUNT), (2**60, wire.MAX_COUNT)],
 )
 def test_an_upstream_count_is_kept_within_bounds(given: int | None, kept: int) -> None:
-    assert wire._count(given) == kept
+    assert reported._count(given) == kept

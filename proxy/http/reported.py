@@ -1,0 +1,79 @@
+"""The usage an upstream reported, in an answer's body or a stream event: found with
+substring searches, decoded only where it is (``wire.CARRIER``), normalised over the
+chat/completions/embeddings and Responses shapes. Compiled with the hot path (setup.py):
+it runs for every non-streamed answer and every stream's usage chunk, and wire.py,
+which defines the msgspec structs, cannot be compiled.
+
+Invariants:
+- Never raises for what an upstream sent: a payload that does not decode has no usage.
+- Every count is bounded (``wire.MAX_COUNT``, negatives 0), and so is the model name
+  (``wire.MAX_MODEL``): an upstream's numbers and strings go into the ledger, the
+  limits' arithmetic and traces.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from .wire import CARRIER, MAX_COUNT, MAX_MODEL, Usage, WireUsage
+
+_KEY = b'"usage"'
+
+
+def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
+    """Usage in a JSON body or stream event, and whether the payload is a chat-style
+    usage-only chunk (``choices: []``). Cheap when there is no usage: substring
+    searches, no decoding."""
+    at = payload.find(_KEY)
+    # A nested `"usage": null` may come before the real one; null only if all are.
+    while at >= 0 and null_after(payload, at + 7):
+        at = payload.find(_KEY, at + 7)
+    if at < 0:
+        return None, False
+    try:
+        carrier = CARRIER.decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # an upstream's payload: no usage in it
+        return None, False
+    response = carrier.response
+    wire = carrier.usage or (response.usage if response is not None else None)
+    if wire is None:
+        return None, False
+    model = carrier.model or (response.model if response is not None else None)
+    return normalised(wire, model), carrier.choices == []
+
+
+def normalised(wire: WireUsage, model: str | None) -> Usage:
+    """``wire``'s counts in ``Usage``'s terms, bounded, with the answer's ``model``."""
+    prompt = _count(wire.prompt_tokens if wire.prompt_tokens is not None else wire.input_tokens)
+    completion = _count(
+        wire.completion_tokens if wire.completion_tokens is not None else wire.output_tokens
+    )
+    cached = wire.prompt_tokens_details or wire.input_tokens_details
+    reasoning = wire.completion_tokens_details or wire.output_tokens_details
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=_count(wire.total_tokens or prompt + completion),
+        cached_tokens=_count(cached.cached_tokens) if cached is not None else 0,
+        reasoning_tokens=_count(reasoning.reasoning_tokens) if reasoning is not None else 0,
+        model=model[:MAX_MODEL] if model else None,
+    )
+
+
+def _count(value: int | None) -> int:
+    if not value or value < 0:  # (a comparison, not min/max: 6 times cheaper)
+        return 0
+    return MAX_COUNT if value > MAX_COUNT else value
+
+
+# The colon and any spaces after a key, then null (a C match: a loop over the bytes in
+# Python cost ~3x as much).
+_NULL_AFTER = re.compile(rb"[ \t\r\n:]*null").match
+
+
+def null_after(payload: bytes, i: int) -> bool:
+    """Whether the value after the key that ends at ``payload[i]`` is null (skips the
+    colon and spaces; a `"usage": null` on every chunk must stay cheap)."""
+    return _NULL_AFTER(payload, i) is not None
