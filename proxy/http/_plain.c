@@ -13,8 +13,8 @@
  * relay parses one by one (_Watch.keep). A read with a "\r" anywhere is all rest.
  *
  * Exact, never a guess: an event that may hold a usage (any other "usage" key), an
- * error or anything but a plain line is in rest. Per byte, memchr and memmem (SIMD in
- * glibc): one pass over the read where the Python scans make several.
+ * error or anything but a plain line is in rest. Per byte, memchr and memmem (glibc's):
+ * one pass over the read where the Python scans make several.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

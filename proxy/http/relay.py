@@ -8,9 +8,10 @@ Invariants:
   for itself (``strip``) and end a broken stream with a clean error event instead of
   a half-written one.
 - The work is per upstream read, not per event, for the events the proxy does not
-  need to read: a read's complete events are looked at with a few C-speed byte scans
-  (``_Watch.take``); only the events the proxy must read (usage, an error, the end,
-  anything but plain ``data: {...}`` lines) are parsed one by one (``_Watch.keep``).
+  need to read: a read's complete events are looked at in one pass (``_Watch.take``,
+  scan.plain_run: C where built, else a few C-speed byte scans); only the events the
+  proxy must read (usage, an error, the end, anything but plain ``data: {...}``
+  lines) are parsed one by one (``_Watch.keep``).
   What that leaves unchecked: docs/performance.md, "What the relay checks".
 - A stream ends either with the upstream's own terminal event or with an SSE error
   event in OpenAI's shape: never silently, so clients can tell a cut from a short
