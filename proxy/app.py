@@ -41,7 +41,7 @@ from .exchange import (
     unique_hex,
 )
 from .http import front, ingress
-from .http.lean import Incoming, deliver
+from .http.lean import Answer, Incoming, deliver, for_aiohttp
 from .http.relay import relay_body, relay_stream
 from .http.upstream import open_request
 from .http.wire import decode_request
@@ -163,15 +163,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     call = Incoming.of(
         request, request.match_info["path"], lambda: ingress.read_request_body(request, server)
     )
-    return await answer(state, call)
+    return for_aiohttp(await answer(state, call))
 
 
-async def _hot(app: web.Application, call: Incoming) -> web.StreamResponse:
+async def _hot(app: web.Application, call: Incoming) -> Answer:
     """POST /v1/{path} parsed by front.py."""
     return await answer(app[STATE], call)
 
 
-async def answer(state: State, call: Incoming) -> web.StreamResponse:
+async def answer(state: State, call: Incoming) -> Answer:
     """The hot path: one proxied request, answered (lean.py writes it)."""
     path = call.path
     exchange = Exchange(client_request_id(call.headers), path)
@@ -262,8 +262,9 @@ async def list_models(request: web.Request) -> web.StreamResponse:
                 state.session, upstream, "GET", target, block, sent, None
             ) as up:
                 call = Incoming.of(request, "models", request.read)
-                return await relay_body(
-                    call, up, upstream, Exchange(rid, "models"), {"X-Request-Id": rid}
+                exchange = Exchange(rid, "models")
+                return for_aiohttp(
+                    await relay_body(call, up, upstream, exchange, {"X-Request-Id": rid})
                 )
     except ProxyError as err:
         return error_response(err, rid)

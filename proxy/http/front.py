@@ -48,7 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..config.schema import Server
 from . import ingress
-from .lean import Incoming
+from .lean import Answer, Incoming
 
 log = logging.getLogger("proxy")
 
@@ -74,7 +74,7 @@ class Hot(NamedTuple):
     (every answer written by lean.py; it returns lean's ``Sent``) and the limits."""
 
     route: re.Pattern[str]
-    handler: Callable[[web.Application, Incoming], Coroutine[Any, Any, web.StreamResponse]]
+    handler: Callable[[web.Application, Incoming], Coroutine[Any, Any, Answer]]
     settings: Server
 
 
@@ -141,7 +141,7 @@ class Front(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: bytes | bytearray = b""  # received, not consumed
         self.scanned = 0  # how far ``pending`` holds no head's end
-        self.task: asyncio.Task[web.StreamResponse] | None = None
+        self.task: asyncio.Task[Answer] | None = None
         self.body: _Body | None = None  # of the request being served
         self.closing = False
         self.paused = False  # writing (the client's buffer is full)
@@ -311,7 +311,7 @@ class Front(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:  # httptools' callback
         self.url = url
 
-    def _served(self, task: asyncio.Task[web.StreamResponse]) -> None:
+    def _served(self, task: asyncio.Task[Answer]) -> None:
         self.task = None
         body, self.body = self.body, None
         if task.cancelled():
@@ -369,16 +369,21 @@ class Front(asyncio.Protocol):
 
 def _without_length(head: bytes) -> tuple[bytes, bytes] | None:
     """The header lines of ``head`` without its Content-Length line, and that line's
-    value; None unless it has exactly one, of digits. The lines are what a keep-alive
-    client sends again with its next request (the length is what changes), so what
-    they parse to is kept (``Door.known``): ~10 µs a request for an SDK's 17 headers."""
-    lowered = head.lower()
-    at = lowered.find(b"\r\ncontent-length:")
+    value; None unless it has one, of digits. The lines are what a keep-alive client
+    sends again with its next request (the length is what changes), so what they parse
+    to is kept (``Door.known``): ~10 µs a request for an SDK's 17 headers. ``head`` has
+    passed llhttp, which refuses a second Content-Length (any spelling: smuggling, as
+    aiohttp refuses it), an empty one, one with a character not a digit and one that
+    overflows; so the first line found is the one, and the usual spellings are looked
+    for before the head is lowered to find any other."""
+    at = head.find(b"\r\nContent-Length:")
     if at < 0:
-        return None
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            at = head.lower().find(b"\r\ncontent-length:")
+            if at < 0:
+                return None
     end = head.index(b"\r\n", at + 2)
-    if lowered.find(b"\r\ncontent-length:", end) >= 0:
-        return None  # aiohttp refuses a second one (smuggling)
     value = head[at + len(b"\r\ncontent-length:") : end].strip(b" \t")
     if not value.isdigit():
         return None

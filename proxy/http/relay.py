@@ -115,7 +115,7 @@ async def relay_body(
     upstream: Upstream,
     exchange: Exchange,
     headers: Mapping[str, str],
-) -> web.StreamResponse:
+) -> lean.Answer:
     """A non-streamed answer: read it, take its usage, send it on (sent on return)."""
     start = perf_counter()
     body = await read_body(up, upstream)
@@ -164,7 +164,7 @@ async def relay_stream(
     exchange: Exchange,
     headers: Mapping[str, str],
     strip: bool,
-) -> web.StreamResponse:
+) -> lean.Answer:
     """Relay an SSE stream chunk by chunk; see the module invariants."""
     head = {**STREAM_HEADERS, **headers, OVERHEAD_HEADER: exchange.overhead_ms()}
     exchange.status = up.status

@@ -77,9 +77,10 @@ def trace_context(headers: CIMultiDictProxy[str], ensure: bool) -> list[tuple[st
     parents = headers.getall(HEADER, ())
     if not parents and ensure:
         return [(HEADER, new_traceparent())]
-    return [(HEADER, v) for v in parents] + [
-        (TRACESTATE, v) for v in headers.getall(TRACESTATE, ())
-    ]
+    states = headers.getall(TRACESTATE, ())
+    if not parents and not states:  # most requests: no list built (called per request)
+        return []
+    return [(HEADER, v) for v in parents] + [(TRACESTATE, v) for v in states]
 
 
 def parse(value: str) -> tuple[str, str, bool] | None:

@@ -62,6 +62,9 @@ TAKEN = {
     "lower-case names": b"POST /v1/chat/completions HTTP/1.1\r\nhost: p\r\n"
     + f"content-length: {len(CHAT)}\r\n\r\n".encode()
     + CHAT,
+    "upper-case Content-Length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
+    + f"CONTENT-LENGTH: {len(CHAT)}\r\n\r\n".encode()
+    + CHAT,
     # llhttp takes leading zeros without end; int() refuses more than 4300 digits
     "Content-Length of 5001 digits": b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n"
     + b"Content-Length: "
@@ -74,6 +77,9 @@ HANDED = {
     "no Host": chat(),
     "two Hosts": chat("Host: p", "Host: q"),
     "two Content-Lengths": chat("Host: p", f"Content-Length: {len(CHAT)}"),
+    # found by their usual spellings first: a second in another spelling is still one
+    "two Content-Lengths, two spellings": chat("Host: p", f"content-length: {len(CHAT)}"),
+    "two Content-Lengths, odd spellings": chat("Host: p", f"CONTENT-length: {len(CHAT)}"),
     "no Content-Length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n\r\n",
     "two Content-Types": chat("Host: p", "Content-Type: a/b", "Content-Type: a/b"),
     "gzip": chat("Host: p", "Content-Encoding: gzip"),
