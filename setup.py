@@ -42,6 +42,7 @@ HOT = [
     "proxy/governance/ratelimit/limiter.py",
     "proxy/governance/ratelimit/lease.py",
     "proxy/ops/metrics_sink.py",
+    "proxy/usage/row.py",
     "proxy/usage/writer.py",
 ]
 

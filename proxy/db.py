@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
+from itertools import chain
 from pathlib import Path
 from types import NoneType
 from typing import Any, Protocol, TypeVar
@@ -297,9 +298,7 @@ class _LiteTx:
         return await self.batches._run(lambda conn: conn.execute(lite(sql), args).fetchall())
 
     async def copy(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
-        marks = ", ".join("?" * len(columns))
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
-        await self.batches._run(lambda conn: conn.executemany(sql, rows))
+        await self.batches._run(lambda conn: _insert(conn, table, columns, rows))
 
     async def stage(self, table: str, columns: dict[str, str]) -> None:
         # Untyped columns keep values as they are bound (a declared type would give a
@@ -309,6 +308,29 @@ class _LiteTx:
             conn.execute(f"DELETE FROM {table}")  # SQLite has no ON COMMIT DELETE ROWS
 
         await self.batches._run(run)
+
+
+# Placeholders one statement may hold in any SQLite (SQLITE_MAX_VARIABLE_NUMBER was 999
+# before 3.32).
+_MAX_MARKS = 999
+
+
+def _insert(
+    conn: sqlite3.Connection, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
+) -> None:
+    """``rows`` into ``table``, as many rows a statement as its placeholders allow:
+    ``executemany`` of one row a statement releases the GIL (and the event loop's
+    thread takes it) around every row's step."""
+    marks = "(" + ", ".join("?" * len(columns)) + ")"
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    per = max(1, _MAX_MARKS // len(columns))
+    whole = len(rows) - len(rows) % per
+    if whole:
+        values = ", ".join([marks] * per)
+        chunks = (tuple(chain.from_iterable(rows[at : at + per])) for at in range(0, whole, per))
+        conn.executemany(head + values, chunks)
+    if whole < len(rows):
+        conn.executemany(head + marks, rows[whole:])
 
 
 class Db:

@@ -38,7 +38,7 @@ from ..errors import Forbidden, RateLimited, TokensRateLimited, Unauthorized
 from ..exchange import OPEN, Caller, Exchange, Grant
 from ..http.wire import MAX_COUNT, RequestView
 from ..ops.metrics import RATELIMIT_KINDS, RATELIMITED
-from ..usage.record import BYTES_PER_TOKEN, consumed
+from ..usage.row import BYTES_PER_TOKEN, consumed
 from .budgets import Budgets
 from .keys.lookup import KeyCache, KeyLookup
 from .keys.record import Key

@@ -29,7 +29,7 @@ from ..config.base import WILDCARD
 from ..config.schema import Config
 from ..config.upstreams import Deployment, Model, Price
 from ..exchange import Exchange
-from ..usage.record import consumed
+from ..usage.row import consumed
 
 NANO = 10**9  # nano-units per unit
 _PER = 10**6  # prices are per million tokens

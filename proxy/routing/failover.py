@@ -359,17 +359,21 @@ async def _send(
     body = outbound.body_for(upstream)
     block = upstream.block(outbound.headers, outbound.peer, outbound.forwarding)
     headers = outbound.extra.copy()  # the attempt's traceparent joins them
-    attempt_started(exchange, upstream, headers)
+    traced = exchange.trace is not None  # the hooks only feed a trace (no call without)
+    if traced:
+        attempt_started(exchange, upstream, headers)
     sent = perf_counter()
     try:
         target = upstream.target(outbound.path)
         response = await open_request(session, upstream, "POST", target, block, headers, body)
     except BaseException as exc:
-        attempt_ended(exchange, exc)
+        if traced:
+            attempt_ended(exchange, exc)
         raise
     finally:
         exchange.upstream_time += perf_counter() - sent
-    attempt_ended(exchange, response.status)
+    if traced:
+        attempt_ended(exchange, response.status)
     if response.status not in RETRYABLE:
         state.observe_latency(perf_counter() - sent)
     return response

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import asyncpg
 from msgspec.structs import astuple
 
-from ..db import Db
+from ..db import Db, Tx
 from ..errors import DatabaseUnavailable
 from ..exchange import made_request_id
 from . import rollup
@@ -62,11 +62,12 @@ _STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is mi
 }
 _STAGING = {c: _STAGING_TYPES[c] for c in COLUMNS}
 # ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
-_MERGE = (
+_INSERT = (
     f"INSERT INTO {TABLE} ({_LIST}) SELECT "
     + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
-    + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING RETURNING uid"
+    + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING"
 )
+_MERGE = f"{_INSERT} RETURNING uid"
 # PostgreSQL's merge returns the uids of the batch it did not insert (already there,
 # or another writer's since), usually none, rather than every one it did: no UUID
 # decoded (and no object for the collector) per row.
@@ -132,8 +133,7 @@ class LedgerStore:
                     await tx.stage("usage_batch", _STAGING)
                     await tx.copy("usage_batch", COLUMNS, rows)
                     if self.partitions is None:
-                        added = {u for (u,) in await tx.fetch(_MERGE)}
-                        fresh = [r for r in batch if r.uid in added]
+                        fresh = await _merge_lite(tx, batch)
                     else:
                         skipped = {u.hex for (u,) in await tx.fetch(_MERGE_SKIPPED)}
                         fresh = (
@@ -175,6 +175,20 @@ class LedgerStore:
             )
             for r, row in zip(batch, rows, strict=True)
         ]
+
+
+async def _merge_lite(tx: Tx, batch: Sequence[Record]) -> Sequence[Record]:
+    """The staged batch into the ledger on SQLite; the records it added. Usually all of
+    them: then one statement, without the RETURNING that hands back each uid (SQLite's
+    module releases the GIL around each row it steps through, which the event loop's
+    thread then takes). When some were there already (a replay), it is undone and
+    merged again with RETURNING."""
+    await tx.execute("SAVEPOINT merge")
+    if await tx.execute(_INSERT) == len(batch):
+        return batch
+    await tx.execute("ROLLBACK TO merge")
+    added = {u for (u,) in await tx.fetch(_MERGE)}
+    return [r for r in batch if r.uid in added]
 
 
 def store_for(db: Db) -> LedgerStore:

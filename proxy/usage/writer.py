@@ -42,7 +42,8 @@ from ..config.schema import Ledger
 from ..errors import DatabaseUnavailable
 from ..exchange import Exchange
 from ..ops.metrics import USAGE_DROPPED, USAGE_QUEUE_DEPTH, USAGE_SPOOLED, USAGE_WRITTEN
-from .record import Record, record_of, size
+from .record import Record
+from .row import record_of, size
 from .spool import Claimed, Spool
 from .store import Store
 

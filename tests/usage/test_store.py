@@ -59,7 +59,9 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> cfg.Database:
 
 
 async def test_rows_hold_the_records_values(database: cfg.Database) -> None:
-    records = [*batch(0, 3), msgspec.structs.replace(_BASE, uid="f" * 32, request_id="r",
+    # Over a hundred rows: SQLite's statements of many rows (db._insert) and the one-row
+    # statement of what is left over both run.
+    records = [*batch(0, 100), msgspec.structs.replace(_BASE, uid="f" * 32, request_id="r",
                key_id=None, estimated=False, stream=False, error="UpstreamTimeout",
                ttft_ms=None, cost=Decimal(0))]  # fmt: skip
     db = await Db.open(database)
