@@ -145,13 +145,15 @@ def _statements(sql: str) -> list[str]:
 #
 # Code writes SQL once, in PostgreSQL's dialect with ``$n`` placeholders, restricted to
 # what both backends run the same way. ``lite`` is the one place it is rewritten for
-# SQLite: placeholders, and ``to_timestamp(x)`` (the ledger's staged Unix seconds) to
-# ``x`` (SQLite keeps Unix seconds). Values: pass ``datetime`` for timestamps and
+# SQLite: placeholders, ``to_timestamp(x)`` (the ledger's staged Unix seconds) to
+# ``x`` (SQLite keeps Unix seconds), and ``x::numeric`` (a staged decimal's text) to
+# ``x`` (SQLite keeps the text). Values: pass ``datetime`` for timestamps and
 # ``Decimal`` for exact amounts; SQLite stores them as Unix seconds and decimal text
 # (the adapters below), and ``epoch`` reads either back.
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _TO_TIMESTAMP = re.compile(r"to_timestamp\((\w+)\)")
+_TO_NUMERIC = re.compile(r"::numeric\b")  # SQLite keeps a decimal as its text
 _LITE: dict[str, str] = {}
 sqlite3.register_adapter(Decimal, str)
 sqlite3.register_adapter(datetime, lambda value: value.timestamp())
@@ -167,7 +169,8 @@ def lite(sql: str) -> str:
     """``sql`` (PostgreSQL dialect) as SQLite runs it (cached)."""
     found = _LITE.get(sql)
     if found is None:
-        found = _LITE[sql] = _TO_TIMESTAMP.sub(r"\1", _PLACEHOLDER.sub(r"?\1", sql))
+        found = _PLACEHOLDER.sub(r"?\1", _TO_NUMERIC.sub("", sql))
+        found = _LITE[sql] = _TO_TIMESTAMP.sub(r"\1", found)
     return found
 
 

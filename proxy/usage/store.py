@@ -57,14 +57,19 @@ _STAGING_TYPES = {  # one per COLUMNS entry (a KeyError at import when one is mi
     "started_at": "double precision",
     "duration_ms": "double precision",
     "ttft_ms": "double precision",
-    "cost": "numeric",
+    # The decimal's text, made numeric by the merge: asyncpg's binary encoding of a
+    # Decimal cost ~9,400 instructions a row, 13 % of the row's write (callgrind).
+    "cost": "text",
     "team_id": "text",
 }
 _STAGING = {c: _STAGING_TYPES[c] for c in COLUMNS}
+_COST = COLUMNS.index("cost")
+# What the merge takes of a staged column, where it is not the column as it is.
+_MERGED = {"started_at": "to_timestamp(started_at)", "cost": "cost::numeric"}
 # ``WHERE true``: SQLite would read ON CONFLICT as a join's ON without it.
 _INSERT = (
     f"INSERT INTO {TABLE} ({_LIST}) SELECT "
-    + ", ".join("to_timestamp(started_at)" if c == "started_at" else c for c in COLUMNS)
+    + ", ".join(_MERGED.get(c, c) for c in COLUMNS)
     + " FROM usage_batch WHERE true ON CONFLICT DO NOTHING"
 )
 _MERGE = f"{_INSERT} RETURNING uid"
@@ -163,7 +168,7 @@ class LedgerStore:
         (PostgreSQL only: SQLite keeps any text), before anything is sent: asyncpg
         refusing a value in the middle of a COPY leaves its connection waiting.
         PostgreSQL stores a request id the proxy made (``req_<uid>``) as NULL:
-        ``READ_REQUEST_ID`` gives it back."""
+        ``READ_REQUEST_ID`` gives it back; its cost goes as the decimal's text."""
         rows = [astuple(r) for r in batch]
         if self.partitions is None:
             return rows
@@ -171,7 +176,9 @@ class LedgerStore:
             (
                 r.uid if _PLAIN_UID(r.uid) else uuid.UUID(r.uid),
                 None if r.request_id == made_request_id(r.uid) else r.request_id,
-                *row[2:],
+                *row[2:_COST],
+                str(r.cost),
+                *row[_COST + 1 :],
             )
             for r, row in zip(batch, rows, strict=True)
         ]
