@@ -266,7 +266,7 @@ class Chunked:
         self._head = head
         self._drain = call.drain
         self.transport = call.transport
-        self.response: Answer = Sent(status, keep_alive)
+        self.response = Sent(status, keep_alive)
 
     @classmethod
     def start(cls, call: Incoming, status: int, headers: Mapping[str, str]) -> Chunked | None:

@@ -109,28 +109,6 @@ class Tracer:
             await self.exporter.stop()
 
 
-def attempt_started(exchange: Exchange, upstream: Upstream, headers: list[tuple[str, str]]) -> None:
-    """Failover hook: an attempt of ``exchange`` goes to ``upstream`` with ``headers``
-    now. With tracing on, a CLIENT span starts and ``headers`` carry its context."""
-    trace = exchange.trace
-    if trace is not None:
-        trace.attempt(upstream, headers)
-
-
-def attempt_ended(exchange: Exchange, outcome: int | BaseException) -> None:
-    """Failover hook: the attempt last started got response headers with status
-    ``outcome``, or failed with it (an exception)."""
-    trace = exchange.trace
-    if trace is None or not trace.attempts:
-        return
-    attempt = trace.attempts[-1]
-    attempt.end = perf_counter()
-    if isinstance(outcome, int):
-        attempt.status = outcome
-    else:
-        attempt.error = type(outcome).__name__
-
-
 def has_failed(exchange: Exchange, trace: Trace) -> bool:
     """Whether a request's trace is kept whatever the sampling: it ended in a 5xx, an
     upstream attempt was retried or failed over, or its stream broke mid-way. A

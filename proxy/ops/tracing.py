@@ -165,6 +165,18 @@ class Trace:
             headers[:] = [(k, v) for k, v in headers if k.lower() not in self.drop]
         headers.append((HEADER, f"00-{self.trace_id}-{span_id}-01"))
 
+    def attempt_ended(self, outcome: int | BaseException) -> None:
+        """The attempt last started got response headers with status ``outcome``, or
+        failed with it (an exception)."""
+        if not self.attempts:
+            return
+        attempt = self.attempts[-1]
+        attempt.end = perf_counter()
+        if isinstance(outcome, int):
+            attempt.status = outcome
+        else:
+            attempt.error = type(outcome).__name__
+
     def identify(self) -> None:
         """Give a request sampled out at the start, and kept for its error, the ids
         its spans need."""

@@ -52,7 +52,6 @@ from ..http.ingress import Forwarding
 from ..http.upstream import Upstream, open_request
 from ..http.wire import rewrite
 from ..ops import metrics
-from ..ops.tracer import attempt_ended, attempt_started
 from .health import DeploymentState, Health, Slot
 from .routes import Route, Router, claim
 
@@ -359,21 +358,21 @@ async def _send(
     body = outbound.body_for(upstream)
     block = upstream.block(outbound.headers, outbound.peer, outbound.forwarding)
     headers = outbound.extra.copy()  # the attempt's traceparent joins them
-    traced = exchange.trace is not None  # the hooks only feed a trace (no call without)
-    if traced:
-        attempt_started(exchange, upstream, headers)
+    trace = exchange.trace  # with tracing on: a CLIENT span per attempt
+    if trace is not None:
+        trace.attempt(upstream, headers)  # the attempt's traceparent joins the headers
     sent = perf_counter()
     try:
         target = upstream.target(outbound.path)
         response = await open_request(session, upstream, "POST", target, block, headers, body)
     except BaseException as exc:
-        if traced:
-            attempt_ended(exchange, exc)
+        if trace is not None:
+            trace.attempt_ended(exc)
         raise
     finally:
         exchange.upstream_time += perf_counter() - sent
-    if traced:
-        attempt_ended(exchange, response.status)
+    if trace is not None:
+        trace.attempt_ended(response.status)
     if response.status not in RETRYABLE:
         state.observe_latency(perf_counter() - sent)
     return response
