@@ -26,7 +26,7 @@ from proxy.config.upstreams import Deployment
 from proxy.exchange import Exchange
 from proxy.http.upstream import Upstream
 from proxy.http.wire import RequestView, Usage
-from proxy.ops.tracer import Tracer, attempt_ended, attempt_started
+from proxy.ops.tracer import Tracer
 
 # What the bench clients of bench.run / bench.inproc send, as aiohttp hands it over.
 HEADERS = CIMultiDictProxy(
@@ -61,11 +61,12 @@ def one_request(tracer: Tracer | None, upstream: Upstream) -> Exchange:
     if tracer is not None:  # app.proxy
         exchange.trace = tracer.start(HEADERS)
     exchange.model, exchange.stream, exchange.key_id = "m", True, "k1"
-    if exchange.trace is not None:
-        exchange.trace.asked(VIEW)
+    trace = exchange.trace
     headers = [("Content-Type", "application/json"), ("X-Request-Id", "req_bench")]
-    attempt_started(exchange, upstream, headers)  # failover._send
-    attempt_ended(exchange, 200)
+    if trace is not None:
+        trace.asked(VIEW)
+        trace.attempt(upstream, headers)  # failover._send
+        trace.attempt_ended(200)
     exchange.deployment, exchange.attempts, exchange.status = "d1", 1, 200
     exchange.first_byte, exchange.usage, exchange.events = time.perf_counter(), USAGE, 9
     if tracer is not None:  # the sink
