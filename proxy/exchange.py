@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # (workers, replicas, restarts) share one in practice.
 _PROCESS = urandom(8).hex()
 _serial = itertools.count()
+_TOP = 1 << 64  # hex() of a counter below it with this bit set: "0x1" and 16 digits
 
 
 def _reseed() -> None:
@@ -51,7 +52,7 @@ def made_request_id(uid: str) -> str:
 def unique_hex() -> str:
     """32 hex digits no other call of any process returns: the process's random half,
     then a counter. No system call per request (os.urandom costs ~2 µs)."""
-    return f"{_PROCESS}{next(_serial):016x}"
+    return _PROCESS + hex(_TOP | next(_serial))[3:]  # a format spec costs twice as much
 
 
 class Exchange:

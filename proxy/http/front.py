@@ -53,6 +53,7 @@ from .lean import Answer, Incoming
 log = logging.getLogger("proxy")
 
 _START = b"POST /v1/"
+_LENGTH = b"\r\ncontent-length:"
 _HEAD_END = b"\r\n\r\n"
 # Headers whose presence leaves the request to aiohttp (framing, codings, upgrades).
 _AIOHTTP_HEADERS = frozenset(("expect", "upgrade"))  # and Content-Encoding but identity
@@ -60,25 +61,41 @@ _MAX_HEADERS = 100  # aiohttp refuses more than 128
 # Bytes a connection holds for requests (or a body) nobody asked for yet before it
 # stops reading from the socket.
 _HELD = 64 * 1024
-# Header blocks whose parse a listener keeps (``Door.known``): the clients of a
-# listener send few kinds; past this many, it starts again. Only blocks up to
-# _KNOWN_BYTES are kept (an SDK's are under 1 KB), so that clients sending many large
-# ones cannot make it hold more than a few MB.
+# Request heads whose parse a listener keeps, without their length's digits
+# (``Door.known``): a keep-alive client sends the same head again but for the length,
+# and the clients of a listener send few kinds; past this many, it starts again. Only
+# heads up to _KNOWN_BYTES are kept (an SDK's are under 1 KB), so that clients sending
+# many large ones cannot make it hold more than a few MB.
 _KNOWN = 256
 _KNOWN_BYTES = 4096
 
 
 class Hot(NamedTuple):
     """What an app serves through ``Front`` (``app[HOT]``, set by app.py): the route
-    tails of ``POST /v1/...`` it takes, the handler that answers an ``Incoming``
-    (every answer written by lean.py; it returns lean's ``Sent``) and the limits."""
+    tails of ``POST /v1/...`` it takes, what makes the handler that answers an
+    ``Incoming`` once the app has started (every answer written by lean.py; it returns
+    lean's ``Sent``), and the limits."""
 
     route: re.Pattern[str]
-    handler: Callable[[web.Application, Incoming], Coroutine[Any, Any, Answer]]
+    handler: Callable[[web.Application], Callable[[Incoming], Coroutine[Any, Any, Answer]]]
     settings: Server
 
 
 HOT = web.AppKey("hot", Hot)
+
+
+class _Known:
+    """What a head the front takes says, but its length (``Door.known``)."""
+
+    __slots__ = ("headers", "keep_alive", "query", "tail")
+
+    def __init__(
+        self, tail: str, query: str, headers: CIMultiDictProxy[str], keep_alive: bool
+    ) -> None:
+        self.tail = tail  # of the path, after /v1/
+        self.query = query
+        self.headers = headers  # but Content-Length
+        self.keep_alive = keep_alive
 
 
 class Door:
@@ -88,14 +105,16 @@ class Door:
         self, aiohttp: Callable[[], RequestHandler], app: web.Application, hot: Hot
     ) -> None:
         self.aiohttp = aiohttp  # makes the handler a connection is handed to
-        self.app = app
         self.hot = hot
+        self.handler = hot.handler(app)  # the app has started (the runner's server)
         self.settings = hot.settings
+        self.max_header_bytes = hot.settings.max_header_bytes
+        self.max_body_bytes = hot.settings.max_body_bytes
         self.loop = asyncio.get_running_loop()
         self.idle_timeout = hot.settings.idle_timeout
         self.cross = app[ingress.DECORATION].cross
         self.fronts: set[Front] = set()
-        self.known: dict[bytes, CIMultiDictProxy[str]] = {}  # _without_length → _headers
+        self.known: dict[bytes, _Known] = {}  # a head without its length's digits
 
     def pre_shutdown(self) -> None:
         for front in list(self.fronts):
@@ -242,10 +261,7 @@ class Front(asyncio.Protocol):
         scanned = self.scanned  # where a head's end may begin, after what was searched
         end = pending.find(_HEAD_END, scanned)
         if end < 0:
-            if (
-                len(pending) > self.door.settings.max_header_bytes
-                or pending.find(b"\n\n", scanned) >= 0
-            ):
+            if len(pending) > self.door.max_header_bytes or pending.find(b"\n\n", scanned) >= 0:
                 self._hand_over()
             else:
                 self.scanned = max(0, len(pending) - len(_HEAD_END) + 1)
@@ -258,55 +274,84 @@ class Front(asyncio.Protocol):
         assert self.body is not None
         self.pending = self.body.feed(bytes(pending[size:]))
         door = self.door
-        self.task = task = door.loop.create_task(door.hot.handler(door.app, call))
+        self.task = task = door.loop.create_task(door.handler(call))
         task.add_done_callback(self._served)
 
     def _take(self, head: bytes) -> Incoming | None:
         """The request of this head if the front takes it (module doc), its body
-        (``self.body``) waiting for its bytes."""
+        (``self.body``) waiting for its bytes. A head that differs from one taken
+        before only in its Content-Length digits is taken as that one was
+        (``Door.known``): llhttp's verdict and everything read off the head depend
+        on the rest of it, not on which digits the length has."""
         door = self.door
-        if len(head) > door.settings.max_header_bytes or head.find(b"\0") >= 0:
+        if len(head) > door.max_header_bytes:
+            return None
+        at = _length_at(head)
+        if at < 0:
+            return None
+        line = head.index(b"\r\n", at + len(_LENGTH))
+        spaced = head[at + len(_LENGTH) : line]  # the value, with the spaces around it
+        value = spaced.lstrip(b" \t")
+        start = line - len(value)
+        value = value.rstrip(b" \t")
+        if not value.isdigit():
+            return None
+        # NUL where the digits were (no head the front takes has one): the spaces
+        # around them stay where they were in the key
+        key = head[:start] + b"\0" + head[start + len(value) :]
+        known = door.known.get(key)
+        if known is None:
+            known = self._parse(head, head[head.index(b"\r\n") : at] + head[line:])
+            if known is None:
+                return None
+            if len(key) <= _KNOWN_BYTES:
+                if len(door.known) >= _KNOWN:
+                    door.known.clear()
+                door.known[key] = known
+        # llhttp takes any number of leading zeros, int() at most 4300 digits
+        value = value.lstrip(b"0") or b"0"
+        if len(value) > 18:
+            return None  # more than any body limit; aiohttp refuses it
+        length = int(value)
+        if length > door.max_body_bytes:
+            return None
+        body = self.body = _Body(self, length)
+        return Incoming(
+            "POST",
+            known.tail,
+            known.query,
+            known.headers,
+            self.peer,
+            self.transport,
+            self.drain,
+            body.read,
+            known.keep_alive and not self.closing,
+            door.cross,
+        )
+
+    def _parse(self, head: bytes, block: bytes) -> _Known | None:
+        """What ``head`` says if the front takes it, checked by llhttp (``block``:
+        its header lines without the request line and Content-Length's)."""
+        if head.find(b"\0") >= 0:
             return None
         parser = httptools.HttpRequestParser(self)  # it validates; the fields are split here
         try:
             parser.feed_data(head)
         except httptools.HttpParserError:
             return None
-        cut = _without_length(head) if parser.get_http_version() == "1.1" else None
-        if cut is None:
+        if parser.get_http_version() != "1.1":
             return None
-        block, length = cut
-        headers = door.known.get(block)
+        headers = _headers(block)
         if headers is None:
-            headers = _headers(block)
-            if headers is None:
-                return None
-            if len(block) <= _KNOWN_BYTES:
-                if len(door.known) >= _KNOWN:
-                    door.known.clear()
-                door.known[block] = headers
-        if int(length) > door.settings.max_body_bytes:
             return None
         url = self.url
         path, _, query = url.partition(b"?")
         if path.find(b"%") >= 0 or url.find(b"#") >= 0 or not url.isascii():
             return None
         tail = path[len(_START) - len("POST ") :].decode()
-        if door.hot.route.fullmatch(tail) is None:
+        if self.door.hot.route.fullmatch(tail) is None:
             return None
-        body = self.body = _Body(self, int(length))
-        return Incoming(
-            "POST",
-            tail,
-            query.decode(),
-            headers,
-            self.peer,
-            self.transport,
-            self.drain,
-            body.read,
-            parser.should_keep_alive() and not self.closing,
-            door.cross,
-        )
+        return _Known(tail, query.decode(), headers, parser.should_keep_alive())
 
     def on_url(self, url: bytes) -> None:  # httptools' callback
         self.url = url
@@ -367,37 +412,25 @@ class Front(asyncio.Protocol):
         handler.data_received(bytes(pending))
 
 
-def _without_length(head: bytes) -> tuple[bytes, bytes] | None:
-    """The header lines of ``head`` without its Content-Length line, and that line's
-    value; None unless it has one, of digits. The lines are what a keep-alive client
-    sends again with its next request (the length is what changes), so what they parse
-    to is kept (``Door.known``): ~10 µs a request for an SDK's 17 headers. ``head`` has
-    passed llhttp, which refuses a second Content-Length (any spelling: smuggling, as
-    aiohttp refuses it), an empty one, one with a character not a digit and one that
-    overflows; so the first line found is the one, and the usual spellings are looked
-    for before the head is lowered to find any other."""
+def _length_at(head: bytes) -> int:
+    """Where ``head``'s Content-Length line starts (at its CRLF), -1 without one.
+    ``head`` has passed llhttp or is about to (``Front._take``), which refuses a
+    second Content-Length (any spelling: smuggling, as aiohttp refuses it), an empty
+    one, one with a character not a digit and one that overflows; so the first line
+    found is the one, and the usual spellings are looked for before the head is
+    lowered to find any other."""
     at = head.find(b"\r\nContent-Length:")
     if at < 0:
         at = head.find(b"\r\ncontent-length:")
         if at < 0:
-            at = head.lower().find(b"\r\ncontent-length:")
-            if at < 0:
-                return None
-    end = head.index(b"\r\n", at + 2)
-    value = head[at + len(b"\r\ncontent-length:") : end].strip(b" \t")
-    if not value.isdigit():
-        return None
-    # llhttp takes any number of leading zeros, int() at most 4300 digits
-    value = value.lstrip(b"0") or b"0"
-    if len(value) > 18:
-        return None  # more than any body limit; aiohttp refuses it
-    return head[head.index(b"\r\n") : at] + head[end:], value
+            at = head.lower().find(_LENGTH)
+    return at
 
 
 def _headers(block: bytes) -> CIMultiDictProxy[str] | None:
-    """The fields of ``block`` (``_without_length``'s lines), None for a request the
-    front leaves to aiohttp (module doc). llhttp refused folded lines, bare LFs,
-    controls and "name :" already: one field a line."""
+    """The fields of ``block`` (a head's lines but its request line and length), None
+    for a request the front leaves to aiohttp (module doc). llhttp refused folded
+    lines, bare LFs, controls and "name :" already: one field a line."""
     text = block.decode("utf-8", "surrogateescape")  # per value, as aiohttp decodes
     fields = [line.partition(":") for line in text.split("\r\n")[1:-2]]
     if len(fields) >= _MAX_HEADERS:  # Content-Length besides

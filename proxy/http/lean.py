@@ -45,6 +45,7 @@ from ..errors import ProxyError
 from . import ingress
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}" for status, reason in _REASONS.items()}
 # The control bytes no head may hold but its own line ends (tab is allowed): what
 # aiohttp's serializer refuses. A head is checked on its bytes, by deleting these
 # (``bytes.translate``) and counting CR and LF, 2-3 times cheaper than a regex scan.
@@ -183,8 +184,11 @@ def head(
         return None
     version = call.version
     keep_alive = call.keep_alive
-    lines = [f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"]
-    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    first = _STATUS_LINES.get(status) if version == HttpVersion11 else None
+    if first is None:
+        first = f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"
+    lines = [first]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     if framing is not None:
         lines.append(framing)
         if typed and "Content-Type" not in headers:

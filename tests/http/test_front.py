@@ -147,14 +147,65 @@ async def test_a_client_sending_the_same_headers_has_them_parsed_once(
     assert got[3] == CHAT
     assert got[2].startswith(STREAM[:-1])  # and the usage option the proxy asks for
     door = proxy.runner.server.door  # type: ignore[union-attr]
-    assert len(door.known) == 2  # the first three requests' lines, then the fourth's
-    assert all("Content-Length" not in headers for headers in door.known.values())
+    assert len(door.known) == 2  # the first three requests' heads, then the fourth's
+    assert all("Content-Length" not in known.headers for known in door.known.values())
     # Large blocks are parsed every time, never kept (what a listener holds is bounded).
     reader, writer = await connect(port_of(proxy))
     writer.write(post("/v1/chat/completions", CHAT, f"X-Large: {'a' * 5000}"))
     assert (await read_reply(reader)).status == 200
     writer.close()
     assert len(door.known) == 2
+
+
+async def test_a_known_head_with_other_digits_is_judged_on_them(
+    make_proxy: MakeProxy, upstream: FakeUpstream
+) -> None:
+    """A head taken before, but for its Content-Length digits, is taken without
+    llhttp (``Door.known``); what the digits say is still read from this head: a
+    length over the limit goes to aiohttp (its 413), and what else makes it differ
+    (spaces around the digits, a second value) is parsed again."""
+    config = quick_start(upstream.url, UPSTREAM_KEY)
+    proxy = await make_proxy(with_server(config, max_body_bytes=len(CHAT) + 10))
+    door = proxy.runner.server.door  # type: ignore[union-attr]
+
+    def head(value: str, *extra: str) -> bytes:
+        lines = ["POST /v1/chat/completions HTTP/1.1", "Host: p", *extra]
+        return ("\r\n".join([*lines, f"Content-Length:{value}"]) + "\r\n\r\n").encode()
+
+    reader, writer = await connect(port_of(proxy))
+    writer.write(head(f" {len(CHAT)}") + CHAT)
+    assert (await read_reply(reader)).status == 200
+    assert len(door.known) == 1
+    writer.write(head(f" 0{len(CHAT)}") + CHAT)  # the same key: taken as known
+    assert (await read_reply(reader)).status == 200
+    assert kinds(proxy) == ["front"]
+    writer.write(head(f" {len(CHAT) + 11}") + CHAT + b"x" * 11)  # over the limit
+    assert (await read_reply(reader)).status == 413
+    await settle()
+    assert kinds(proxy) in (["aiohttp"], [])
+    writer.close()
+    for value in (f"  {len(CHAT)}", f" {len(CHAT)} ", f"\t{len(CHAT)}", f" {len(CHAT)}, 5"):
+        reader, writer = await connect(port_of(proxy))
+        writer.write(head(value) + CHAT)
+        reply = await read_reply(reader)
+        await settle()
+        if value.endswith(", 5"):  # not one length: aiohttp's (it refuses it)
+            assert reply.status == 400
+            assert kinds(proxy) in (["aiohttp"], [])
+        else:
+            assert reply.status == 200
+            assert kinds(proxy) == ["front"]
+        writer.close()
+    assert len(door.known) == 4  # one head per spacing, the refused one not
+    # What a known head says of the connection is kept with it: Connection: close is
+    # honoured every time.
+    for _ in range(2):
+        reader, writer = await connect(port_of(proxy))
+        writer.write(head(f" {len(CHAT)}", "Connection: close") + CHAT)
+        assert (await read_reply(reader)).status == 200
+        assert await closed_by_peer(reader, timeout=5)
+        writer.close()
+    assert len(door.known) == 5
 
 
 async def test_a_client_sending_the_same_headers_has_one_upstream_block(
