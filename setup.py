@@ -41,7 +41,9 @@ HOT = [
     "proxy/governance/keys/lookup.py",
     "proxy/governance/ratelimit/limiter.py",
     "proxy/governance/ratelimit/lease.py",
+    "proxy/governance/periods.py",
     "proxy/ops/metrics_sink.py",
+    "proxy/ops/access_sink.py",
     "proxy/usage/row.py",
     "proxy/usage/writer.py",
 ]

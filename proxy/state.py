@@ -40,6 +40,7 @@ from .http.h1 import Client
 from .http.ingress import Forwarding
 from .http.upstream import make_client
 from .ops import accesslog, metrics
+from .ops.access_sink import AccessLog
 from .ops.metrics_sink import MetricsSink
 from .ops.tracer import Tracer
 from .routing.health import PUBLISH_INTERVAL
@@ -156,7 +157,7 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
         level = config.server.access_log
         if level != "off":
             await stack.enter_async_context(accesslog.listener())
-            sinks.append(accesslog.AccessLog(level))
+            sinks.append(AccessLog(level))
         sinks.append(ledger)
         traffic = Traffic()
         await stack.enter_async_context(traffic.publishing())

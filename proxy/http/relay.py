@@ -47,6 +47,7 @@ from .reported import find_usage
 from .scan import NULL_USAGE, plain_run
 from .sse import Cutter, Event, events_in
 from .upstream import Upstream
+from .wire import Usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
 # the upstream's own rate-limit state, cookies, server banners) stays behind.
@@ -123,8 +124,7 @@ async def relay_body(
     exchange.status = up.status
     exchange.first_byte = perf_counter()
     if up.status < 400:
-        _check_answer(up.content_type, body, exchange.stream)
-        exchange.usage = find_usage(body)[0]
+        exchange.usage = _answer_usage(up.content_type, body, exchange.stream)
     else:
         body = upstream_error_body(up.status, body)
     out = response_headers(up, headers)
@@ -338,14 +338,13 @@ class _Watch:
         raw = event.raw
         if self.strip:  # what is checked is what the client gets
             data, raw = _without_null_usage(data), _without_null_usage(raw)
-        _check_json(data)
+        usage, usage_only = _usage_of(data, "stream event")
         self.exchange.events += 1  # the usage ledger's estimate when usage never comes
         if event.name in _TERMINAL_NAMES:
             self.finished = True
         elif data.startswith(b'{"error"'):
             self.finished = True  # the upstream ended the stream with its own error
             self.exchange.error = UpstreamStreamError
-        usage, usage_only = find_usage(data)
         if usage is not None:
             self.exchange.usage = usage
             if self.strip and usage_only:
@@ -356,25 +355,33 @@ class _Watch:
 _raw_decoder = msgspec.json.Decoder(msgspec.Raw)
 
 
-def _check_json(data: bytes, what: str = "stream event") -> None:
-    """Refuse to relay JSON the client could not parse (validation only, ~0.2 µs for an
-    event). Nesting deeper than the recursion limit counts: the SDK could not read it."""
-    try:
-        _raw_decoder.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        raise UpstreamProtocolError(f"The upstream sent a malformed {what}.") from None
+def _usage_of(data: bytes, what: str) -> tuple[Usage | None, bool]:
+    """The usage in ``data`` and whether it is a usage-only chunk (``find_usage``);
+    refuses to relay JSON the client could not parse. One decode where ``data`` holds
+    a usage: ``find_usage``'s shows it well-formed. Else a validation (~0.2 µs for an
+    event); nesting deeper than the recursion limit counts: the SDK could not read
+    it."""
+    usage, usage_only, parsed = find_usage(data)
+    if not parsed:
+        try:
+            _raw_decoder.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            raise UpstreamProtocolError(f"The upstream sent a malformed {what}.") from None
+    return usage, usage_only
 
 
-def _check_answer(content_type: str, body: bytes, stream: bool) -> None:
-    """Refuse a successful answer the client could not use rather than pass it on as a
-    success: a JSON body that does not parse, or a stream request answered with
-    neither a stream nor JSON (say, an HTML page from something in between)."""
+def _answer_usage(content_type: str, body: bytes, stream: bool) -> Usage | None:
+    """The usage of a successful answer; refuses one the client could not use rather
+    than pass it on as a success: a JSON body that does not parse, or a stream request
+    answered with neither a stream nor JSON (say, an HTML page from something in
+    between)."""
     if content_type == _JSON:
-        _check_json(body, "response body")
-    elif stream:
+        return _usage_of(body, "response body")[0]
+    if stream:
         raise UpstreamProtocolError(
             f"The upstream answered a stream request with {content_type[:100]!r}."
         )
+    return find_usage(body)[0]
 
 
 def _without_null_usage(raw: bytes) -> bytes:

@@ -22,26 +22,28 @@ from .wire import CARRIER, MAX_COUNT, MAX_MODEL, Usage, WireUsage
 _KEY = b'"usage"'
 
 
-def find_usage(payload: bytes) -> tuple[Usage | None, bool]:
-    """Usage in a JSON body or stream event, and whether the payload is a chat-style
-    usage-only chunk (``choices: []``). Cheap when there is no usage: substring
-    searches, no decoding."""
+def find_usage(payload: bytes) -> tuple[Usage | None, bool, bool]:
+    """Usage in a JSON body or stream event; whether the payload is a chat-style
+    usage-only chunk (``choices: []``); and whether it was decoded whole, which shows
+    it well-formed JSON (msgspec checks the syntax of the members it skips as a
+    ``msgspec.Raw`` decode does), so that the relay need not check it again. Cheap
+    when there is no usage: substring searches, no decoding."""
     at = payload.find(_KEY)
     # A nested `"usage": null` may come before the real one; null only if all are.
     while at >= 0 and null_after(payload, at + 7):
         at = payload.find(_KEY, at + 7)
     if at < 0:
-        return None, False
+        return None, False, False
     try:
         carrier = CARRIER.decode(payload)
     except (msgspec.DecodeError, RecursionError):  # an upstream's payload: no usage in it
-        return None, False
+        return None, False, False
     response = carrier.response
     wire = carrier.usage or (response.usage if response is not None else None)
     if wire is None:
-        return None, False
+        return None, False, True
     model = carrier.model or (response.model if response is not None else None)
-    return normalised(wire, model), carrier.choices == []
+    return normalised(wire, model), carrier.choices == [], True
 
 
 def normalised(wire: WireUsage, model: str | None) -> Usage:

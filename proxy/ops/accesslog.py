@@ -1,4 +1,5 @@
-"""The access log: one JSON line per finished request on the logger ``proxy.access``.
+"""The access log: one JSON line per finished request on the logger ``proxy.access``
+(the request path's part, the sink, is access_sink.py, compiled with the hot path).
 
 Invariants:
 - The request path only builds a small dict of plain values and hands a LogRecord to
@@ -35,73 +36,9 @@ from typing import Any, TextIO
 
 import orjson
 
-from ..exchange import Exchange
-
 LOGGER = "proxy.access"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 # Seconds the writer thread gathers records after the first of a batch woke it.
 GATHER = 0.05
-
-
-class AccessLog:
-    """A ``Sink`` that logs each finished exchange as one record on ``proxy.access``."""
-
-    __slots__ = ("level", "logger")
-
-    def __init__(self, level: str) -> None:
-        self.logger = logging.getLogger(LOGGER)
-        self.level = _LEVELS[level]
-
-    def record(self, exchange: Exchange) -> None:
-        logger = self.logger
-        if not logger.isEnabledFor(self.level):
-            return
-        output = _Output.handler
-        if output is not None and _alone(logger, output):
-            output.queue.put_nowait((time.time(), fields(exchange)))
-            return
-        # makeRecord + handle: the same record logger.log makes, without its stack walk.
-        logger.handle(logger.makeRecord(LOGGER, self.level, "", 0, fields(exchange), (), None))
-
-
-def _alone(logger: logging.Logger, output: logging.Handler) -> bool:
-    """Whether the writer's queue is all that gets ``logger``'s records."""
-    return logger.handlers == [output] and not logger.filters and not output.filters
-
-
-def fields(exchange: Exchange) -> dict[str, Any]:
-    """What the access line says about one exchange (times in milliseconds)."""
-    duration = exchange.duration
-    usage = exchange.usage
-    ttft = exchange.ttft
-    line = {
-        "request_id": exchange.request_id,
-        "key_id": exchange.key_id,
-        "endpoint": exchange.endpoint,
-        "model": exchange.model[:200],  # client-chosen text: bounded
-        "deployment": exchange.deployment or None,
-        "status": exchange.status,
-        "stream": exchange.stream,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "duration_ms": _ms(duration),
-        "ttft_ms": None if ttft is None else _ms(ttft),
-        "overhead_ms": _ms(duration - exchange.upstream_time),
-        "error": exchange.error_name or None,
-        "attempts": exchange.attempts,  # upstream requests sent: retries show here
-    }
-    trace = exchange.trace
-    if trace is not None and trace.span_id:  # its spans are exported (Jaeger)
-        line["trace_id"] = trace.trace_id
-        line["span_id"] = trace.span_id
-    return line
-
-
-def _ms(seconds: float) -> float:
-    """``seconds`` (not negative) in milliseconds, rounded to 3 decimals: a float whose
-    shortest form has at most 3 (~4 times cheaper than ``round``, which goes by way of
-    decimal digits)."""
-    return int(seconds * 1_000_000 + 0.5) / 1000
 
 
 class JsonFormatter(logging.Formatter):
@@ -173,7 +110,7 @@ class _Writer:
                 return
 
 
-class _Output:
+class Output:
     """The process's one queue → writer thread → stderr pipeline, reference-counted."""
 
     users = 0
@@ -209,8 +146,8 @@ class _Output:
 @contextlib.asynccontextmanager
 async def listener() -> AsyncIterator[None]:
     """The access log's writer thread runs inside."""
-    _Output.acquire()
+    Output.acquire()
     try:
         yield
     finally:
-        await _Output.release()
+        await Output.release()

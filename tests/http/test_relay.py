@@ -99,6 +99,9 @@ EVENTS = [
     b"event: response.completed\ndata: {}\n\n",
     b"\n",
     b'data: {"usage":null}\n\n',  # a null in no spelling that is stripped
+    # The C scan finds a key by its 'g': g's in the content, a key among them
+    b'data: {"choices":[{"delta":{"content":"big \\"usage\\" egg"}}],"usage":null}\n\n',
+    b'data: {"g":"usagg","usage":{"prompt_tokens":3},"choices":[]}\n\n',
 ]
 
 
@@ -186,6 +189,22 @@ def test_usage_found_from_the_end_of_a_read(usages: list[bytes], strip: bool) ->
     stream = b"".join([chunk(i) for i in range(8)]) + b"".join(usages) + DONE
     assert per_read([stream], strip) == per_event([stream], strip)
     assert per_read([stream], strip)[1] is not None
+
+
+@pytest.mark.parametrize("strip", [False, True])
+@pytest.mark.parametrize(
+    "content", ["g", "gg", "usage", "usag", '\\"usage\\"', 'g\\"usage\\"g', "egg" * 30]
+)
+def test_a_usage_key_among_gs(strip: bool, content: str) -> None:
+    """The C scan looks for a "usage" key at each 'g' of an event: a token's g's, or
+    the word in the text, neither hide the key nor make one."""
+    text = content.encode()
+    plain = chunk(1).replace(b'"t1"', b'"%b"' % text)
+    usage = plain.replace(b'"usage":null', b'"usage":{"prompt_tokens":2}')
+    for stream in (plain * 3 + DONE, plain + usage + plain + DONE, usage + plain):
+        assert per_read([stream], strip) == per_event([stream], strip)
+    assert per_read([plain + usage], strip)[1] is not None
+    assert per_read([plain * 2], strip)[2] == 2
 
 
 @pytest.mark.parametrize("strip", [False, True])

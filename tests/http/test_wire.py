@@ -458,7 +458,77 @@ RESPONSE_COMPLETED = (
     ],
 )
 def test_find_usage(payload: bytes, usage: Usage | None, usage_only: bool) -> None:
-    assert find_usage(payload) == (usage, usage_only)
+    assert find_usage(payload)[:2] == (usage, usage_only)
+
+
+RAW = msgspec.json.Decoder(msgspec.Raw)
+
+
+def well_formed(payload: bytes) -> bool:
+    try:
+        RAW.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
+USAGE = b'"usage":{"prompt_tokens":1}'
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        CHAT_BODY,
+        USAGE_CHUNK,
+        RESPONSE_COMPLETED,
+        b'{"usage":{"prompt_tokens":"5"}}',
+        b'{"usage":5}',
+        b'["usage"]',
+        b'{"a":[1,2,,3],' + USAGE + b"}",
+        b'{"a":"\\q",' + USAGE + b"}",
+        b'{"a":"\\ud800",' + USAGE + b"}",
+        b'{"a":"x\x01",' + USAGE + b"}",
+        b'{"a":"\xff",' + USAGE + b"}",
+        b'{"a":01,' + USAGE + b"}",
+        b'{"a":tru,' + USAGE + b"}",
+        b'{"a":1e,' + USAGE + b"}",
+        b'{"a":1,"a":2,' + USAGE + b"}",
+        b"{" + USAGE + b',"usage":5}',
+        b"{" + USAGE + b"} x",
+        b'{"choices":' + b"[" * 5000 + b"]" * 5000 + b"," + USAGE + b"}",
+    ],
+)
+def test_find_usage_says_decoded_only_of_well_formed_json(payload: bytes) -> None:
+    """The relay checks an answer or event for well-formed JSON only where
+    ``find_usage`` did not decode it whole (relay._usage_of): a decode it says went
+    through must be one the raw validation passes."""
+    usage, _, parsed = find_usage(payload)
+    if parsed:
+        assert well_formed(payload)
+    else:
+        assert usage is None
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(value=JSON, at=st.integers(0, 10**6), byte=st.integers(0, 255), spoil=st.booleans())
+def test_find_usage_decodes_whole_only_what_is_well_formed(
+    value: Any, at: int, byte: int, spoil: bool
+) -> None:
+    """An answer with a usage, one byte of it maybe replaced: where ``find_usage``
+    says it decoded it, it is well-formed JSON."""
+    payload = json.dumps({"x": value, "usage": {"prompt_tokens": 1}}).encode()
+    if spoil:
+        at %= len(payload)
+        payload = payload[:at] + bytes([byte]) + payload[at + 1 :]
+    if find_usage(payload)[2]:
+        assert well_formed(payload)
 
 
 @settings(max_examples=examples(200), deadline=None)
@@ -468,9 +538,10 @@ def test_find_usage(payload: bytes, usage: Usage | None, usage_only: bool) -> No
     key=st.sampled_from([b'"usage"', b'"usage":', b'"usage":null', b'"usage":{']),
 )
 def test_find_usage_never_raises(before: bytes, after: bytes, key: bytes) -> None:
-    usage, usage_only = find_usage(before + key + after)
+    usage, usage_only, parsed = find_usage(before + key + after)
     assert usage is None or isinstance(usage, Usage)
     assert isinstance(usage_only, bool)
+    assert isinstance(parsed, bool)
 
 
 @settings(max_examples=examples(100), deadline=None)
@@ -504,7 +575,7 @@ def test_find_usage_reads_the_counts(
         payload = {"choices": [], "usage": wire}
     text = json.dumps(payload, indent=1 if spaced else None).encode()
     expected = Usage(prompt, completion, total, cached, reasoning)
-    assert find_usage(text) == (expected, not responses)
+    assert find_usage(text) == (expected, not responses, True)
 
 
 @pytest.mark.parametrize(

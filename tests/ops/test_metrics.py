@@ -504,7 +504,7 @@ async def test_access_lines_skip_the_log_record_while_nobody_else_listens(
     monkeypatch.setattr(
         logger, "makeRecord", lambda *a, **k: made.append(a[4]) or make_record(*a, **k)
     )
-    others = [h for h in logger.handlers if h is not accesslog._Output.handler]
+    others = [h for h in logger.handlers if h is not accesslog.Output.handler]
     assert len(others) < len(logger.handlers)  # the writer's queue is attached
     late = _Records()
     for handler in others:  # the session's key scan: this test checks the lines itself
