@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
+from multidict import istr
 
 from .admin import api as admin
 from .admin import console
@@ -57,6 +58,7 @@ log = logging.getLogger("proxy")
 # Endpoints whose streams accept stream_options.include_usage.
 _USAGE_OPTION = frozenset(("chat/completions", "completions"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_REQUEST_ID_NAME = istr("X-Request-Id")  # looked up without lowering it each time
 _JSON = "application/json"
 _RETRY_SOON = {"Retry-After": "1"}
 # The tails of POST /v1/... that are proxied. No segment may start with a dot: upstream
@@ -138,7 +140,7 @@ def build_ops_app(state: State) -> web.Application:
 
 def client_request_id(headers: Mapping[str, str]) -> str | None:
     """The client's own ``X-Request-Id``, when it is one the proxy passes on."""
-    given = headers.get("X-Request-Id")
+    given = headers.get(_REQUEST_ID_NAME)
     return given if given and _REQUEST_ID.fullmatch(given) else None
 
 

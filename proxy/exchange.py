@@ -137,7 +137,17 @@ class Exchange:
     def overhead_ms(self) -> str:
         """The proxy's own time so far (elapsed minus upstream waits), in milliseconds
         with 3 decimals: the value of the ``OVERHEAD_HEADER`` response header."""
-        return f"{(perf_counter() - self.started - self.upstream_time) * 1000:.3f}"
+        return millis(perf_counter() - self.started - self.upstream_time)
+
+
+def millis(seconds: float) -> str:
+    """``seconds`` in milliseconds with 3 decimals, as ``f"{ms:.3f}"`` writes them but
+    for how a half is rounded: the whole, then 3 digits (~0.2 µs less than a float's
+    format spec)."""
+    us = int(seconds * 1_000_000 + 0.5)
+    if us < 0:  # (a clock that went back: as it is)
+        return f"{seconds * 1000:.3f}"
+    return f"{us // 1000}.{str(1000 + us % 1000)[1:]}"
 
 
 # On every proxied response (and the proxy's own error answers), for load tests.

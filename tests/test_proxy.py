@@ -23,7 +23,7 @@ from proxy.app import build_app
 from proxy.config import schema as cfg
 from proxy.config.load import quick_start, resolve
 from proxy.config.upstreams import Deployment, Model, Timeouts
-from proxy.exchange import unique_hex
+from proxy.exchange import millis, unique_hex
 from proxy.state import STATE
 from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
 from tests.support.inproc import MakeProxy, Proxy, Recorder
@@ -485,6 +485,25 @@ def test_unique_ids_are_unique_across_calls_and_forks() -> None:
     os.close(read)
     os.close(write)
     assert theirs[:16] != unique_hex()[:16]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0.000"),
+        (0.0000004, "0.000"),
+        (0.0000006, "0.001"),
+        (0.0003041, "0.304"),
+        (0.000999, "0.999"),
+        (0.0009996, "1.000"),
+        (0.0123456, "12.346"),
+        (86_400.25, "86400250.000"),
+        (-0.0015, "-1.500"),
+    ],
+)
+def test_the_overhead_header_is_milliseconds_to_3_decimals(seconds: float, text: str) -> None:
+    """``Exchange.overhead_ms``'s value, the proxy's own time: as ``.3f`` writes it."""
+    assert millis(seconds) == text == f"{seconds * 1000:.3f}"
 
 
 # 11. Connection pooling ------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from .faults import Disconnected
 
@@ -26,6 +26,7 @@ _HIGH_WATER = 256 * 1024
 # sets no bound, and an upstream that never ends its headers must not grow us).
 MAX_HEAD = 64 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_CONTENT_TYPE = istr("Content-Type")  # (a CIMultiDict lowers a str key per lookup)
 
 
 class Origin:
@@ -369,7 +370,7 @@ class Connection(asyncio.Protocol):
             return
         response.status = status
         self.keep = self.parser.should_keep_alive()
-        kind = response.headers.get("Content-Type")
+        kind = response.headers.get(_CONTENT_TYPE)
         if kind:
             response.content_type = kind.partition(";")[0].strip().lower()
         response.started.set_result(None)

@@ -28,6 +28,7 @@ from time import perf_counter
 
 import msgspec
 from aiohttp import web
+from multidict import istr
 
 from ..errors import (
     ClientDisconnected,
@@ -50,14 +51,18 @@ from .upstream import Upstream
 from .wire import Usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
-# the upstream's own rate-limit state, cookies, server banners) stays behind.
-PASS_HEADERS = (
-    "Content-Type",
-    "Retry-After",
-    "Retry-After-Ms",
-    "X-Should-Retry",
-    "OpenAI-Processing-Ms",
-    "OpenAI-Version",
+# the upstream's own rate-limit state, cookies, server banners) stays behind. As
+# ``istr``: a CIMultiDict lowers a plain str key at every lookup, not an istr.
+PASS_HEADERS = tuple(
+    istr(name)
+    for name in (
+        "Content-Type",
+        "Retry-After",
+        "Retry-After-Ms",
+        "X-Should-Retry",
+        "OpenAI-Processing-Ms",
+        "OpenAI-Version",
+    )
 )
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -78,7 +83,9 @@ _JSON = "application/json"
 
 
 def response_headers(upstream: Response, extra: Mapping[str, str]) -> dict[str, str]:
-    headers = {h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None}
+    headers: dict[str, str] = {
+        h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None
+    }
     headers.update(extra)
     return headers
 

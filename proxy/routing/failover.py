@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from time import monotonic, perf_counter, time
 from types import TracebackType
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from ..config.upstreams import Routing
 from ..errors import UpstreamError, UpstreamTimeout
@@ -64,6 +64,8 @@ NO_RETRY: Mapping[str, str] = {"X-Should-Retry": "false"}
 _NONE: Mapping[str, str] = {}
 # A retryable error body is read (so the connection can be reused) for at most this.
 _DISCARD_TIMEOUT = 1.0
+# The OpenAI SDK's count of its own retries of a request (an istr: not lowered per lookup)
+_RETRY_COUNT = istr("x-stainless-retry-count")
 
 
 class Outbound:
@@ -244,7 +246,7 @@ class _Tries:
 def attempts_allowed(outbound: Outbound, policy: Routing) -> int:
     """Upstream calls this client request may make: ``max_attempts`` minus the retries
     the client already made of it, and at least one."""
-    value = outbound.headers.get("x-stainless-retry-count", "0")
+    value = outbound.headers.get(_RETRY_COUNT, "0")
     retries = int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 0
     return max(1, policy.max_attempts - retries)
 

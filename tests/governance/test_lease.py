@@ -19,6 +19,7 @@ from bench.fake_upstream import FakeUpstream
 from proxy.config import schema as cfg
 from proxy.governance.keys.record import Key
 from proxy.governance.ratelimit.bucket import Call, Verdict
+from proxy.governance.ratelimit.lease import Lease
 from proxy.governance.ratelimit.limiter import Limiter
 from proxy.governance.ratelimit.shared import SERVER_TIME, connect
 from proxy.governance.ratelimit.ticket import Ticket
@@ -78,6 +79,22 @@ async def admitted(limiter: Limiter, key: Key, cost: int) -> Ticket:
     ticket = await limiter.admit(key, cost)
     assert ticket.shared, "decided in process: Redis failed"
     return ticket
+
+
+@pytest.mark.parametrize("tpm", [0, 1000])
+def test_a_lease_answers_with_its_last_verdict_and_what_it_holds(tpm: int) -> None:
+    """Every field of the verdict Redis gave the lease is carried over (a field added
+    to ``Verdict`` fails this until ``Lease.take`` carries it), the levels with what
+    the lease still holds."""
+    typed = {"allowed": True, "kind": "requests", "epoch": "e1"}
+    seen = Verdict._make(typed.get(name, i) for i, name in enumerate(Verdict._fields))
+    lease = Lease(rpm=100, tpm=tpm, requests=5, tokens=50, verdict=seen)
+    got = lease.take(10)
+    assert got == seen._replace(
+        requests_remaining=seen.requests_remaining + 4,
+        tokens_remaining=seen.tokens_remaining + 40 if tpm else 0,
+    )
+    assert (lease.take(41) is None) == bool(tpm)  # more tokens than it holds
 
 
 async def test_a_busy_key_makes_one_redis_call_per_lease(make_limiter: MakeLimiter) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import re
+import time
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -142,3 +145,17 @@ def test_a_head_with_tabs_and_other_text_is_written(value: str) -> None:
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
     assert data.index(b"\r\n\r\n") == len(data) - 4
     assert keep_alive
+
+
+def test_the_date_line_is_the_current_second_in_http_form() -> None:
+    """The Date line is made once a second (``lean._date_line``), in the form aiohttp
+    writes (the byte comparisons above leave the Date out: it moves)."""
+    before = time.time()
+    line = lean._date_line()
+    after = time.time()
+    assert re.fullmatch(
+        r"Date: [A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", line
+    )
+    when = email.utils.parsedate_to_datetime(line.removeprefix("Date: ")).timestamp()
+    assert int(before) <= when <= after
+    assert lean._date_line() is line or int(time.time()) != int(after)  # kept for its second

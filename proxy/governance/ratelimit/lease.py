@@ -59,8 +59,21 @@ class Lease:
         self.tokens -= cost
         seen = self.verdict
         tokens = seen.tokens_remaining + self.tokens if self.tpm else 0  # 0: no token bucket
-        return seen._replace(
-            requests_remaining=seen.requests_remaining + self.requests, tokens_remaining=tokens
+        # seen with these two levels: every field named (a NamedTuple's _replace is
+        # interpreted, ~0.6 µs more a request; tests/governance/test_lease.py checks
+        # that every other field is carried over)
+        return Verdict(
+            seen.allowed,
+            seen.kind,
+            seen.requests_remaining + self.requests,
+            seen.requests_reset_ms,
+            tokens,
+            seen.tokens_reset_ms,
+            seen.retry_ms,
+            seen.budget_left,
+            seen.budget_held,
+            seen.epoch,
+            seen.scope,
         )
 
 
