@@ -36,6 +36,8 @@ static const char NULL_SPACED[] = ", \"usage\": null}";
 static const char *
 find_key(const char *s, Py_ssize_t n)
 {
+    if (n < LEN(KEY))
+        return NULL;
     const char *p = s + 4; /* the 'g' of a key at s */
     const char *end = s + n - 2; /* and its "e\"" after it */
     while (p < end && (p = memchr(p, 'g', (size_t)(end - p))) != NULL) {

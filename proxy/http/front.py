@@ -77,7 +77,7 @@ class Hot(NamedTuple):
     lean's ``Sent``), and the limits."""
 
     route: re.Pattern[str]
-    handler: Callable[[web.Application], Callable[[Incoming], Coroutine[Any, Any, Answer]]]
+    bind: Callable[[web.Application], Callable[[Incoming], Coroutine[Any, Any, Answer]]]
     settings: Server
 
 
@@ -106,7 +106,7 @@ class Door:
     ) -> None:
         self.aiohttp = aiohttp  # makes the handler a connection is handed to
         self.hot = hot
-        self.handler = hot.handler(app)  # the app has started (the runner's server)
+        self.handler = hot.bind(app)  # the app has started (the runner's server)
         self.settings = hot.settings
         self.max_header_bytes = hot.settings.max_header_bytes
         self.max_body_bytes = hot.settings.max_body_bytes

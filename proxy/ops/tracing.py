@@ -42,7 +42,7 @@ from random import getrandbits
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 if TYPE_CHECKING:
     from ..http.upstream import Upstream
@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.tracing")
 
-HEADER = "traceparent"
-TRACESTATE = "tracestate"
+# istr: looked up in every request's headers without lowering them again
+HEADER: str = istr("traceparent")
+TRACESTATE: str = istr("tracestate")
 _PARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 # gen_ai.provider.name per deployment kind.
 PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}

@@ -31,6 +31,7 @@ from time import monotonic, time
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import asyncpg
+from multidict import istr
 
 from ...config.schema import Auth, DeclaredKey
 from ...errors import ServiceUnavailable, Unauthorized
@@ -64,6 +65,9 @@ _MISSING = (
 _INCORRECT = "Incorrect API key provided."
 _REVOKED = "This API key has been revoked."
 _EXPIRED = "This API key has expired."
+# Where a key comes (istr: a request's CIMultiDict does not lower them per lookup)
+_AUTHORIZATION = istr("Authorization")
+_API_KEY = istr("api-key")
 
 
 def looks_like_jwt(value: str) -> bool:
@@ -73,12 +77,12 @@ def looks_like_jwt(value: str) -> bool:
 
 def presented(headers: Mapping[str, str]) -> str | None:
     """The key a client sent: ``Authorization: Bearer <key>``, else ``api-key``."""
-    authorization = headers.get("Authorization")
+    authorization = headers.get(_AUTHORIZATION)
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    return headers.get("api-key") or None
+    return headers.get(_API_KEY) or None
 
 
 class Finder(Protocol[R_co]):
