@@ -221,7 +221,8 @@ def head(
 
 
 # The Date line of the current second (aiohttp's text), made once a second: calling
-# aiohttp's helper (interpreted) and formatting the line cost ~0.5 µs a response.
+# aiohttp's helper (interpreted) and formatting the line cost ~2,000 instructions a
+# response (callgrind, bench/RESULTS.md).
 _date = (0, "")
 _SERVER_LINE = f"Server: {ingress.SERVER}"
 

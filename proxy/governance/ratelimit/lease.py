@@ -60,8 +60,8 @@ class Lease:
         seen = self.verdict
         tokens = seen.tokens_remaining + self.tokens if self.tpm else 0  # 0: no token bucket
         # seen with these two levels: every field named (a NamedTuple's _replace is
-        # interpreted, ~0.6 µs more a request; tests/governance/test_lease.py checks
-        # that every other field is carried over)
+        # interpreted: 9,816 instructions a call against 3,911, callgrind;
+        # tests/governance/test_lease.py checks that every other field is carried over)
         return Verdict(
             seen.allowed,
             seen.kind,
