@@ -27,6 +27,9 @@ _HIGH_WATER = 256 * 1024
 MAX_HEAD = 64 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 _CONTENT_TYPE = istr("Content-Type")  # (a CIMultiDict lowers a str key per lookup)
+# The headers that frame a response, and their lengths: only those are lowered.
+_FRAMING = (b"content-length", b"transfer-encoding")
+_FRAMING_SIZES = (len(_FRAMING[0]), len(_FRAMING[1]))
 
 
 class Origin:
@@ -356,10 +359,13 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
-        key = name.decode("latin-1")
-        if key.lower() in ("content-length", "transfer-encoding"):
+        if len(name) in _FRAMING_SIZES and name.lower() in _FRAMING:
             self.framed = True
-        self.response.headers.add(key, value.decode("utf-8", "surrogateescape"))
+        try:  # UTF-8 named, mypyc's own decode, not the codec lookup (~1,600 instructions
+            text = value.decode()  # a response of 8 headers with the lowering: callgrind)
+        except UnicodeDecodeError:
+            text = value.decode("utf-8", "surrogateescape")
+        self.response.headers.add(name.decode("latin-1"), text)
 
     def on_headers_complete(self) -> None:
         response = self.response

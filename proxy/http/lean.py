@@ -47,10 +47,12 @@ from . import ingress
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}" for status, reason in _REASONS.items()}
-# The control bytes no head may hold but its own line ends (tab is allowed): what
-# aiohttp's serializer refuses. A head is checked on its bytes, by deleting these
-# (``bytes.translate``) and counting CR and LF, 2-3 times cheaper than a regex scan.
-_CONTROL = bytes([*range(0x09), *range(0x0B, 0x0D), *range(0x0E, 0x20), 0x7F])
+# The control bytes, CR and LF among them, but tab: what aiohttp's serializer refuses
+# in a header. A head is checked on its bytes in one ``bytes.translate`` deleting
+# these: it holds one CR and one LF per line end and no other, so exactly two bytes a
+# line end go (counting CR and LF apart as well cost two more scans, ~3,500
+# instructions a response: callgrind, bench/RESULTS.md).
+_CONTROL = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 # Bodies above this many bytes wait for the client to take them before the handler
 # goes on (the transport's default high-water mark), as aiohttp's write_eof does.
 _HIGH = 64 * 1024
@@ -208,12 +210,8 @@ def head(
             lines.extend(cross.lines(origin))
     lines.append("\r\n")
     data = "\r\n".join(lines).encode()
-    ends = len(lines)  # a CR and a LF after each line and the blank one: no others
-    if (
-        data.count(b"\r") != ends
-        or data.count(b"\n") != ends
-        or len(data.translate(None, _CONTROL)) != len(data)
-    ):
+    # A CR and a LF after each line and the blank one, and no other control byte.
+    if len(data) - len(data.translate(None, _CONTROL)) != 2 * len(lines):
         if call.request is None:  # aiohttp's serializer refuses these (a 500): so do we
             raise ProxyError("The proxy failed to handle this request.")
         return None
@@ -278,7 +276,10 @@ async def deliver(call: Incoming, response: web.Response) -> Answer:
 class Chunked:
     """A chunked response (a stream) written by the proxy: the head goes out with the
     first write, each write is one chunk frame, ``write_eof`` the last frame and the
-    terminator together. ``response`` is what the handler returns."""
+    terminator together. ``response`` is what the handler returns. What is written
+    is a list of parts (a read's events, kept apart), made one frame in one copy:
+    joining them, framing the join and putting the head before it were three copies
+    of a long stream's read (~13 KB each)."""
 
     __slots__ = ("_drain", "_head", "response", "transport")
 
@@ -297,27 +298,36 @@ class Chunked:
         made = head(call, status, headers, "Transfer-Encoding: chunked", False)
         return None if made is None else cls(call, made[0], status, made[1])
 
-    def _out(self, frame: bytes) -> asyncio.Transport:
+    def _out(self, parts: list[bytes], end: bytes) -> asyncio.Transport:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")
-        if self._head:
-            frame = self._head + frame
-            self._head = b""
-        transport.write(frame)
+        transport.write(frame(parts, end, self._head))
+        self._head = b""
         return transport
 
-    async def write(self, data: bytes) -> None:
-        if data:
-            transport = self._out(b"%x\r\n%b\r\n" % (len(data), data))
-            if transport.get_write_buffer_size() > _HIGH:
-                await self._drain()
+    async def write(self, parts: list[bytes]) -> None:
+        transport = self._out(parts, b"\r\n")
+        if transport.get_write_buffer_size() > _HIGH:
+            await self._drain()
 
     async def drain(self) -> None:
         await self._drain()
 
-    async def write_eof(self, data: bytes = b"") -> None:
-        self._out(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+    async def write_eof(self, parts: list[bytes]) -> None:
+        self._out(parts, b"\r\n0\r\n\r\n")
+
+
+def frame(parts: list[bytes], end: bytes, before: bytes = b"") -> bytes:
+    """``parts`` (not all empty) in one chunk frame, ``end`` after it (its CRLF, and
+    the terminator where it is the last) and ``before`` before it; the terminator
+    alone when ``parts`` hold nothing."""
+    size = 0
+    for part in parts:
+        size += len(part)
+    if not size:
+        return before + end[2:]
+    return b"".join([before, b"%x\r\n" % size, *parts, end])
 
 
 class Ordinary:
@@ -331,11 +341,11 @@ class Ordinary:
         self.transport = request.transport
         self.response = response
 
-    async def write(self, data: bytes) -> None:
-        await self._writer.write(data)
+    async def write(self, parts: list[bytes]) -> None:
+        await self._writer.write(b"".join(parts))
 
     async def drain(self) -> None:
         await self._writer.drain()
 
-    async def write_eof(self, data: bytes = b"") -> None:
-        await self.response.write_eof(data)
+    async def write_eof(self, parts: list[bytes]) -> None:
+        await self.response.write_eof(b"".join(parts))

@@ -182,6 +182,29 @@ async def test_a_cut_body_delivers_what_came_then_raises() -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("framing", [b"CONTENT-LENGTH: 100", b"transfer-encoding: CHUNKED"])
+async def test_framing_is_known_in_any_case_and_values_decode_as_utf8(framing: bytes) -> None:
+    # A cut body is a cut, not a body delimited by close, whatever the case of the
+    # header that framed it; values are UTF-8, bytes that are not kept as escapes.
+    body = b"part" if framing.startswith(b"C") else b"4\r\npart\r\n"
+    head = b"HTTP/1.1 200 OK\r\nX-Name: caf\xc3\xa9\r\nX-Odd: caf\xe9\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(head + framing + b"\r\n\r\n" + body)
+        await writer.drain()
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        async with await client.request(origin(server), "POST", "/", [], b"") as answer:
+            assert answer.headers["x-name"] == "café"
+            assert answer.headers["X-ODD"] == "caf\udce9"
+            assert await answer.read_chunk() == b"part"
+            with pytest.raises(Disconnected):
+                await answer.read_chunk()
+        await client.close()
+
+
 async def test_the_keep_alive_race_is_retried_unseen() -> None:
     """The first connection answers once, then closes on the next request without a
     word, as an upstream whose idle timer fired just then does."""

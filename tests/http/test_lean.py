@@ -128,7 +128,9 @@ def _call() -> lean.Incoming:
     )
 
 
-@pytest.mark.parametrize("value", ["a\x00b", "a\x01b", "a\x08", "a\rb", "a\nb", "a\x1fb", "\x7f"])
+@pytest.mark.parametrize(
+    "value", ["a\x00b", "a\x01b", "a\x08", "a\rb", "a\nb", "a\r\nb", "\n\r", "a\x1fb", "\x7f"]
+)
 def test_a_head_with_a_control_character_is_refused(value: str) -> None:
     # As aiohttp's serializer would (a 500 where aiohttp serves): no such byte goes out,
     # whichever header (upstream's, the caller's) carried it.
