@@ -26,6 +26,7 @@ HOT = [
     "proxy/http/front.py",
     "proxy/http/lean.py",
     "proxy/app.py",
+    "proxy/http/request_body.py",
     "proxy/exchange.py",
     "proxy/routing/routes.py",
     "proxy/routing/health.py",

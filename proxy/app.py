@@ -1,7 +1,7 @@
 """The aiohttp application: routes and the proxy handler.
 
 The request path, as the packages read: authenticate (the ``Gate`` of exchange.py,
-headers only) → read the body (http/ingress.py) → decode its view (http/wire.py) →
+headers only) → read the body (http/ingress.py) → decode its view (http/request_body.py) →
 admit (the Gate: model permission, limits, budgets; governance/) → route and forward
 (routing/) → relay (http/relay.py) → settle + record (the ``Sink`` seam: ops/, usage/).
 The worker's resources are opened by state.py, the composition root, in the app's one
@@ -46,8 +46,8 @@ from .exchange import (
 from .http import front, ingress
 from .http.lean import Answer, Incoming, deliver, for_aiohttp
 from .http.relay import relay_body, relay_stream
+from .http.request_body import decode_request
 from .http.upstream import open_request
-from .http.wire import decode_request
 from .ops import metrics, tracing
 from .ops.endpoints import metrics_endpoint, protect
 from .routing.failover import Outbound, dispatch

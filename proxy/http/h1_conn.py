@@ -12,11 +12,11 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict
 
 from .faults import Disconnected
 
@@ -26,10 +26,23 @@ _HIGH_WATER = 256 * 1024
 # sets no bound, and an upstream that never ends its headers must not grow us).
 MAX_HEAD = 64 * 1024
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
-_CONTENT_TYPE = istr("Content-Type")  # (a CIMultiDict lowers a str key per lookup)
-# The headers that frame a response, and their lengths: only those are lowered.
-_FRAMING = (b"content-length", b"transfer-encoding")
-_FRAMING_SIZES = (len(_FRAMING[0]), len(_FRAMING[1]))
+# The header names the proxy reads of a response, lowered: the framing, the content
+# type, and those the client gets (relay.PASS_HEADERS). They are found once the head
+# is complete, by lowering only the names as long as one of them (READ_SIZES, written
+# out where it is used: mypyc compares a literal tuple's ints inline).
+READ: Final = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"content-type",
+        b"retry-after",
+        b"retry-after-ms",
+        b"x-should-retry",
+        b"openai-processing-ms",
+        b"openai-version",
+    )
+)
+READ_SIZES = (11, 12, 14, 17, 20)
 
 
 class Origin:
@@ -62,7 +75,9 @@ class Response:
         "_complete",
         "_conn",
         "_error",
+        "_headers",
         "_idle",
+        "_lines",
         "_loop",
         "_relay",
         "_since",
@@ -70,7 +85,7 @@ class Response:
         "_timer",
         "_waiter",
         "content_type",
-        "headers",
+        "fields",
         "started",
         "status",
     )
@@ -85,13 +100,34 @@ class Response:
         self._timer: asyncio.TimerHandle | None = None
         self.started: asyncio.Future[None] = self._loop.create_future()
         self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self._lines: dict[bytes, bytes] = {}  # the header lines (Connection.lines)
+        self.fields: dict[bytes, bytes] = {}  # those of READ, by lowered name
+        self._headers: CIMultiDict[str] | None = None
         self.content_type = _DEFAULT_CONTENT_TYPE
         self._chunks = conn.body  # llhttp appends the body's chunks to it
         self._size = 0
         self._complete = False
         self._error: Disconnected | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """The value of the header ``name`` (lowered; one of ``READ`` is found at once,
+        another by a scan); the first where it came more than once."""
+        if name in READ:
+            value = self.fields.get(name)
+        else:
+            value = next((v for k, v in self._lines.items() if k.lower() == name), None)
+        return None if value is None else text_of(value)
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The header lines, the first value of each name as it was spelt, made when
+        first asked for (the relay asks ``header`` for the few it passes on)."""
+        made = self._headers
+        if made is None:
+            lines = self._lines.items()
+            made = self._headers = CIMultiDict((k.decode("latin-1"), text_of(v)) for k, v in lines)
+        return made
 
     def body_if_complete(self) -> bytes | None:
         """The whole body when all of it has arrived already (no wait), else None."""
@@ -264,6 +300,12 @@ class Connection(asyncio.Protocol):
         # event of a stream); what it means is seen once per read (data_received).
         self.body: list[bytes] = []
         self.on_body = self.body.append
+        # Its header lines, as llhttp reads them: a C call straight to the dict too
+        # (a method of ours that decoded each line into a CIMultiDict cost ~1,600
+        # instructions a line, ``__setitem__``, a slot wrapper, ~840; callgrind,
+        # bench/RESULTS.md). The first value of a name repeated as it was spelt.
+        self.lines: dict[bytes, bytes] = {}
+        self.on_header = self.lines.setdefault
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport
         self.response: Response | None = None
@@ -284,6 +326,7 @@ class Connection(asyncio.Protocol):
         self.body.clear()  # what the last response's reader left unread
         self.response = response = Response(self, idle)
         self.received = self.framed = self.done = False
+        self.lines.clear()
         self.head = 0  # bytes of the response before its headers were complete
         self.client.busy.add(self)
         if body:
@@ -357,28 +400,27 @@ class Connection(asyncio.Protocol):
 
     # llhttp's callbacks, while a response is current (data_received checks).
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        if len(name) in _FRAMING_SIZES and name.lower() in _FRAMING:
-            self.framed = True
-        try:  # UTF-8 named, mypyc's own decode, not the codec lookup (~1,600 instructions
-            text = value.decode()  # a response of 8 headers with the lowering: callgrind)
-        except UnicodeDecodeError:
-            text = value.decode("utf-8", "surrogateescape")
-        self.response.headers.add(name.decode("latin-1"), text)
-
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
+        lines = self.lines
         status = self.parser.get_status_code()
         if status < 200:  # 1xx: informational, the real response follows
-            response.headers = CIMultiDict()
+            lines.clear()
             return
         response.status = status
         self.keep = self.parser.should_keep_alive()
-        kind = response.headers.get(_CONTENT_TYPE)
+        read: dict[bytes, bytes] = {}
+        for name, value in lines.items():
+            if len(name) in (11, 12, 14, 17, 20):  # READ_SIZES
+                key = name.lower()
+                if key in READ and key not in read:
+                    read[key] = value
+        response._lines, response.fields = dict(lines), read
+        self.framed = b"content-length" in read or b"transfer-encoding" in read
+        kind = read.get(b"content-type")
         if kind:
-            response.content_type = kind.partition(";")[0].strip().lower()
+            response.content_type = text_of(kind).partition(";")[0].strip().lower()
         response.started.set_result(None)
 
     def on_message_complete(self) -> None:
@@ -387,3 +429,12 @@ class Connection(asyncio.Protocol):
             return  # the end of a 1xx: the real response follows
         self.done = True
         self.response._end()
+
+
+def text_of(value: bytes) -> str:
+    """A header value: UTF-8 (mypyc's own decode, not the codec lookup), bytes that are
+    not kept as surrogate escapes."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "surrogateescape")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from time import perf_counter
+from typing import Final
 
 import msgspec
 from aiohttp import web
-from multidict import istr
 
 from ..errors import (
     ClientDisconnected,
@@ -43,7 +43,7 @@ from ..errors import (
 from ..exchange import OVERHEAD_HEADER, Exchange
 from . import lean
 from .faults import Disconnected
-from .h1_conn import Response
+from .h1_conn import Response, text_of
 from .reported import find_usage
 from .scan import NULL_USAGE, plain_run
 from .sse import Cutter, Event, events_in
@@ -52,9 +52,10 @@ from .wire import Usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
 # the upstream's own rate-limit state, cookies, server banners) stays behind. As
-# ``istr``: a CIMultiDict lowers a plain str key at every lookup, not an istr.
-PASS_HEADERS = tuple(
-    istr(name)
+# The upstream's headers the client gets, each with the lowered name it is looked up
+# by (among h1_conn.READ, in ``Response.fields``).
+PASS_HEADERS: Final = tuple(
+    (name, name.lower().encode())
     for name in (
         "Content-Type",
         "Retry-After",
@@ -83,8 +84,9 @@ _JSON = "application/json"
 
 
 def response_headers(upstream: Response, extra: Mapping[str, str]) -> dict[str, str]:
+    fields = upstream.fields
     headers: dict[str, str] = {
-        h: v for h in PASS_HEADERS if (v := upstream.headers.get(h)) is not None
+        name: text_of(v) for name, lowered in PASS_HEADERS if (v := fields.get(lowered)) is not None
     }
     headers.update(extra)
     return headers

@@ -49,8 +49,8 @@ from ..exchange import Exchange
 from ..http import h1
 from ..http.h1_conn import Response
 from ..http.ingress import Forwarding
+from ..http.request_body import rewrite
 from ..http.upstream import Upstream, open_request
-from ..http.wire import rewrite
 from ..ops import metrics
 from .health import DeploymentState, Health, Slot
 from .routes import Route, Router, claim

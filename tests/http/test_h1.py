@@ -12,7 +12,8 @@ import pytest
 
 from proxy.http import h1
 from proxy.http.faults import ConnectFailed, Disconnected
-from proxy.http.h1_conn import Origin
+from proxy.http.h1_conn import READ, READ_SIZES, Origin
+from proxy.http.relay import PASS_HEADERS, response_headers
 from tests.support.env import free_port
 from tests.support.rawhttp import RawServer, closed_by_peer, read_request, response
 
@@ -203,6 +204,40 @@ async def test_framing_is_known_in_any_case_and_values_decode_as_utf8(framing: b
             with pytest.raises(Disconnected):
                 await answer.read_chunk()
         await client.close()
+
+
+async def test_headers_are_looked_up_lowered_and_the_client_gets_those_it_may() -> None:
+    lines = (
+        b"retry-after: 7\r\nOPENAI-PROCESSING-MS: 12\r\nX-Dup: a\r\nx-dup: b\r\nX-Dup: c\r\n"
+        b"Retry-After: 8\r\n"
+        b"Content-Type: Application/JSON; charset=utf-8\r\nSet-Cookie: no\r\n"
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\n" + lines + b"Content-Length: 2\r\n\r\n{}")
+
+    async with RawServer(handler) as server:
+        client = h1.Client(limit=8)
+        async with await client.request(origin(server), "POST", "/", [], b"") as answer:
+            assert (answer.status, answer.content_type) == (429, "application/json")
+            # The first value of a name; each spelling's first in ``headers``.
+            assert (answer.header(b"x-dup"), answer.header(b"retry-after")) == ("a", "7")
+            assert answer.header(b"X-Dup") is None  # looked up by the lowered name
+            assert answer.headers.getall("X-DUP") == ["a", "b"]
+            assert response_headers(answer, {"X-Request-Id": "r"}) == {
+                "Content-Type": "Application/JSON; charset=utf-8",
+                "Retry-After": "7",
+                "OpenAI-Processing-Ms": "12",
+                "X-Request-Id": "r",
+            }
+            assert await answer.read() == b"{}"
+        await client.close()
+
+
+def test_the_headers_the_client_gets_are_found_at_once() -> None:
+    assert {lowered for _, lowered in PASS_HEADERS} <= READ
+    assert set(READ_SIZES) == {len(name) for name in READ}
 
 
 async def test_the_keep_alive_race_is_retried_unseen() -> None:

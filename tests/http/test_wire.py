@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from proxy.errors import BadRequest, render
 from proxy.http import reported, wire
 from proxy.http.reported import find_usage
-from proxy.http.wire import Usage, decode_request, rewrite
+from proxy.http.request_body import decode_request, rewrite
+from proxy.http.wire import Usage
 from tests.support.properties import examples
 
 
@@ -266,6 +267,37 @@ def test_rewrite_without_changes_keeps_values(built: tuple[bytes, dict[str, str]
     out = rewrite(body, model=None, include_usage=False)
     assert loads(out) == loads(body)
     assert raw_fields(out) == {k: v.encode() for k, v in values.items()}
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(built=request_bodies())
+def test_rewrite_asks_for_usage_keeping_every_other_value(
+    built: tuple[bytes, dict[str, str]],
+) -> None:
+    body, values = built
+    if "stream_options" in values:  # (theirs, decoded: test_rewrite_switches_on_include_usage)
+        return
+    out = rewrite(body, model=None, include_usage=True)
+    assert loads(out) == {**loads(body), "stream_options": {"include_usage": True}}
+    raw = raw_fields(out)
+    assert raw.pop("stream_options") == b'{"include_usage":true}'
+    assert raw == {k: v.encode() for k, v in values.items()}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m","messages":[{"role":"user","content":"stream_options"}]}',
+        b'{"model":"m","stream_options":null}',
+        b'{"model":"m", "stream\\u005foptions" : {"include_usage":false}}',
+        b' {"model":"m"}\r\n ',
+        b'{"model":"m","messages":[{"content":"\\\\u"}]}',
+    ],
+)
+def test_rewrite_asks_for_usage_once(body: bytes) -> None:
+    # A key of their own, however spelt, is switched on, never doubled (``loads``).
+    out = rewrite(body, model=None, include_usage=True)
+    assert loads(out) == {**loads(body), "stream_options": {"include_usage": True}}
 
 
 def test_rewrite_model_with_characters_that_need_escaping() -> None:
