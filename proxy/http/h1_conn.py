@@ -110,19 +110,10 @@ class Response:
         self._error: Disconnected | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    def header(self, name: bytes) -> str | None:
-        """The value of the header ``name`` (lowered; one of ``READ`` is found at once,
-        another by a scan); the first where it came more than once."""
-        if name in READ:
-            value = self.fields.get(name)
-        else:
-            value = next((v for k, v in self._lines.items() if k.lower() == name), None)
-        return None if value is None else text_of(value)
-
     @property
     def headers(self) -> CIMultiDict[str]:
         """The header lines, the first value of each name as it was spelt, made when
-        first asked for (the relay asks ``header`` for the few it passes on)."""
+        first asked for (the relay reads ``fields``, those of ``READ``)."""
         made = self._headers
         if made is None:
             lines = self._lines.items()

@@ -319,9 +319,10 @@ class Chunked:
 
 
 def frame(parts: list[bytes], end: bytes, before: bytes = b"") -> bytes:
-    """``parts`` (not all empty) in one chunk frame, ``end`` after it (its CRLF, and
-    the terminator where it is the last) and ``before`` before it; the terminator
-    alone when ``parts`` hold nothing."""
+    """``parts`` in one chunk frame, ``end`` after it (its CRLF, and the terminator
+    where it is the last) and ``before`` before it. When ``parts`` hold no byte, no
+    frame (an empty one would end the stream): ``before`` and the terminator, if
+    ``end`` has one."""
     size = 0
     for part in parts:
         size += len(part)

@@ -51,9 +51,8 @@ from .upstream import Upstream
 from .wire import Usage
 
 # Upstream response headers worth passing to the client; everything else (hop-by-hop,
-# the upstream's own rate-limit state, cookies, server banners) stays behind. As
-# The upstream's headers the client gets, each with the lowered name it is looked up
-# by (among h1_conn.READ, in ``Response.fields``).
+# the upstream's own rate-limit state, cookies, server banners) stays behind. Each
+# with the lowered name it is looked up by (among h1_conn.READ: ``Response.fields``).
 PASS_HEADERS: Final = tuple(
     (name, name.lower().encode())
     for name in (

@@ -3,9 +3,7 @@
 (``rewrite``: only that field's bytes change; every other top-level value is carried
 over verbatim as ``msgspec.Raw``). The structs are wire.py's, which mypyc cannot
 compile (msgspec resolves their fields from the annotations); this module runs for
-every request and is compiled with the hot path (setup.py): interpreted,
-``decode_request`` cost ~0.7 µs over its decode and ``rewrite`` ~1 µs a stream whose
-usage the proxy asks for (``timeit``, bench/RESULTS.md).
+every request and is compiled with the hot path (setup.py).
 """
 
 from __future__ import annotations
