@@ -15,7 +15,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from multidict import istr
@@ -56,11 +56,11 @@ from .state import STATE, State, opened
 log = logging.getLogger("proxy")
 
 # Endpoints whose streams accept stream_options.include_usage.
-_USAGE_OPTION = frozenset(("chat/completions", "completions"))
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_REQUEST_ID_NAME = istr("X-Request-Id")  # looked up without lowering it each time
+_USAGE_OPTION: Final = frozenset(("chat/completions", "completions"))
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_REQUEST_ID_NAME: Final = istr("X-Request-Id")  # looked up without lowering it each time
 _JSON = "application/json"
-_RETRY_SOON = {"Retry-After": "1"}
+_RETRY_SOON: Final = {"Retry-After": "1"}
 # The tails of POST /v1/... that are proxied. No segment may start with a dot: upstream
 # URLs are {base}/{path}, and a `..` would climb out of the deployment's prefix to any
 # path of its host, with its key.

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from os import register_at_fork, urandom
 from time import perf_counter, time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .errors import outcome_of
 from .http.wire import RequestView, Usage
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 # This process's random half of ``unique_hex``: 64 bits, so that no two processes
 # (workers, replicas, restarts) share one in practice.
 _PROCESS = urandom(8).hex()
-_serial = itertools.count()
-_TOP = 1 << 64  # hex() of a counter below it with this bit set: "0x1" and 16 digits
+_serial: Final = itertools.count()
+_TOP: Final = 1 << 64  # hex() of a counter below it with this bit set: "0x1" and 16 digits
 
 
 def _reseed() -> None:
@@ -151,7 +151,7 @@ def millis(seconds: float) -> str:
 
 
 # On every proxied response (and the proxy's own error answers), for load tests.
-OVERHEAD_HEADER = "X-Proxy-Overhead-Ms"
+OVERHEAD_HEADER: Final = "X-Proxy-Overhead-Ms"
 
 
 class Caller(Protocol):
@@ -179,7 +179,7 @@ class Anonymous:
     team_id = None
 
 
-ANONYMOUS = Anonymous()
+ANONYMOUS: Final = Anonymous()
 
 
 def may_use(caller: Caller, model: str) -> bool:
@@ -209,7 +209,7 @@ class OpenGrant:
         pass
 
 
-OPEN: Grant = OpenGrant()
+OPEN: Final[Grant] = OpenGrant()
 
 
 class Gate(Protocol):

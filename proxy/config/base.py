@@ -5,11 +5,11 @@ in a repr) and ``ConfigError``."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
-WILDCARD = "*"
+WILDCARD: Final = "*"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]

@@ -1,7 +1,7 @@
 /* The relay's scan of a read's plain events, in one pass (issue #17): the C twin of
  * scan.plain_run, built with the compiled hot path (setup.py, MORNGPT_COMPILE=1).
  *
- * plain_run(block, strip) -> (head, count, rest)
+ * plain_run(block, strip) -> (head, count, rest, data)
  *
  * block: a run of complete stream events (sse.Cutter's). Walks its events from the
  * first while each is plain: one "data: {...}" line ("\n" line ends, the blank line
@@ -11,6 +11,10 @@
  * events, as the client gets them (with strip, without those null members); count:
  * how many; rest: the bytes from the first event that is not plain on, which the
  * relay parses one by one (_Watch.keep). A read with a "\r" anywhere is all rest.
+ * data: when rest is one event of one "data: " line, alone or before the stream's
+ * "data: [DONE]" (a stream's usage chunk and its end, as they come), that line's
+ * value, which is what an SSE parser makes its data (the relay reads it without one);
+ * else None.
  *
  * Exact, never a guess: an event that may hold a usage (any other "usage" key), an
  * error or anything but a plain line is in rest. Per byte, memchr (glibc's): one pass
@@ -21,6 +25,8 @@
 #include <string.h>
 
 static const char START[] = "data: {";
+static const char DATA[] = "data: ";
+static const char DONE[] = "data: [DONE]\n\n";
 static const char ERROR[] = "data: {\"error\"";
 static const char KEY[] = "\"usage\"";
 /* The null usage members that may end a plain event's object, with the "}". */
@@ -65,6 +71,22 @@ null_tail(const char *line, Py_ssize_t len)
     return -1;
 }
 
+/* The value of the one "data: " line of the event at s[0..n), where that event is all
+ * of it or is followed by DONE and nothing else; NULL (no error set) otherwise. s
+ * holds no "\r". */
+static PyObject *
+lone_data(const char *s, Py_ssize_t n)
+{
+    Py_ssize_t end = n;
+    if (n - LEN(DONE) > 0 && memcmp(s + n - LEN(DONE), DONE, LEN(DONE)) == 0)
+        end = n - LEN(DONE);
+    Py_ssize_t len = end - 2 - LEN(DATA); /* the value's, before the line end and blank */
+    if (len < 0 || memcmp(s, DATA, LEN(DATA)) != 0 || s[end - 2] != '\n' ||
+        s[end - 1] != '\n' || memchr(s + LEN(DATA), '\n', (size_t)len) != NULL)
+        return NULL;
+    return PyBytes_FromStringAndSize(s + LEN(DATA), len);
+}
+
 static PyObject *
 plain_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -80,8 +102,9 @@ plain_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyBytes_GET_SIZE(block);
     Py_ssize_t pos = 0, count = 0, written = 0;
     PyObject *out = NULL; /* the stripped head, made at the first null stripped */
+    int lines = memchr(s, '\r', (size_t)n) == NULL; /* "\n" line ends only */
 
-    if (memchr(s, '\r', (size_t)n) == NULL) {
+    if (lines) {
         while (n - pos > LEN(START) && memcmp(s + pos, START, LEN(START)) == 0) {
             const char *line = s + pos;
             const char *nl = memchr(line, '\n', (size_t)(n - pos));
@@ -144,13 +167,21 @@ plain_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(head);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(NnN)", head, count, rest);
-    return result;
+    PyObject *data = lines && pos < n ? lone_data(s + pos, n - pos) : NULL;
+    if (data == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(head);
+            Py_DECREF(rest);
+            return NULL;
+        }
+        data = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(NnNN)", head, count, rest, data);
 }
 
 static PyMethodDef methods[] = {
     {"plain_run", (PyCFunction)(void (*)(void))plain_run, METH_FASTCALL,
-     "plain_run(block, strip) -> (head, count, rest): see proxy/http/_plain.c."},
+     "plain_run(block, strip) -> (head, count, rest, data): see proxy/http/_plain.c."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 import httptools
 from aiohttp import web
@@ -52,22 +52,22 @@ from .lean import Answer, Incoming
 
 log = logging.getLogger("proxy")
 
-_START = b"POST /v1/"
-_LENGTH = b"\r\ncontent-length:"
-_HEAD_END = b"\r\n\r\n"
+_START: Final = b"POST /v1/"
+_LENGTH: Final = b"\r\ncontent-length:"
+_HEAD_END: Final = b"\r\n\r\n"
 # Headers whose presence leaves the request to aiohttp (framing, codings, upgrades).
 _AIOHTTP_HEADERS = frozenset(("expect", "upgrade"))  # and Content-Encoding but identity
 _MAX_HEADERS = 100  # aiohttp refuses more than 128
 # Bytes a connection holds for requests (or a body) nobody asked for yet before it
 # stops reading from the socket.
-_HELD = 64 * 1024
+_HELD: Final = 64 * 1024
 # Request heads whose parse a listener keeps, without their length's digits
 # (``Door.known``): a keep-alive client sends the same head again but for the length,
 # and the clients of a listener send few kinds; past this many, it starts again. Only
 # heads up to _KNOWN_BYTES are kept (an SDK's are under 1 KB), so that clients sending
 # many large ones cannot make it hold more than a few MB.
-_KNOWN = 256
-_KNOWN_BYTES = 4096
+_KNOWN: Final = 256
+_KNOWN_BYTES: Final = 4096
 
 
 class Hot(NamedTuple):

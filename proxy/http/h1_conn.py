@@ -21,11 +21,11 @@ from multidict import CIMultiDict
 from .faults import Disconnected
 
 # Unread body bytes above which reading from the upstream pauses.
-_HIGH_WATER = 256 * 1024
+_HIGH_WATER: Final = 256 * 1024
 # The most bytes a response may take before its headers are complete (llhttp itself
 # sets no bound, and an upstream that never ends its headers must not grow us).
 MAX_HEAD = 64 * 1024
-_DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 # The header names the proxy reads of a response, lowered: the framing, the content
 # type, and those the client gets (relay.PASS_HEADERS). They are found once the head
 # is complete, by lowering only the names as long as one of them (READ_SIZES, written

@@ -36,6 +36,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from time import time
+from typing import Final
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
@@ -45,14 +46,16 @@ from multidict import CIMultiDictProxy
 from ..errors import ProxyError
 from . import ingress
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
-_STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}" for status, reason in _REASONS.items()}
+_REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES: Final = {
+    status: f"HTTP/1.1 {status} {reason}" for status, reason in _REASONS.items()
+}
 # The control bytes, CR and LF among them, but tab: what aiohttp's serializer refuses
 # in a header. A head is checked on its bytes in one ``bytes.translate`` deleting
 # these: it holds one CR and one LF per line end and no other, so exactly two bytes a
 # line end go (counting CR and LF apart as well cost two more scans, ~3,500
 # instructions a response: callgrind, bench/RESULTS.md).
-_CONTROL = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_CONTROL: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 # Bodies above this many bytes wait for the client to take them before the handler
 # goes on (the transport's default high-water mark), as aiohttp's write_eof does.
 _HIGH = 64 * 1024
@@ -196,7 +199,7 @@ def head(
         lines.append(framing)
         if typed and "Content-Type" not in headers:
             lines.append("Content-Type: application/octet-stream")
-    lines.append(_date_line())
+    lines.append(_DATE.now())
     lines.append(_SERVER_LINE)
     if keep_alive:
         if version == HttpVersion10:
@@ -218,19 +221,28 @@ def head(
     return data, keep_alive
 
 
-# The Date line of the current second (aiohttp's text), made once a second: calling
-# aiohttp's helper (interpreted) and formatting the line cost ~2,000 instructions a
-# response (callgrind, bench/RESULTS.md).
-_date = (0, "")
-_SERVER_LINE = f"Server: {ingress.SERVER}"
+class _DateLine:
+    """The Date line of the current second (aiohttp's text), made once a second: calling
+    aiohttp's helper (interpreted) and formatting the line cost ~2,000 instructions a
+    response (callgrind, bench/RESULTS.md). An object, not a global rebound each
+    second: a module's ``Final`` names are C statics once compiled, others a dict
+    lookup each."""
+
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.line = ""
+
+    def now(self) -> str:
+        second = int(time())
+        if second != self.second:
+            self.second, self.line = second, f"Date: {rfc822_formatted_time()}"
+        return self.line
 
 
-def _date_line() -> str:
-    global _date
-    now = int(time())
-    if now != _date[0]:
-        _date = (now, f"Date: {rfc822_formatted_time()}")
-    return _date[1]
+_DATE: Final = _DateLine()
+_SERVER_LINE: Final = f"Server: {ingress.SERVER}"
 
 
 def _bodiless(status: int) -> bool:

@@ -45,8 +45,8 @@ from . import lean
 from .faults import Disconnected
 from .h1_conn import Response, text_of
 from .reported import find_usage
-from .scan import NULL_USAGE, plain_run
-from .sse import Cutter, Event, events_in
+from .scan import DONE, NULL_USAGE, plain_run
+from .sse import Cutter, events_in
 from .upstream import Upstream
 from .wire import Usage
 
@@ -64,14 +64,14 @@ PASS_HEADERS: Final = tuple(
         "OpenAI-Version",
     )
 )
-STREAM_HEADERS = {
+STREAM_HEADERS: Final = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
 # Events after which a stream is complete (chat/completions end with [DONE]; the
 # Responses API ends with one of its terminal events).
-_TERMINAL_NAMES = frozenset(
+_TERMINAL_NAMES: Final = frozenset(
     (b"response.completed", b"response.failed", b"response.incomplete", b"error")
 )
 MAX_BODY = 64 * 1024 * 1024
@@ -324,32 +324,41 @@ class _Watch:
         events. Raises ``UpstreamProtocolError`` at a malformed event, once the bytes
         of the events before it are in ``kept``."""
         # A pass over the whole read, not one per event (scan.py).
-        head, count, rest = plain_run(block, self.strip)
+        head, count, rest, data = plain_run(block, self.strip)
         if count:  # nothing to read in them: relayed as they are
             self.exchange.events += count
             kept.append(head)
         if not rest:
             return
+        if data is not None:  # one data line (a usage chunk, most often), then [DONE]?
+            done = rest.endswith(DONE) and len(rest) > len(DONE)
+            raw = self.keep(rest[: len(rest) - len(DONE)] if done else rest, b"", data)
+            if raw is not None:
+                kept.append(raw)
+            if done:
+                self.finished = True
+                kept.append(DONE)
+            return
         for event in events_in(rest):
-            raw = self.keep(event)
+            raw = self.keep(event.raw, event.name, event.data)
             if raw is not None:
                 kept.append(raw)
 
-    def keep(self, event: Event) -> bytes | None:
-        data = event.data
+    def keep(self, raw: bytes, name: bytes, data: bytes | None) -> bytes | None:
+        """What the client gets of one event (``sse.Event``'s parts): None for
+        nothing."""
         if data is None:  # comments and keep-alives pass through
-            return event.raw
+            return raw
         if data == b"[DONE]":
             self.finished = True
-            return event.raw
-        raw = event.raw
+            return raw
         if self.strip:  # what is checked is what the client gets
             stripped = _without_null_usage(raw)
             if stripped is not raw:  # none in the raw event: none in its data lines
                 data, raw = _without_null_usage(data), stripped
         usage, usage_only = _usage_of(data, "stream event")
         self.exchange.events += 1  # the usage ledger's estimate when usage never comes
-        if event.name in _TERMINAL_NAMES:
+        if name in _TERMINAL_NAMES:
             self.finished = True
         elif data.startswith(b'{"error"'):
             self.finished = True  # the upstream ended the stream with its own error

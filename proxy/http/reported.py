@@ -1,5 +1,5 @@
 """The usage an upstream reported, in an answer's body or a stream event: found with
-substring searches, decoded only where it is (``wire.CARRIER``), normalised over the
+substring searches, decoded only where it is (``UsageCarrier``), normalised over the
 chat/completions/embeddings and Responses shapes. Compiled with the hot path (setup.py):
 it runs for every non-streamed answer and every stream's usage chunk, and wire.py,
 which defines the msgspec structs, cannot be compiled.
@@ -13,13 +13,16 @@ Invariants:
 
 from __future__ import annotations
 
-import re
+from typing import Final
 
 import msgspec
 
-from .wire import CARRIER, MAX_COUNT, MAX_MODEL, Usage, WireUsage
+from .wire import MAX_COUNT, MAX_MODEL, Usage, UsageCarrier, WireUsage
 
-_KEY = b'"usage"'
+_KEY: Final = b'"usage"'
+# Decodes an answer or event for its usage (a ``Final`` name: a C static once compiled,
+# not a lookup in the module's dict).
+_CARRIER: Final = msgspec.json.Decoder(UsageCarrier)
 
 
 def find_usage(payload: bytes) -> tuple[Usage | None, bool, bool]:
@@ -35,7 +38,7 @@ def find_usage(payload: bytes) -> tuple[Usage | None, bool, bool]:
     if at < 0:
         return None, False, False
     try:
-        carrier = CARRIER.decode(payload)
+        carrier = _CARRIER.decode(payload)
     except (msgspec.DecodeError, RecursionError):  # an upstream's payload: no usage in it
         return None, False, False
     response = carrier.response
@@ -70,12 +73,14 @@ def _count(value: int | None) -> int:
     return MAX_COUNT if value > MAX_COUNT else value
 
 
-# The colon and any spaces after a key, then null (a C match: a loop over the bytes in
-# Python cost ~3x as much).
-_NULL_AFTER = re.compile(rb"[ \t\r\n:]*null").match
-
-
 def null_after(payload: bytes, i: int) -> bool:
-    """Whether the value after the key that ends at ``payload[i]`` is null (skips the
-    colon and spaces; a `"usage": null` on every chunk must stay cheap)."""
-    return _NULL_AFTER(payload, i) is not None
+    """Whether the value after the key that ends at ``payload[i]`` is null: the colon
+    and any spaces, then ``null`` (a `"usage": null` on every chunk must stay cheap:
+    compiled, these byte tests cost ~1/8 of a regular expression's match call)."""
+    end = len(payload)
+    while i < end:
+        byte = payload[i]
+        if byte != 0x3A and byte != 0x20 and byte != 0x0A and byte != 0x0D and byte != 0x09:
+            return payload[i : i + 4] == b"null"
+        i += 1
+    return False

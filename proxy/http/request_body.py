@@ -9,13 +9,14 @@ every request and is compiled with the hot path (setup.py).
 from __future__ import annotations
 
 import json
+from typing import Final
 
 import msgspec
 
 from ..errors import BadRequest
 from .wire import RequestView
 
-_view_decoder = msgspec.json.Decoder(RequestView)
+_view_decoder: Final = msgspec.json.Decoder(RequestView)
 _raw_object_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 # ``stream_options`` may be ``null``, which the request view accepts too.
 _raw_options_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw] | None)
@@ -78,8 +79,8 @@ def _repeats_model(body: bytes) -> bool:
 # msgspec's nesting limit is Python's recursion limit, so it depends on the stack depth
 # of the caller: a body ``decode_request`` just took may still be too deep for
 # ``rewrite`` further down the stack. Both say the same 400.
-_TOO_DEEP = "The request body is nested too deeply."
-_NOT_UTF8 = "The request body is not valid UTF-8."
+_TOO_DEEP: Final = "The request body is nested too deeply."
+_NOT_UTF8: Final = "The request body is not valid UTF-8."
 
 
 def _param_of(message: str) -> str | None:
@@ -120,8 +121,8 @@ def rewrite(body: bytes, *, model: str | None, include_usage: bool) -> bytes:
 
 
 # JSON's whitespace, and the member that asks for usage, last in the object.
-_WS = b" \t\r\n"
-_USAGE_MEMBER = b',"stream_options":{"include_usage":true}}'
+_WS: Final = b" \t\r\n"
+_USAGE_MEMBER: Final = b',"stream_options":{"include_usage":true}}'
 
 
 def _usage_appended(body: bytes) -> bytes | None:

@@ -25,12 +25,13 @@ Invariants of the Python scans:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from .reported import null_after
 
 # The null usage members an upstream adds to each chunk when asked for usage, each
 # spelling with the comma that goes with it (stripped, the JSON stays valid).
-NULL_USAGE = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+NULL_USAGE: Final = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
 _KEY = b'"usage"'
 _USAGE = (b'"usage":{', b'"usage": {')
 _PLAIN_START = b"data: {"
@@ -39,23 +40,25 @@ _BETWEEN = b"}\n\ndata: {"
 # A null usage last in an event that another plain event follows, and last in the last.
 _NULL_BETWEEN = b'"usage":null' + _BETWEEN
 _NULL_END = b'"usage":null' + _PLAIN_END
-_DONE = b"data: [DONE]\n\n"
+# The stream's last event (chat/completions), as upstreams send it.
+DONE: Final = b"data: [DONE]\n\n"
 _ERROR = b'data: {"error"'
 # The same, stripped (with the comma), and either last or last before [DONE]: suffixes
 # checked as they are, since a start or end argument costs each call more than a
 # short read's scan (the arguments are parsed as a tuple).
 _STRIP_BETWEEN = b"," + _NULL_BETWEEN
 _STRIP_END = b"," + _NULL_END
-_NULL_LAST = (_NULL_END, _NULL_END + _DONE)
-_STRIP_LAST = (_STRIP_END, _STRIP_END + _DONE)
+_NULL_LAST = (_NULL_END, _NULL_END + DONE)
+_STRIP_LAST = (_STRIP_END, _STRIP_END + DONE)
 
 
-def run_by_counts(block: bytes, strip: bool) -> tuple[bytes, int, bytes]:
+def run_by_counts(block: bytes, strip: bool) -> tuple[bytes, int, bytes, bytes | None]:
     """``plain_run`` in Python: the plain events of ``block`` as the client gets them,
     how many they are, and the bytes to read one by one; when they are not all plain
-    up to the events the proxy must read, all of the read is to be read."""
+    up to the events the proxy must read, all of the read is to be read. (The C scan's
+    ``data`` is left to the parser here: always None.)"""
     if block.find(b"\r") >= 0:  # \r line ends: every event parsed
-        return b"", 0, block
+        return b"", 0, block, None
     if strip:
         block, maybe, known = stripped(block)
         end = unread_end(block, maybe, stripped=True)
@@ -63,11 +66,11 @@ def run_by_counts(block: bytes, strip: bool) -> tuple[bytes, int, bytes]:
         end, known = unstripped(block)
     head, count = plain_events(block, end, known) if end else (block, 0)
     if not count:
-        return b"", 0, block
-    return head, count, block[end:] if end < len(block) else b""
+        return b"", 0, block, None
+    return head, count, block[end:] if end < len(block) else b"", None
 
 
-PlainRun = Callable[[bytes, bool], tuple[bytes, int, bytes]]
+PlainRun = Callable[[bytes, bool], tuple[bytes, int, bytes, bytes | None]]
 
 
 def _fastest() -> PlainRun:
@@ -80,9 +83,11 @@ def _fastest() -> PlainRun:
     return in_c
 
 
-# ``plain_run(block, strip) -> (head, count, rest)``: ``block``'s plain events as the
-# client gets them (the ``"usage":null`` the proxy asked for stripped), how many, and
-# the bytes left to parse one by one (empty when none).
+# ``plain_run(block, strip) -> (head, count, rest, data)``: ``block``'s plain events as
+# the client gets them (the ``"usage":null`` the proxy asked for stripped), how many,
+# the bytes left to parse one by one (empty when none), and (C only, else None) the
+# data of ``rest`` when it is one single-line ``data: `` event, alone or before the
+# stream's ``data: [DONE]``: what the relay then reads without the SSE parser.
 plain_run: PlainRun = _fastest()
 
 
@@ -209,7 +214,7 @@ def event_start(block: bytes, at: int) -> int:
 
 def _body_end(block: bytes) -> int:
     """The end of ``block`` before its [DONE], if it ends with one."""
-    return len(block) - len(_DONE) if block.endswith(_DONE) else len(block)
+    return len(block) - len(DONE) if block.endswith(DONE) else len(block)
 
 
 def _just_the_last(block: bytes, left: int, start: int, end: int) -> bool:

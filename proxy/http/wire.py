@@ -7,6 +7,8 @@ request_body.py); answers and stream events for their ``usage`` (reported.py).
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
 
 
@@ -63,8 +65,8 @@ class WireUsage(msgspec.Struct):
 # The most tokens one count may say. An upstream's numbers are not trusted: they go
 # into the ledger's integer columns and into bucket arithmetic that is exact only below
 # 2**53, so a negative or absurd count must not wedge the ledger or a key's limits.
-MAX_COUNT = 2**31 - 1
-MAX_MODEL = 256  # characters of an answer's model name kept
+MAX_COUNT: Final = 2**31 - 1
+MAX_MODEL: Final = 256  # characters of an answer's model name kept
 
 
 class _Nested(msgspec.Struct):
@@ -79,7 +81,3 @@ class UsageCarrier(msgspec.Struct):
     # Responses API: the final event nests the response object.
     response: _Nested | None = None
     model: str | None = None
-
-
-# Decodes an answer or event for its usage (reported.py reads it).
-CARRIER = msgspec.json.Decoder(UsageCarrier)

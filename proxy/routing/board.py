@@ -20,9 +20,10 @@ import fcntl
 import mmap
 import os
 from collections.abc import Iterator
+from typing import Final
 
-EJECTED = 0
-THROTTLED = 1
+EJECTED: Final = 0
+THROTTLED: Final = 1
 _FIELDS = 2
 _SIZE = 8  # a double
 FILE_NAME = "deployment-health"

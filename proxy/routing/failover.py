@@ -40,6 +40,7 @@ import random
 from collections.abc import Mapping
 from time import monotonic, perf_counter, time
 from types import TracebackType
+from typing import Final
 
 from multidict import CIMultiDictProxy, istr
 
@@ -56,16 +57,16 @@ from .health import DeploymentState, Health, Slot
 from .routes import Route, Router, claim
 
 # Statuses that say "not now, not you", so another attempt may succeed.
-RETRYABLE = frozenset((408, 429, 500, 502, 503, 504))
+RETRYABLE: Final = frozenset((408, 429, 500, 502, 503, 504))
 # Statuses that say the deployment itself is ill (500s count only as a rate).
 _ILL = frozenset((502, 503, 504))
 # On an answer after the proxy retried: the SDK must not retry all of that again.
-NO_RETRY: Mapping[str, str] = {"X-Should-Retry": "false"}
-_NONE: Mapping[str, str] = {}
+NO_RETRY: Final[Mapping[str, str]] = {"X-Should-Retry": "false"}
+_NONE: Final[Mapping[str, str]] = {}
 # A retryable error body is read (so the connection can be reused) for at most this.
 _DISCARD_TIMEOUT = 1.0
 # The OpenAI SDK's count of its own retries of a request (an istr: not lowered per lookup)
-_RETRY_COUNT = istr("x-stainless-retry-count")
+_RETRY_COUNT: Final = istr("x-stainless-retry-count")
 
 
 class Outbound:

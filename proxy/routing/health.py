@@ -32,6 +32,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from time import monotonic
+from typing import Final
 
 from aiolimiter import AsyncLimiter
 
@@ -49,7 +50,7 @@ PROBE_TIMEOUT = 10.0
 THROTTLE_DEFAULT = 1.0
 # Seconds between updates of the in-flight gauges.
 PUBLISH_INTERVAL = 0.5
-_LATENCY_WEIGHT = 0.2  # share of the newest sample in the latency EWMA
+_LATENCY_WEIGHT: Final = 0.2  # share of the newest sample in the latency EWMA
 
 
 class Window:

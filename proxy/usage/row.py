@@ -20,6 +20,7 @@ that the upstream refused with an HTTP error consumed nothing: zeros, exact.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Final
 
 from ..exchange import Exchange
 from ..http.wire import Usage
@@ -28,12 +29,12 @@ from .record import Record
 BYTES_PER_TOKEN = 4
 # Bytes of a record besides its free-text fields (uid, numbers, JSON punctuation):
 # what the batch byte limit counts, close to the size of its spool line.
-_FIXED_BYTES = 200
+_FIXED_BYTES: Final = 200
 _NO_USAGE = Usage()
-_FREE = Decimal(0)
+_FREE: Final = Decimal(0)
 # Client-chosen text (the model name, the path) is cut to this many characters: a
 # client must not be able to bloat the ledger with megabyte-long model names.
-MAX_TEXT = 256
+MAX_TEXT: Final = 256
 
 
 def consumed(exchange: Exchange) -> tuple[Usage, bool]:

@@ -150,14 +150,14 @@ def test_a_head_with_tabs_and_other_text_is_written(value: str) -> None:
 
 
 def test_the_date_line_is_the_current_second_in_http_form() -> None:
-    """The Date line is made once a second (``lean._date_line``), in the form aiohttp
+    """The Date line is made once a second (``lean._DATE``), in the form aiohttp
     writes (the byte comparisons above leave the Date out: it moves)."""
     before = time.time()
-    line = lean._date_line()
+    line = lean._DATE.now()
     after = time.time()
     assert re.fullmatch(
         r"Date: [A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", line
     )
     when = email.utils.parsedate_to_datetime(line.removeprefix("Date: ")).timestamp()
     assert int(before) <= when <= after
-    assert lean._date_line() is line or int(time.time()) != int(after)  # kept for its second
+    assert lean._DATE.now() is line or int(time.time()) != int(after)  # kept for its second

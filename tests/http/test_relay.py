@@ -6,6 +6,7 @@ what is still caught). No sockets: the relay's loop over reads, with the same pa
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamProtocolError
 from proxy.exchange import Exchange
-from proxy.http import scan
+from proxy.http import relay, scan
 from proxy.http.relay import _Watch, _without_null_usage
 from proxy.http.sse import Cutter, Scanner
 from tests.support.properties import examples
@@ -21,8 +22,39 @@ from tests.support.properties import examples
 Outcome = tuple[bytes, object, int, bool, str, bool]
 
 
+def lone_data(rest: bytes) -> bytes | None:
+    """What the C scan gives as ``data`` (proxy/http/_plain.c), said another way: the
+    data of ``rest`` when the SSE parser finds it one event of one ``data: `` line
+    (its bytes as they are), alone or before a last ``data: [DONE]``."""
+    scanner = Scanner()
+    events = scanner.feed(rest)
+    if b"\r" in rest or scanner.pending:
+        return None
+    if len(events) == 2 and events[1].raw == DONE:
+        events.pop()
+    if len(events) != 1 or not events[0].raw.startswith(b"data: "):
+        return None
+    (event,) = events
+    return event.data if event.raw == b"data: " + (event.data or b"") + b"\n\n" else None
+
+
+def with_data(block: bytes, strip: bool) -> tuple[bytes, int, bytes, bytes | None]:
+    """The Python scan, with the C scan's ``data`` (``lone_data``)."""
+    head, count, rest, _ = scan.run_by_counts(block, strip)
+    return head, count, rest, lone_data(rest)
+
+
 def per_read(chunks: list[bytes], strip: bool) -> Outcome:
-    """What the relay does: cut each read at event boundaries, take the block."""
+    """What the relay does: cut each read at event boundaries, take the block. The
+    same with the Python scan giving ``data`` as the C scan does, so that the relay's
+    reading of it is tested where the C scan is not built."""
+    as_built = read_by_read(chunks, strip)
+    with mock.patch.object(relay, "plain_run", with_data):
+        assert read_by_read(chunks, strip) == as_built
+    return as_built
+
+
+def read_by_read(chunks: list[bytes], strip: bool) -> Outcome:
     watch = _Watch(Exchange("r", "chat/completions"), strip)
     cutter = Cutter()
     sent: list[bytes] = []
@@ -42,7 +74,7 @@ def per_event(chunks: list[bytes], strip: bool) -> Outcome:
     sent: list[bytes] = []
     try:
         for event in Scanner().feed(b"".join(chunks)):
-            raw = watch.keep(event)
+            raw = watch.keep(event.raw, event.name, event.data)
             if raw is not None:
                 sent.append(raw)
     except UpstreamProtocolError:
@@ -289,7 +321,8 @@ def test_a_plain_run_is_a_prefix_of_the_read(block: bytes, strip: bool) -> None:
     again, to the same bytes.)"""
     strip_if = _without_null_usage if strip else bytes
     for plain_run in (scan.plain_run, scan.run_by_counts):
-        head, count, rest = plain_run(block, strip)
+        head, count, rest, data = plain_run(block, strip)
+        assert data == (lone_data(rest) if plain_run is not scan.run_by_counts else None)
         assert strip_if(head + rest) == strip_if(block)
         assert head == strip_if(head)
         if plain_run is not scan.run_by_counts:  # the C scan's rest is the read's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -643,3 +644,33 @@ def test_nested_models_and_escapes_are_fine(body: bytes) -> None:
 )
 def test_an_upstream_count_is_kept_within_bounds(given: int | None, kept: int) -> None:
     assert reported._count(given) == kept
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    payload=st.lists(
+        st.sampled_from([b":", b" ", b"\t", b"\r", b"\n", b"null", b"nul", b"n", b"{", b"x"]),
+        max_size=8,
+    ).map(b"".join),
+    at=st.integers(0, 12),
+)
+def test_null_after_is_a_colon_and_spaces_then_null(payload: bytes, at: int) -> None:
+    """``null_after`` (byte tests) says what its regular expression would."""
+    spec = re.compile(rb"[ \t\r\n:]*null")
+    assert reported.null_after(payload, at) is (spec.match(payload, at) is not None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "null"),
+    [
+        (b'"usage":null}', True),
+        (b'"usage": null}', True),
+        (b'"usage" :\n\tnull', True),
+        (b'"usage":nul', False),  # cut short
+        (b'"usage":{"prompt_tokens":1}', False),
+        (b'"usage":"null"', False),
+        (b'"usage"', False),
+    ],
+)
+def test_null_after(payload: bytes, null: bool) -> None:
+    assert reported.null_after(payload, len(b'"usage"')) is null
