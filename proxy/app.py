@@ -100,7 +100,9 @@ def add_ops_routes(app: web.Application, config: Config, state: Callable[[], Sta
     token = config.server.ops_token
 
     async def scrape(request: web.Request) -> web.Response:
-        state().traffic.publish()  # this worker's in-flight count, exact
+        served = state()
+        served.traffic.publish()  # this worker's in-flight count, exact
+        served.metrics.fold()  # and the requests it finished
         return await metrics_endpoint(request)
 
     app.router.add_get("/metrics", protect(scrape, token))
@@ -116,6 +118,7 @@ def add_ops_routes(app: web.Application, config: Config, state: Callable[[], Sta
             config,
             lambda: state().db,
             lambda: state().traffic.inflight,
+            lambda: state().metrics.fold(),
             lambda: state().authenticator,
             lambda: state().router.snapshot(),
             login,

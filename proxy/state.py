@@ -100,6 +100,8 @@ class State:
     # Credentials → Principal for the admin API (identity.py): the gate's keys when auth is on.
     authenticator: Authenticator
     sinks: Sinks
+    # The request metrics' sink (among ``sinks``): a scrape folds it first.
+    metrics: MetricsSink
     forwarding: Forwarding
     tracer: Tracer | None
     limiter: Limiter | None
@@ -148,7 +150,9 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
             )
         # Metrics, the tracer and the access log see every finished exchange, then the
         # ledger; the tracer before the access log: it decides what is exported.
-        sinks: list[Sink] = [MetricsSink(config)]
+        metrics_sink = MetricsSink(config)
+        stack.callback(metrics_sink.fold)  # what the last requests gathered, kept
+        sinks: list[Sink] = [metrics_sink]
         tracer = None
         if config.tracing.endpoint:
             tracer = Tracer(config.tracing)
@@ -171,6 +175,7 @@ async def open_state(config: Config, gate: Gate | None = None) -> AsyncIterator[
             gate=gate or OpenGate(),
             authenticator=authenticator,
             sinks=Sinks(sinks),
+            metrics=metrics_sink,
             forwarding=Forwarding(config.server.trusted_proxies),
             tracer=tracer,
             limiter=limiter,

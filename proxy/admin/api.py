@@ -200,6 +200,7 @@ async def deployments(admin: Admin, principal: Principal) -> dict[str, Any]:
 
 async def overview(admin: Admin) -> dict[str, Any]:
     """The live numbers across all workers, and what today cost so far."""
+    admin.fold()
     families = await asyncio.get_running_loop().run_in_executor(None, metrics.families)
     result = views.live(families, admin.inflight())
     try:

@@ -49,6 +49,7 @@ class Admin:
         config: Config,
         db: Callable[[], Db | None],
         inflight: Callable[[], int],
+        fold: Callable[[], None],
         authenticator: Callable[[], Authenticator],
         deployments: Callable[[], dict[str, Any]],
         login: OidcLogin | None = None,
@@ -57,6 +58,7 @@ class Admin:
         self.access = Access(config, authenticator, login)
         self._db = db
         self.inflight = inflight
+        self.fold = fold  # the worker's finished requests into its metrics (metrics_sink.py)
         self.deployments = deployments  # every deployment's routing state (routes.py)
         self.openapi = msgspec.json.encode(document())
 

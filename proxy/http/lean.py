@@ -46,6 +46,9 @@ from multidict import CIMultiDictProxy
 from ..errors import ProxyError
 from . import ingress
 
+# aiohttp's versions, as C statics once compiled (an imported name is a dict lookup).
+_HTTP10: Final = HttpVersion10
+_HTTP11: Final = HttpVersion11
 _REASONS: Final = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES: Final = {
     status: f"HTTP/1.1 {status} {reason}" for status, reason in _REASONS.items()
@@ -190,7 +193,7 @@ def head(
         return None
     version = call.version
     keep_alive = call.keep_alive
-    first = _STATUS_LINES.get(status) if version == HttpVersion11 else None
+    first = _STATUS_LINES.get(status) if version == _HTTP11 else None
     if first is None:
         first = f"HTTP/{version[0]}.{version[1]} {status} {_REASONS.get(status, '')}"
     lines = [first]
@@ -202,9 +205,9 @@ def head(
     lines.append(_DATE.now())
     lines.append(_SERVER_LINE)
     if keep_alive:
-        if version == HttpVersion10:
+        if version == _HTTP10:
             lines.append("Connection: keep-alive")
-    elif version == HttpVersion11:
+    elif version == _HTTP11:
         lines.append("Connection: close")
     cross = call.cross
     if cross is not None:
@@ -305,7 +308,7 @@ class Chunked:
     def start(cls, call: Incoming, status: int, headers: Mapping[str, str]) -> Chunked | None:
         """None when this response must go the ordinary way (HTTP/1.0, which has no
         chunked framing, included)."""
-        if call.version != HttpVersion11:
+        if call.version != _HTTP11:
             return None
         made = head(call, status, headers, "Transfer-Encoding: chunked", False)
         return None if made is None else cls(call, made[0], status, made[1])

@@ -403,7 +403,8 @@ def _answer_usage(content_type: str, body: bytes, stream: bool) -> Usage | None:
 
 
 # Each spelling of NULL_USAGE holds one of these.
-_NULL_TIGHT, _NULL_SPACED = b'"usage":null', b'"usage": null'
+_NULL_TIGHT: Final = b'"usage":null'
+_NULL_SPACED: Final = b'"usage": null'
 
 
 def _without_null_usage(raw: bytes) -> bytes:

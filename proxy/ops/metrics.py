@@ -16,7 +16,7 @@ Invariants:
   dead worker's series once the parent calls ``forget_worker``.
 - ``MetricsSink.record`` is on the request path: label children are cached per label
   set, and it only adds to plain numbers; ``MetricsSink.fold`` moves them into the
-  metrics once per event-loop iteration (see its docstring).
+  metrics every ``FOLD_SECONDS`` and before each scrape (see its docstring).
 """
 
 from __future__ import annotations

@@ -362,14 +362,26 @@ async def test_the_overview_sums_every_worker(
                 async with http.post(url, json=body) as r:
                     assert r.status == 200
             headers = {"Authorization": f"Bearer {OPS}"}
-            async with http.get(f"http://127.0.0.1:{ops}/metrics", headers=headers) as r:
-                scraped = await r.text()
-        busy = [
-            line for line in scraped.splitlines()
-            if line.startswith("morngpt_worker_requests{") and not line.endswith(" 0.0")
-        ]  # fmt: skip
-        assert len(busy) == 2, busy  # both workers served some
+            busy: list[str] = []
+
+            async def both_busy() -> bool:
+                # A worker folds what it served into the metrics FOLD_SECONDS later.
+                async with http.get(f"http://127.0.0.1:{ops}/metrics", headers=headers) as r:
+                    scraped = await r.text()
+                busy[:] = [
+                    line for line in scraped.splitlines()
+                    if line.startswith("morngpt_worker_requests{") and not line.endswith(" 0.0")
+                ]  # fmt: skip
+                return len(busy) == 2
+
+            await until(both_busy)  # both workers served some
         async with admin_of_port(ops, OPS) as admin:
+
+            async def all_counted() -> bool:
+                overview = await admin.call("GET", "/overview")
+                return bool(overview["requests"] == 40)
+
+            await until(all_counted)
             overview = await admin.call("GET", "/overview")
             assert overview["requests"] == 40
             assert sum(overview["duration"]["counts"]) == 40

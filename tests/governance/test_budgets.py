@@ -99,13 +99,15 @@ def sdk(proxy: Proxy, key: str, retries: int = 0) -> openai.AsyncOpenAI:
 
 async def settled(proxy: Proxy) -> None:
     """Every settlement of a finished request in Redis: they are owed, like token
-    debts, until the key's next admission or the limiter's flush."""
+    debts, until the key's next admission or the limiter's flush; and the request's
+    cost in the metrics (folded, as a scrape would)."""
 
     async def done() -> bool:
         return not limiter(proxy).tasks
 
     await until(done)
     await limiter(proxy).flush()
+    proxy.state.metrics.fold()
 
 
 async def state(

@@ -33,7 +33,7 @@ from proxy.exchange import Exchange
 from proxy.http.wire import Usage
 from proxy.ops import accesslog, metrics
 from proxy.ops.accesslog import JsonFormatter
-from proxy.ops.metrics_sink import MetricsSink, _Observations
+from proxy.ops.metrics_sink import FOLD_SECONDS, MetricsSink, _Observations
 from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
 from tests.support.inproc import MakeProxy, Proxy, with_server
 from tests.support.leaks import CAPTURED, SECRETS
@@ -195,7 +195,7 @@ def test_folded_observations_equal_observe() -> None:
     assert got == want
 
 
-async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
+async def test_requests_of_one_fold_are_counted_once_each() -> None:
     config = cfg.Config(models=[Model(name="fold", deployments=[Deployment(base_url="http://x")])])
     sink = MetricsSink(config)
     exchanges = []
@@ -229,7 +229,9 @@ async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
     before = now()
     for ex in exchanges:
         sink.record(ex)
-    await asyncio.sleep(0)  # the fold runs in the next loop iteration
+    await asyncio.sleep(0)
+    assert now() == before  # gathered: the fold comes FOLD_SECONDS after the first
+    await asyncio.sleep(2 * FOLD_SECONDS)  # a later timer than the fold's
     after = now()
     delta = {k: after[k] - before[k] for k in after}
     assert delta.pop("cost") == pytest.approx(6 * 0.0015)
@@ -242,9 +244,12 @@ async def test_requests_of_one_loop_iteration_are_counted_once_each() -> None:
         "completion": sum(range(6)),
         "worker": 6,
     }
-    sink.record(exchanges[0])  # outside a fold's iteration, alone: counted too
-    await asyncio.sleep(0)
+    sink.record(exchanges[0])  # after a fold, alone: counted too
+    await asyncio.sleep(2 * FOLD_SECONDS)
     assert now()["requests"] - after["requests"] == 1
+    sink.record(exchanges[0])  # and at once where a scrape folds first
+    sink.fold()
+    assert now()["requests"] - after["requests"] == 2
 
 
 # 2. /metrics across worker processes ------------------------------------------------
@@ -258,8 +263,8 @@ async def test_two_workers_are_aggregated_in_one_scrape(upstream: FakeUpstream) 
         metrics_dir = Path(announce.split("metrics aggregated from ")[1].strip())
         assert metrics_dir.is_dir()
         await served.chat_on_new_connections(20)
-        # A worker folds a request into the metrics in the loop iteration after it
-        # answered it: a scrape served by the other worker may come first.
+        # A worker folds a request into the metrics FOLD_SECONDS after it answered
+        # it: a scrape served by the other worker may come first.
         deadline = time.monotonic() + 5
         while total((samples := (await scrape(served.url))[1]), "morngpt_requests_total") < 20:
             assert time.monotonic() < deadline, "requests not counted"

@@ -42,6 +42,7 @@ from tests.support.routing import (
     until_holds,
     upstreams,
 )
+from tests.support.wait import until
 
 ALERTS = ROOT / "deploy" / "prometheus"
 # What the upstream answers the one failing request, by kind.
@@ -358,9 +359,18 @@ async def test_two_workers_share_health_and_the_outage_fires_the_alert(
                     served.url + "/v1/chat/completions", data=b'{"model": "m"}'
                 ) as resp:
                     assert resp.status == 200
-        async with aiohttp.ClientSession() as http:
-            async with http.get(served.url + "/metrics") as resp:
-                text = await resp.text()
+        text = ""
+
+        async def both_counted() -> bool:
+            # A worker folds what it served into the metrics FOLD_SECONDS later.
+            nonlocal text
+            async with aiohttp.ClientSession() as http:
+                async with http.get(served.url + "/metrics") as resp:
+                    text = await resp.text()
+            counts = [v for _, v in samples(text, "morngpt_worker_requests")]
+            return sum(counts) == 20
+
+        await until(both_counted)
         served.proc.send_signal(signal.SIGTERM)
         assert await served.wait_exit() == 0
     per_worker = [v for _, v in samples(text, "morngpt_worker_requests")]
