@@ -9,7 +9,6 @@ scrape of its worker (see the class's docstring).
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_left
 from typing import Final
 
 from prometheus_client import (
@@ -63,29 +62,46 @@ class _Observations:
     public way to add several observations at once; tests/ops/test_metrics.py checks
     the result against ``observe``)."""
 
-    __slots__ = ("bounds", "buckets", "counts", "sum", "total")
+    __slots__ = ("bounds", "buckets", "counts", "observed", "sum", "total")
 
     def __init__(self, child: Histogram) -> None:
-        self.bounds = child._upper_bounds
+        self.bounds: list[float] = child._upper_bounds
         self.buckets = child._buckets
         self.sum = child._sum
-        self.counts: dict[int, int] = {}
+        self.counts = [0] * len(self.bounds)  # gathered, by bucket
+        self.observed = 0
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        # The first bucket whose bound is >= value, as Histogram.observe picks it.
-        at = bisect_left(self.bounds, value)
-        counts = self.counts
-        counts[at] = counts.get(at, 0) + 1
+        self.counts[_bucket(self.bounds, value)] += 1
+        self.observed += 1
         self.total += value
 
     def fold(self) -> None:
-        if self.counts:
-            for at, n in self.counts.items():
-                self.buckets[at].inc(n)
+        if self.observed:
+            counts = self.counts
+            for at, n in enumerate(counts):
+                if n:
+                    self.buckets[at].inc(n)
+                    counts[at] = 0
             self.sum.inc(self.total)
-            self.counts.clear()
+            self.observed = 0
             self.total = 0.0
+
+
+def _bucket(bounds: list[float], value: float) -> int:
+    """The first bucket whose bound is >= ``value``, as ``Histogram.observe`` picks it
+    (``bisect_left``'s search): compiled, its float comparisons are inline, where
+    ``bisect_left`` makes a rich comparison of two objects at each step (~860
+    instructions a call)."""
+    low, high = 0, len(bounds)
+    while low < high:
+        mid = (low + high) // 2
+        if bounds[mid] < value:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 class _Series:

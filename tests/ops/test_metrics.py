@@ -4,6 +4,7 @@ overhead header, probes and ops protection, the JSON access log, trace context."
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import msgspec
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,10 +36,11 @@ from proxy.exchange import Exchange
 from proxy.http.wire import Usage
 from proxy.ops import accesslog, metrics
 from proxy.ops.accesslog import JsonFormatter
-from proxy.ops.metrics_sink import FOLD_SECONDS, MetricsSink, _Observations
+from proxy.ops.metrics_sink import FOLD_SECONDS, MetricsSink, _bucket, _Observations
 from tests.support.env import CLIENT_KEY, UPSTREAM_KEY, free_port
 from tests.support.inproc import MakeProxy, Proxy, with_server
 from tests.support.leaks import CAPTURED, SECRETS
+from tests.support.properties import examples
 from tests.support.served import serve_upstream
 
 MESSAGES = [{"role": "user", "content": "say three words"}]
@@ -166,7 +170,7 @@ async def test_inflight_gauge_follows_open_requests(proxy: Proxy) -> None:
 
 
 def test_folded_observations_equal_observe() -> None:
-    """The sink adds a loop iteration's observations to a histogram's buckets and sum
+    """The sink adds a fold's observations to a histogram's buckets and sum
     at once (private prometheus-client fields): the same samples as ``observe``."""
     registry = CollectorRegistry()
     direct = Histogram("direct", "d", buckets=metrics.OVERHEAD_BUCKETS, registry=registry)
@@ -193,6 +197,18 @@ def test_folded_observations_equal_observe() -> None:
     want, got = samples("direct"), samples("folded")
     assert got.pop(("_sum", "")) == pytest.approx(want.pop(("_sum", "")))
     assert got == want
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    buckets=st.sampled_from(
+        [metrics.LATENCY_BUCKETS, metrics.TTFT_BUCKETS, metrics.OVERHEAD_BUCKETS, (1.0,)]
+    ),
+    value=st.one_of(st.floats(allow_nan=True), st.sampled_from(metrics.OVERHEAD_BUCKETS)),
+)
+def test_a_value_goes_to_the_bucket_observe_picks(buckets: tuple[float, ...], value: float) -> None:
+    bounds = Histogram("b", "b", buckets=buckets, registry=CollectorRegistry())._upper_bounds
+    assert _bucket(bounds, value) == bisect.bisect_left(bounds, value)
 
 
 async def test_requests_of_one_fold_are_counted_once_each() -> None:
